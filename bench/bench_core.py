@@ -1,0 +1,80 @@
+"""pick() per policy (rounds of 1,024 calls) at N = 4, 100, 1000 backends: Cython against the pure-Python reference.
+
+Run: python3 -m pytest bench/bench_core.py --benchmark-only --benchmark-group-by=param:n
+(or `make bench`). `bench/core_table.py` turns the saved JSON into the ratio table.
+"""
+import pytest
+
+from fastlb import _core, reference
+
+POLICIES = ["round_robin", "random", "least_conn", "maglev"]
+
+
+class Setup:
+    def __init__(self, n):
+        self.n = n
+        self.health = _core.HealthBitmap(bytearray(_core.HealthBitmap.size_for(n)), n)
+        self.counters = _core.Counters(bytearray(_core.Counters.size_for(n)), n)
+        self.ref_health = reference.RefHealth(range(n))
+        self.slots = list(range(n))
+        self.weights = [1 + (i * 7) % 10 for i in range(n)]
+        for s in self.slots:
+            self.health.mark_up(s)
+            self.counters.add(0, s, 0, s % 13)     # some active connections
+
+    def fast(self, name):
+        return _core.make_policy(name, self.slots, self.weights, self.health,
+                                 counters=self.counters, seed=1)
+
+    def ref(self, name):
+        active = self.counters.active
+        return {
+            "round_robin": lambda: reference.RefRoundRobin(self.slots, self.weights, self.ref_health),
+            "random": lambda: reference.RefWeightedRandom(self.slots, self.weights, self.ref_health, 1),
+            "least_conn": lambda: reference.RefLeastConn(self.slots, self.weights, self.ref_health,
+                                                         active, 1),
+            "maglev": lambda: reference.RefMaglev(self.slots, self.weights, self.ref_health),
+        }[name]()
+
+
+SETUPS = {n: Setup(n) for n in (4, 100, 1000)}
+KEYS = [(i * 0x9E3779B97F4A7C15) & (2**64 - 1) for i in range(1024)]
+
+
+def _picker(policy):
+    """1,024 picks from Python per round, the same loop for both implementations."""
+    pick = policy.pick
+
+    def run():
+        for k in KEYS:
+            pick(k)
+    return run
+
+
+@pytest.mark.parametrize("n", [4, 100, 1000])
+@pytest.mark.parametrize("policy", POLICIES)
+def test_cython(benchmark, policy, n):
+    benchmark.group = f"n={n}"
+    benchmark.extra_info.update(impl="cython", policy=policy, n=n)
+    benchmark(_picker(SETUPS[n].fast(policy)))
+
+
+@pytest.mark.parametrize("n", [4, 100, 1000])
+@pytest.mark.parametrize("policy", POLICIES)
+def test_cython_cdef_path(benchmark, policy, n):
+    """1,000 picks through the cdef method, as the data path calls it (reported per 1,000)."""
+    benchmark.group = f"n={n}"
+    benchmark.extra_info.update(impl="cython-cdef-x1000", policy=policy, n=n)
+    p = SETUPS[n].fast(policy)
+    benchmark(_core.pick_many, p, 1000)
+
+
+@pytest.mark.parametrize("n", [4, 100, 1000])
+@pytest.mark.parametrize("policy", POLICIES)
+def test_reference(benchmark, policy, n):
+    benchmark.group = f"n={n}"
+    benchmark.extra_info.update(impl="reference", policy=policy, n=n)
+    if policy == "maglev" and n == 1000:
+        benchmark.extra_info["note"] = "table build is minutes in Python; skipped"
+        pytest.skip("reference Maglev table build at N=1000 takes minutes")
+    benchmark(_picker(SETUPS[n].ref(policy)))

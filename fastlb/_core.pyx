@@ -1,0 +1,21 @@
+# cython: language_level=3
+"""fastlb's Cython core: everything that runs per connection or per byte.
+
+Owner of: the stable hash, the shared-memory views (health bitmap, counters), the balancing
+policies and the data-path protocols. It gets plain data and never imports orchestration
+(registry, config, admin); only fastlb.errors, the leaf of the error hierarchy.
+One extension module built from include files, as uvloop does (core/*.pxi).
+"""
+cimport cython
+from libc.stdint cimport uint64_t, int64_t, uint32_t
+from libc.stdlib cimport malloc, calloc, free
+from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE, PyBUF_WRITABLE
+from cpython.unicode cimport PyUnicode_AsUTF8AndSize
+from cpython.long cimport PyLong_AsUnsignedLongLongMask
+
+from fastlb.errors import CoreArgumentError, CoreTypeError
+
+include "core/consts.pxi"
+include "core/hash.pxi"
+include "core/shm.pxi"
+include "core/policies.pxi"

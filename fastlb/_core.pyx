@@ -12,6 +12,7 @@ from libc.stdlib cimport malloc, calloc, free
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE, PyBUF_WRITABLE
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize
 from cpython.long cimport PyLong_AsUnsignedLongLongMask
+from cpython.bytearray cimport PyByteArray_FromStringAndSize
 
 from fastlb.errors import CoreArgumentError, CoreTypeError
 
@@ -19,3 +20,4 @@ include "core/consts.pxi"
 include "core/hash.pxi"
 include "core/shm.pxi"
 include "core/policies.pxi"
+include "core/relay.pxi"

@@ -1,0 +1,5 @@
+import sys
+
+from fastlb.cli import main
+
+sys.exit(main())

@@ -1,0 +1,314 @@
+"""Configuration: TOML text -> validated, frozen objects.
+
+Owner: the meaning of every config key, its default and its validation. Nothing else reads TOML.
+Rules: unknown keys are errors (a typo must not be ignored); every error is one ConfigError that
+names the key path (``service[1].backends[0].weight``), the line when it can be found, what was
+wrong and what is expected. Host names are resolved here, once, so the data path only sees IPs.
+"""
+from __future__ import annotations
+
+import ipaddress
+import re
+import socket
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastlb.errors import ConfigError
+
+POLICIES = ("round_robin", "random", "least_conn", "maglev")
+HASH_KEYS = ("source_ip", "source_ip_port")
+MAX_RETRIES = 31          # the core's tried list holds 32 slots (MAX_TRIED)
+MAX_WEIGHT = 1_000_000    # the core's MAX_WEIGHT
+
+DEFAULTS = {
+    "workers": 1,
+    "grace": 30.0,          # seconds SIGTERM lets open connections finish
+    "retries": 2,           # extra backends tried after a failed connect (HAProxy: 3)
+    "connect": 2.0,         # connect timeout, seconds
+    "idle": 300.0,          # idle timeout, seconds (HAProxy's usual timeout client/server)
+    "weight": 1,
+    "policy": "round_robin",
+    "hash_key": "source_ip",
+}
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    host: str            # an IP literal after resolution
+    port: int
+    text: str            # as written, "host:port" (the backend's stable id)
+
+    def __str__(self) -> str:
+        return self.text
+
+
+@dataclass(frozen=True, slots=True)
+class Backend:
+    address: Address
+    weight: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Service:
+    name: str
+    listen: tuple[Address, ...]
+    backends: tuple[Backend, ...]
+    policy: str = DEFAULTS["policy"]
+    hash_key: str = DEFAULTS["hash_key"]
+    retries: int = DEFAULTS["retries"]
+    connect_timeout: float = DEFAULTS["connect"]
+    idle_timeout: float = DEFAULTS["idle"]
+
+
+@dataclass(frozen=True, slots=True)
+class GlobalConfig:
+    workers: int = DEFAULTS["workers"]
+    grace: float = DEFAULTS["grace"]
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    global_: GlobalConfig
+    services: tuple[Service, ...]
+    source: str = "config"
+    max_backends: int = field(default=1024)
+
+
+class _Checker:
+    """Walks the parsed TOML, keeping the key path for messages and the text for line numbers."""
+
+    def __init__(self, text: str, source: str) -> None:
+        self.lines = text.splitlines()
+        self.source = source
+
+    def fail(self, path: str, message: str) -> ConfigError:
+        return ConfigError(path, message, source=self.source, line=self.line_of(path))
+
+    def line_of(self, path: str) -> int | None:
+        """Best effort: the line of the key ``path`` names (tomllib gives no positions)."""
+        parts = re.findall(r"([A-Za-z_]+)(?:\[(\d+)\])?", path)
+        if not parts:
+            return None
+        start, end = 0, len(self.lines)
+        table, index = parts[0]
+        if table == "service" and index:
+            headers = [i for i, ln in enumerate(self.lines) if re.match(r"^\s*\[\[\s*service\s*\]\]", ln)]
+            if int(index) < len(headers):
+                start = headers[int(index)]
+                later = [h for h in headers if h > start]
+                end = later[0] if later else end
+                parts = parts[1:]
+            else:
+                return None
+        elif table == "global":
+            for i, ln in enumerate(self.lines):
+                if re.match(r"^\s*\[\s*global\s*\]", ln):
+                    start = i
+                    break
+            parts = parts[1:]
+        line = start
+        for name, idx in parts:
+            found = None
+            for i in range(line, end):
+                if re.search(rf"(^|[{{,\s]){re.escape(name)}\s*=", self.lines[i]):
+                    found = i
+                    break
+            if found is None:
+                return start + 1 if line == start else line + 1
+            line = found
+            if idx and name == "backends":
+                # the idx-th "address" after the backends key (one backend per inline table)
+                hits = [i for i in range(line, end) if "address" in self.lines[i]]
+                if int(idx) < len(hits):
+                    line = hits[int(idx)]
+        return line + 1
+
+    def table(self, value: Any, path: str, allowed: set[str], required: set[str] = frozenset()) -> dict:
+        if not isinstance(value, dict):
+            raise self.fail(path, f"expected a table, got {_kind(value)}")
+        for key in value:
+            if key not in allowed:
+                hint = _closest(key, allowed)
+                raise self.fail(f"{path}.{key}" if path else key,
+                                f"unknown key{hint}; allowed: {', '.join(sorted(allowed))}")
+        for key in sorted(required):
+            if key not in value:
+                raise self.fail(f"{path}.{key}" if path else key, "required key is missing")
+        return value
+
+    def integer(self, value: Any, path: str, lo: int, hi: int) -> int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise self.fail(path, f"expected an integer from {lo} to {hi}, got {_kind(value)}")
+        if not lo <= value <= hi:
+            raise self.fail(path, f"{value} is out of range; expected an integer from {lo} to {hi}")
+        return value
+
+    def duration(self, value: Any, path: str, lo: float = 0.001, hi: float = 7 * 86400) -> float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            seconds = float(value)
+        elif isinstance(value, str) and (m := _DURATION.match(value)):
+            seconds = float(m.group(1)) * _UNITS[m.group(2)]
+        else:
+            raise self.fail(path, f"expected a duration like \"2s\", \"500ms\", \"5m\", got {value!r}")
+        if not lo <= seconds <= hi:
+            raise self.fail(path, f"{value!r} is out of range; expected {lo:g}s to {hi:g}s")
+        return seconds
+
+    def choice(self, value: Any, path: str, options: tuple[str, ...]) -> str:
+        if value not in options:
+            raise self.fail(path, f"{value!r} is not one of: {', '.join(options)}")
+        return value
+
+    def address(self, value: Any, path: str, *, resolve: bool) -> Address:
+        if not isinstance(value, str):
+            raise self.fail(path, f"expected \"host:port\", got {_kind(value)}")
+        try:
+            return parse_address(value, resolve=resolve)
+        except ValueError as exc:
+            raise self.fail(path, str(exc)) from None
+
+
+def _kind(value: Any) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a float", str: "a string",
+            list: "an array", dict: "a table"}.get(type(value), type(value).__name__) + f" ({value!r})"
+
+
+def _closest(key: str, allowed: set[str]) -> str:
+    import difflib
+    match = difflib.get_close_matches(key, sorted(allowed), n=1)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def parse_address(text: str, *, resolve: bool = True) -> Address:
+    """``host:port`` or ``[v6]:port`` -> Address with an IP host. Raises ValueError."""
+    m = re.match(r"^\[([^\]]+)\]:(\d+)$", text) or re.match(r"^([^:\[\]]+):(\d+)$", text)
+    if not m:
+        raise ValueError(f"{text!r} is not \"host:port\" (IPv6 as \"[::1]:8080\")")
+    host, port = m.group(1), int(m.group(2))
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port {port} in {text!r} is out of range 0..65535")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if not resolve:
+            return Address(host, port, text)
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except socket.gaierror as exc:
+            raise ValueError(f"cannot resolve host {host!r}: {exc.strerror}") from None
+        host = infos[0][4][0]
+    return Address(host, port, text)
+
+
+def load(path: str) -> Config:
+    """Read and validate a config file. Raises ConfigError (nothing is started on error)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as exc:
+        raise ConfigError("", f"cannot read config: {exc.strerror}", source=path) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError("", f"not UTF-8 text: {exc}", source=path) from None
+    return loads(text, source=path)
+
+
+def loads(text: str, source: str = "config", *, resolve: bool = True) -> Config:
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        m = re.search(r"\(at line (\d+)", str(exc))
+        raise ConfigError("", f"TOML syntax error: {exc}", source=source,
+                          line=int(m.group(1)) if m else None) from None
+    return from_dict(doc, source=source, text=text, resolve=resolve)
+
+
+def from_dict(doc: dict, *, source: str = "config", text: str = "", resolve: bool = True) -> Config:
+    c = _Checker(text, source)
+    c.table(doc, "", {"global", "service"})
+    g = c.table(doc.get("global", {}), "global", {"workers", "grace"})
+    workers = g.get("workers", DEFAULTS["workers"])
+    if workers != 1:
+        raise c.fail("global.workers", f"{workers!r}: only 1 worker is supported in this version")
+    glob = GlobalConfig(workers=1, grace=c.duration(g.get("grace", DEFAULTS["grace"]),
+                                                    "global.grace", lo=0.0))
+    services_raw = doc.get("service", [])
+    if not isinstance(services_raw, list):
+        raise c.fail("service", "expected an array of tables ([[service]])")
+    services, names, listens = [], set(), {}
+    for i, raw in enumerate(services_raw):
+        svc = service_from_dict(raw, f"service[{i}]", c, resolve=resolve)
+        if svc.name in names:
+            raise c.fail(f"service[{i}].name", f"duplicate service name {svc.name!r}")
+        names.add(svc.name)
+        for j, a in enumerate(svc.listen):
+            if (a.host, a.port) in listens and a.port != 0:
+                raise c.fail(f"service[{i}].listen[{j}]",
+                             f"{a.text} is already a listener of service {listens[(a.host, a.port)]!r}")
+            listens[(a.host, a.port)] = svc.name
+        services.append(svc)
+    if not services:
+        raise c.fail("service", "no [[service]] defined; fastlb needs at least one")
+    return Config(global_=glob, services=tuple(services), source=source)
+
+
+SERVICE_KEYS = {"name", "listen", "policy", "hash_key", "retries", "timeouts", "backends"}
+
+
+def service_from_dict(raw: Any, path: str, c: _Checker | None = None, *,
+                      resolve: bool = True) -> Service:
+    """One ``[[service]]`` table -> Service (also used for services added at run time)."""
+    c = c or _Checker("", "request")
+    c.table(raw, path, SERVICE_KEYS, {"name", "listen"})
+    name = raw["name"]
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
+        raise c.fail(f"{path}.name", f"{name!r}: expected 1-64 characters of A-Z a-z 0-9 _ . -")
+    listen_raw = raw["listen"]
+    if isinstance(listen_raw, str):
+        listen_raw = [listen_raw]
+    if not isinstance(listen_raw, list) or not listen_raw:
+        raise c.fail(f"{path}.listen", "expected \"host:port\" or a non-empty array of them")
+    listen = tuple(c.address(a, f"{path}.listen[{j}]", resolve=True) for j, a in enumerate(listen_raw))
+    policy = c.choice(raw.get("policy", DEFAULTS["policy"]), f"{path}.policy", POLICIES)
+    hash_key = c.choice(raw.get("hash_key", DEFAULTS["hash_key"]), f"{path}.hash_key", HASH_KEYS)
+    if "hash_key" in raw and policy != "maglev":
+        raise c.fail(f"{path}.hash_key", "only meaningful with policy = \"maglev\"")
+    retries = c.integer(raw.get("retries", DEFAULTS["retries"]), f"{path}.retries", 0, MAX_RETRIES)
+    t = c.table(raw.get("timeouts", {}), f"{path}.timeouts", {"connect", "idle"})
+    connect = c.duration(t.get("connect", DEFAULTS["connect"]), f"{path}.timeouts.connect")
+    idle = c.duration(t.get("idle", DEFAULTS["idle"]), f"{path}.timeouts.idle")
+    backends_raw = raw.get("backends", [])
+    if not isinstance(backends_raw, list):
+        raise c.fail(f"{path}.backends", "expected an array of { address = \"host:port\", weight = N }")
+    backends, seen = [], set()
+    for j, b in enumerate(backends_raw):
+        bp = f"{path}.backends[{j}]"
+        c.table(b, bp, {"address", "weight"}, {"address"})
+        addr = c.address(b["address"], f"{bp}.address", resolve=resolve)
+        if addr.port == 0:
+            raise c.fail(f"{bp}.address", "a backend needs a port from 1 to 65535")
+        if addr.text in seen:
+            raise c.fail(f"{bp}.address", f"duplicate backend {addr.text}")
+        seen.add(addr.text)
+        backends.append(Backend(addr, c.integer(b.get("weight", DEFAULTS["weight"]),
+                                                f"{bp}.weight", 1, MAX_WEIGHT)))
+    return Service(name=name, listen=listen, backends=tuple(backends), policy=policy,
+                   hash_key=hash_key, retries=retries, connect_timeout=connect, idle_timeout=idle)
+
+
+def summary(cfg: Config) -> str:
+    """A human summary for ``fastlb check``."""
+    out = [f"{cfg.source}: OK, {len(cfg.services)} service(s), workers={cfg.global_.workers}, "
+           f"grace={cfg.global_.grace:g}s"]
+    for s in cfg.services:
+        out.append(f"  service {s.name}: listen {', '.join(a.text for a in s.listen)}; "
+                   f"policy {s.policy}" + (f" ({s.hash_key})" if s.policy == "maglev" else "")
+                   + f"; retries {s.retries}; connect {s.connect_timeout:g}s; idle {s.idle_timeout:g}s")
+        for b in s.backends:
+            out.append(f"    backend {b.address.text} weight {b.weight}")
+    return "\n".join(out)

@@ -7,6 +7,7 @@ It prints ``READY <port>`` once listening, then serves until killed. Modes:
   echo      echo everything; close after the client's EOF
   reply     read until the client's EOF, then send --size bytes (pattern) and close
   source    send --size bytes (pattern) as fast as the client takes them, then close
+  trickle   send --size bytes in 10 pieces over about 1.5 s, then close
   http      minimal keep-alive HTTP/1.1: "GET ..." -> 200 with a small body (for wrk)
 Threads, blocking sockets: simple and independent of the event loop under test.
 """
@@ -47,6 +48,14 @@ def _send_pattern(conn: socket.socket, size: int) -> None:
         size -= len(chunk)
 
 
+def _trickle(conn: socket.socket, name: str, size: int) -> None:
+    import time
+    piece = max(1, size // 10)
+    for _ in range(10):
+        conn.sendall(PATTERN[:piece] if piece <= len(PATTERN) else b"x" * piece)
+        time.sleep(0.15)
+
+
 def _http(conn: socket.socket, name: str, size: int) -> None:
     body = (name.encode() + b"\n") * max(1, size // (len(name) + 1))
     resp = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nContent-Type: text/plain\r\n\r\n%s" % (len(body), body)
@@ -61,7 +70,8 @@ def _http(conn: socket.socket, name: str, size: int) -> None:
             conn.sendall(resp)
 
 
-MODES = {"announce": _announce, "echo": _echo, "reply": _reply, "source": _source, "http": _http}
+MODES = {"announce": _announce, "echo": _echo, "reply": _reply, "source": _source, "trickle": _trickle,
+         "http": _http}
 
 
 def _serve_one(conn: socket.socket, handler, name: str, size: int) -> None:

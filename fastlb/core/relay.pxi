@@ -1,9 +1,13 @@
 # The data path: one Relay (client side, owns the session) and one BackendSide per connection.
 #
-#   client --accept--> Relay.connection_made: pause client reads, compute the hash key, start
-#   the connect loop (_connect: pick -> connect with timeout -> on failure count it, report it to
+#   client --accept--> Relay.connection_made: compute the hash key, start the connect loop (_connect: pick -> connect with timeout -> on failure count it, report it to
 #   the policy, add the slot to `tried`, pick again, up to retries) -> BackendSide.connection_made
 #   links both sides and resumes client reads -> bytes flow -> both EOFs or an error -> close.
+#
+# Before the backend is up the client side reads at most one buffer: uvloop starts reading
+# right after connection_made (a pause_reading there is overridden), so the first chunk is kept
+# in the Relay's buffer (`pending`), reads are paused, and _link hands the chunk, and an EOF
+# that came with it, to the backend.
 #
 # Buffers: each side reads into its own preallocated buffer and writes a memoryview slice of it
 # straight to the peer transport. uvloop keeps a slice of that buffer when a write is partial
@@ -87,6 +91,7 @@ cdef class Relay:
     cdef uint64_t key
     cdef int tried[MAX_TRIED]
     cdef int ntried
+    cdef Py_ssize_t pending              # bytes read before the backend was up
     cdef public int slot
     cdef public bint client_eof
     cdef public bint backend_eof
@@ -98,7 +103,6 @@ cdef class Relay:
     # -- client transport callbacks ----------------------------------------------------------
     def connection_made(self, transport):
         self.transport = transport
-        transport.pause_reading()                 # nothing is read before a backend is up
         transport.set_write_buffer_limits(0)
         self.svc.conns.add(self)
         self.last_active = self.svc.loop.time()
@@ -113,15 +117,23 @@ cdef class Relay:
     def get_buffer(self, Py_ssize_t hint):
         if self.view is None:
             self.view = _new_buffer()
+        if self.pending:                          # not expected: reads pause after one chunk
+            return self.view[self.pending:]
         return self.view
 
     def buffer_updated(self, Py_ssize_t n):
+        if self.btransport is None:               # no backend yet: keep the chunk, stop reading
+            self.pending += n
+            self.transport.pause_reading()
+            return
         self.btransport.write(self.view[:n])
         self.touched = 1
         self.svc.counters.add_c(self.svc.block, self.slot, CTR_BYTES_IN, n)
 
     def eof_received(self):
         self.client_eof = True
+        if self.btransport is None:               # _link passes it on
+            return True
         if self.backend_eof:
             self._close(None)
         elif not self.btransport.is_closing():
@@ -190,7 +202,15 @@ cdef class Relay:
         self.counted = True
         self.svc.counters.add_c(self.svc.block, be.slot, CTR_ACTIVE, 1)
         self.svc.counters.add_c(self.svc.block, be.slot, CTR_TOTAL, 1)
-        self.transport.resume_reading()
+        if not self.client_eof:
+            self.transport.resume_reading()
+        cdef Py_ssize_t n = self.pending
+        if n:
+            self.pending = 0
+            self.svc.counters.add_c(self.svc.block, be.slot, CTR_BYTES_IN, n)
+            tr.write(self.view[:n])               # may pause client reads again: that's right
+        if self.client_eof:
+            tr.write_eof()
 
     cdef _close(self, exc):
         """End the session: called once per side; closes (or on error aborts) both transports."""

@@ -1,0 +1,139 @@
+"""Test helpers: real processes on loopback, each stopped by its PID at the end of the test."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+PY = sys.executable
+
+
+class Proc:
+    """A child process with its stderr/stdout collected by a thread."""
+
+    def __init__(self, args: list[str], registry: list) -> None:
+        self.popen = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True, bufsize=1)
+        self.pid = self.popen.pid
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+        registry.append(self)
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.popen.stdout:
+            with self._cond:
+                self.lines.append(line.rstrip("\n"))
+                self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
+
+    def wait_line(self, pattern: str, timeout: float = 10.0) -> re.Match:
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        seen = 0
+        with self._cond:
+            while True:
+                for line in self.lines[seen:]:
+                    if m := rx.search(line):
+                        return m
+                seen = len(self.lines)
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.popen.poll() is not None and seen == len(self.lines)):
+                    raise AssertionError(f"no line matching {pattern!r}; output:\n" + "\n".join(self.lines))
+                self._cond.wait(min(left, 0.1))
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def signal(self, sig: int) -> None:
+        if self.popen.poll() is None:
+            os.kill(self.pid, sig)
+
+    def wait(self, timeout: float = 10.0) -> int:
+        return self.popen.wait(timeout)
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            os.kill(self.pid, signal.SIGKILL)
+        self.popen.wait(5)
+
+    def rss_kib(self) -> int:
+        with open(f"/proc/{self.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        raise AssertionError("no VmRSS")
+
+
+def start_backend(procs: list, mode: str, name: str = "backend", size: int = 1 << 20,
+                  host: str = "127.0.0.1") -> tuple[Proc, int]:
+    p = Proc([PY, "-m", "fastlb.devservers", mode, "--name", name, "--size", str(size),
+              "--host", host], procs)
+    return p, int(p.wait_line(r"READY (\d+)").group(1))
+
+
+def start_fastlb(procs: list, config: str) -> tuple[Proc, list[int]]:
+    """Run `fastlb run` on a config text; return it and the ports it listens on, in order."""
+    fd, path = tempfile.mkstemp(suffix=".toml")
+    with os.fdopen(fd, "w") as f:
+        f.write(config)
+    p = Proc([PY, "-m", "fastlb", "run", "-c", path], procs)
+    p.wait_line(r"fastlb ready")
+    ports = [int(m) for m in re.findall(r"listening on \S+:(\d+)", p.output)]
+    return p, ports
+
+
+def service(name: str, backends: list[tuple[int, int]], listen: str = "127.0.0.1:0", **opts) -> str:
+    lines = ["[[service]]", f'name = "{name}"', f'listen = ["{listen}"]']
+    for k, v in opts.items():
+        lines.append(f"{k} = {v}")
+    bs = ", ".join(f'{{ address = "127.0.0.1:{port}", weight = {w} }}' for port, w in backends)
+    lines.append(f"backends = [ {bs} ]")
+    return "\n".join(lines) + "\n"
+
+
+def closed_port() -> int:
+    """A loopback port with nothing listening (connects are refused)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+class Blackhole:
+    """A loopback port whose SYNs are dropped (a full accept queue): connects time out."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(0)
+        self.port = self.sock.getsockname()[1]
+        self.fillers = []
+        for _ in range(3):            # backlog 0 still queues one or two; fill them
+            c = socket.socket()
+            c.setblocking(False)
+            c.connect_ex(("127.0.0.1", self.port))
+            self.fillers.append(c)
+        time.sleep(0.1)
+
+    def close(self) -> None:
+        for c in self.fillers:
+            c.close()
+        self.sock.close()
+
+
+def recv_all(sock: socket.socket, limit: float = 30.0) -> bytes:
+    sock.settimeout(limit)
+    chunks = []
+    while data := sock.recv(262144):
+        chunks.append(data)
+    return b"".join(chunks)

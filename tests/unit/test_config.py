@@ -1,0 +1,126 @@
+"""Config validation: every mistake gives one clear error naming the key path and line."""
+import subprocess
+import sys
+
+import pytest
+
+from fastlb import config
+from fastlb.errors import ConfigError
+
+GOOD = """
+[global]
+workers = 1
+grace = "5s"
+
+[[service]]
+name = "web"
+listen = ["127.0.0.1:8080", "[::1]:8080"]
+policy = "maglev"
+hash_key = "source_ip_port"
+retries = 3
+timeouts = { connect = "500ms", idle = "2m" }
+backends = [
+  { address = "127.0.0.1:9001", weight = 5 },
+  { address = "localhost:9002" },
+]
+"""
+
+
+def test_good_config_becomes_frozen_typed_objects():
+    cfg = config.loads(GOOD)
+    (svc,) = cfg.services
+    assert cfg.global_.grace == 5.0
+    assert [a.text for a in svc.listen] == ["127.0.0.1:8080", "[::1]:8080"]
+    assert svc.listen[1].host == "::1"
+    assert (svc.policy, svc.hash_key, svc.retries) == ("maglev", "source_ip_port", 3)
+    assert (svc.connect_timeout, svc.idle_timeout) == (0.5, 120.0)
+    assert [(b.address.text, b.address.host, b.weight) for b in svc.backends] == [
+        ("127.0.0.1:9001", "127.0.0.1", 5), ("localhost:9002", "127.0.0.1", 1)]
+    with pytest.raises(AttributeError):
+        svc.retries = 5
+
+
+def test_defaults():
+    svc = config.loads('[[service]]\nname = "a"\nlisten = "127.0.0.1:1"\n').services[0]
+    assert (svc.policy, svc.retries, svc.connect_timeout, svc.idle_timeout) == ("round_robin", 2, 2.0, 300.0)
+    assert svc.backends == ()
+
+
+BAD = [
+    ("x = = 1", 1, "", "TOML syntax error"),
+    ("[[service]]\nname='a'\nlisten='127.0.0.1:1'\npolcy='random'", 4, "service[0].polcy",
+     "unknown key (did you mean 'policy'?)"),
+    ("[[service]]\nname='a'\nlisten='127.0.0.1:1'\n\n[[service]]\nname='b'\nlisten='127.0.0.1:2'\n"
+     "backends = [\n  { address = '127.0.0.1:5' },\n  { address = '127.0.0.1:6', weight = 0 },\n]",
+     10, "service[1].backends[1].weight", "0 is out of range; expected an integer from 1 to 1000000"),
+    ("[[service]]\nname='a'\nlisten='127.0.0.1:1'\nbackends=[{address='127.0.0.1:5', weight='5'}]",
+     4, "service[0].backends[0].weight", "expected an integer"),
+    ("[[service]]\nname='a'\nlisten='127.0.0.1:1'\npolicy='fastest'", 4, "service[0].policy",
+     "'fastest' is not one of: round_robin, random, least_conn, maglev"),
+    ("[[service]]\nname='a'\nlisten='nohost'", 3, "service[0].listen[0]", "is not \"host:port\""),
+    ("[[service]]\nname='a'\nlisten='127.0.0.1:70000'", 3, "service[0].listen[0]", "out of range"),
+    ("[[service]]\nname='a'\nlisten='127.0.0.1:1'\ntimeouts={connect='2 parsecs'}", 4,
+     "service[0].timeouts.connect", "expected a duration"),
+    ("[[service]]\nname='a'\nlisten='127.0.0.1:1'\nretries=99", 4, "service[0].retries", "from 0 to 31"),
+    ("[[service]]\nname='a'\nlisten='127.0.0.1:1'\nhash_key='source_ip'", 4, "service[0].hash_key",
+     "only meaningful with policy = \"maglev\""),
+    ("[[service]]\nname='a'\nlisten='127.0.0.1:1'\n[[service]]\nname='a'\nlisten='127.0.0.1:2'", 5,
+     "service[1].name", "duplicate service name 'a'"),
+    ("[[service]]\nname='a'\nlisten='127.0.0.1:1'\n[[service]]\nname='b'\nlisten='127.0.0.1:1'", 6,
+     "service[1].listen[0]", "already a listener of service 'a'"),
+    ("[[service]]\nname='a'\nlisten='127.0.0.1:1'\nbackends=[{address='127.0.0.1:5'},{address='127.0.0.1:5'}]",
+     4, "service[0].backends[1].address", "duplicate backend"),
+    ("[[service]]\nlisten='127.0.0.1:1'", 1, "service[0].name", "required key is missing"),
+    ("[global]\nworkers = 4\n[[service]]\nname='a'\nlisten='127.0.0.1:1'", 2, "global.workers",
+     "only 1 worker"),
+    ("[global]\nverbose = true", 2, "global.verbose", "unknown key"),
+    ("", None, "service", "no [[service]] defined"),
+]
+
+
+@pytest.mark.parametrize("text,line,path,message", BAD)
+def test_bad_configs_name_the_key_line_and_expectation(text, line, path, message):
+    with pytest.raises(ConfigError) as info:
+        config.loads(text, source="bad.toml")
+    err = info.value
+    assert err.path == path
+    assert message in str(err)
+    if line is not None:
+        assert err.line == line, str(err)
+        assert str(err).startswith(f"bad.toml:{line}: ")
+
+
+def test_unresolvable_backend_host():
+    with pytest.raises(ConfigError, match=r"backends\[0\].address: cannot resolve host"):
+        config.loads("[[service]]\nname='a'\nlisten='127.0.0.1:1'\n"
+                     "backends=[{address='no-such-host.invalid:80'}]")
+
+
+@pytest.mark.parametrize("text,message", [(t, m) for t, _, _, m in BAD[:6]])
+def test_cli_refuses_bad_config_with_exit_2(tmp_path, text, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    for verb in ("check", "run"):
+        out = subprocess.run([sys.executable, "-m", "fastlb", verb, "-c", str(path)],
+                             capture_output=True, text=True, timeout=20)
+        assert out.returncode == 2, out
+        assert message in out.stderr and str(path) in out.stderr
+        assert "Traceback" not in out.stderr
+
+
+def test_cli_check_prints_a_summary(tmp_path):
+    path = tmp_path / "good.toml"
+    path.write_text(GOOD)
+    out = subprocess.run([sys.executable, "-m", "fastlb", "check", "-c", str(path)],
+                         capture_output=True, text=True, timeout=20)
+    assert out.returncode == 0
+    assert "service web: listen 127.0.0.1:8080, [::1]:8080; policy maglev (source_ip_port)" in out.stdout
+    assert "backend localhost:9002 weight 1" in out.stdout
+
+
+def test_cli_missing_file_and_version(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "fastlb", "check", "-c", str(tmp_path / "nope.toml")],
+                         capture_output=True, text=True, timeout=20)
+    assert out.returncode == 2 and "cannot read config" in out.stderr
+    out = subprocess.run([sys.executable, "-m", "fastlb", "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.startswith("fastlb ")

@@ -16,6 +16,6 @@ def test_demo_runs_clean_and_shows_failover():
         assert re.search(rf"^  {policy}\s", text, re.M)
     after = text.split("dead:")[1]
     # charlie is dead: it serves nobody, and nobody saw an error
-    for line in re.findall(r"^  \w+ .*$", after, re.M):
+    for line in re.findall(r"^  (?!policy)\w+ .*$", after, re.M):
         assert re.search(r"\s0 \(\s*0%\)\s+0$", line), line
     assert re.search(r"maglev affinity: (\d+) of \1 clients", text)

@@ -1,0 +1,301 @@
+"""End-to-end benchmark: fastlb beside HAProxy, nginx stream, naive Python proxies and a direct
+connection, on this machine, in one run, as ratios to HAProxy.
+
+    python3 bench/e2e.py [--runs 3] [--duration 5] [--only fastlb,haproxy] [--json out.json]
+
+Needs: apt-get install haproxy nginx libnginx-mod-stream wrk iperf3.
+Method: the balancer under test is pinned to CPU 0 (taskset), the load generator and the
+backends to CPU 1. Loads: wrk keep-alive small requests (req/s, p99); wrk with
+"Connection: close", a new connection per request (conn/s, p99); iperf3 bulk through the
+balancer to one iperf3 server, both directions (Gbit/s). Each figure is the median of --runs
+runs; runs interleave the peers so that machine noise hits them alike. The balancer's CPU time
+comes from /proc/PID/stat (all its processes), shown as % of one core during the load.
+Every process started is stopped by PID; all traffic stays on 127.0.0.1.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CPU_LB, CPU_LOAD = "0", "1"
+TICK = os.sysconf("SC_CLK_TCK")
+PEERS = ["direct", "haproxy", "nginx", "fastlb", "asyncio-streams", "asyncio-protocol"]
+LOADS = ["keepalive", "close", "bulk_up", "bulk_down"]
+
+
+def free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def wait_port(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on {port}")
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """utime+stime of pid and all its descendants."""
+    children: dict[int, list[int]] = {}
+    stats: dict[int, list[str]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            p = int(entry)
+            stats[p] = fields
+            children.setdefault(int(fields[1]), []).append(p)
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        if p in stats:
+            total += (int(stats[p][11]) + int(stats[p][12])) / TICK
+        todo.extend(children.get(p, []))
+    return total
+
+
+class Stack:
+    """Processes of one benchmark, stopped by PID."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen] = []
+        self.tmp = tempfile.mkdtemp(prefix="fastlb-bench-")
+
+    def start(self, args: list[str], cpu: str) -> subprocess.Popen:
+        log = open(os.path.join(self.tmp, f"{os.path.basename(args[0])}-{len(self.procs)}.log"), "w")
+        p = subprocess.Popen(["taskset", "-c", cpu] + args, stdout=log, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+        log.close()
+        self.procs.append(p)
+        return p
+
+    def write(self, name: str, text: str) -> str:
+        path = os.path.join(self.tmp, name)
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+    def stop(self, p: subprocess.Popen) -> None:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGTERM)
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait(5)
+
+    def close(self) -> None:
+        for p in self.procs:
+            self.stop(p)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+NGINX_HTTP = """
+worker_processes 1;
+error_log {tmp}/http-error.log;
+pid {tmp}/http.pid;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  keepalive_requests 10000000;
+  client_body_temp_path {tmp}; proxy_temp_path {tmp}; fastcgi_temp_path {tmp};
+  uwsgi_temp_path {tmp}; scgi_temp_path {tmp};
+  server {{ listen 127.0.0.1:{port} backlog=4096; location / {{ return 200 "hello from the backend\\n"; }} }}
+}}
+"""
+
+NGINX_STREAM = """
+load_module /usr/lib/nginx/modules/ngx_stream_module.so;
+worker_processes 1;
+error_log {tmp}/stream-error.log;
+pid {tmp}/stream.pid;
+events {{ worker_connections 16384; }}
+stream {{
+  upstream b {{ server 127.0.0.1:{backend}; }}
+  server {{ listen 127.0.0.1:{port} backlog=4096; proxy_pass b; proxy_half_close on; }}
+}}
+"""
+
+HAPROXY = """
+global
+  nbthread 1
+  maxconn 9000
+defaults
+  mode tcp
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+frontend f
+  bind 127.0.0.1:{port}
+  default_backend b
+backend b
+  server s1 127.0.0.1:{backend}
+"""
+
+FASTLB = """
+[[service]]
+name = "bench"
+listen = ["127.0.0.1:{port}"]
+backends = [ {{ address = "127.0.0.1:{backend}" }} ]
+"""
+
+
+def start_peer(stack: Stack, name: str, backend: int) -> tuple[subprocess.Popen | None, int]:
+    if name == "direct":
+        return None, backend
+    port = free_port()
+    fmt = dict(port=port, backend=backend, tmp=stack.tmp)
+    if name == "haproxy":
+        cmd = ["haproxy", "-db", "-f", stack.write("haproxy.cfg", HAPROXY.format(**fmt))]
+    elif name == "nginx":
+        cmd = ["nginx", "-p", stack.tmp, "-g", "daemon off;", "-c",
+               stack.write("stream.conf", NGINX_STREAM.format(**fmt))]
+    elif name == "fastlb":
+        cmd = [sys.executable, "-m", "fastlb", "run", "-c", stack.write("fastlb.toml", FASTLB.format(**fmt))]
+    else:
+        script = {"asyncio-streams": "streams_proxy.py", "asyncio-protocol": "protocol_proxy.py"}[name]
+        cmd = [sys.executable, os.path.join(HERE, "peers", script), str(port), "127.0.0.1", str(backend)]
+    p = stack.start(cmd, CPU_LB)
+    wait_port(port)
+    return p, port
+
+
+def _ms(value: str, unit: str) -> float:
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+def run_wrk(port: int, close: bool, duration: float, conns: int) -> dict:
+    cmd = ["taskset", "-c", CPU_LOAD, "wrk", "-t1", f"-c{conns}", f"-d{duration:g}s", "--latency",
+           f"http://127.0.0.1:{port}/"]
+    if close:
+        cmd[6:6] = ["-H", "Connection: close"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 30).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {"value": rps, "p99_ms": _ms(*p99.groups()) if p99 else None,
+            "errors": (sum(map(int, errors.groups())) if errors else 0) + (int(non2xx.group(1)) if non2xx else 0)}
+
+
+def run_iperf(port: int, reverse: bool, duration: float) -> dict:
+    cmd = ["taskset", "-c", CPU_LOAD, "iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", f"{duration:g}", "-J"]
+    if reverse:
+        cmd.append("-R")
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 30).stdout
+    data = json.loads(out)
+    if "error" in data:
+        raise RuntimeError(data["error"])
+    return {"value": data["end"]["sum_received"]["bits_per_second"] / 1e9, "p99_ms": None, "errors": 0}
+
+
+def measure(stack: Stack, peer: str, backend: int, load: str, duration: float, conns: int) -> dict:
+    proc, port = start_peer(stack, peer, backend)
+    try:
+        if load in ("keepalive", "close"):
+            run_wrk(port, load == "close", 1, conns)          # warm-up
+        cpu0, t0 = (tree_cpu_seconds(proc.pid) if proc else 0.0), time.monotonic()
+        if load in ("keepalive", "close"):
+            res = run_wrk(port, load == "close", duration, conns)
+        else:
+            res = run_iperf(port, load == "bulk_down", duration)
+        wall = time.monotonic() - t0
+        res["cpu_pct"] = 100 * (tree_cpu_seconds(proc.pid) - cpu0) / wall if proc else None
+        return res
+    finally:
+        if proc:
+            stack.stop(proc)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--duration", type=float, default=5)
+    ap.add_argument("--connections", type=int, default=64)
+    ap.add_argument("--only", default=",".join(PEERS))
+    ap.add_argument("--loads", default=",".join(LOADS))
+    ap.add_argument("--json", default=os.path.join(HERE, "results", "e2e.json"))
+    a = ap.parse_args()
+    peers, loads = a.only.split(","), a.loads.split(",")
+    for tool in ("haproxy", "nginx", "wrk", "iperf3", "taskset"):
+        if not shutil.which(tool):
+            sys.exit(f"missing {tool}: apt-get install haproxy nginx libnginx-mod-stream wrk iperf3")
+    stack = Stack()
+    samples: dict[tuple[str, str], list[dict]] = {}
+    try:
+        http_port, iperf_port = free_port(), free_port()
+        stack.start(["nginx", "-p", stack.tmp, "-g", "daemon off;", "-c",
+                     stack.write("http.conf", NGINX_HTTP.format(port=http_port, tmp=stack.tmp))], CPU_LOAD)
+        stack.start(["iperf3", "-s", "-p", str(iperf_port)], CPU_LOAD)
+        wait_port(http_port)
+        wait_port(iperf_port)
+        for run in range(a.runs):
+            for load in loads:
+                backend = http_port if load in ("keepalive", "close") else iperf_port
+                for peer in peers:
+                    r = measure(stack, peer, backend, load, a.duration, a.connections)
+                    samples.setdefault((load, peer), []).append(r)
+                    print(f"run {run + 1}/{a.runs} {load:<10} {peer:<17} {r['value']:>12.2f}"
+                          + (f"  p99 {r['p99_ms']:.2f} ms" if r["p99_ms"] is not None else "")
+                          + (f"  cpu {r['cpu_pct']:.0f}%" if r["cpu_pct"] is not None else "")
+                          + (f"  errors {r['errors']}" if r["errors"] else ""), flush=True)
+    finally:
+        stack.close()
+
+    med = {}
+    for key, rs in samples.items():
+        med[key] = {f: (statistics.median(r[f] for r in rs) if rs[0][f] is not None else None)
+                    for f in ("value", "p99_ms", "cpu_pct", "errors")}
+    units = {"keepalive": "req/s", "close": "conn/s", "bulk_up": "Gbit/s", "bulk_down": "Gbit/s"}
+    print(f"\nmedians of {a.runs} runs x {a.duration:g}s; ratio = figure / HAProxy's figure")
+    print("| load | " + " | ".join(peers) + " |")
+    print("|---" * (len(peers) + 1) + "|")
+    for load in loads:
+        base = med.get((load, "haproxy"))
+        cells = []
+        for peer in peers:
+            m = med[(load, peer)]
+            cell = f"{m['value']:,.0f}" if units[load] != "Gbit/s" else f"{m['value']:.2f}"
+            if base and peer != "haproxy":
+                cell += f" ({m['value'] / base['value']:.2f}x)"
+            if m["p99_ms"] is not None:
+                cell += f", p99 {m['p99_ms']:.2f} ms"
+                if base and peer != "haproxy" and base["p99_ms"]:
+                    cell += f" ({m['p99_ms'] / base['p99_ms']:.2f}x)"
+            if m["cpu_pct"] is not None:
+                cell += f", cpu {m['cpu_pct']:.0f}%"
+            cells.append(cell)
+        print(f"| {load} ({units[load]}) | " + " | ".join(cells) + " |")
+    os.makedirs(os.path.dirname(a.json), exist_ok=True)
+    with open(a.json, "w") as f:
+        json.dump({"runs": a.runs, "duration": a.duration, "connections": a.connections,
+                   "medians": {f"{l}/{p}": v for (l, p), v in med.items()},
+                   "samples": {f"{l}/{p}": v for (l, p), v in samples.items()}}, f, indent=1)
+    print(f"\nJSON: {a.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -2,7 +2,7 @@
 """fastlb's Cython core: everything that runs per connection or per byte.
 
 Owner of: the stable hash, the shared-memory views (health bitmap, counters), the balancing
-policies and the data-path protocols. It gets plain data and never imports orchestration
+policies and the data-path engine. It gets plain data and never imports orchestration
 (registry, config, admin); only fastlb.errors, the leaf of the error hierarchy.
 One extension module built from include files, as uvloop does (core/*.pxi).
 """
@@ -20,4 +20,4 @@ include "core/consts.pxi"
 include "core/hash.pxi"
 include "core/shm.pxi"
 include "core/policies.pxi"
-include "core/relay.pxi"
+include "core/engine.pxi"

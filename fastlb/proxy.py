@@ -4,7 +4,7 @@ Owner: the running balancer (one process, ``workers = 1``). It turns a Config in
 sockets and ServiceStates (fastlb._core), gives each backend a stable slot in the shared health
 bitmap and counters, and stops cleanly: SIGTERM stops accepting, lets open connections finish
 for ``grace`` seconds, then closes them; SIGINT closes everything at once.
-The per-connection work is all in the core's Relay; nothing here runs per byte.
+The per-connection work is all in the core's Engine; nothing here runs per connection or byte.
 """
 from __future__ import annotations
 
@@ -80,17 +80,18 @@ class SharedState:
 class ServiceRuntime:
     """One configured service: its ServiceState (read by the data path) and its listeners."""
 
-    def __init__(self, svc: Service, shared: SharedState, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, svc: Service, shared: SharedState, engine: _core.Engine) -> None:
         self.config = svc
         self.shared = shared
-        self.loop = loop
-        self.state = _core.ServiceState(loop, svc.name, shared.counters, 0)
+        self.engine = engine
+        self.state = _core.ServiceState(svc.name)
         self.state.retries = svc.retries
         self.state.connect_timeout = svc.connect_timeout
+        self.state.idle_timeout = svc.idle_timeout
         self.state.hash_mode = HASH_MODES[svc.hash_key] if svc.policy == "maglev" else 0
         self.state.on_connect_error = self._on_connect_error
         self.state.on_no_backend = self._on_no_backend
-        self.servers: list[asyncio.AbstractServer] = []
+        self.listeners: list = []
         self._last_log: dict[object, tuple[float, int]] = {}
         self.apply_backends()
 
@@ -112,34 +113,18 @@ class ServiceRuntime:
                                        seed=int.from_bytes(os.urandom(8), "little"))
         self.state.set_backends(policy, addrs)
 
-    async def start(self) -> None:
+    def start(self) -> None:
         for addr in self.config.listen:
             sock = listen_socket(addr)
-            server = await self.loop.create_server(self.state, sock=sock)
-            self.servers.append(server)
             bound = sock.getsockname()
+            self.listeners.append(self.engine.listen(sock, self.state))
             log.info("service %s: listening on %s (%s, %d backends)", self.config.name,
                      _fmt(bound), self.config.policy, len(self.config.backends))
 
-    def bound_addresses(self) -> list[tuple]:
-        return [s.sockets[0].getsockname() for s in self.servers]
-
     def stop_accepting(self) -> None:
-        for server in self.servers:
-            server.close()
-
-    def sweep_idle(self, now: float) -> int:
-        """Close connections silent in both directions for idle_timeout. Returns how many."""
-        idle = self.config.idle_timeout
-        closed = 0
-        for relay in list(self.state.conns):
-            if relay.touched:
-                relay.touched = 0
-                relay.last_active = now
-            elif now - relay.last_active >= idle:
-                relay.abort()
-                closed += 1
-        return closed
+        for lst in self.listeners:
+            self.engine.unlisten(lst)
+        self.listeners.clear()
 
     def _rate_limited(self, key: object) -> int | None:
         """None to stay quiet, else the number of events since the last line."""
@@ -179,36 +164,44 @@ class Balancer:
         self.loop = loop
         total = sum(len(s.backends) for s in cfg.services)
         self.shared = SharedState(max(cfg.max_backends, total))
-        self.services = [ServiceRuntime(s, self.shared, loop) for s in cfg.services]
+        self.engine = _core.Engine(loop, self.shared.counters, 0)
+        self.engine.on_accept_error = self._on_accept_error
+        self.services = [ServiceRuntime(s, self.shared, self.engine) for s in cfg.services]
         self._stop = asyncio.Event()
         self._mode = "term"
+        self._last_accept_error = 0.0
 
-    async def start(self) -> None:
+    def start(self) -> None:
         for rt in self.services:
-            await rt.start()
+            rt.start()
         self._sweeper = self.loop.create_task(self._sweep_loop())
 
     async def _sweep_loop(self) -> None:
-        # Idle detection without a timer per connection or per chunk: each chunk sets a flag; a
-        # sweep every quarter of the shortest idle timeout (at most 1 s) checks the flags.
-        period = min(1.0, min(s.config.idle_timeout for s in self.services) / 4)
+        # Connect and idle timeouts without a timer per connection: one sweep every tenth of the
+        # shortest timeout (between 10 ms and 1 s) checks deadlines and last-activity stamps.
+        shortest = min(min(s.config.connect_timeout, s.config.idle_timeout) for s in self.services)
+        period = max(0.01, min(1.0, shortest / 10))
         while True:
             await asyncio.sleep(period)
-            now = self.loop.time()
-            for rt in self.services:
-                rt.sweep_idle(now)
+            self.engine.sweep()
+
+    def _on_accept_error(self, exc: OSError) -> None:
+        now = time.monotonic()
+        if now - self._last_accept_error >= ERROR_LOG_INTERVAL:
+            self._last_accept_error = now
+            log.error("accept failed: %s (connections wait in the backlog)", exc)
 
     def request_stop(self, mode: str) -> None:
         self._mode = mode
         self._stop.set()
 
     def open_connections(self) -> int:
-        return sum(len(rt.state.conns) for rt in self.services)
+        return len(self.engine.sessions)
 
     async def run(self) -> int:
         self.loop.add_signal_handler(signal.SIGTERM, self.request_stop, "term")
         self.loop.add_signal_handler(signal.SIGINT, self.request_stop, "int")
-        await self.start()
+        self.start()
         log.info("fastlb ready: %d service(s), pid %d", len(self.services), os.getpid())
         await self._stop.wait()
         for rt in self.services:
@@ -223,11 +216,8 @@ class Balancer:
         left = self.open_connections()
         if left:
             log.info("closing %d connection(s)", left)
-        for rt in self.services:
-            for relay in list(rt.state.conns):
-                relay.abort()
+        self.engine.close()
         self._sweeper.cancel()
-        await asyncio.sleep(0)   # let aborts run their callbacks
         log.info("fastlb stopped")
         return 0
 

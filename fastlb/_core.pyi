@@ -1,5 +1,6 @@
 """Type stub for fastlb._core: what Python sees of the Cython core."""
-from collections.abc import Iterable, Sequence
+import socket
+from collections.abc import Callable, Iterable, Sequence
 from fractions import Fraction
 from typing import Any, ClassVar
 
@@ -76,3 +77,42 @@ def make_policy(name: str, slots: Sequence[int], weights: Sequence[int], health:
 
 def __getattr__(name: str) -> Any: ...
 def pick_many(policy: Policy, count: int, key_step: int = ...) -> int: ...
+
+class ServiceState:
+    policy: Policy | None
+    addrs: dict[int, tuple[str, int]]
+    retries: int
+    connect_timeout: float
+    idle_timeout: float
+    hash_mode: int
+    on_connect_error: Callable[[int, OSError], None] | None
+    on_no_backend: Callable[[], None] | None
+    name: str
+    active: int
+    def __init__(self, name: str) -> None: ...
+    def set_backends(self, policy: Policy | None, addrs: dict[int, tuple[str, int]]) -> None: ...
+
+class Listener: ...
+
+class Session:
+    slot: int
+    deadline: float
+    last: float
+    @property
+    def open(self) -> bool: ...
+    @property
+    def connecting(self) -> bool: ...
+    def abort(self) -> None: ...
+
+class Engine:
+    now: float
+    sessions: set[Session]
+    connecting: set[Session]
+    on_accept_error: Callable[[OSError], None] | None
+    def __init__(self, loop: Any, counters: Counters, block: int = 0) -> None: ...
+    def listen(self, sock: socket.socket, svc: ServiceState) -> Listener: ...
+    def unlisten(self, lst: Listener) -> None: ...
+    def clock(self) -> float: ...
+    def sweep(self, idle: bool = True) -> int: ...
+    def abort_all(self) -> None: ...
+    def close(self) -> None: ...

@@ -177,13 +177,21 @@ class Balancer:
         self._sweeper = self.loop.create_task(self._sweep_loop())
 
     async def _sweep_loop(self) -> None:
-        # Connect and idle timeouts without a timer per connection: one sweep every tenth of the
-        # shortest timeout (between 10 ms and 1 s) checks deadlines and last-activity stamps.
-        shortest = min(min(s.config.connect_timeout, s.config.idle_timeout) for s in self.services)
-        period = max(0.01, min(1.0, shortest / 10))
+        # Connect and idle timeouts without a timer per connection: connect deadlines (only the
+        # sessions still connecting) every tenth of the shortest connect timeout, idle stamps
+        # (every session) every tenth of the shortest idle timeout; each between 10 ms and 1 s.
+        def tenth(x: float) -> float:
+            return max(0.01, min(1.0, x / 10))
+        period = tenth(min(s.config.connect_timeout for s in self.services))
+        idle_period = max(period, tenth(min(s.config.idle_timeout for s in self.services)))
+        next_idle = self.loop.time() + idle_period
         while True:
             await asyncio.sleep(period)
-            self.engine.sweep()
+            now = self.loop.time()
+            check_idle = now >= next_idle
+            if check_idle:
+                next_idle = now + idle_period
+            self.engine.sweep(check_idle)
 
     def _on_accept_error(self, exc: OSError) -> None:
         now = time.monotonic()

@@ -677,8 +677,10 @@ cdef class Engine:
             s._update()                         # read what the client sends while we connect
             s._connect()
 
-    def sweep(self):
-        """Connect timeouts and idle timeouts. Call periodically; returns sessions closed."""
+    def sweep(self, bint idle=True):
+        """Fail connects past their deadline (the few sessions still connecting) and, with
+        ``idle``, close sessions idle for their service's idle timeout (all sessions: call it
+        at the idle cadence). Returns the number closed as idle."""
         cdef Session s
         cdef int closed = 0
         cdef double now = _coarse_now()
@@ -686,10 +688,11 @@ cdef class Engine:
         for s in list(self.connecting):
             if s.state == S_CONNECTING and now >= s.deadline:
                 s._connect_failed(0)
-        for s in list(self.sessions):
-            if s.state == S_OPEN and now - s.last >= s.svc.idle_timeout:
-                s._close()
-                closed += 1
+        if idle:
+            for s in list(self.sessions):
+                if s.state == S_OPEN and now - s.last >= s.svc.idle_timeout:
+                    s._close()
+                    closed += 1
         self.graveyard.clear()
         return closed
 

@@ -284,3 +284,33 @@ def test_sigint_stops_at_once(procs):
     lb.signal(signal.SIGINT)
     assert lb.wait(5) == 0
     assert time.monotonic() - t0 < 1.5
+
+
+@pytest.mark.parametrize("hash_key", ["source_ip", "source_ip_port"])
+def test_maglev_affinity_matches_the_core_prediction(procs, hash_key):
+    from fastlb import _core
+
+    names = "abcd"
+    weights = [1, 2, 3, 4]
+    ports = [start_backend(procs, "announce", name=n)[1] for n in names]
+    _, (port,) = start_fastlb(procs, service("web", list(zip(ports, weights)),
+                                             policy='"maglev"', hash_key=f'"{hash_key}"'))
+    ids = [f"127.0.0.1:{p}" for p in ports]
+    health = _core.HealthBitmap(bytearray(_core.HealthBitmap.size_for(4)), 4)
+    for s in range(4):
+        health.mark_up(s)
+    table = _core.Maglev(range(4), weights, health, ids=ids)
+    for i in range(2, 42):
+        ip = f"127.0.0.{i}"
+        got = []
+        for _ in range(2):
+            s = socket.socket()
+            s.bind((ip, 0))
+            s.connect(("127.0.0.1", port))
+            src_port = s.getsockname()[1]
+            got.append(s.recv(10).decode().strip())
+            s.close()
+            key = ip if hash_key == "source_ip" else f"{ip}:{src_port}"
+            assert got[-1] == names[table.pick(_core.key_of(key))]
+        if hash_key == "source_ip":
+            assert got[0] == got[1]           # one client, one backend

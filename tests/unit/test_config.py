@@ -124,3 +124,17 @@ def test_cli_missing_file_and_version(tmp_path):
     assert out.returncode == 2 and "cannot read config" in out.stderr
     out = subprocess.run([sys.executable, "-m", "fastlb", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.startswith("fastlb ")
+
+
+def test_readme_config_example_is_valid_and_its_error_sample_is_real():
+    import pathlib
+    import re
+    readme = (pathlib.Path(__file__).parents[2] / "README.md").read_text()
+    block = re.search(r"```toml\n(.*?)```", readme, re.S).group(1)
+    cfg = config.loads(block, resolve=False)
+    assert [s.name for s in cfg.services] == ["web", "sticky"]
+    bad = block.replace('{ address = "app1.internal:9000" }',
+                        '{ address = "app1.internal:9000", weight = 0 }')
+    with pytest.raises(ConfigError) as info:
+        config.loads(bad, source="fastlb.toml", resolve=False)
+    assert f"fastlb: {info.value}" in readme

@@ -259,12 +259,18 @@ def test_sigterm_lets_inflight_finish_and_refuses_new(procs):
     assert lb.wait(5) == 0
 
 
-def test_sigterm_grace_expires_and_closes(procs):
+def open_echo_session(procs, grace):
+    """fastlb with the given grace in front of an echo backend, and one live connection."""
     _, be = start_backend(procs, "echo")
-    lb, (port,) = start_fastlb(procs, "[global]\ngrace = \"500ms\"\n" + service("web", [(be, 1)]))
+    lb, (port,) = start_fastlb(procs, f'[global]\ngrace = "{grace}"\n' + service("web", [(be, 1)]))
     s = connect(port)
     s.sendall(b"x")
     assert s.recv(1) == b"x"
+    return lb, s
+
+
+def test_sigterm_grace_expires_and_closes(procs):
+    lb, s = open_echo_session(procs, "500ms")
     t0 = time.monotonic()
     lb.signal(signal.SIGTERM)
     assert lb.wait(5) == 0
@@ -275,11 +281,7 @@ def test_sigterm_grace_expires_and_closes(procs):
 
 
 def test_sigint_stops_at_once(procs):
-    _, be = start_backend(procs, "echo")
-    lb, (port,) = start_fastlb(procs, "[global]\ngrace = \"30s\"\n" + service("web", [(be, 1)]))
-    s = connect(port)
-    s.sendall(b"x")
-    assert s.recv(1) == b"x"
+    lb, s = open_echo_session(procs, "30s")
     t0 = time.monotonic()
     lb.signal(signal.SIGINT)
     assert lb.wait(5) == 0

@@ -10,7 +10,7 @@ import logging
 import sys
 
 from fastlb import __version__
-from fastlb.errors import ConfigError
+from fastlb.errors import ConfigError, FastLBError
 
 
 def _setup_logging(level: str) -> None:
@@ -25,11 +25,18 @@ def main(argv: list[str] | None = None) -> int:
     r = sub.add_parser("run", help="run the balancer")
     r.add_argument("-c", "--config", required=True, help="TOML config file")
     r.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    r.add_argument("--ignore-state", action="store_true",
+                   help="start from the config alone, ignoring (and then overwriting) the state file")
     c = sub.add_parser("check", help="validate a config file and print a summary")
     c.add_argument("-c", "--config", required=True)
     d = sub.add_parser("demo", help="local backends + the balancer + a little load")
     d.add_argument("--connections", type=int, default=300, help="connections per policy")
+    from fastlb import ctl
+    ctl.add_parser(sub)
     args = p.parse_args(argv)
+
+    if args.verb == "ctl":
+        return ctl.main(args)
 
     if args.verb == "demo":
         from fastlb import demo
@@ -47,7 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.log_level)
     from fastlb import proxy
     try:
-        return proxy.run(cfg)
+        return proxy.run(cfg, config_path=args.config, ignore_state=args.ignore_state)
+    except FastLBError as exc:
+        logging.getLogger("fastlb").error("cannot start: %s", exc)
+        return 2
     except OSError as exc:
         logging.getLogger("fastlb").error("cannot start: %s", exc)
         return 1

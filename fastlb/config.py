@@ -17,6 +17,7 @@ from typing import Any
 from fastlb.errors import ConfigError
 
 POLICIES = ("round_robin", "random", "least_conn", "maglev")
+STATES = ("ready", "drain", "maint")
 HASH_KEYS = ("source_ip", "source_ip_port")
 MAX_RETRIES = 31          # the core's tried list holds 32 slots (MAX_TRIED)
 MAX_WEIGHT = 1_000_000    # the core's MAX_WEIGHT
@@ -50,6 +51,7 @@ class Address:
 class Backend:
     address: Address
     weight: int = 1
+    state: str = "ready"      # ready | drain (no new connections) | maint (none, maybe closed)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +70,9 @@ class Service:
 class GlobalConfig:
     workers: int = DEFAULTS["workers"]
     grace: float = DEFAULTS["grace"]
+    admin: str | None = None               # "unix:/path/admin.sock" or "tcp:127.0.0.1:9000"
+    admin_token_file: str | None = None    # required with a tcp admin
+    state_file: str | None = None          # where acknowledged admin changes are kept
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,12 +236,28 @@ def loads(text: str, source: str = "config", *, resolve: bool = True) -> Config:
 def from_dict(doc: dict, *, source: str = "config", text: str = "", resolve: bool = True) -> Config:
     c = _Checker(text, source)
     c.table(doc, "", {"global", "service"})
-    g = c.table(doc.get("global", {}), "global", {"workers", "grace"})
+    g = c.table(doc.get("global", {}), "global",
+                {"workers", "grace", "admin", "admin_token_file", "state_file"})
     workers = g.get("workers", DEFAULTS["workers"])
     if workers != 1:
         raise c.fail("global.workers", f"{workers!r}: only 1 worker is supported in this version")
+    admin = g.get("admin")
+    if admin is not None:
+        if not isinstance(admin, str) or not re.match(r"^(unix:.+|tcp:.+:\d+)$", admin):
+            raise c.fail("global.admin", f"{admin!r}: expected \"unix:/path/admin.sock\" or "
+                                         f"\"tcp:127.0.0.1:9000\"")
+        if admin.startswith("tcp:"):
+            c.address(admin[4:], "global.admin", resolve=True)
+            if "admin_token_file" not in g:
+                raise c.fail("global.admin", "a tcp admin socket needs admin_token_file "
+                                             "(a file holding the token clients must send)")
+    for key in ("admin_token_file", "state_file"):
+        if key in g and (not isinstance(g[key], str) or not g[key]):
+            raise c.fail(f"global.{key}", f"expected a file path, got {_kind(g[key])}")
     glob = GlobalConfig(workers=1, grace=c.duration(g.get("grace", DEFAULTS["grace"]),
-                                                    "global.grace", lo=0.0))
+                                                    "global.grace", lo=0.0),
+                        admin=admin, admin_token_file=g.get("admin_token_file"),
+                        state_file=g.get("state_file"))
     services_raw = doc.get("service", [])
     if not isinstance(services_raw, list):
         raise c.fail("service", "expected an array of tables ([[service]])")
@@ -288,7 +309,7 @@ def service_from_dict(raw: Any, path: str, c: _Checker | None = None, *,
     backends, seen = [], set()
     for j, b in enumerate(backends_raw):
         bp = f"{path}.backends[{j}]"
-        c.table(b, bp, {"address", "weight"}, {"address"})
+        c.table(b, bp, {"address", "weight", "state"}, {"address"})
         addr = c.address(b["address"], f"{bp}.address", resolve=resolve)
         if addr.port == 0:
             raise c.fail(f"{bp}.address", "a backend needs a port from 1 to 65535")
@@ -296,9 +317,22 @@ def service_from_dict(raw: Any, path: str, c: _Checker | None = None, *,
             raise c.fail(f"{bp}.address", f"duplicate backend {addr.text}")
         seen.add(addr.text)
         backends.append(Backend(addr, c.integer(b.get("weight", DEFAULTS["weight"]),
-                                                f"{bp}.weight", 1, MAX_WEIGHT)))
+                                                f"{bp}.weight", 1, MAX_WEIGHT),
+                                c.choice(b.get("state", "ready"), f"{bp}.state", STATES)))
     return Service(name=name, listen=listen, backends=tuple(backends), policy=policy,
                    hash_key=hash_key, retries=retries, connect_timeout=connect, idle_timeout=idle)
+
+
+def service_to_dict(svc: Service) -> dict:
+    """The ``[[service]]`` table of a Service (service_from_dict's inverse), msgpack-ready."""
+    d = {"name": svc.name, "listen": [a.text for a in svc.listen], "policy": svc.policy,
+         "retries": svc.retries,
+         "timeouts": {"connect": svc.connect_timeout, "idle": svc.idle_timeout},
+         "backends": [{"address": b.address.text, "weight": b.weight, "state": b.state}
+                      for b in svc.backends]}
+    if svc.policy == "maglev":
+        d["hash_key"] = svc.hash_key
+    return d
 
 
 def summary(cfg: Config) -> str:
@@ -310,5 +344,6 @@ def summary(cfg: Config) -> str:
                    f"policy {s.policy}" + (f" ({s.hash_key})" if s.policy == "maglev" else "")
                    + f"; retries {s.retries}; connect {s.connect_timeout:g}s; idle {s.idle_timeout:g}s")
         for b in s.backends:
-            out.append(f"    backend {b.address.text} weight {b.weight}")
+            out.append(f"    backend {b.address.text} weight {b.weight}"
+                       + (f" ({b.state})" if b.state != "ready" else ""))
     return "\n".join(out)

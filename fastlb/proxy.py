@@ -1,10 +1,15 @@
-"""The balancer process: listeners, per-service data-path state, idle sweeps, signals.
+"""The balancer process: registry, listeners, data-path state, admin socket, sweeps, signals.
 
-Owner: the running balancer (one process, ``workers = 1``). It turns a Config into listening
-sockets and ServiceStates (fastlb._core), gives each backend a stable slot in the shared health
-bitmap and counters, and stops cleanly: SIGTERM stops accepting, lets open connections finish
-for ``grace`` seconds, then closes them; SIGINT closes everything at once.
+Owner: the running balancer (one process, ``workers = 1``). It turns the registry's snapshots
+into listening sockets and ServiceStates (fastlb._core), gives each backend a stable slot in the
+shared health bitmap and counters, serves the admin socket, persists acknowledged changes and
+stops cleanly: SIGTERM stops accepting, lets open connections finish for ``grace`` seconds, then
+closes them; SIGINT closes everything at once; SIGHUP reloads the config.
 The per-connection work is all in the core's Engine; nothing here runs per connection or byte.
+
+A registry change follows STYLE.md point 9: validate (Registry.plan), persist (statefile.save,
+fsynced, in a thread so the data path keeps running), swap (Registry.commit), apply (to the
+data path: for the next connection; no open connection is touched unless asked), reply.
 """
 from __future__ import annotations
 
@@ -16,9 +21,15 @@ import resource
 import signal
 import socket
 import time
+from typing import Any, Mapping
 
-from fastlb import _core
+from fastlb import __version__, _core, config, statefile
+from fastlb.admin import protocol
+from fastlb.admin.protocol import AdminProtocolError, Request
+from fastlb.admin.server import AdminServer
 from fastlb.config import Address, Config, Service
+from fastlb.errors import ConfigError, FastLBError
+from fastlb.registry import Registry, RegistryError, reconcile
 
 log = logging.getLogger("fastlb")
 
@@ -55,7 +66,11 @@ def listen_socket(addr: Address, reuse_port: bool = False) -> socket.socket:
 
 
 class SharedState:
-    """The shared-memory mapping: health bitmap + counters, and the slot table of backends."""
+    """The shared-memory mapping: health bitmap + counters, and the slot table of backends.
+
+    A slot belongs to one (service, backend address). A released slot is reused only once no
+    connection uses it any more (its active count is back to zero): see reap().
+    """
 
     def __init__(self, max_backends: int, nblocks: int = 1) -> None:
         self.max_backends = max_backends
@@ -65,66 +80,115 @@ class SharedState:
         view = memoryview(self.mapping)
         self.health = _core.HealthBitmap(view[:hsize], max_backends)
         self.counters = _core.Counters(view[hsize:], max_backends, nblocks)
-        self.slots: dict[tuple[str, str], int] = {}   # (service, backend id) -> slot
+        self.slots: dict[tuple[str, str], int] = {}   # (service, backend address) -> slot
         self._free = list(range(max_backends - 1, -1, -1))
+        self._released: list[int] = []
 
     def slot_for(self, service: str, backend_id: str) -> int:
         key = (service, backend_id)
         if key not in self.slots:
+            self.reap()
             if not self._free:
-                raise RuntimeError(f"more than {self.max_backends} backends")
-            self.slots[key] = self._free.pop()
+                raise RegistryError("full", f"all {self.max_backends} backend slots are in use")
+            slot = self._free.pop()
+            # A reused slot starts from zero, not from its previous backend's totals.
+            for field in range(5):
+                self.counters.add(0, slot, field, -self.counters.get_block(0, slot, field))
+            self.slots[key] = slot
         return self.slots[key]
+
+    def release(self, service: str, backend_id: str) -> None:
+        slot = self.slots.pop((service, backend_id), None)
+        if slot is not None:
+            self.health.mark_down(slot)
+            self._released.append(slot)
+
+    def reap(self) -> None:
+        """Free released slots whose connections have all ended."""
+        busy = []
+        for slot in self._released:
+            (busy if self.counters.active(slot) else self._free).append(slot)
+        self._released = busy
 
 
 class ServiceRuntime:
-    """One configured service: its ServiceState (read by the data path) and its listeners."""
+    """One service on the data path: its ServiceState and its listeners."""
 
     def __init__(self, svc: Service, shared: SharedState, engine: _core.Engine) -> None:
-        self.config = svc
         self.shared = shared
         self.engine = engine
         self.state = _core.ServiceState(svc.name)
-        self.state.retries = svc.retries
-        self.state.connect_timeout = svc.connect_timeout
-        self.state.idle_timeout = svc.idle_timeout
-        self.state.hash_mode = HASH_MODES[svc.hash_key] if svc.policy == "maglev" else 0
         self.state.on_connect_error = self._on_connect_error
         self.state.on_no_backend = self._on_no_backend
-        self.listeners: list = []
+        self.listeners: dict[tuple[str, int], Any] = {}
         self._last_log: dict[object, tuple[float, int]] = {}
-        self.apply_backends()
+        self.config: Service | None = None
+        self.configure(svc)
 
-    def apply_backends(self) -> None:
-        svc = self.config
+    def configure(self, svc: Service) -> None:
+        """Take a (new version of the) service: settings, backends, listeners."""
+        old = self.config
+        self.config = svc
+        st = self.state
+        st.retries = svc.retries
+        st.connect_timeout = svc.connect_timeout
+        st.idle_timeout = svc.idle_timeout
+        st.hash_mode = HASH_MODES[svc.hash_key] if svc.policy == "maglev" else 0
+        if old is not None:
+            for b in old.backends:
+                if b.address.text not in {x.address.text for x in svc.backends}:
+                    self.shared.release(svc.name, b.address.text)
+        self.slot_names: dict[int, str] = {}
         slots, weights, ids, addrs = [], [], [], {}
         for b in svc.backends:
             slot = self.shared.slot_for(svc.name, b.address.text)
             self.shared.health.mark_up(slot)   # up until health checks say otherwise
-            slots.append(slot)
-            weights.append(b.weight)
-            ids.append(b.address.text)
-            addrs[slot] = (b.address.host, b.address.port)
-        self.slot_names = {s: i for s, i in zip(slots, ids)}
+            self.slot_names[slot] = b.address.text
+            if b.state == "ready":             # drain and maint take no new connection
+                slots.append(slot)
+                weights.append(b.weight)
+                ids.append(b.address.text)
+                addrs[slot] = (b.address.host, b.address.port)
         policy = None
         if slots:
             policy = _core.make_policy(svc.policy, slots, weights, self.shared.health,
                                        counters=self.shared.counters, ids=ids,
                                        seed=int.from_bytes(os.urandom(8), "little"))
-        self.state.set_backends(policy, addrs)
+        st.set_backends(policy, addrs)
+        if old is not None:
+            self.listen()
 
-    def start(self) -> None:
-        for addr in self.config.listen:
-            sock = listen_socket(addr)
-            bound = sock.getsockname()
-            self.listeners.append(self.engine.listen(sock, self.state))
-            log.info("service %s: listening on %s (%s, %d backends)", self.config.name,
-                     _fmt(bound), self.config.policy, len(self.config.backends))
+    def slot(self, address: str) -> int | None:
+        assert self.config is not None
+        return self.shared.slots.get((self.config.name, address))
+
+    def listen(self) -> None:
+        """Listen on every configured address not yet listened on; stop the others.
+        A listener whose address did not change is never closed."""
+        assert self.config is not None
+        want = {(a.host, a.port): a for a in self.config.listen}
+        for key in list(self.listeners):
+            if key not in want:
+                self.engine.unlisten(self.listeners.pop(key))
+        for key, addr in want.items():
+            if key not in self.listeners:
+                sock = listen_socket(addr)
+                bound = sock.getsockname()
+                self.listeners[key] = self.engine.listen(sock, self.state)
+                log.info("service %s: listening on %s (%s, %d backends)", self.config.name,
+                         _fmt(bound), self.config.policy, len(self.config.backends))
 
     def stop_accepting(self) -> None:
-        for lst in self.listeners:
+        for lst in self.listeners.values():
             self.engine.unlisten(lst)
         self.listeners.clear()
+
+    def remove(self) -> None:
+        """The service is gone: stop accepting; its open connections finish on their own."""
+        self.stop_accepting()
+        assert self.config is not None
+        for b in self.config.backends:
+            self.shared.release(self.config.name, b.address.text)
 
     def _rate_limited(self, key: object) -> int | None:
         """None to stay quiet, else the number of events since the last line."""
@@ -140,7 +204,7 @@ class ServiceRuntime:
         n = self._rate_limited(slot)
         if n is not None:
             reason = "connect timeout" if isinstance(exc, TimeoutError) else str(exc) or type(exc).__name__
-            log.warning("service %s: backend %s: %s%s", self.config.name,
+            log.warning("service %s: backend %s: %s%s", self.state.name,
                         self.slot_names.get(slot, slot), reason,
                         f" ({n} failures in the last {ERROR_LOG_INTERVAL:g}s)" if n > 1 else "")
 
@@ -148,7 +212,7 @@ class ServiceRuntime:
         n = self._rate_limited("none")
         if n is not None:
             log.error("service %s: no backend could take a client, connection closed%s",
-                      self.config.name, f" ({n} times in the last {ERROR_LOG_INTERVAL:g}s)" if n > 1 else "")
+                      self.state.name, f" ({n} times in the last {ERROR_LOG_INTERVAL:g}s)" if n > 1 else "")
 
 
 def _fmt(sockaddr: tuple) -> str:
@@ -156,24 +220,59 @@ def _fmt(sockaddr: tuple) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def initial_registry(cfg: Config, ignore_state: bool = False) -> dict[str, Service]:
+    """The registry to start with: the config, overlaid by the state file (see README)."""
+    services = {s.name: s for s in cfg.services}
+    path = cfg.global_.state_file
+    if path is None or ignore_state:
+        return services
+    loaded = statefile.load(path)          # raises StateFileError: refuse to start
+    if loaded is None:
+        return services
+    registry, recorded_config = loaded
+    return reconcile(registry, recorded_config, services)
+
+
 class Balancer:
     """Runs a Config until a signal. ``run()`` returns the process exit code."""
 
-    def __init__(self, cfg: Config, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, cfg: Config, loop: asyncio.AbstractEventLoop, *, config_path: str | None = None,
+                 ignore_state: bool = False) -> None:
         self.cfg = cfg
+        self.config_path = config_path
         self.loop = loop
-        total = sum(len(s.backends) for s in cfg.services)
-        self.shared = SharedState(max(cfg.max_backends, total))
+        self.cfg_services = {s.name: s for s in cfg.services}
+        self.registry = Registry(initial_registry(cfg, ignore_state))
+        total = sum(len(s.backends) for s in self.registry.snapshot.values())
+        self.shared = SharedState(max(cfg.max_backends, 2 * total))
         self.engine = _core.Engine(loop, self.shared.counters, 0)
         self.engine.on_accept_error = self._on_accept_error
-        self.services = [ServiceRuntime(s, self.shared, self.engine) for s in cfg.services]
+        self.services: dict[str, ServiceRuntime] = {}
+        self.admin_server: AdminServer | None = None
+        self._mutation = asyncio.Lock()
+        self._timers: dict[tuple[str, str], asyncio.TimerHandle] = {}
         self._stop = asyncio.Event()
         self._mode = "term"
         self._last_accept_error = 0.0
 
+    # -- applying the registry to the data path --------------------------------------------------
+    def apply(self, snapshot: Mapping[str, Service]) -> None:
+        for name in list(self.services):
+            if name not in snapshot:
+                self.services.pop(name).remove()
+                log.info("service %s removed", name)
+        for name, svc in snapshot.items():
+            rt = self.services.get(name)
+            if rt is None:
+                rt = self.services[name] = ServiceRuntime(svc, self.shared, self.engine)
+                rt.listen()
+            elif rt.config != svc:
+                rt.configure(svc)
+
     def start(self) -> None:
-        for rt in self.services:
-            rt.start()
+        self.apply(self.registry.snapshot)
+        if self.cfg.global_.state_file:
+            statefile.save(self.cfg.global_.state_file, self.registry.snapshot, self.cfg_services)
         self._sweeper = self.loop.create_task(self._sweep_loop())
 
     async def _sweep_loop(self) -> None:
@@ -182,15 +281,17 @@ class Balancer:
         # (every session) every tenth of the shortest idle timeout; each between 10 ms and 1 s.
         def tenth(x: float) -> float:
             return max(0.01, min(1.0, x / 10))
-        period = tenth(min(s.config.connect_timeout for s in self.services))
-        idle_period = max(period, tenth(min(s.config.idle_timeout for s in self.services)))
-        next_idle = self.loop.time() + idle_period
+        next_idle = 0.0
         while True:
+            svcs = [rt.config for rt in self.services.values()] or [config.Service("", (), ())]
+            period = tenth(min(s.connect_timeout for s in svcs))
+            idle_period = max(period, tenth(min(s.idle_timeout for s in svcs)))
             await asyncio.sleep(period)
             now = self.loop.time()
             check_idle = now >= next_idle
             if check_idle:
                 next_idle = now + idle_period
+                self.shared.reap()
             self.engine.sweep(check_idle)
 
     def _on_accept_error(self, exc: OSError) -> None:
@@ -199,9 +300,129 @@ class Balancer:
             self._last_accept_error = now
             log.error("accept failed: %s (connections wait in the backlog)", exc)
 
+    # -- changes --------------------------------------------------------------------------------
+    async def _change(self, nxt: dict[str, Service], cfg_services: Mapping[str, Service] | None = None) -> None:
+        """Persist, swap, apply. Caller holds self._mutation."""
+        path = self.cfg.global_.state_file
+        if path:
+            try:
+                await asyncio.to_thread(statefile.save, path, nxt,
+                                        cfg_services if cfg_services is not None else self.cfg_services)
+            except OSError as exc:
+                raise RegistryError("persist_failed", f"could not write the state file {path}: "
+                                    f"{exc.strerror}; nothing changed") from None
+        self.registry.commit(nxt)
+        if cfg_services is not None:
+            self.cfg_services = dict(cfg_services)
+        self.apply(nxt)
+
+    async def mutate(self, op: str, args: dict[str, Any]) -> dict:
+        async with self._mutation:
+            # plan() may resolve a host name: in a thread, so the data path keeps running
+            nxt, ev = await asyncio.to_thread(self.registry.plan, op, args)
+            await self._change(nxt)
+            ev["generation"] = self.registry.generation
+            self._after(op, args)
+            self.publish(ev)
+            return ev
+
+    def _after(self, op: str, args: dict[str, Any]) -> None:
+        """Effects on open connections: maint with close, drain with a timeout."""
+        if op != "set_state":
+            return
+        key = (args["service"], args["address"])
+        timer = self._timers.pop(key, None)
+        if timer is not None:
+            timer.cancel()
+        if args["state"] == "maint" and args.get("close"):
+            self._close_backend(*key)
+        elif args["state"] == "drain" and "timeout" in args:
+            self._timers[key] = self.loop.call_later(args["timeout"], self._drain_expired, *key)
+
+    def _drain_expired(self, service: str, address: str) -> None:
+        self._timers.pop((service, address), None)
+        svc = self.registry.snapshot.get(service)
+        if svc and any(b.address.text == address and b.state == "drain" for b in svc.backends):
+            n = self._close_backend(service, address)
+            log.info("service %s: backend %s: drain timeout, closed %d connection(s)", service, address, n)
+
+    def _close_backend(self, service: str, address: str) -> int:
+        rt = self.services.get(service)
+        slot = rt.slot(address) if rt else None
+        if rt is None or slot is None:
+            return 0
+        return _core.abort_where(self.engine, rt.state, slot)
+
+    async def reload(self) -> dict:
+        """Re-read the config file and apply what changed in it (see registry.reconcile)."""
+        if not self.config_path:
+            raise RegistryError("no_config", "fastlb was started without a config file")
+        async with self._mutation:
+            try:
+                new_cfg = await asyncio.to_thread(config.load, self.config_path)
+            except ConfigError as exc:
+                raise RegistryError("invalid", f"reload refused, nothing changed: {exc}") from None
+            new_services = {s.name: s for s in new_cfg.services}
+            nxt = reconcile(self.registry.snapshot, self.cfg_services, new_services)
+            if new_cfg.global_ != self.cfg.global_:
+                log.warning("reload: [global] changes take effect at the next start")
+            await self._change(nxt, new_services)
+            ev = {"op": "reload", "generation": self.registry.generation,
+                  "services": sorted(nxt)}
+            self.publish(ev)
+            log.info("reloaded %s: %d service(s)", self.config_path, len(nxt))
+            return ev
+
+    def publish(self, ev: dict) -> None:
+        if self.admin_server is not None:
+            self.admin_server.publish(ev)
+
+    # -- the admin handler ----------------------------------------------------------------------
+    async def admin(self, req: Request) -> Any:
+        op, args = req.op, req.args
+        if op in protocol.MUTATIONS:
+            return await self.mutate(op, args)
+        if op == "ping":
+            return "pong"
+        if op == "version":
+            return {"version": __version__, "protocol": protocol.PROTOCOL_VERSION}
+        if op == "services":
+            return [{"name": s.name, "listen": [a.text for a in s.listen], "policy": s.policy,
+                     "backends": len(s.backends)} for s in self.registry.snapshot.values()]
+        if op == "backends":
+            svc = self.registry.service(args["service"])
+            return [self._backend_info(svc, b) for b in svc.backends]
+        if op == "stats":
+            return [{"service": s.name, "backends": [self._backend_info(s, b, stats=True)
+                                                     for b in s.backends]}
+                    for s in self.registry.snapshot.values()]
+        if op == "reload":
+            return await self.reload()
+        raise AdminProtocolError("unknown_op", f"op {op!r} is not served here", id=req.id)
+
+    def _backend_info(self, svc: Service, b: config.Backend, stats: bool = False) -> dict:
+        slot = self.shared.slots.get((svc.name, b.address.text))
+        info = {"address": b.address.text, "weight": b.weight, "state": b.state,
+                "health": "up" if slot is not None and self.shared.health.is_up(slot) else "down"}
+        if stats:
+            info.update(self.shared.counters.slot_stats(slot) if slot is not None else
+                        dict.fromkeys(_core.Counters.FIELDS, 0))
+        return info
+
+    # -- running -----------------------------------------------------------------------------------
     def request_stop(self, mode: str) -> None:
+        if self._stop.is_set():
+            mode = "int"                  # a second signal: stop at once
         self._mode = mode
         self._stop.set()
+
+    def _on_hup(self) -> None:
+        async def run() -> None:
+            try:
+                await self.reload()
+            except FastLBError as exc:
+                log.error("SIGHUP: %s", exc)
+        self.loop.create_task(run())
 
     def open_connections(self) -> int:
         return len(self.engine.sessions)
@@ -209,10 +430,23 @@ class Balancer:
     async def run(self) -> int:
         self.loop.add_signal_handler(signal.SIGTERM, self.request_stop, "term")
         self.loop.add_signal_handler(signal.SIGINT, self.request_stop, "int")
+        self.loop.add_signal_handler(signal.SIGHUP, self._on_hup)
         self.start()
+        g = self.cfg.global_
+        if g.admin:
+            token = None
+            if g.admin.startswith("tcp:"):
+                with open(g.admin_token_file) as f:
+                    token = f.read().strip()
+                if not token:
+                    raise FastLBError(f"admin token file {g.admin_token_file} is empty")
+            self.admin_server = AdminServer(g.admin, self.admin, token=token)
+            await self.admin_server.start()
         log.info("fastlb ready: %d service(s), pid %d", len(self.services), os.getpid())
         await self._stop.wait()
-        for rt in self.services:
+        if self.admin_server is not None:
+            self.admin_server.close()
+        for rt in self.services.values():
             rt.stop_accepting()
         if self._mode == "term" and self.open_connections():
             grace = self.cfg.global_.grace
@@ -230,15 +464,15 @@ class Balancer:
         return 0
 
 
-def run(cfg: Config) -> int:
+def run(cfg: Config, *, config_path: str | None = None, ignore_state: bool = False) -> int:
     """Run the balancer on uvloop until SIGTERM/SIGINT. Returns the exit code."""
     import uvloop
 
     raise_fd_limit()
 
     async def main() -> int:
-        # A second SIGTERM/SIGINT while draining switches to an immediate stop.
-        balancer = Balancer(cfg, asyncio.get_running_loop())
+        balancer = Balancer(cfg, asyncio.get_running_loop(), config_path=config_path,
+                            ignore_state=ignore_state)
         return await balancer.run()
 
     return uvloop.run(main())

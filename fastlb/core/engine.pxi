@@ -718,3 +718,18 @@ cdef uint64_t _hash_peer(sockaddr_storage *ss, int mode) noexcept:
     if mode == HASH_SOURCE_IP_PORT:
         n += snprintf(text + n, 16, ":%u", port)
     return flb_xxh64(text, n, 0)
+
+
+def _abort_where(Engine eng, ServiceState svc, int slot):
+    """Close the sessions of ``svc`` connected to backend ``slot`` (maint, drain timeout)."""
+    cdef Session s
+    cdef int n = 0
+    for s in list(eng.sessions):
+        if s.svc is svc and s.slot == slot and s.state != S_CLOSED:
+            s._close()
+            n += 1
+    eng.graveyard.clear()
+    return n
+
+
+abort_where = _abort_where

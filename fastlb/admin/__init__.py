@@ -1,0 +1,1 @@
+"""The admin socket: protocol (sans-IO codec), server (glue), client (for ctl and programs)."""

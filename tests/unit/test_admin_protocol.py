@@ -1,0 +1,128 @@
+"""The admin codec, sans-IO: whole, byte by byte, with trailing bytes, and every error."""
+import msgpack
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from fastlb.admin import protocol
+from fastlb.admin.protocol import AdminProtocolError, Decoder, parse_request
+
+REQS = [{"id": 1, "op": "ping"},
+        {"id": 2, "op": "set_weight", "service": "web", "address": "10.0.0.1:80", "weight": 7},
+        {"id": 3, "op": "add_service", "service": {"name": "x", "listen": ["127.0.0.1:1"]}}]
+STREAM = b"".join(msgpack.packb(r) for r in REQS)
+
+
+def test_whole_stream():
+    assert Decoder().feed(STREAM) == REQS
+
+
+def test_byte_by_byte():
+    d = Decoder()
+    out = []
+    for i in range(len(STREAM)):
+        out += d.feed(STREAM[i:i + 1])
+    assert out == REQS
+
+
+def test_trailing_partial_message_waits_for_the_rest():
+    d = Decoder()
+    extra = msgpack.packb({"id": 9, "op": "stats"})
+    assert d.feed(STREAM + extra[:3]) == REQS
+    assert d.feed(extra[3:]) == [{"id": 9, "op": "stats"}]
+
+
+def test_parse_valid_requests():
+    r = parse_request(REQS[1])
+    assert (r.id, r.op, r.args) == (2, "set_weight", {"service": "web", "address": "10.0.0.1:80", "weight": 7})
+    assert parse_request({"id": 5, "op": "ping", "token": "t"}).token == "t"
+
+
+@pytest.mark.parametrize("obj,code,rid,msg", [
+    ([1, 2], "bad_request", None, "must be a map, got an array"),
+    ({"op": "ping"}, "bad_request", None, "\"id\" must be an integer, got nil"),
+    ({"id": "1", "op": "ping"}, "bad_request", None, "\"id\" must be an integer, got a string"),
+    ({"id": True, "op": "ping"}, "bad_request", None, "\"id\" must be an integer"),
+    ({"id": 1}, "bad_request", 1, "\"op\" must be a string, got nil"),
+    ({"id": 1, "op": "fly"}, "unknown_op", 1, "unknown op 'fly'"),
+    ({"id": 1, "op": "ping", "x": 1}, "bad_request", 1, "ping: unknown field 'x'"),
+    ({"id": 1, "op": "backends"}, "bad_request", 1, "backends: missing field \"service\""),
+    ({"id": 1, "op": "backends", "service": 3}, "bad_request", 1, "\"service\" must be a string, got an integer"),
+    ({"id": 1, "op": "set_weight", "service": "a", "address": "b:1", "weight": 0}, "bad_request", 1,
+     "weight 0 out of range"),
+    ({"id": 1, "op": "set_weight", "service": "a", "address": "b:1", "weight": 1.5}, "bad_request", 1,
+     "\"weight\" must be an integer, got a float"),
+    ({"id": 1, "op": "set_weight", "service": "a", "address": "b:1", "weight": True}, "bad_request", 1,
+     "\"weight\" must be an integer, got a boolean"),
+    ({"id": 1, "op": "set_state", "service": "a", "address": "b:1", "state": "gone"}, "bad_request", 1,
+     "state 'gone' is not one of ready, drain, maint"),
+    ({"id": 1, "op": "set_state", "service": "a", "address": "b:1", "state": "drain", "timeout": -1},
+     "bad_request", 1, "timeout must be"),
+    ({"id": 1, "op": "add_service", "service": "x"}, "bad_request", 1, "\"service\" must be a map"),
+    ({"id": 1, "op": "ping", "token": 5}, "bad_request", 1, "\"token\" must be a string"),
+])
+def test_bad_requests(obj, code, rid, msg):
+    with pytest.raises(AdminProtocolError) as info:
+        parse_request(obj)
+    assert (info.value.code, info.value.id, info.value.fatal) == (code, rid, False)
+    assert msg in info.value.message
+
+
+def test_bytes_that_are_not_msgpack_are_fatal():
+    with pytest.raises(AdminProtocolError) as info:
+        Decoder().feed(b"\xc1")                      # a byte msgpack never uses
+    assert info.value.code == "bad_msgpack" and info.value.fatal
+
+
+def test_invalid_utf8_string_is_fatal():
+    with pytest.raises(AdminProtocolError) as info:
+        Decoder().feed(b"\xa2\xff\xfe")
+    assert info.value.fatal
+
+
+def test_message_over_the_cap_is_fatal_even_when_sent_slowly():
+    d = Decoder(max_size=1024)
+    big = msgpack.packb({"id": 1, "op": "ping", "pad": "x" * 2000})
+    with pytest.raises(AdminProtocolError) as info:
+        for i in range(0, len(big), 100):
+            d.feed(big[i:i + 100])
+    assert info.value.code == "too_large" and info.value.fatal
+
+
+def test_replies_encode():
+    assert msgpack.unpackb(protocol.ok(3, {"a": 1})) == {"id": 3, "ok": True, "result": {"a": 1}}
+    assert msgpack.unpackb(protocol.error(None, "bad_request", "m")) == {
+        "id": None, "ok": False, "error": {"code": "bad_request", "message": "m"}}
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300), st.integers(1, 50))
+def test_fuzz_decode_parses_or_raises_the_protocol_error(data, chunk):
+    """The h11 invariant: any bytes decode, or raise AdminProtocolError; never anything else."""
+    d = Decoder(max_size=256)
+    try:
+        for i in range(0, len(data), chunk):
+            for obj in d.feed(data[i:i + chunk]):
+                try:
+                    parse_request(obj)
+                except AdminProtocolError as exc:
+                    assert not exc.fatal
+    except AdminProtocolError as exc:
+        assert exc.fatal
+
+
+values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10),
+                      lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=3),
+                      max_leaves=8)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(["id", "op", "service", "address", "weight", "state",
+                                        "timeout", "close", "token", "x"]),
+                       values | st.sampled_from(list(protocol.OPS)), max_size=6))
+def test_fuzz_random_maps_parse_or_raise_non_fatal(obj):
+    try:
+        req = parse_request(obj)
+    except AdminProtocolError as exc:
+        assert not exc.fatal and exc.code in ("bad_request", "unknown_op")
+    else:
+        assert req.op in protocol.OPS

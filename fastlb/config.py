@@ -7,6 +7,7 @@ wrong and what is expected. Host names are resolved here, once, so the data path
 """
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import re
 import socket
@@ -48,10 +49,38 @@ class Address:
 
 
 @dataclass(frozen=True, slots=True)
+class HealthConfig:
+    """Active checks of a service (a backend may override the check keys), and the service's
+    passive detection, slow start and panic settings."""
+    interval: float = 2.0
+    timeout: float = 1.0
+    rise: int = 2
+    fall: int = 3
+    fastinter: float | None = None      # while a backend is changing state (default: interval)
+    downinter: float | None = None      # while a backend is down (default: interval)
+    jitter: float = 0.1                 # +- this fraction of each interval, so checks spread out
+    kind: str = "tcp"                   # tcp | send_expect
+    send: bytes = b""
+    expect: bytes | None = None         # a substring the reply must contain
+    expect_regex: str | None = None     # or a regex it must match (re.search, bytes)
+    port: int | None = None             # check this port instead of the backend's
+    initial: str = "up"                 # up | down until the first checks say otherwise
+    fall_passive: int = 0               # consecutive data-path failures that mark down (0: off)
+    slowstart: float = 0.0              # seconds to ramp a backend back to full weight (0: off)
+    panic_threshold: float = 0.0        # % of backends up below which all are used (0: off)
+
+
+HEALTH_CHECK_KEYS = {"interval", "timeout", "rise", "fall", "fastinter", "downinter", "jitter",
+                     "kind", "send", "expect", "expect_regex", "port"}
+HEALTH_SERVICE_KEYS = HEALTH_CHECK_KEYS | {"initial", "fall_passive", "slowstart", "panic_threshold"}
+
+
+@dataclass(frozen=True, slots=True)
 class Backend:
     address: Address
     weight: int = 1
     state: str = "ready"      # ready | drain (no new connections) | maint (none, maybe closed)
+    health: HealthConfig | None = None   # the effective check config (service's + overrides)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +93,7 @@ class Service:
     retries: int = DEFAULTS["retries"]
     connect_timeout: float = DEFAULTS["connect"]
     idle_timeout: float = DEFAULTS["idle"]
+    health: HealthConfig | None = None   # None: no active checks, backends stay up
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,7 +308,52 @@ def from_dict(doc: dict, *, source: str = "config", text: str = "", resolve: boo
     return Config(global_=glob, services=tuple(services), source=source)
 
 
-SERVICE_KEYS = {"name", "listen", "policy", "hash_key", "retries", "timeouts", "backends"}
+SERVICE_KEYS = {"name", "listen", "policy", "hash_key", "retries", "timeouts", "backends", "health"}
+
+
+def _health(c: _Checker, raw: Any, path: str, keys: set[str], base: HealthConfig) -> HealthConfig:
+    c.table(raw, path, keys)
+    kw: dict[str, Any] = {}
+    for k in ("interval", "timeout", "fastinter", "downinter", "slowstart"):
+        if k in raw:
+            kw[k] = c.duration(raw[k], f"{path}.{k}", lo=0.0 if k == "slowstart" else 0.001)
+    for k, lo, hi in (("rise", 1, 1000), ("fall", 1, 1000), ("fall_passive", 0, 1000)):
+        if k in raw:
+            kw[k] = c.integer(raw[k], f"{path}.{k}", lo, hi)
+    if "port" in raw:
+        kw["port"] = c.integer(raw["port"], f"{path}.port", 1, 65535)
+    for k, hi in (("jitter", 0.5), ("panic_threshold", 100.0)):
+        if k in raw:
+            v = raw[k]
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v <= hi:
+                raise c.fail(f"{path}.{k}", f"expected a number from 0 to {hi:g}, got {_kind(v)}")
+            kw[k] = float(v)
+    if "kind" in raw:
+        kw["kind"] = c.choice(raw["kind"], f"{path}.kind", ("tcp", "send_expect"))
+    if "initial" in raw:
+        kw["initial"] = c.choice(raw["initial"], f"{path}.initial", ("up", "down"))
+    for k in ("send", "expect"):
+        if k in raw:
+            if not isinstance(raw[k], str):
+                raise c.fail(f"{path}.{k}", f"expected a string, got {_kind(raw[k])}")
+            kw[k] = raw[k].encode("utf-8")
+    if "expect_regex" in raw:
+        import re as _re
+        try:
+            _re.compile(raw["expect_regex"].encode() if isinstance(raw["expect_regex"], str) else b"")
+        except _re.error as exc:
+            raise c.fail(f"{path}.expect_regex", f"not a valid regex: {exc}") from None
+        if not isinstance(raw["expect_regex"], str):
+            raise c.fail(f"{path}.expect_regex", f"expected a string, got {_kind(raw['expect_regex'])}")
+        kw["expect_regex"] = raw["expect_regex"]
+    h = dataclasses.replace(base, **kw)
+    if h.kind == "send_expect" and h.expect is None and h.expect_regex is None:
+        raise c.fail(f"{path}.kind", "send_expect needs expect or expect_regex")
+    if h.expect is not None and h.expect_regex is not None:
+        raise c.fail(f"{path}.expect_regex", "give expect or expect_regex, not both")
+    if h.timeout > h.interval and "timeout" in raw:
+        raise c.fail(f"{path}.timeout", f"{h.timeout:g}s is longer than the interval {h.interval:g}s")
+    return h
 
 
 def service_from_dict(raw: Any, path: str, c: _Checker | None = None, *,
@@ -303,35 +378,66 @@ def service_from_dict(raw: Any, path: str, c: _Checker | None = None, *,
     t = c.table(raw.get("timeouts", {}), f"{path}.timeouts", {"connect", "idle"})
     connect = c.duration(t.get("connect", DEFAULTS["connect"]), f"{path}.timeouts.connect")
     idle = c.duration(t.get("idle", DEFAULTS["idle"]), f"{path}.timeouts.idle")
+    health = None
+    if "health" in raw:
+        health = _health(c, raw["health"], f"{path}.health", HEALTH_SERVICE_KEYS, HealthConfig())
     backends_raw = raw.get("backends", [])
     if not isinstance(backends_raw, list):
         raise c.fail(f"{path}.backends", "expected an array of { address = \"host:port\", weight = N }")
     backends, seen = [], set()
     for j, b in enumerate(backends_raw):
         bp = f"{path}.backends[{j}]"
-        c.table(b, bp, {"address", "weight", "state"}, {"address"})
+        c.table(b, bp, {"address", "weight", "state", "health"}, {"address"})
         addr = c.address(b["address"], f"{bp}.address", resolve=resolve)
         if addr.port == 0:
             raise c.fail(f"{bp}.address", "a backend needs a port from 1 to 65535")
         if addr.text in seen:
             raise c.fail(f"{bp}.address", f"duplicate backend {addr.text}")
         seen.add(addr.text)
+        bhealth = health
+        if "health" in b:
+            if health is None:
+                raise c.fail(f"{bp}.health", "a backend can override checks only of a service "
+                                             "with a health table")
+            bhealth = _health(c, b["health"], f"{bp}.health", HEALTH_CHECK_KEYS, health)
         backends.append(Backend(addr, c.integer(b.get("weight", DEFAULTS["weight"]),
                                                 f"{bp}.weight", 1, MAX_WEIGHT),
-                                c.choice(b.get("state", "ready"), f"{bp}.state", STATES)))
+                                c.choice(b.get("state", "ready"), f"{bp}.state", STATES),
+                                bhealth))
     return Service(name=name, listen=listen, backends=tuple(backends), policy=policy,
-                   hash_key=hash_key, retries=retries, connect_timeout=connect, idle_timeout=idle)
+                   hash_key=hash_key, retries=retries, connect_timeout=connect, idle_timeout=idle,
+                   health=health)
+
+
+def _health_to_dict(h: HealthConfig, keys: set[str], base: HealthConfig | None = None) -> dict:
+    """The keys of h that differ from base (all set keys when base is None)."""
+    out = {}
+    for k in sorted(keys):
+        v = getattr(h, k)
+        if base is not None and getattr(base, k) == v:
+            continue
+        if v is None:
+            continue
+        out[k] = v.decode("utf-8") if isinstance(v, bytes) else v
+    return out
 
 
 def service_to_dict(svc: Service) -> dict:
     """The ``[[service]]`` table of a Service (service_from_dict's inverse), msgpack-ready."""
-    d = {"name": svc.name, "listen": [a.text for a in svc.listen], "policy": svc.policy,
-         "retries": svc.retries,
-         "timeouts": {"connect": svc.connect_timeout, "idle": svc.idle_timeout},
-         "backends": [{"address": b.address.text, "weight": b.weight, "state": b.state}
-                      for b in svc.backends]}
+    backends = []
+    for b in svc.backends:
+        bd: dict[str, Any] = {"address": b.address.text, "weight": b.weight, "state": b.state}
+        if b.health is not None and svc.health is not None and b.health != svc.health:
+            bd["health"] = _health_to_dict(b.health, HEALTH_CHECK_KEYS, svc.health)
+        backends.append(bd)
+    d: dict[str, Any] = {"name": svc.name, "listen": [a.text for a in svc.listen],
+                         "policy": svc.policy, "retries": svc.retries,
+                         "timeouts": {"connect": svc.connect_timeout, "idle": svc.idle_timeout},
+                         "backends": backends}
     if svc.policy == "maglev":
         d["hash_key"] = svc.hash_key
+    if svc.health is not None:
+        d["health"] = _health_to_dict(svc.health, HEALTH_SERVICE_KEYS)
     return d
 
 

@@ -2,7 +2,8 @@
 
 Owner: the behaviour of fake backends. Run one as a process:
     python -m fastlb.devservers MODE --port 0 [--name NAME] [--host 127.0.0.1]
-It prints ``READY <port>`` once listening, then serves until killed. Modes:
+It prints ``READY <port>`` once listening, then serves until killed; with --delay S each
+connection waits S seconds before it is served. Modes:
   announce  send "NAME\\n", then echo until the client's EOF, then close
   echo      echo everything; close after the client's EOF
   reply     read until the client's EOF, then send --size bytes (pattern) and close
@@ -85,8 +86,15 @@ def _serve_one(conn: socket.socket, handler, name: str, size: int) -> None:
         conn.close()
 
 
-def serve(mode: str, host: str, port: int, name: str, size: int, ready=None) -> None:
+def serve(mode: str, host: str, port: int, name: str, size: int, ready=None,
+          delay: float = 0.0) -> None:
     handler = MODES[mode]
+    if delay:
+        import time
+
+        def handler(conn, name, size, _inner=handler):   # noqa: F811 - a slow variant
+            time.sleep(delay)
+            _inner(conn, name, size)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     lsock = socket.socket(family, socket.SOCK_STREAM)
     lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -106,13 +114,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--name", default="backend")
     p.add_argument("--size", type=int, default=1 << 20)
+    p.add_argument("--delay", type=float, default=0.0, help="wait this long before serving")
     a = p.parse_args(argv)
 
     def ready(port: int) -> None:
         print(f"READY {port}", flush=True)
 
     try:
-        serve(a.mode, a.host, a.port, a.name, a.size, ready)
+        serve(a.mode, a.host, a.port, a.name, a.size, ready, a.delay)
     except KeyboardInterrupt:
         sys.exit(0)
 

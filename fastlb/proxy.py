@@ -29,6 +29,7 @@ from fastlb.admin.protocol import AdminProtocolError, Request
 from fastlb.admin.server import AdminServer
 from fastlb.config import Address, Config, Service
 from fastlb.errors import ConfigError, FastLBError
+from fastlb.health import HealthChecker
 from fastlb.registry import Registry, RegistryError, reconcile
 
 log = logging.getLogger("fastlb")
@@ -37,6 +38,9 @@ HASH_MODES = {"source_ip": 1, "source_ip_port": 2}
 # Connect errors of one backend are logged at most once per this many seconds, with a count.
 ERROR_LOG_INTERVAL = 10.0
 LISTEN_BACKLOG = 4096
+# Slow start scales weights by this during a ramp, for a fine-grained ramp with integer weights
+# (smooth WRR is scale-invariant: the rotation of steady backends does not change).
+RAMP_SCALE = 100
 
 
 def raise_fd_limit() -> int:
@@ -112,21 +116,29 @@ class SharedState:
 
 
 class ServiceRuntime:
-    """One service on the data path: its ServiceState and its listeners."""
+    """One service on the data path: its ServiceState, its listeners, and its policy, rebuilt
+    when the backend set, a health state (panic mode) or a slow-start ramp changes."""
 
-    def __init__(self, svc: Service, shared: SharedState, engine: _core.Engine) -> None:
+    def __init__(self, svc: Service, shared: SharedState, engine: _core.Engine,
+                 health: HealthChecker) -> None:
         self.shared = shared
         self.engine = engine
+        self.health = health
         self.state = _core.ServiceState(svc.name)
         self.state.on_connect_error = self._on_connect_error
         self.state.on_no_backend = self._on_no_backend
+        self.state.on_passive_down = self._on_passive_down
         self.listeners: dict[tuple[str, int], Any] = {}
         self._last_log: dict[object, tuple[float, int]] = {}
         self.config: Service | None = None
+        self.ramp: dict[str, float] = {}          # address -> when its slow start began
+        self.panic = False
+        self.all_up = _core.HealthBitmap(bytearray(_core.HealthBitmap.size_for(shared.max_backends)),
+                                         shared.max_backends)
         self.configure(svc)
 
     def configure(self, svc: Service) -> None:
-        """Take a (new version of the) service: settings, backends, listeners."""
+        """Take a (new version of the) service: settings, backends, checks, listeners."""
         old = self.config
         self.config = svc
         st = self.state
@@ -134,29 +146,79 @@ class ServiceRuntime:
         st.connect_timeout = svc.connect_timeout
         st.idle_timeout = svc.idle_timeout
         st.hash_mode = HASH_MODES[svc.hash_key] if svc.policy == "maglev" else 0
+        st.fall_passive = svc.health.fall_passive if svc.health else 0
         if old is not None:
+            keep = {x.address.text for x in svc.backends}
             for b in old.backends:
-                if b.address.text not in {x.address.text for x in svc.backends}:
+                if b.address.text not in keep:
+                    self.health.untrack(svc.name, b.address.text)
+                    self.ramp.pop(b.address.text, None)
                     self.shared.release(svc.name, b.address.text)
         self.slot_names: dict[int, str] = {}
-        slots, weights, ids, addrs = [], [], [], {}
+        slowstart = svc.health.slowstart if svc.health else 0.0
+        old_addresses = {b.address.text for b in old.backends} if old else set()
         for b in svc.backends:
             slot = self.shared.slot_for(svc.name, b.address.text)
-            self.shared.health.mark_up(slot)   # up until health checks say otherwise
             self.slot_names[slot] = b.address.text
-            if b.state == "ready":             # drain and maint take no new connection
-                slots.append(slot)
-                weights.append(b.weight)
-                ids.append(b.address.text)
-                addrs[slot] = (b.address.host, b.address.port)
-        policy = None
-        if slots:
-            policy = _core.make_policy(svc.policy, slots, weights, self.shared.health,
-                                       counters=self.shared.counters, ids=ids,
-                                       seed=int.from_bytes(os.urandom(8), "little"))
-        st.set_backends(policy, addrs)
+            if old is not None and b.address.text not in old_addresses:
+                self.engine.reset_passive(slot)
+                if slowstart > 0:
+                    self.ramp[b.address.text] = time.monotonic()   # added: eased in
+            self.health.track(svc.name, b.address.text, slot, b.address.host, b.address.port, b.health)
+        self.rebuild()
         if old is not None:
             self.listen()
+
+    def rebuild(self) -> None:
+        """Build the policy: ready backends, ramp weights, panic mode. For the next connection."""
+        svc = self.config
+        assert svc is not None
+        h = svc.health
+        now = time.monotonic()
+        ready = [b for b in svc.backends if b.state == "ready"]   # drain/maint: no new connection
+        for address, since in list(self.ramp.items()):
+            if h is None or now - since >= h.slowstart:
+                del self.ramp[address]
+        scale = RAMP_SCALE if self.ramp and all(b.weight * RAMP_SCALE <= config.MAX_WEIGHT
+                                                for b in ready) else 1
+        slots, weights, ids, addrs = [], [], [], {}
+        for b in ready:
+            slot = self.shared.slots[(svc.name, b.address.text)]
+            w = b.weight * scale
+            since = self.ramp.get(b.address.text)
+            if since is not None and h is not None:
+                w = max(1, int(w * (now - since) / h.slowstart))
+            slots.append(slot)
+            weights.append(w)
+            ids.append(b.address.text)
+            addrs[slot] = (b.address.host, b.address.port)
+        bitmap = self.shared.health
+        up = sum(1 for s in slots if bitmap.is_up(s))
+        panic = bool(h and h.panic_threshold > 0 and slots and 100 * up / len(slots) < h.panic_threshold)
+        if panic != self.panic:
+            self.panic = panic
+            log.warning("service %s: %s panic mode: %d of %d backends up (threshold %g%%)",
+                        svc.name, "entering" if panic else "leaving", up, len(slots),
+                        h.panic_threshold if h else 0)
+        if panic:
+            for s in slots:
+                self.all_up.mark_up(s)
+            bitmap = self.all_up
+        policy = None
+        if slots:
+            policy = _core.make_policy(svc.policy, slots, weights, bitmap,
+                                       counters=self.shared.counters, ids=ids,
+                                       seed=int.from_bytes(os.urandom(8), "little"))
+        self.state.set_backends(policy, addrs)
+
+    def health_changed(self, address: str, up: bool) -> None:
+        assert self.config is not None
+        slot = self.shared.slots.get((self.config.name, address))
+        if slot is not None:
+            self.engine.reset_passive(slot)
+        if up and self.config.health and self.config.health.slowstart > 0:
+            self.ramp[address] = time.monotonic()
+        self.rebuild()
 
     def slot(self, address: str) -> int | None:
         assert self.config is not None
@@ -188,7 +250,14 @@ class ServiceRuntime:
         self.stop_accepting()
         assert self.config is not None
         for b in self.config.backends:
+            self.health.untrack(self.config.name, b.address.text)
             self.shared.release(self.config.name, b.address.text)
+
+    def _on_passive_down(self, slot: int, failures: int, reason: str) -> None:
+        assert self.config is not None
+        address = self.slot_names.get(slot)
+        if address is not None:
+            self.health.passive_down(self.config.name, address, failures, reason)
 
     def _rate_limited(self, key: object) -> int | None:
         """None to stay quiet, else the number of events since the last line."""
@@ -247,6 +316,7 @@ class Balancer:
         self.shared = SharedState(max(cfg.max_backends, 2 * total))
         self.engine = _core.Engine(loop, self.shared.counters, 0)
         self.engine.on_accept_error = self._on_accept_error
+        self.health = HealthChecker(self.shared.health, self._on_health)
         self.services: dict[str, ServiceRuntime] = {}
         self.admin_server: AdminServer | None = None
         self._mutation = asyncio.Lock()
@@ -264,7 +334,7 @@ class Balancer:
         for name, svc in snapshot.items():
             rt = self.services.get(name)
             if rt is None:
-                rt = self.services[name] = ServiceRuntime(svc, self.shared, self.engine)
+                rt = self.services[name] = ServiceRuntime(svc, self.shared, self.engine, self.health)
                 rt.listen()
             elif rt.config != svc:
                 rt.configure(svc)
@@ -274,6 +344,7 @@ class Balancer:
         if self.cfg.global_.state_file:
             statefile.save(self.cfg.global_.state_file, self.registry.snapshot, self.cfg_services)
         self._sweeper = self.loop.create_task(self._sweep_loop())
+        self._ramper = self.loop.create_task(self._ramp_loop())
 
     async def _sweep_loop(self) -> None:
         # Connect and idle timeouts without a timer per connection: connect deadlines (only the
@@ -293,6 +364,22 @@ class Balancer:
                 next_idle = now + idle_period
                 self.shared.reap()
             self.engine.sweep(check_idle)
+
+    def _on_health(self, service: str, address: str, up: bool, reason: str) -> None:
+        rt = self.services.get(service)
+        if rt is not None:
+            rt.health_changed(address, up)
+        self.publish({"op": "health", "service": service, "address": address,
+                      "health": "up" if up else "down", "reason": reason})
+
+    async def _ramp_loop(self) -> None:
+        # Slow start: rebuild the policies of services with ramping backends in small steps.
+        while True:
+            ramping = [rt for rt in self.services.values() if rt.ramp]
+            steps = [rt.config.health.slowstart / 20 for rt in ramping if rt.config and rt.config.health]
+            await asyncio.sleep(max(0.05, min([1.0] + steps)))
+            for rt in ramping:
+                rt.rebuild()
 
     def _on_accept_error(self, exc: OSError) -> None:
         now = time.monotonic()
@@ -402,11 +489,14 @@ class Balancer:
 
     def _backend_info(self, svc: Service, b: config.Backend, stats: bool = False) -> dict:
         slot = self.shared.slots.get((svc.name, b.address.text))
-        info = {"address": b.address.text, "weight": b.weight, "state": b.state,
-                "health": "up" if slot is not None and self.shared.health.is_up(slot) else "down"}
+        info: dict[str, Any] = {"address": b.address.text, "weight": b.weight, "state": b.state,
+                                "health": "up" if slot is not None and self.shared.health.is_up(slot) else "down"}
+        hs = self.health.state(svc.name, b.address.text)
         if stats:
             info.update(self.shared.counters.slot_stats(slot) if slot is not None else
                         dict.fromkeys(_core.Counters.FIELDS, 0))
+            info["check_failures"] = hs.check_failures if hs else 0
+            info["health_reason"] = hs.reason if hs else "no checks"
         return info
 
     # -- running -----------------------------------------------------------------------------------
@@ -458,8 +548,10 @@ class Balancer:
         left = self.open_connections()
         if left:
             log.info("closing %d connection(s)", left)
+        self.health.stop()
         self.engine.close()
         self._sweeper.cancel()
+        self._ramper.cancel()
         log.info("fastlb stopped")
         return 0
 

@@ -74,9 +74,9 @@ class Proc:
 
 
 def start_backend(procs: list, mode: str, name: str = "backend", size: int = 1 << 20,
-                  host: str = "127.0.0.1") -> tuple[Proc, int]:
+                  host: str = "127.0.0.1", port: int = 0, delay: float = 0.0) -> tuple[Proc, int]:
     p = Proc([PY, "-m", "fastlb.devservers", mode, "--name", name, "--size", str(size),
-              "--host", host], procs)
+              "--host", host, "--port", str(port), "--delay", str(delay)], procs)
     return p, int(p.wait_line(r"READY (\d+)").group(1))
 
 

@@ -175,6 +175,8 @@ cdef class ServiceState:
     cdef public int hash_mode
     cdef public object on_connect_error  # callable(slot, OSError) or None
     cdef public object on_no_backend     # callable() or None
+    cdef public object on_passive_down   # callable(slot, failures, reason) or None
+    cdef public int fall_passive         # consecutive failures that mark a backend down (0: off)
     cdef public str name
     cdef public int active               # open sessions of this service (for grace waits)
 
@@ -229,6 +231,7 @@ cdef class Session:
     cdef bint b_eof                      # the backend sent EOF
     cdef bint c2b_shut                   # we shut down writing to the backend
     cdef bint b2c_shut                   # we shut down writing to the client
+    cdef bint b_seen                     # the backend has sent a byte (a passive success)
     cdef uint32_t cev                    # epoll interest registered for cfd (0: not in the set)
     cdef uint32_t bev
     cdef public int slot
@@ -325,6 +328,9 @@ cdef class Session:
         while True:
             r = recv(src, data, ENGINE_BUFSIZE, 0)
             if r > 0:
+                if src == self.bfd and not self.b_seen:
+                    self.b_seen = True
+                    self.eng.consec[self.slot] = 0
                 self.last = self.eng.now
                 self.eng.counters.add_c(self.eng.block, self.slot, field, r)
                 b.start = 0
@@ -341,6 +347,8 @@ cdef class Session:
             elif errno == EAGAIN:
                 return 0
             else:
+                if src == self.bfd and not self.b_seen:
+                    self.eng._passive_failure(self.svc, self.slot, errno)
                 self._close()
                 return -1
 
@@ -445,6 +453,7 @@ cdef class Session:
             self.bfd = -1
             self.bev = 0
         self.eng.counters.add_c(self.eng.block, slot, CTR_CONNECT_FAILURES, 1)
+        self.eng._passive_failure(svc, slot, err)
         if self.ntried < MAX_TRIED:
             self.tried[self.ntried] = slot
             self.ntried += 1
@@ -538,6 +547,7 @@ cdef class Engine:
     cdef dict listeners                  # fd -> Listener
     cdef char **pool
     cdef int npool
+    cdef int *consec                     # per slot: consecutive passive failures
     cdef epoll_event events[MAX_EVENTS]
     cdef public object on_accept_error   # callable(OSError) or None
 
@@ -556,7 +566,8 @@ cdef class Engine:
         self.graveyard = []
         self.listeners = {}
         self.pool = <char **>malloc(BUFFER_POOL * sizeof(char *))
-        if self.pool == NULL:
+        self.consec = <int *>calloc(counters.nslots, sizeof(int))
+        if self.pool == NULL or self.consec == NULL:
             raise MemoryError()
         self.npool = 0
         self.now = _coarse_now()
@@ -564,6 +575,7 @@ cdef class Engine:
 
     def __dealloc__(self):
         cdef int i
+        free(self.consec)
         if self.pool != NULL:
             for i in range(self.npool):
                 free(self.pool[i])
@@ -578,6 +590,25 @@ cdef class Engine:
             self.unlisten(lst)
         if self.epfd >= 0:
             self.loop.remove_reader(self.epfd)
+
+    cdef void _passive_failure(self, ServiceState svc, int slot, int err) noexcept:
+        """A connect failure, or a reset before the backend's first byte: count it; at the
+        service's fall_passive in a row, tell the health owner (once; the count restarts)."""
+        self.consec[slot] += 1
+        if svc.fall_passive <= 0 or self.consec[slot] < svc.fall_passive:
+            return
+        cdef int n = self.consec[slot]
+        self.consec[slot] = 0
+        if svc.on_passive_down is not None:
+            try:
+                svc.on_passive_down(slot, n, "connect timeouts" if err == 0 else strerror(err).decode().lower())
+            except BaseException:
+                pass
+
+    def reset_passive(self, int slot):
+        """Forget a slot's failure streak (a backend newly up, or a slot reused)."""
+        if 0 <= slot < self.counters.nslots:
+            self.consec[slot] = 0
 
     cdef char *_take_buffer(self) noexcept:
         if self.npool:

@@ -1,0 +1,184 @@
+"""Health: active checks, passive reports, and the up/down state of every backend.
+
+Owner: the health bitmap's bits (this module is their one writer) and each backend's health
+state machine. The data path reads the bits lock-free and never waits for this module.
+
+``HealthState`` is the pure state machine (rise/fall, passive down, which interval applies):
+no I/O, tested alone. ``HealthChecker`` runs one asyncio task per checked backend: it sleeps an
+interval (with jitter), runs a check bounded by ``timeout`` (a TCP connect, or send bytes and
+expect a substring or a regex in the reply), and feeds the result to the state machine. Every
+transition is logged once with its reason and handed to ``on_change`` (which rebuilds the
+service's policy for slow start and panic mode, and publishes the event).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import re
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from fastlb.config import HealthConfig
+
+log = logging.getLogger("fastlb.health")
+# A reply is read up to this many bytes looking for the expected match.
+MAX_REPLY = 65536
+
+
+@dataclass
+class HealthState:
+    """Rise/fall state of one backend (HAProxy's semantics: counters reset on each change)."""
+    cfg: HealthConfig
+    up: bool = True
+    successes: int = 0        # consecutive passing checks while down
+    failures: int = 0         # consecutive failing checks while up
+    reason: str = "initial state"
+    since: float = 0.0
+    check_failures: int = 0   # all failing checks, for stats and metrics
+
+    def on_check(self, ok: bool, detail: str = "") -> str | None:
+        """Feed one check result. Returns the transition's reason, or None."""
+        if ok:
+            self.failures = 0
+            if not self.up:
+                self.successes += 1
+                if self.successes >= self.cfg.rise:
+                    return self._set(True, f"{self.cfg.rise} check{'s' * (self.cfg.rise > 1)} passed")
+            return None
+        self.check_failures += 1
+        self.successes = 0
+        if self.up:
+            self.failures += 1
+            if self.failures >= self.cfg.fall:
+                return self._set(False, f"{self.cfg.fall} check{'s' * (self.cfg.fall > 1)} failed ({detail})")
+        return None
+
+    def on_passive(self, failures: int, reason: str) -> str | None:
+        """The data path saw ``failures`` consecutive failures: down at once."""
+        if not self.up:
+            return None
+        return self._set(False, f"{failures} consecutive failures on client connections ({reason})")
+
+    def _set(self, up: bool, reason: str) -> str:
+        self.up = up
+        self.successes = self.failures = 0
+        self.reason = reason
+        self.since = time.monotonic()
+        return reason
+
+    def next_interval(self) -> float:
+        """fastinter while a change is under way, downinter while down, else interval."""
+        c = self.cfg
+        if (self.up and self.failures) or (not self.up and self.successes):
+            return c.fastinter or c.interval
+        if not self.up:
+            return c.downinter or c.interval
+        return c.interval
+
+
+async def check_once(host: str, port: int, cfg: HealthConfig) -> tuple[bool, str]:
+    """One check, bounded by cfg.timeout. Returns (passed, detail). Holds nothing afterwards."""
+    writer = None
+    try:
+        async with asyncio.timeout(cfg.timeout):
+            reader, writer = await asyncio.open_connection(host, port)
+            if cfg.kind == "tcp":
+                return True, "connected"
+            if cfg.send:
+                writer.write(cfg.send)
+            data = b""
+            rx = re.compile(cfg.expect_regex.encode()) if cfg.expect_regex is not None else None
+            while len(data) < MAX_REPLY:
+                chunk = await reader.read(MAX_REPLY - len(data))
+                if not chunk:
+                    break
+                data += chunk
+                if (rx.search(data) if rx else cfg.expect in data):
+                    return True, "expected reply"
+            return False, f"unexpected reply {data[:40]!r}"
+    except TimeoutError:
+        return False, f"timeout after {cfg.timeout:g}s"
+    except OSError as exc:
+        return False, exc.strerror or type(exc).__name__
+    finally:
+        if writer is not None:
+            writer.close()
+
+
+Change = Callable[[str, str, bool, str], None]   # (service, address, up, reason)
+
+
+class HealthChecker:
+    """One task per checked backend; the single writer of the health bits."""
+
+    def __init__(self, health, on_change: Change) -> None:
+        self.health = health                      # fastlb._core.HealthBitmap
+        self.on_change = on_change
+        self.states: dict[tuple[str, str], HealthState] = {}
+        self.slots: dict[tuple[str, str], int] = {}
+        self.tasks: dict[tuple[str, str], asyncio.Task] = {}
+        self.targets: dict[tuple[str, str], tuple[str, int]] = {}
+
+    def track(self, service: str, address: str, slot: int, host: str, port: int,
+              cfg: HealthConfig | None) -> None:
+        """Start (or restart, when its config changed) checking a backend. Without a config the
+        backend is simply up."""
+        key = (service, address)
+        old = self.states.get(key)
+        if old is not None and old.cfg == cfg and self.slots.get(key) == slot:
+            return
+        self.untrack(service, address)
+        self.slots[key] = slot
+        if cfg is None:
+            self.health.mark_up(slot)
+            return
+        st = HealthState(cfg, up=(cfg.initial == "up") if old is None else old.up,
+                         since=time.monotonic())
+        self.states[key] = st
+        (self.health.mark_up if st.up else self.health.mark_down)(slot)
+        self.targets[key] = (host, cfg.port or port)
+        self.tasks[key] = asyncio.get_running_loop().create_task(self._run(key))
+
+    def untrack(self, service: str, address: str) -> None:
+        key = (service, address)
+        task = self.tasks.pop(key, None)
+        if task is not None:
+            task.cancel()
+        self.states.pop(key, None)
+        self.slots.pop(key, None)
+        self.targets.pop(key, None)
+
+    def stop(self) -> None:
+        for key in list(self.tasks):
+            self.untrack(*key)
+
+    def state(self, service: str, address: str) -> HealthState | None:
+        return self.states.get((service, address))
+
+    def passive_down(self, service: str, address: str, failures: int, reason: str) -> None:
+        st = self.states.get((service, address))
+        if st is None:
+            return              # no active checks: nothing could bring it back; stay up
+        why = st.on_passive(failures, reason)
+        if why is not None:
+            self._transition((service, address), st, why)
+
+    async def _run(self, key: tuple[str, str]) -> None:
+        st = self.states[key]
+        host, port = self.targets[key]
+        rnd = random.Random()
+        while True:
+            interval = st.next_interval()
+            await asyncio.sleep(interval * (1 + st.cfg.jitter * (2 * rnd.random() - 1)))
+            ok, detail = await check_once(host, port, st.cfg)
+            why = st.on_check(ok, detail)
+            if why is not None:
+                self._transition(key, st, why)
+
+    def _transition(self, key: tuple[str, str], st: HealthState, why: str) -> None:
+        slot = self.slots[key]
+        (self.health.mark_up if st.up else self.health.mark_down)(slot)
+        log.warning("%s/%s %s: %s", key[0], key[1], "UP" if st.up else "DOWN", why)
+        self.on_change(key[0], key[1], st.up, why)

@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.log_level)
     from fastlb import proxy
     try:
-        return proxy.run(cfg, config_path=args.config, ignore_state=args.ignore_state)
+        return proxy.run(cfg, config_path=args.config, ignore_state=args.ignore_state,
+                         log_level=args.log_level)
     except FastLBError as exc:
         logging.getLogger("fastlb").error("cannot start: %s", exc)
         return 2

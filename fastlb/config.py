@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import os
 import re
 import socket
 import tomllib
@@ -22,6 +23,7 @@ STATES = ("ready", "drain", "maint")
 HASH_KEYS = ("source_ip", "source_ip_port")
 MAX_RETRIES = 31          # the core's tried list holds 32 slots (MAX_TRIED)
 MAX_WEIGHT = 1_000_000    # the core's MAX_WEIGHT
+MAX_WORKERS = 64
 
 DEFAULTS = {
     "workers": 1,
@@ -101,6 +103,7 @@ class GlobalConfig:
     workers: int = DEFAULTS["workers"]
     grace: float = DEFAULTS["grace"]
     admin: str | None = None               # "unix:/path/admin.sock" or "tcp:127.0.0.1:9000"
+    metrics: str | None = None             # "127.0.0.1:9100": Prometheus text at /metrics
     admin_token_file: str | None = None    # required with a tcp admin
     state_file: str | None = None          # where acknowledged admin changes are kept
 
@@ -267,10 +270,17 @@ def from_dict(doc: dict, *, source: str = "config", text: str = "", resolve: boo
     c = _Checker(text, source)
     c.table(doc, "", {"global", "service"})
     g = c.table(doc.get("global", {}), "global",
-                {"workers", "grace", "admin", "admin_token_file", "state_file"})
+                {"workers", "grace", "admin", "admin_token_file", "state_file", "metrics"})
     workers = g.get("workers", DEFAULTS["workers"])
-    if workers != 1:
-        raise c.fail("global.workers", f"{workers!r}: only 1 worker is supported in this version")
+    if workers == "auto":
+        workers = os.cpu_count() or 1
+    elif isinstance(workers, str):
+        raise c.fail("global.workers", f"{workers!r}: expected \"auto\" or a number from 1 to {MAX_WORKERS}")
+    else:
+        workers = c.integer(workers, "global.workers", 1, MAX_WORKERS)
+    metrics = g.get("metrics")
+    if metrics is not None:
+        c.address(metrics, "global.metrics", resolve=True)
     admin = g.get("admin")
     if admin is not None:
         if not isinstance(admin, str) or not re.match(r"^(unix:.+|tcp:.+:\d+)$", admin):
@@ -284,10 +294,10 @@ def from_dict(doc: dict, *, source: str = "config", text: str = "", resolve: boo
     for key in ("admin_token_file", "state_file"):
         if key in g and (not isinstance(g[key], str) or not g[key]):
             raise c.fail(f"global.{key}", f"expected a file path, got {_kind(g[key])}")
-    glob = GlobalConfig(workers=1, grace=c.duration(g.get("grace", DEFAULTS["grace"]),
+    glob = GlobalConfig(workers=workers, grace=c.duration(g.get("grace", DEFAULTS["grace"]),
                                                     "global.grace", lo=0.0),
                         admin=admin, admin_token_file=g.get("admin_token_file"),
-                        state_file=g.get("state_file"))
+                        state_file=g.get("state_file"), metrics=metrics)
     services_raw = doc.get("service", [])
     if not isinstance(services_raw, list):
         raise c.fail("service", "expected an array of tables ([[service]])")

@@ -60,12 +60,16 @@ def add_parser(sub: Any) -> None:
     verbs.add_parser("stats")
     verbs.add_parser("watch", help="print registry and health events until interrupted")
     verbs.add_parser("reload", help="re-read the config file and apply what changed")
+    verbs.add_parser("workers", help="worker processes: pid, snapshot generation, connections")
+    verbs.add_parser("restart-workers", help="replace every worker, one at a time, dropping nothing")
 
 
 def _request(args: argparse.Namespace) -> tuple[str, dict]:
     v = args.ctl_verb
-    if v in ("ping", "version", "services", "stats", "reload"):
+    if v in ("ping", "version", "services", "stats", "reload", "workers"):
         return v, {}
+    if v == "restart-workers":
+        return "restart_workers", {}
     if v == "backends":
         return "backends", {"service": args.service}
     if v == "remove-service":
@@ -114,6 +118,8 @@ def _show(verb: str, result: Any) -> str:
                       ["name", "listen", "policy", "backends"])
     if verb == "backends":
         return _table(result, ["address", "weight", "state", "health"])
+    if verb == "workers":
+        return _table(result, ["index", "pid", "generation", "connections", "stopping"])
     if verb == "stats":
         rows = [{"service": s["service"], **b} for s in result for b in s["backends"]]
         return _table(rows, ["service", "address", "state", "health", "weight", "active", "total",

@@ -14,6 +14,7 @@ data path: for the next connection; no open connection is touched unless asked),
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import mmap
 import os
@@ -21,22 +22,23 @@ import resource
 import signal
 import socket
 import time
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from fastlb import __version__, _core, config, statefile
 from fastlb.admin import protocol
 from fastlb.admin.protocol import AdminProtocolError, Request
 from fastlb.admin.server import AdminServer
 from fastlb.config import Address, Config, Service
+from fastlb.dataplane import DataService, sweep_forever
 from fastlb.errors import ConfigError, FastLBError
 from fastlb.health import HealthChecker
 from fastlb.registry import Registry, RegistryError, reconcile
+from fastlb.workers import WorkerPool
 
 log = logging.getLogger("fastlb")
 
 HASH_MODES = {"source_ip": 1, "source_ip_port": 2}
-# Connect errors of one backend are logged at most once per this many seconds, with a count.
-ERROR_LOG_INTERVAL = 10.0
+ERROR_LOG_INTERVAL = 10.0   # accept errors: at most one line per this many seconds
 LISTEN_BACKLOG = 4096
 # Slow start scales weights by this during a ramp, for a fine-grained ramp with integer weights
 # (smooth WRR is scale-invariant: the rotation of steady backends does not change).
@@ -70,23 +72,27 @@ def listen_socket(addr: Address, reuse_port: bool = False) -> socket.socket:
 
 
 class SharedState:
-    """The shared-memory mapping: health bitmap + counters, and the slot table of backends.
+    """The shared-memory mapping: health bitmap + counters (one block per worker), and the slot
+    table of backends.
 
-    A slot belongs to one (service, backend address). A released slot is reused only once no
-    connection uses it any more (its active count is back to zero): see reap().
+    The mapping is a memfd, so worker processes started with exec map the same memory. A slot
+    belongs to one (service, backend address). A released slot is reused only once no
+    connection uses it (its active count is back to zero) and every worker has acknowledged
+    the snapshot generation that removed it: see reap().
     """
 
     def __init__(self, max_backends: int, nblocks: int = 1) -> None:
         self.max_backends = max_backends
-        hsize = _core.HealthBitmap.size_for(max_backends)
-        csize = _core.Counters.size_for(max_backends, nblocks)
-        self.mapping = mmap.mmap(-1, hsize + csize, flags=mmap.MAP_SHARED)
-        view = memoryview(self.mapping)
-        self.health = _core.HealthBitmap(view[:hsize], max_backends)
-        self.counters = _core.Counters(view[hsize:], max_backends, nblocks)
+        self.nblocks = nblocks
+        self.size = layout_size(max_backends, nblocks)
+        self.fd = os.memfd_create("fastlb-shm", os.MFD_CLOEXEC)
+        os.ftruncate(self.fd, self.size)
+        self.mapping = mmap.mmap(self.fd, self.size, flags=mmap.MAP_SHARED)
+        self.health, self.counters = views(self.mapping, max_backends, nblocks)
         self.slots: dict[tuple[str, str], int] = {}   # (service, backend address) -> slot
         self._free = list(range(max_backends - 1, -1, -1))
-        self._released: list[int] = []
+        self._released: list[tuple[int, int]] = []     # (slot, generation that removed it)
+        self.acked = lambda: 1 << 62                   # lowest generation every worker runs
 
     def slot_for(self, service: str, backend_id: str) -> int:
         key = (service, backend_id)
@@ -94,83 +100,94 @@ class SharedState:
             self.reap()
             if not self._free:
                 raise RegistryError("full", f"all {self.max_backends} backend slots are in use")
-            slot = self._free.pop()
-            # A reused slot starts from zero, not from its previous backend's totals.
-            for field in range(5):
-                self.counters.add(0, slot, field, -self.counters.get_block(0, slot, field))
-            self.slots[key] = slot
+            self.slots[key] = self._free.pop()
         return self.slots[key]
 
-    def release(self, service: str, backend_id: str) -> None:
+    def release(self, service: str, backend_id: str, generation: int) -> None:
         slot = self.slots.pop((service, backend_id), None)
         if slot is not None:
             self.health.mark_down(slot)
-            self._released.append(slot)
+            self._released.append((slot, generation))
 
     def reap(self) -> None:
-        """Free released slots whose connections have all ended."""
-        busy = []
-        for slot in self._released:
-            (busy if self.counters.active(slot) else self._free).append(slot)
+        """Free released slots no connection and no worker's snapshot uses any more. A freed
+        slot starts again from zero counters (its totals are not the next backend's)."""
+        busy, acked = [], self.acked()
+        for slot, gen in self._released:
+            if self.counters.active(slot) or gen > acked:
+                busy.append((slot, gen))
+                continue
+            for block in range(self.nblocks):
+                for field in range(len(_core.Counters.FIELDS)):
+                    self.counters.add(block, slot, field, -self.counters.get_block(block, slot, field))
+            self._free.append(slot)
         self._released = busy
 
 
-class ServiceRuntime:
-    """One service on the data path: its ServiceState, its listeners, and its policy, rebuilt
-    when the backend set, a health state (panic mode) or a slow-start ramp changes."""
+def layout_size(max_backends: int, nblocks: int) -> int:
+    return _core.HealthBitmap.size_for(max_backends) + _core.Counters.size_for(max_backends, nblocks)
 
-    def __init__(self, svc: Service, shared: SharedState, engine: _core.Engine,
-                 health: HealthChecker) -> None:
+
+def views(mapping: mmap.mmap, max_backends: int, nblocks: int) -> tuple[_core.HealthBitmap, _core.Counters]:
+    """The health bitmap and the counters over the shared mapping (same in every process)."""
+    hsize = _core.HealthBitmap.size_for(max_backends)
+    view = memoryview(mapping)
+    return (_core.HealthBitmap(view[:hsize], max_backends),
+            _core.Counters(view[hsize:], max_backends, nblocks))
+
+
+class ServiceRuntime:
+    """One service as the supervisor sees it: its config, slots, health tracking, slow-start
+    ramps and panic state, turned into a plan (see fastlb.dataplane) for the data path."""
+
+    def __init__(self, svc: Service, shared: SharedState, health: HealthChecker,
+                 generation: Callable[[], int], reset_passive: Callable[[int], None]) -> None:
         self.shared = shared
-        self.engine = engine
         self.health = health
-        self.state = _core.ServiceState(svc.name)
-        self.state.on_connect_error = self._on_connect_error
-        self.state.on_no_backend = self._on_no_backend
-        self.state.on_passive_down = self._on_passive_down
-        self.listeners: dict[tuple[str, int], Any] = {}
-        self._last_log: dict[object, tuple[float, int]] = {}
+        self.generation = generation
+        self.reset_passive = reset_passive
         self.config: Service | None = None
         self.ramp: dict[str, float] = {}          # address -> when its slow start began
         self.panic = False
-        self.all_up = _core.HealthBitmap(bytearray(_core.HealthBitmap.size_for(shared.max_backends)),
-                                         shared.max_backends)
         self.configure(svc)
 
     def configure(self, svc: Service) -> None:
-        """Take a (new version of the) service: settings, backends, checks, listeners."""
         old = self.config
         self.config = svc
-        st = self.state
-        st.retries = svc.retries
-        st.connect_timeout = svc.connect_timeout
-        st.idle_timeout = svc.idle_timeout
-        st.hash_mode = HASH_MODES[svc.hash_key] if svc.policy == "maglev" else 0
-        st.fall_passive = svc.health.fall_passive if svc.health else 0
         if old is not None:
             keep = {x.address.text for x in svc.backends}
             for b in old.backends:
                 if b.address.text not in keep:
                     self.health.untrack(svc.name, b.address.text)
                     self.ramp.pop(b.address.text, None)
-                    self.shared.release(svc.name, b.address.text)
-        self.slot_names: dict[int, str] = {}
+                    self.shared.release(svc.name, b.address.text, self.generation())
         slowstart = svc.health.slowstart if svc.health else 0.0
         old_addresses = {b.address.text for b in old.backends} if old else set()
         for b in svc.backends:
             slot = self.shared.slot_for(svc.name, b.address.text)
-            self.slot_names[slot] = b.address.text
             if old is not None and b.address.text not in old_addresses:
-                self.engine.reset_passive(slot)
+                self.reset_passive(slot)
                 if slowstart > 0:
                     self.ramp[b.address.text] = time.monotonic()   # added: eased in
             self.health.track(svc.name, b.address.text, slot, b.address.host, b.address.port, b.health)
-        self.rebuild()
-        if old is not None:
-            self.listen()
 
-    def rebuild(self) -> None:
-        """Build the policy: ready backends, ramp weights, panic mode. For the next connection."""
+    def remove(self) -> None:
+        assert self.config is not None
+        for b in self.config.backends:
+            self.health.untrack(self.config.name, b.address.text)
+            self.shared.release(self.config.name, b.address.text, self.generation())
+
+    def health_changed(self, address: str, up: bool) -> None:
+        assert self.config is not None
+        slot = self.shared.slots.get((self.config.name, address))
+        if slot is not None:
+            self.reset_passive(slot)
+        if up and self.config.health and self.config.health.slowstart > 0:
+            self.ramp[address] = time.monotonic()
+
+    def plan(self) -> dict:
+        """The data path's view of this service now: ready backends with their effective
+        weights (slow start), and whether panic mode is on."""
         svc = self.config
         assert svc is not None
         h = svc.health
@@ -181,107 +198,30 @@ class ServiceRuntime:
                 del self.ramp[address]
         scale = RAMP_SCALE if self.ramp and all(b.weight * RAMP_SCALE <= config.MAX_WEIGHT
                                                 for b in ready) else 1
-        slots, weights, ids, addrs = [], [], [], {}
+        backends = []
         for b in ready:
             slot = self.shared.slots[(svc.name, b.address.text)]
             w = b.weight * scale
             since = self.ramp.get(b.address.text)
             if since is not None and h is not None:
                 w = max(1, int(w * (now - since) / h.slowstart))
-            slots.append(slot)
-            weights.append(w)
-            ids.append(b.address.text)
-            addrs[slot] = (b.address.host, b.address.port)
-        bitmap = self.shared.health
-        up = sum(1 for s in slots if bitmap.is_up(s))
-        panic = bool(h and h.panic_threshold > 0 and slots and 100 * up / len(slots) < h.panic_threshold)
+            backends.append([slot, w, b.address.text, b.address.host, b.address.port])
+        up = sum(1 for b in backends if self.shared.health.is_up(b[0]))
+        panic = bool(h and h.panic_threshold > 0 and backends
+                     and 100 * up / len(backends) < h.panic_threshold)
         if panic != self.panic:
             self.panic = panic
             log.warning("service %s: %s panic mode: %d of %d backends up (threshold %g%%)",
-                        svc.name, "entering" if panic else "leaving", up, len(slots),
+                        svc.name, "entering" if panic else "leaving", up, len(backends),
                         h.panic_threshold if h else 0)
-        if panic:
-            for s in slots:
-                self.all_up.mark_up(s)
-            bitmap = self.all_up
-        policy = None
-        if slots:
-            policy = _core.make_policy(svc.policy, slots, weights, bitmap,
-                                       counters=self.shared.counters, ids=ids,
-                                       seed=int.from_bytes(os.urandom(8), "little"))
-        self.state.set_backends(policy, addrs)
-
-    def health_changed(self, address: str, up: bool) -> None:
-        assert self.config is not None
-        slot = self.shared.slots.get((self.config.name, address))
-        if slot is not None:
-            self.engine.reset_passive(slot)
-        if up and self.config.health and self.config.health.slowstart > 0:
-            self.ramp[address] = time.monotonic()
-        self.rebuild()
-
-    def slot(self, address: str) -> int | None:
-        assert self.config is not None
-        return self.shared.slots.get((self.config.name, address))
-
-    def listen(self) -> None:
-        """Listen on every configured address not yet listened on; stop the others.
-        A listener whose address did not change is never closed."""
-        assert self.config is not None
-        want = {(a.host, a.port): a for a in self.config.listen}
-        for key in list(self.listeners):
-            if key not in want:
-                self.engine.unlisten(self.listeners.pop(key))
-        for key, addr in want.items():
-            if key not in self.listeners:
-                sock = listen_socket(addr)
-                bound = sock.getsockname()
-                self.listeners[key] = self.engine.listen(sock, self.state)
-                log.info("service %s: listening on %s (%s, %d backends)", self.config.name,
-                         _fmt(bound), self.config.policy, len(self.config.backends))
-
-    def stop_accepting(self) -> None:
-        for lst in self.listeners.values():
-            self.engine.unlisten(lst)
-        self.listeners.clear()
-
-    def remove(self) -> None:
-        """The service is gone: stop accepting; its open connections finish on their own."""
-        self.stop_accepting()
-        assert self.config is not None
-        for b in self.config.backends:
-            self.health.untrack(self.config.name, b.address.text)
-            self.shared.release(self.config.name, b.address.text)
-
-    def _on_passive_down(self, slot: int, failures: int, reason: str) -> None:
-        assert self.config is not None
-        address = self.slot_names.get(slot)
-        if address is not None:
-            self.health.passive_down(self.config.name, address, failures, reason)
-
-    def _rate_limited(self, key: object) -> int | None:
-        """None to stay quiet, else the number of events since the last line."""
-        now = time.monotonic()
-        last, count = self._last_log.get(key, (0.0, 0))
-        if now - last >= ERROR_LOG_INTERVAL:
-            self._last_log[key] = (now, 0)
-            return count + 1
-        self._last_log[key] = (last, count + 1)
-        return None
-
-    def _on_connect_error(self, slot: int, exc: BaseException) -> None:
-        n = self._rate_limited(slot)
-        if n is not None:
-            reason = "connect timeout" if isinstance(exc, TimeoutError) else str(exc) or type(exc).__name__
-            log.warning("service %s: backend %s: %s%s", self.state.name,
-                        self.slot_names.get(slot, slot), reason,
-                        f" ({n} failures in the last {ERROR_LOG_INTERVAL:g}s)" if n > 1 else "")
-
-    def _on_no_backend(self) -> None:
-        n = self._rate_limited("none")
-        if n is not None:
-            log.error("service %s: no backend could take a client, connection closed%s",
-                      self.state.name, f" ({n} times in the last {ERROR_LOG_INTERVAL:g}s)" if n > 1 else "")
+        return {"name": svc.name, "listen": [[a.host, a.port] for a in svc.listen],
+                "policy": svc.policy,
+                "hash_mode": HASH_MODES[svc.hash_key] if svc.policy == "maglev" else 0,
+                "retries": svc.retries, "connect_timeout": svc.connect_timeout,
+                "idle_timeout": svc.idle_timeout,
+                "fall_passive": h.fall_passive if h else 0, "panic": panic, "backends": backends,
+                "names": [[self.shared.slots[(svc.name, b.address.text)], b.address.text]
+                          for b in svc.backends]}
 
 
 def _fmt(sockaddr: tuple) -> str:
@@ -303,29 +243,51 @@ def initial_registry(cfg: Config, ignore_state: bool = False) -> dict[str, Servi
 
 
 class Balancer:
-    """Runs a Config until a signal. ``run()`` returns the process exit code."""
+    """The supervisor: owns the registry, admin socket, health checks, listening sockets and
+    the data path (in-process with ``workers = 1``, else a WorkerPool). ``run()`` returns the
+    process exit code."""
 
     def __init__(self, cfg: Config, loop: asyncio.AbstractEventLoop, *, config_path: str | None = None,
-                 ignore_state: bool = False) -> None:
+                 ignore_state: bool = False, log_level: str = "info") -> None:
         self.cfg = cfg
         self.config_path = config_path
         self.loop = loop
+        self.log_level = log_level
         self.cfg_services = {s.name: s for s in cfg.services}
         self.registry = Registry(initial_registry(cfg, ignore_state))
         total = sum(len(s.backends) for s in self.registry.snapshot.values())
-        self.shared = SharedState(max(cfg.max_backends, 2 * total))
-        self.engine = _core.Engine(loop, self.shared.counters, 0)
-        self.engine.on_accept_error = self._on_accept_error
+        self.nworkers = cfg.global_.workers
+        nblocks = 1 if self.nworkers == 1 else 2 * max(self.nworkers, os.cpu_count() or 1)
+        self.shared = SharedState(max(cfg.max_backends, 2 * total), nblocks)
         self.health = HealthChecker(self.shared.health, self._on_health)
         self.services: dict[str, ServiceRuntime] = {}
+        self.listen_socks: dict[tuple[str, str, int], socket.socket] = {}
+        self.engine: _core.Engine | None = None
+        self.pool: WorkerPool | None = None
+        self.data: dict[str, DataService] = {}
+        self.snapshot_gen = 0
+        if self.nworkers == 1:
+            self.engine = _core.Engine(loop, self.shared.counters, 0)
+            self.engine.on_accept_error = self._on_accept_error
+            self.shared.acked = lambda: self.snapshot_gen
+        else:
+            self.pool = WorkerPool(loop, self.shared.fd, self.shared.size, self.shared.max_backends,
+                                   self.shared.counters, grace=cfg.global_.grace,
+                                   log_level=log_level, on_passive=self._on_passive)
+            self.shared.acked = self.pool.acked_min
         self.admin_server: AdminServer | None = None
+        self.metrics_server: asyncio.AbstractServer | None = None
         self._mutation = asyncio.Lock()
         self._timers: dict[tuple[str, str], asyncio.TimerHandle] = {}
         self._stop = asyncio.Event()
         self._mode = "term"
         self._last_accept_error = 0.0
 
-    # -- applying the registry to the data path --------------------------------------------------
+    # -- registry -> plans -> data path ---------------------------------------------------------
+    def _reset_passive(self, slot: int) -> None:
+        if self.engine is not None:
+            self.engine.reset_passive(slot)
+
     def apply(self, snapshot: Mapping[str, Service]) -> None:
         for name in list(self.services):
             if name not in snapshot:
@@ -334,52 +296,80 @@ class Balancer:
         for name, svc in snapshot.items():
             rt = self.services.get(name)
             if rt is None:
-                rt = self.services[name] = ServiceRuntime(svc, self.shared, self.engine, self.health)
-                rt.listen()
+                self.services[name] = ServiceRuntime(svc, self.shared, self.health,
+                                                     lambda: self.snapshot_gen + 1, self._reset_passive)
             elif rt.config != svc:
                 rt.configure(svc)
+        self.push()
+
+    def push(self) -> None:
+        """Send every service's current plan to the data path (the next snapshot)."""
+        plans = [rt.plan() for rt in self.services.values()]
+        wanted = {(p["name"], h, port) for p in plans for h, port in p["listen"]}
+        for key in sorted(wanted - self.listen_socks.keys()):
+            name, host, port = key
+            sock = listen_socket(config.Address(host, port, f"{host}:{port}"))
+            self.listen_socks[key] = sock
+            rt = self.services[name]
+            log.info("service %s: listening on %s (%s, %d backends)", name, _fmt(sock.getsockname()),
+                     rt.config.policy if rt.config else "?", len(rt.config.backends) if rt.config else 0)
+        self.snapshot_gen += 1
+        if self.pool is not None:
+            keys = sorted(self.listen_socks)
+            self.pool.broadcast(plans, keys, [self.listen_socks[k].fileno() for k in keys])
+        else:
+            assert self.engine is not None
+            names = {p["name"] for p in plans}
+            for name in list(self.data):
+                if name not in names:
+                    self.data.pop(name).stop_accepting()
+            for plan in plans:
+                ds = self.data.get(plan["name"])
+                if ds is None:
+                    ds = self.data[plan["name"]] = DataService(
+                        plan["name"], self.engine, self.shared.health, self.shared.counters,
+                        lambda key, n=plan["name"]: self.listen_socks[(n, *key)].dup(),
+                        self._on_passive)
+                ds.apply(plan)
+        for key in [k for k in self.listen_socks if k not in wanted]:
+            self.listen_socks.pop(key).close()       # the data path already let go of it
 
     def start(self) -> None:
         self.apply(self.registry.snapshot)
         if self.cfg.global_.state_file:
             statefile.save(self.cfg.global_.state_file, self.registry.snapshot, self.cfg_services)
-        self._sweeper = self.loop.create_task(self._sweep_loop())
-        self._ramper = self.loop.create_task(self._ramp_loop())
+        self._tasks = [self.loop.create_task(self._ramp_loop()), self.loop.create_task(self._reap_loop())]
+        if self.engine is not None:
+            self._tasks.append(self.loop.create_task(sweep_forever(self.engine, self._timeouts)))
 
-    async def _sweep_loop(self) -> None:
-        # Connect and idle timeouts without a timer per connection: connect deadlines (only the
-        # sessions still connecting) every tenth of the shortest connect timeout, idle stamps
-        # (every session) every tenth of the shortest idle timeout; each between 10 ms and 1 s.
-        def tenth(x: float) -> float:
-            return max(0.01, min(1.0, x / 10))
-        next_idle = 0.0
+    def _timeouts(self) -> list[tuple[float, float]]:
+        return [(rt.config.connect_timeout, rt.config.idle_timeout)
+                for rt in self.services.values() if rt.config]
+
+    async def _reap_loop(self) -> None:
         while True:
-            svcs = [rt.config for rt in self.services.values()] or [config.Service("", (), ())]
-            period = tenth(min(s.connect_timeout for s in svcs))
-            idle_period = max(period, tenth(min(s.idle_timeout for s in svcs)))
-            await asyncio.sleep(period)
-            now = self.loop.time()
-            check_idle = now >= next_idle
-            if check_idle:
-                next_idle = now + idle_period
-                self.shared.reap()
-            self.engine.sweep(check_idle)
+            await asyncio.sleep(1.0)
+            self.shared.reap()
 
     def _on_health(self, service: str, address: str, up: bool, reason: str) -> None:
         rt = self.services.get(service)
         if rt is not None:
             rt.health_changed(address, up)
+            self.push()
         self.publish({"op": "health", "service": service, "address": address,
                       "health": "up" if up else "down", "reason": reason})
 
+    def _on_passive(self, service: str, address: str, failures: int, reason: str) -> None:
+        self.health.passive_down(service, address, failures, reason)
+
     async def _ramp_loop(self) -> None:
-        # Slow start: rebuild the policies of services with ramping backends in small steps.
+        # Slow start: push new plans for services with ramping backends, in small steps.
         while True:
             ramping = [rt for rt in self.services.values() if rt.ramp]
             steps = [rt.config.health.slowstart / 20 for rt in ramping if rt.config and rt.config.health]
             await asyncio.sleep(max(0.05, min([1.0] + steps)))
-            for rt in ramping:
-                rt.rebuild()
+            if any(rt.ramp for rt in self.services.values()):
+                self.push()
 
     def _on_accept_error(self, exc: OSError) -> None:
         now = time.monotonic()
@@ -434,11 +424,15 @@ class Balancer:
             log.info("service %s: backend %s: drain timeout, closed %d connection(s)", service, address, n)
 
     def _close_backend(self, service: str, address: str) -> int:
-        rt = self.services.get(service)
-        slot = rt.slot(address) if rt else None
-        if rt is None or slot is None:
+        slot = self.shared.slots.get((service, address))
+        ds = self.data.get(service)
+        if slot is None:
             return 0
-        return _core.abort_where(self.engine, rt.state, slot)
+        if ds is not None and self.engine is not None:
+            return _core.abort_where(self.engine, ds.state, slot)
+        if self.pool is not None:
+            self.pool.tell_all({"close": [service, slot]})
+        return -1                          # counted by the workers
 
     async def reload(self) -> dict:
         """Re-read the config file and apply what changed in it (see registry.reconcile)."""
@@ -451,11 +445,19 @@ class Balancer:
                 raise RegistryError("invalid", f"reload refused, nothing changed: {exc}") from None
             new_services = {s.name: s for s in new_cfg.services}
             nxt = reconcile(self.registry.snapshot, self.cfg_services, new_services)
-            if new_cfg.global_ != self.cfg.global_:
-                log.warning("reload: [global] changes take effect at the next start")
+            g_old, g_new = self.cfg.global_, new_cfg.global_
+            if g_new.workers != g_old.workers:
+                if self.pool is None or g_new.workers == 1:
+                    log.warning("reload: switching between 1 and several workers needs a restart")
+                elif 2 * g_new.workers > self.shared.nblocks:
+                    log.warning("reload: at most %d workers without a restart", self.shared.nblocks // 2)
+                else:
+                    await self.pool.resize(g_new.workers)
+                    self.cfg = dataclasses.replace(self.cfg, global_=dataclasses.replace(g_old, workers=g_new.workers))
+            if dataclasses.replace(g_new, workers=0) != dataclasses.replace(g_old, workers=0):
+                log.warning("reload: [global] changes other than workers take effect at the next start")
             await self._change(nxt, new_services)
-            ev = {"op": "reload", "generation": self.registry.generation,
-                  "services": sorted(nxt)}
+            ev = {"op": "reload", "generation": self.registry.generation, "services": sorted(nxt)}
             self.publish(ev)
             log.info("reloaded %s: %d service(s)", self.config_path, len(nxt))
             return ev
@@ -480,12 +482,26 @@ class Balancer:
             svc = self.registry.service(args["service"])
             return [self._backend_info(svc, b) for b in svc.backends]
         if op == "stats":
-            return [{"service": s.name, "backends": [self._backend_info(s, b, stats=True)
-                                                     for b in s.backends]}
-                    for s in self.registry.snapshot.values()]
+            return self.stats()
+        if op == "workers":
+            if self.pool is None:
+                return [{"index": 0, "pid": os.getpid(), "generation": self.snapshot_gen,
+                         "stopping": False, "connections": sum(
+                             self.shared.counters.get_block(0, s, 1) for s in range(self.shared.max_backends))}]
+            return self.pool.info()
+        if op == "restart_workers":
+            if self.pool is None:
+                raise RegistryError("single_process", "workers = 1: there is no worker to restart")
+            return {"restarted": await self.pool.rolling_restart()}
         if op == "reload":
             return await self.reload()
         raise AdminProtocolError("unknown_op", f"op {op!r} is not served here", id=req.id)
+
+    def stats(self) -> list[dict]:
+        """Per service, per backend: counters summed over workers, health, weight, state."""
+        return [{"service": s.name, "backends": [self._backend_info(s, b, stats=True)
+                                                 for b in s.backends]}
+                for s in self.registry.snapshot.values()]
 
     def _backend_info(self, svc: Service, b: config.Backend, stats: bool = False) -> dict:
         slot = self.shared.slots.get((svc.name, b.address.text))
@@ -503,6 +519,8 @@ class Balancer:
     def request_stop(self, mode: str) -> None:
         if self._stop.is_set():
             mode = "int"                  # a second signal: stop at once
+            if self.pool is not None:
+                self.pool.tell_all({"stop": "int"})
         self._mode = mode
         self._stop.set()
 
@@ -515,13 +533,19 @@ class Balancer:
         self.loop.create_task(run())
 
     def open_connections(self) -> int:
-        return len(self.engine.sessions)
+        if self.engine is not None:
+            return len(self.engine.sessions)
+        return sum(self.shared.counters.active(s) for s in range(self.shared.max_backends))
 
     async def run(self) -> int:
         self.loop.add_signal_handler(signal.SIGTERM, self.request_stop, "term")
         self.loop.add_signal_handler(signal.SIGINT, self.request_stop, "int")
         self.loop.add_signal_handler(signal.SIGHUP, self._on_hup)
         self.start()
+        if self.pool is not None:
+            workers = [self.pool.spawn() for _ in range(self.nworkers)]
+            for w in workers:
+                await self.pool.wait_acked(w)
         g = self.cfg.global_
         if g.admin:
             token = None
@@ -532,31 +556,48 @@ class Balancer:
                     raise FastLBError(f"admin token file {g.admin_token_file} is empty")
             self.admin_server = AdminServer(g.admin, self.admin, token=token)
             await self.admin_server.start()
-        log.info("fastlb ready: %d service(s), pid %d", len(self.services), os.getpid())
+        if g.metrics:
+            from fastlb.metrics import serve_metrics
+            self.metrics_server = await serve_metrics(g.metrics, self)
+        log.info("fastlb ready: %d service(s), %d worker(s), pid %d", len(self.services),
+                 self.nworkers, os.getpid())
         await self._stop.wait()
         if self.admin_server is not None:
             self.admin_server.close()
-        for rt in self.services.values():
-            rt.stop_accepting()
-        if self._mode == "term" and self.open_connections():
-            grace = self.cfg.global_.grace
-            log.info("SIGTERM: stopped accepting; %d connection(s) open, waiting up to %gs",
-                     self.open_connections(), grace)
-            deadline = self.loop.time() + grace
-            while self.open_connections() and self.loop.time() < deadline and self._mode == "term":
-                await asyncio.sleep(0.05)
-        left = self.open_connections()
-        if left:
-            log.info("closing %d connection(s)", left)
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+        if self.pool is not None:
+            log.info("%s: stopping %d worker(s)", "SIGTERM" if self._mode == "term" else "SIGINT",
+                     len(self.pool.workers))
+            await self.pool.stop(self._mode)
+            for sock in self.listen_socks.values():
+                sock.close()
+        else:
+            for ds in self.data.values():
+                ds.stop_accepting()
+            for sock in self.listen_socks.values():
+                sock.close()
+            if self._mode == "term" and self.open_connections():
+                grace = self.cfg.global_.grace
+                log.info("SIGTERM: stopped accepting; %d connection(s) open, waiting up to %gs",
+                         self.open_connections(), grace)
+                deadline = self.loop.time() + grace
+                while self.open_connections() and self.loop.time() < deadline and self._mode == "term":
+                    await asyncio.sleep(0.05)
+            left = self.open_connections()
+            if left:
+                log.info("closing %d connection(s)", left)
+            assert self.engine is not None
+            self.engine.close()
         self.health.stop()
-        self.engine.close()
-        self._sweeper.cancel()
-        self._ramper.cancel()
+        for t in self._tasks:
+            t.cancel()
         log.info("fastlb stopped")
         return 0
 
 
-def run(cfg: Config, *, config_path: str | None = None, ignore_state: bool = False) -> int:
+def run(cfg: Config, *, config_path: str | None = None, ignore_state: bool = False,
+        log_level: str = "info") -> int:
     """Run the balancer on uvloop until SIGTERM/SIGINT. Returns the exit code."""
     import uvloop
 
@@ -564,7 +605,7 @@ def run(cfg: Config, *, config_path: str | None = None, ignore_state: bool = Fal
 
     async def main() -> int:
         balancer = Balancer(cfg, asyncio.get_running_loop(), config_path=config_path,
-                            ignore_state=ignore_state)
+                            ignore_state=ignore_state, log_level=log_level)
         return await balancer.run()
 
     return uvloop.run(main())

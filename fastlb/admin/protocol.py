@@ -44,6 +44,8 @@ OPS: dict[str, dict[str, tuple[Any, bool]]] = {
     "stats": {},
     "subscribe": {},
     "reload": {},
+    "workers": {},
+    "restart_workers": {},
 }
 MUTATIONS = frozenset({"add_backend", "remove_backend", "set_weight", "set_state",
                        "add_service", "remove_service"})

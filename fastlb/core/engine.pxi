@@ -52,6 +52,7 @@ cdef extern from "<sys/epoll.h>" nogil:
         EPOLLOUT
         EPOLLERR
         EPOLLHUP
+        EPOLLEXCLUSIVE
 
 cdef extern from "<sys/socket.h>" nogil:
     ctypedef unsigned int socklen_t
@@ -629,15 +630,17 @@ cdef class Engine:
         """The engine's coarse monotonic clock (what deadlines and `last` are in)."""
         return _coarse_now()
 
-    def listen(self, sock, ServiceState svc):
-        """Accept connections of ``svc`` on the listening socket ``sock`` (kept open)."""
+    def listen(self, sock, ServiceState svc, bint shared=False):
+        """Accept connections of ``svc`` on the listening socket ``sock`` (kept open). With
+        ``shared`` (one socket, many worker processes) only one waiting worker is woken per
+        connection (EPOLLEXCLUSIVE), not all of them."""
         cdef Listener lst = Listener.__new__(Listener)
         cdef epoll_event ev
         sock.setblocking(False)
         lst.fd = sock.fileno()
         lst.svc = svc
         lst.sock = sock
-        ev.events = EPOLLIN
+        ev.events = EPOLLIN | (EPOLLEXCLUSIVE if shared else 0)
         ev.data.u64 = (<uint64_t><uintptr_t><void *>lst) | TAG_LISTENER
         if epoll_ctl(self.epfd, EPOLL_CTL_ADD, lst.fd, &ev) < 0:
             raise OSError(errno, strerror(errno).decode())
@@ -646,7 +649,8 @@ cdef class Engine:
         return lst
 
     def unlisten(self, Listener lst):
-        """Stop accepting on ``lst`` and close its socket (new connects are then refused)."""
+        """Stop accepting on ``lst`` and close this process's socket object (new connects are
+        refused once no process holds the socket)."""
         if lst.registered:
             epoll_ctl(self.epfd, EPOLL_CTL_DEL, lst.fd, NULL)
             lst.registered = False

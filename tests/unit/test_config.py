@@ -71,8 +71,10 @@ BAD = [
     ("[[service]]\nname='a'\nlisten='127.0.0.1:1'\nbackends=[{address='127.0.0.1:5'},{address='127.0.0.1:5'}]",
      4, "service[0].backends[1].address", "duplicate backend"),
     ("[[service]]\nlisten='127.0.0.1:1'", 1, "service[0].name", "required key is missing"),
-    ("[global]\nworkers = 4\n[[service]]\nname='a'\nlisten='127.0.0.1:1'", 2, "global.workers",
-     "only 1 worker"),
+    ("[global]\nworkers = 0\n[[service]]\nname='a'\nlisten='127.0.0.1:1'", 2, "global.workers",
+     "expected an integer from 1 to 64"),
+    ("[global]\nworkers = 'many'\n[[service]]\nname='a'\nlisten='127.0.0.1:1'", 2, "global.workers",
+     "expected \"auto\" or a number"),
     ("[global]\nverbose = true", 2, "global.verbose", "unknown key"),
     ("", None, "service", "no [[service]] defined"),
 ]

@@ -10,6 +10,8 @@ backends to CPU 1. Loads: wrk keep-alive small requests (req/s, p99); wrk with
 balancer to one iperf3 server, both directions (Gbit/s). Each figure is the median of --runs
 runs; runs interleave the peers so that machine noise hits them alike. The balancer's CPU time
 comes from /proc/PID/stat (all its processes), shown as % of one core during the load.
+With --workers 1,2 fastlb is also measured with 2 worker processes ("fastlb-2w"), pinned to
+every CPU: on a 2-core machine its second worker shares CPU 1 with the load generator.
 Every process started is stopped by PID; all traffic stays on 127.0.0.1.
 """
 from __future__ import annotations
@@ -155,6 +157,9 @@ backend b
 """
 
 FASTLB = """
+[global]
+workers = {workers}
+
 [[service]]
 name = "bench"
 listen = ["127.0.0.1:{port}"]
@@ -172,8 +177,16 @@ def start_peer(stack: Stack, name: str, backend: int) -> tuple[subprocess.Popen 
     elif name == "nginx":
         cmd = ["nginx", "-p", stack.tmp, "-g", "daemon off;", "-c",
                stack.write("stream.conf", NGINX_STREAM.format(**fmt))]
-    elif name == "fastlb":
-        cmd = [sys.executable, "-m", "fastlb", "run", "-c", stack.write("fastlb.toml", FASTLB.format(**fmt))]
+    elif name.startswith("fastlb"):
+        workers = int(name.split("-")[1].rstrip("w")) if "-" in name else 1
+        cmd = [sys.executable, "-m", "fastlb", "run", "-c",
+               stack.write("fastlb.toml", FASTLB.format(workers=workers, **fmt))]
+        if workers > 1:
+            # more workers than one core: the balancer gets every CPU and shares CPU 1 with the load
+            p = stack.start(cmd, f"{CPU_LB}-{os.cpu_count() - 1}")
+            wait_port(port)
+            time.sleep(0.5 * workers)            # every worker has taken its snapshot
+            return p, port
     else:
         script = {"asyncio-streams": "streams_proxy.py", "asyncio-protocol": "protocol_proxy.py"}[name]
         cmd = [sys.executable, os.path.join(HERE, "peers", script), str(port), "127.0.0.1", str(backend)]
@@ -235,10 +248,16 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=5)
     ap.add_argument("--connections", type=int, default=64)
     ap.add_argument("--only", default=",".join(PEERS))
+    ap.add_argument("--workers", default="1",
+                    help="fastlb worker counts to measure, e.g. 1,2 (each is a peer: fastlb, fastlb-2w)")
     ap.add_argument("--loads", default=",".join(LOADS))
     ap.add_argument("--json", default=os.path.join(HERE, "results", "e2e.json"))
     a = ap.parse_args()
     peers, loads = a.only.split(","), a.loads.split(",")
+    extra = [f"fastlb-{n}w" for n in a.workers.split(",") if n.strip() != "1"]
+    if extra:
+        at = peers.index("fastlb") + 1 if "fastlb" in peers else len(peers)
+        peers[at:at] = extra
     for tool in ("haproxy", "nginx", "wrk", "iperf3", "taskset"):
         if not shutil.which(tool):
             sys.exit(f"missing {tool}: apt-get install haproxy nginx libnginx-mod-stream wrk iperf3")

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from fastlb import config
 from fastlb.admin.client import AdminClient, AdminError
 from fastlb.registry import Registry
-from helpers import Proc, PY, closed_port, service, start_backend, start_fastlb
+from helpers import Proc, PY, service, start_backend, start_fastlb
 
 
 def admin_config(tmp_path, body, state=True, extra=""):
@@ -164,7 +164,7 @@ def test_reload_applies_the_config_difference(procs, tmp_path):
     lb = Proc([PY, "-m", "fastlb", "run", "-c", str(path)], procs)
     lb.wait_line("fastlb ready")
     port = int(lb.wait_line(r"listening on \S+:(\d+)").group(1))
-    path.write_text(text.replace(f'weight = 1 }} ]', f'weight = 1 }}, {{ address = "127.0.0.1:{ports["b"]}" }} ]'))
+    path.write_text(text.replace('weight = 1 } ]', f'weight = 1 }}, {{ address = "127.0.0.1:{ports["b"]}" }} ]'))
     with client(tmp_path) as c:
         assert c.call("reload")["services"] == ["web"]
         assert sorted(names_of(port, 4)) == ["a", "a", "b", "b"]

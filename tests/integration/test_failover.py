@@ -69,7 +69,7 @@ def test_killed_backend_goes_down_in_time_and_comes_back(procs, tmp_path):
 
 
 def test_slow_start_ramps_a_returning_backend(procs, tmp_path):
-    (pa, a), (pb, b) = start_backend(procs, "announce", name="a"), start_backend(procs, "announce", name="b")
+    (_, a), (pb, b) = start_backend(procs, "announce", name="a"), start_backend(procs, "announce", name="b")
     body = service("web", [(a, 1), (b, 1)],
                    health='{ interval = "100ms", timeout = "80ms", rise = 1, fall = 1, slowstart = "2s" }')
     lb, (port,) = start_fastlb(procs, cfg(tmp_path, body))

@@ -7,7 +7,6 @@ import socket
 import threading
 import time
 
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from fastlb.admin.client import AdminClient

@@ -53,13 +53,12 @@ def raise_fd_limit() -> int:
     return hard
 
 
-def listen_socket(addr: Address, reuse_port: bool = False) -> socket.socket:
+def listen_socket(addr: Address) -> socket.socket:
+    """A listening socket, owned by the supervisor and shared by the data paths."""
     family = socket.AF_INET6 if ":" in addr.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind((addr.host, addr.port))

@@ -29,7 +29,7 @@
 from libc.stdint cimport uintptr_t
 from cpython.bytes cimport PyBytes_AS_STRING
 from libc.stdlib cimport malloc, free
-from libc.errno cimport errno, EAGAIN, EINTR, EINPROGRESS, ECONNABORTED, EMFILE, ENFILE
+from libc.errno cimport errno, EAGAIN, EINTR, EINPROGRESS, ECONNABORTED, ECONNREFUSED
 
 cdef extern from "<sys/epoll.h>" nogil:
     cdef union epoll_data_t:
@@ -179,7 +179,6 @@ cdef class ServiceState:
     cdef public object on_passive_down   # callable(slot, failures, reason) or None
     cdef public int fall_passive         # consecutive failures that mark a backend down (0: off)
     cdef public str name
-    cdef public int active               # open sessions of this service (for grace waits)
 
     def __init__(self, str name):
         self.name = name
@@ -399,7 +398,7 @@ cdef class Session:
             if err == 0 and not (events & EPOLLERR):
                 self._established()
             else:
-                self._connect_failed(err or 111)
+                self._connect_failed(err or ECONNREFUSED)
             return
         if events & (EPOLLOUT | EPOLLERR | EPOLLHUP) and self.c2b.end > self.c2b.start:
             if self._flush(&self.c2b, self.bfd) < 0:
@@ -508,7 +507,6 @@ cdef class Session:
         self.state = S_CLOSED
         eng.graveyard.append(self)              # alive until this batch of events is done
         eng.sessions.discard(self)
-        self.svc.active -= 1
         if self.counted:
             self.counted = False
             eng.counters.add_c(eng.block, self.slot, CTR_ACTIVE, -1)
@@ -708,7 +706,6 @@ cdef class Engine:
             if svc.hash_mode != HASH_NONE:
                 s.key = _hash_peer(&ss, svc.hash_mode)
             self.sessions.add(s)
-            svc.active += 1
             s._update()                         # read what the client sends while we connect
             s._connect()
 

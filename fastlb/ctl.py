@@ -123,7 +123,7 @@ def _show(verb: str, result: Any) -> str:
     if verb == "stats":
         rows = [{"service": s["service"], **b} for s in result for b in s["backends"]]
         return _table(rows, ["service", "address", "state", "health", "weight", "active", "total",
-                             "bytes_in", "bytes_out", "connect_failures"])
+                             "bytes_in", "bytes_out", "connect_failures", "check_failures"])
     if isinstance(result, dict):
         return " ".join(f"{k}={v}" for k, v in result.items())
     return str(result)

@@ -217,3 +217,21 @@ def test_health_events_in_stats_and_subscribe(procs, tmp_path):
         row = [r for r in web["backends"] if r["address"] == f"127.0.0.1:{b}"][0]
         assert row["health"] == "down" and row["check_failures"] >= 2
         assert row["health_reason"].startswith("2 checks failed")
+
+
+def test_initial_down_waits_for_rise_checks(procs, tmp_path):
+    _, a = start_backend(procs, "announce", name="a")
+    _, b = start_backend(procs, "announce", name="b")
+    body = service("web", [(a, 1), (b, 1)],
+                   health='{ initial = "down", interval = "300ms", timeout = "100ms", rise = 2, jitter = 0 }')
+    lb, (port,) = start_fastlb(procs, cfg(tmp_path, body))
+    assert set(health_of(tmp_path).values()) == {"down"}        # no checks have passed yet
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    try:
+        assert s.recv(10) == b""                                 # nothing up: closed at once
+    except ConnectionResetError:
+        pass
+    took = wait_health(tmp_path, f"127.0.0.1:{a}", "up")
+    assert 0.3 < took + 0.1 < 2.0                                # after 2 checks, not before
+    names, errors = connect_names(port, 4)
+    assert errors == 0 and sorted(names) == ["a", "a", "b", "b"]

@@ -54,6 +54,7 @@ class DataService:
                                          health.nslots)
         self._last_log: dict[object, tuple[float, int]] = {}
         self.plan: dict | None = None
+        self.was_up: dict[int, bool] = {}       # slot -> health seen at the last plan
 
     def apply(self, plan: dict) -> None:
         old = self.plan
@@ -69,6 +70,12 @@ class DataService:
             for slot, address in old["names"]:
                 if slot not in self.names:
                     self.engine.reset_passive(slot)
+        for slot in self.names:                 # back up: its failure streak starts over
+            up = self.health.is_up(slot)
+            if up and not self.was_up.get(slot, True):
+                self.engine.reset_passive(slot)
+            self.was_up[slot] = up
+        self.was_up = {s: u for s, u in self.was_up.items() if s in self.names}
         backends = plan["backends"]
         bitmap = self.health
         if plan["panic"]:                       # every ready backend counts as up

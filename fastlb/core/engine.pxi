@@ -134,9 +134,9 @@ cdef enum:
     # batch under load, small enough that one busy listener cannot starve the others.
     MAX_EVENTS = 256
     ACCEPT_BATCH = 64
-    # Freed buffers kept for reuse (4096 x 256 KiB = 1 GiB of address space at most, touched
-    # pages only): saves a malloc/free pair, often an mmap/munmap, per connection.
-    BUFFER_POOL = 4096
+    # Freed buffers kept for reuse: saves a malloc/free pair (often mmap/munmap) per connection.
+    # 512 x 256 KiB bounds what a past burst keeps resident at 128 MiB.
+    BUFFER_POOL = 512
     TAG_LISTENER = 0
     TAG_CLIENT = 1
     TAG_BACKEND = 2

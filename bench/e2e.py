@@ -37,11 +37,19 @@ LOADS = ["keepalive", "close", "bulk_up", "bulk_down"]
 
 
 def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+    """A port below the ephemeral range, so that no connection's local port (or its TIME_WAIT,
+    plentiful after the close load) can hold it when a peer without SO_REUSEADDR binds it."""
+    import random
+    low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    for _ in range(200):
+        port = random.randrange(max(1024, low - 12000), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 def wait_port(port: int, timeout: float = 10.0) -> None:
@@ -267,7 +275,7 @@ def main() -> int:
         http_port, iperf_port = free_port(), free_port()
         stack.start(["nginx", "-p", stack.tmp, "-g", "daemon off;", "-c",
                      stack.write("http.conf", NGINX_HTTP.format(port=http_port, tmp=stack.tmp))], CPU_LOAD)
-        stack.start(["iperf3", "-s", "-p", str(iperf_port)], CPU_LOAD)
+        stack.start(["iperf3", "-s", "-B", "127.0.0.1", "-p", str(iperf_port)], CPU_LOAD)
         wait_port(http_port)
         wait_port(iperf_port)
         for run in range(a.runs):

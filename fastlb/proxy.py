@@ -64,9 +64,9 @@ def listen_socket(addr: Address) -> socket.socket:
         sock.bind((addr.host, addr.port))
         sock.listen(LISTEN_BACKLOG)
         sock.setblocking(False)
-    except OSError:
+    except OSError as exc:
         sock.close()
-        raise
+        raise OSError(exc.errno, f"cannot listen on {addr.text}: {exc.strerror}") from None
     return sock
 
 

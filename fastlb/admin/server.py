@@ -36,6 +36,12 @@ class AdminServer:
         self.subscribers: dict[asyncio.StreamWriter, int] = {}
 
     async def start(self) -> None:
+        try:
+            await self._start()
+        except OSError as exc:
+            raise FastLBError(f"admin socket {self.address}: {exc.strerror or exc}") from None
+
+    async def _start(self) -> None:
         if self.address.startswith("unix:"):
             path = self.address[5:]
             if os.path.exists(path):

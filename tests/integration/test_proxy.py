@@ -5,6 +5,8 @@ import os
 import random
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -316,3 +318,23 @@ def test_maglev_affinity_matches_the_core_prediction(procs, hash_key):
             assert got[-1] == names[table.pick(_core.key_of(key))]
         if hash_key == "source_ip":
             assert got[0] == got[1]           # one client, one backend
+
+
+def test_startup_errors_name_what_and_where(procs, tmp_path):
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    for text, want in [
+        (f'[[service]]\nname = "web"\nlisten = ["127.0.0.1:{port}"]\n',
+         f"cannot listen on 127.0.0.1:{port}: Address already in use"),
+        (f'[global]\nadmin = "unix:{tmp_path}/no/such/dir/a.sock"\n'
+         f'[[service]]\nname = "web"\nlisten = ["127.0.0.1:0"]\n',
+         f"admin socket unix:{tmp_path}/no/such/dir/a.sock: No such file or directory"),
+    ]:
+        path = tmp_path / "f.toml"
+        path.write_text(text)
+        out = subprocess.run([sys.executable, "-m", "fastlb", "run", "-c", str(path)],
+                             capture_output=True, text=True, timeout=30)
+        assert out.returncode != 0 and want in out.stderr, out.stderr
+    taken.close()

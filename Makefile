@@ -27,4 +27,4 @@ lint:  ## pyflakes-level checks (the machine-wide ruff config is stricter than o
 	mypy fastlb --ignore-missing-imports
 
 clean:
-	rm -rf build fastlb/*.c fastlb/*.so fastlb/*.html *.egg-info
+	rm -rf build fastlb/*.c fastlb/*.so fastlb/*.html fastlb/core/*.html *.egg-info

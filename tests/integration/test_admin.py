@@ -78,12 +78,18 @@ def test_add_weight_drain_maint_ready_remove_change_traffic(lb3, tmp_path):
         assert [b["address"] for b in c.call("backends", service="web")] == [addr["a"], addr["b"]]
 
 
+def connection_on_a(c, port, addr):
+    """Open a connection that lands on backend a (b is in maint meanwhile)."""
+    c.call("set_state", service="web", address=addr["b"], state="maint")
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    assert s.recv(10) == b"a\n"
+    return s
+
+
 def test_drain_keeps_open_connections_and_drain_timeout_closes_them(lb3, tmp_path):
     lb, port, addr = lb3
     with client(tmp_path) as c:
-        c.call("set_state", service="web", address=addr["b"], state="maint")
-        s = socket.create_connection(("127.0.0.1", port), timeout=10)
-        assert s.recv(10) == b"a\n"
+        s = connection_on_a(c, port, addr)
         c.call("set_state", service="web", address=addr["b"], state="ready")
         c.call("set_state", service="web", address=addr["a"], state="drain")
         s.sendall(b"still here")
@@ -98,9 +104,7 @@ def test_drain_keeps_open_connections_and_drain_timeout_closes_them(lb3, tmp_pat
 def test_maint_with_close_closes_open_connections(lb3, tmp_path):
     lb, port, addr = lb3
     with client(tmp_path) as c:
-        c.call("set_state", service="web", address=addr["b"], state="maint")
-        s = socket.create_connection(("127.0.0.1", port), timeout=5)
-        assert s.recv(10) == b"a\n"
+        s = connection_on_a(c, port, addr)
         c.call("set_state", service="web", address=addr["a"], state="maint", close=True)
         assert s.recv(10) == b""
 

@@ -57,7 +57,16 @@ class DataService:
         self.was_up: dict[int, bool] = {}       # slot -> health seen at the last plan
 
     def apply(self, plan: dict) -> None:
+        """Take a plan. An unchanged plan (the supervisor pushes all services when one changes)
+        keeps the policy as it is; only the health bookkeeping below runs."""
         old = self.plan
+        for slot, _ in plan["names"]:           # back up: its failure streak starts over
+            up = self.health.is_up(slot)
+            if up and not self.was_up.get(slot, True):
+                self.engine.reset_passive(slot)
+            self.was_up[slot] = up
+        if plan == old:
+            return
         self.plan = plan
         st = self.state
         st.retries = plan["retries"]
@@ -70,11 +79,6 @@ class DataService:
             for slot, address in old["names"]:
                 if slot not in self.names:
                     self.engine.reset_passive(slot)
-        for slot in self.names:                 # back up: its failure streak starts over
-            up = self.health.is_up(slot)
-            if up and not self.was_up.get(slot, True):
-                self.engine.reset_passive(slot)
-            self.was_up[slot] = up
         self.was_up = {s: u for s, u in self.was_up.items() if s in self.names}
         backends = plan["backends"]
         bitmap = self.health

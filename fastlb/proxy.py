@@ -140,11 +140,10 @@ class ServiceRuntime:
     ramps and panic state, turned into a plan (see fastlb.dataplane) for the data path."""
 
     def __init__(self, svc: Service, shared: SharedState, health: HealthChecker,
-                 generation: Callable[[], int], reset_passive: Callable[[int], None]) -> None:
+                 generation: Callable[[], int]) -> None:
         self.shared = shared
         self.health = health
         self.generation = generation
-        self.reset_passive = reset_passive
         self.config: Service | None = None
         self.ramp: dict[str, float] = {}          # address -> when its slow start began
         self.panic = False
@@ -164,10 +163,8 @@ class ServiceRuntime:
         old_addresses = {b.address.text for b in old.backends} if old else set()
         for b in svc.backends:
             slot = self.shared.slot_for(svc.name, b.address.text)
-            if old is not None and b.address.text not in old_addresses:
-                self.reset_passive(slot)
-                if slowstart > 0:
-                    self.ramp[b.address.text] = time.monotonic()   # added: eased in
+            if old is not None and b.address.text not in old_addresses and slowstart > 0:
+                self.ramp[b.address.text] = time.monotonic()       # added: eased in
             self.health.track(svc.name, b.address.text, slot, b.address.host, b.address.port, b.health)
 
     def remove(self) -> None:
@@ -177,10 +174,9 @@ class ServiceRuntime:
             self.shared.release(self.config.name, b.address.text, self.generation())
 
     def health_changed(self, address: str, up: bool) -> None:
+        """Slow start begins when a backend comes back up. (Its passive failure streak is reset
+        by each data path, which sees the bit go up: DataService.apply.)"""
         assert self.config is not None
-        slot = self.shared.slots.get((self.config.name, address))
-        if slot is not None:
-            self.reset_passive(slot)
         if up and self.config.health and self.config.health.slowstart > 0:
             self.ramp[address] = time.monotonic()
 
@@ -283,10 +279,6 @@ class Balancer:
         self._last_accept_error = 0.0
 
     # -- registry -> plans -> data path ---------------------------------------------------------
-    def _reset_passive(self, slot: int) -> None:
-        if self.engine is not None:
-            self.engine.reset_passive(slot)
-
     def apply(self, snapshot: Mapping[str, Service]) -> None:
         for name in list(self.services):
             if name not in snapshot:
@@ -296,7 +288,7 @@ class Balancer:
             rt = self.services.get(name)
             if rt is None:
                 self.services[name] = ServiceRuntime(svc, self.shared, self.health,
-                                                     lambda: self.snapshot_gen + 1, self._reset_passive)
+                                                     lambda: self.snapshot_gen + 1)
             elif rt.config != svc:
                 rt.configure(svc)
         self.push()

@@ -243,14 +243,6 @@ cdef class Session:
     cdef public double last              # last activity (coarse clock)
     cdef bint counted
 
-    @property
-    def open(self):
-        return self.state != S_CLOSED
-
-    @property
-    def connecting(self):
-        return self.state == S_CONNECTING
-
     def abort(self):
         """Close both sides now (shutdown, idle timeout)."""
         self._close()
@@ -623,10 +615,6 @@ cdef class Engine:
             self.npool += 1
         else:
             free(buf)
-
-    def clock(self):
-        """The engine's coarse monotonic clock (what deadlines and `last` are in)."""
-        return _coarse_now()
 
     def listen(self, sock, ServiceState svc, bint shared=False):
         """Accept connections of ``svc`` on the listening socket ``sock`` (kept open). With

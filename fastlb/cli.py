@@ -18,8 +18,21 @@ def _setup_logging(level: str) -> None:
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
 
 
+EPILOG = """\
+examples:
+  fastlb demo                          three local backends, one service per policy, a failover
+  fastlb check -c /etc/fastlb.toml     validate a config and what it needs from this machine
+  fastlb run -c /etc/fastlb.toml       run until SIGTERM (graceful) or SIGINT; SIGHUP reloads
+  fastlb ctl backends web              ask the running fastlb (see fastlb ctl --help)
+
+exit codes: 0 ok; 1 a failure while running (or, for ctl, a request the server refused);
+            2 a bad config, a problem `fastlb check` reports, or a usage error
+"""
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="fastlb", description="A TCP (layer 4) load balancer.")
+    p = argparse.ArgumentParser(prog="fastlb", description="A TCP (layer 4) load balancer.",
+                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"fastlb {__version__}")
     sub = p.add_subparsers(dest="verb", required=True)
     r = sub.add_parser("run", help="run the balancer")
@@ -27,8 +40,14 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     r.add_argument("--ignore-state", action="store_true",
                    help="start from the config alone, ignoring (and then overwriting) the state file")
-    c = sub.add_parser("check", help="validate a config file and print a summary")
+    c = sub.add_parser("check", help="validate a config and what it needs from this machine",
+                       description="Validate a config file, then check what `fastlb run` would "
+                                   "need from this machine (files, directories, free addresses: "
+                                   "each bound and released at once). Exit 2 on any problem.")
     c.add_argument("-c", "--config", required=True)
+    c.add_argument("--no-bind", action="store_true",
+                   help="do not try the listen, metrics and admin addresses (e.g. before "
+                        "reloading the fastlb that holds them)")
     d = sub.add_parser("demo", help="local backends + the balancer + a little load")
     d.add_argument("--connections", type=int, default=300, help="connections per policy")
     from fastlb import ctl
@@ -48,9 +67,18 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"fastlb: {exc}", file=sys.stderr)
         return 2
+    from fastlb import preflight
     if args.verb == "check":
+        found = preflight.problems(cfg, mode="check", bind=not args.no_bind)
+        if found:
+            print(preflight.report(found), file=sys.stderr)
+            return 2
         print(config.summary(cfg))
         return 0
+    found = preflight.problems(cfg, mode="run", ignore_state=args.ignore_state)
+    if found:
+        print(preflight.report(found), file=sys.stderr)
+        return 2
     _setup_logging(args.log_level)
     from fastlb import proxy
     try:

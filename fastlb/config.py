@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 import os
 import re
 import socket
@@ -210,6 +211,11 @@ class _Checker:
             raise self.fail(path, str(exc)) from None
 
 
+def error_at(source: str, text: str, path: str, message: str) -> ConfigError:
+    """A ConfigError for the key ``path`` of a config whose text is ``text`` (for its line)."""
+    return _Checker(text, source).fail(path, message)
+
+
 def _kind(value: Any) -> str:
     return {bool: "a boolean", int: "an integer", float: "a float", str: "a string",
             list: "an array", dict: "a table"}.get(type(value), type(value).__name__) + f" ({value!r})"
@@ -221,6 +227,46 @@ def _closest(key: str, allowed: set[str]) -> str:
     return f" (did you mean {match[0]!r}?)" if match else ""
 
 
+def usable_cpus(*, affinity: set[int] | None = None, cgroup_root: str = "/sys/fs/cgroup",
+                proc_cgroup: str = "/proc/self/cgroup") -> int:
+    """The CPUs this process may really use: its affinity mask (taskset, cpusets), lowered by a
+    cgroup v2 CPU quota (``cpu.max``, as set by ``docker --cpus`` or systemd's CPUQuota=) of its
+    cgroup or any parent, rounded up. At least 1. The keyword arguments are for tests."""
+    n = len(affinity if affinity is not None else os.sched_getaffinity(0)) or 1
+    quota = _cgroup_cpu_quota(cgroup_root, proc_cgroup)
+    if quota is not None:
+        n = min(n, max(1, math.ceil(quota)))
+    return n
+
+
+def _cgroup_cpu_quota(root: str, proc_cgroup: str) -> float | None:
+    """The tightest ``cpu.max`` quota (in CPUs) from our cgroup v2 up to the root, or None."""
+    try:
+        with open(proc_cgroup) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    # cgroup v2: the one line "0::/path"; a v1 or hybrid host has no cpu.max to read.
+    path = next((ln[3:] for ln in lines if ln.startswith("0::")), None)
+    if path is None:
+        return None
+    best = None
+    parts = [p for p in path.strip("/").split("/") if p]
+    for depth in range(len(parts), -1, -1):
+        try:
+            with open(os.path.join(root, *parts[:depth], "cpu.max")) as f:
+                fields = f.read().split()
+        except OSError:
+            continue
+        if len(fields) >= 2 and fields[0] != "max":
+            try:
+                q = int(fields[0]) / int(fields[1])
+            except (ValueError, ZeroDivisionError):
+                continue
+            best = q if best is None else min(best, q)
+    return best
+
+
 def parse_address(text: str, *, resolve: bool = True) -> Address:
     """``host:port`` or ``[v6]:port`` -> Address with an IP host. Raises ValueError."""
     m = re.match(r"^\[([^\]]+)\]:(\d+)$", text) or re.match(r"^([^:\[\]]+):(\d+)$", text)
@@ -229,6 +275,9 @@ def parse_address(text: str, *, resolve: bool = True) -> Address:
     host, port = m.group(1), int(m.group(2))
     if not 0 <= port <= 65535:
         raise ValueError(f"port {port} in {text!r} is out of range 0..65535")
+    if "%" in host:
+        raise ValueError(f"{text!r}: IPv6 zone ids (fe80::1%eth0) are not supported; "
+                         f"use a global or unique-local address")
     try:
         ipaddress.ip_address(host)
     except ValueError:
@@ -273,7 +322,7 @@ def from_dict(doc: dict, *, source: str = "config", text: str = "", resolve: boo
                 {"workers", "grace", "admin", "admin_token_file", "state_file", "metrics"})
     workers = g.get("workers", DEFAULTS["workers"])
     if workers == "auto":
-        workers = os.cpu_count() or 1
+        workers = min(usable_cpus(), MAX_WORKERS)
     elif isinstance(workers, str):
         raise c.fail("global.workers", f"{workers!r}: expected \"auto\" or a number from 1 to {MAX_WORKERS}")
     else:

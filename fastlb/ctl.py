@@ -7,61 +7,93 @@ connection problems.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 import tomllib
 from typing import Any
 
 from fastlb.admin.client import AdminClient, AdminError
+from fastlb.config import parse_address
 
 DEFAULT_SOCKET = "/run/fastlb/admin.sock"
 
 
+EXAMPLES = f"""\
+examples:
+  fastlb ctl backends web                      ADDRESS WEIGHT STATE HEALTH of service web
+  fastlb ctl add web 10.0.0.3:80 --weight 2    add a backend
+  fastlb ctl drain web 10.0.0.1:80 --timeout 60
+  fastlb ctl stats --json                      options may come before or after the verb
+  fastlb ctl --socket /tmp/fastlb.sock watch
+  fastlb ctl --tcp 127.0.0.1:9000 --token-file /etc/fastlb/token ping
+
+The socket is the one [global] admin names in fastlb's config (default {DEFAULT_SOCKET}).
+exit codes: 0 ok; 1 the server refused the request (its message on stderr);
+            2 usage error, or the admin socket cannot be reached
+"""
+
+# (verb, help, [(argument, add_argument keywords)])
+VERBS: list[tuple[str, str, list[tuple[str, dict[str, Any]]]]] = [
+    ("ping", "check that fastlb answers", []),
+    ("version", "fastlb's version and admin protocol version", []),
+    ("services", "list services: name, listen addresses, policy, backends", []),
+    ("backends", "backends of a service: address, weight, state, health",
+     [("service", {})]),
+    ("add", "add a backend to a service",
+     [("service", {}), ("address", {"help": "host:port"}),
+      ("--weight", {"type": int, "help": "1-1000000 (default 1)"}),
+      ("--state", {"choices": ["ready", "drain", "maint"], "help": "default ready"})]),
+    ("remove", "remove a backend (it drains: open connections go on)",
+     [("service", {}), ("address", {})]),
+    ("weight", "set a backend's weight",
+     [("service", {}), ("address", {}), ("weight", {"type": int})]),
+    ("drain", "no new connections to a backend; open ones go on",
+     [("service", {}), ("address", {}),
+      ("--timeout", {"type": float, "help": "close what is still open after this many seconds"})]),
+    ("maint", "take a backend out: no new connections",
+     [("service", {}), ("address", {}),
+      ("--close", {"action": "store_true", "help": "also close its open connections now"})]),
+    ("ready", "put a backend back in rotation", [("service", {}), ("address", {})]),
+    ("add-service", "add a service from a TOML file holding one [[service]] table",
+     [("file", {})]),
+    ("remove-service", "remove a service (open connections go on)", [("service", {})]),
+    ("stats", "per backend: state, health, active, totals, bytes, failures", []),
+    ("watch", "print registry and health events until interrupted", []),
+    ("reload", "re-read the config file and apply what changed (as SIGHUP)", []),
+    ("workers", "worker processes: pid, snapshot generation, connections", []),
+    ("restart-workers", "replace every worker, one at a time, dropping nothing", []),
+]
+
+
+def _connection_options() -> argparse.ArgumentParser:
+    """--socket/--tcp/--token-file/--json, accepted before the verb and after it. SUPPRESS as
+    the default, so a value given in one place is not overwritten by the other's default."""
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("connection and output")
+    g.add_argument("--socket", default=argparse.SUPPRESS,
+                   help=f"Unix admin socket ([global] admin = \"unix:...\"; "
+                        f"default {DEFAULT_SOCKET})")
+    g.add_argument("--tcp", metavar="HOST:PORT", default=argparse.SUPPRESS,
+                   help="TCP admin socket (needs --token-file)")
+    g.add_argument("--token-file", default=argparse.SUPPRESS,
+                   help="file holding the admin token (TCP)")
+    g.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                   help="print the raw result as JSON, for scripts")
+    return p
+
+
 def add_parser(sub: Any) -> None:
-    p = sub.add_parser("ctl", help="talk to a running fastlb through its admin socket")
-    where = p.add_mutually_exclusive_group()
-    where.add_argument("--socket", help=f"Unix admin socket (default {DEFAULT_SOCKET})")
-    where.add_argument("--tcp", metavar="HOST:PORT", help="TCP admin socket (needs --token-file)")
-    p.add_argument("--token-file", help="file holding the admin token (TCP)")
-    p.add_argument("--json", action="store_true", help="print the raw result as JSON")
-    verbs = p.add_subparsers(dest="ctl_verb", required=True)
-    verbs.add_parser("ping")
-    verbs.add_parser("version")
-    verbs.add_parser("services")
-    b = verbs.add_parser("backends", help="backends of a service")
-    b.add_argument("service")
-    a = verbs.add_parser("add", help="add a backend")
-    a.add_argument("service")
-    a.add_argument("address")
-    a.add_argument("--weight", type=int)
-    a.add_argument("--state", choices=["ready", "drain", "maint"])
-    r = verbs.add_parser("remove", help="remove a backend (it drains: open connections go on)")
-    r.add_argument("service")
-    r.add_argument("address")
-    w = verbs.add_parser("weight", help="set a backend's weight")
-    w.add_argument("service")
-    w.add_argument("address")
-    w.add_argument("weight", type=int)
-    d = verbs.add_parser("drain", help="no new connections; open ones go on")
-    d.add_argument("service")
-    d.add_argument("address")
-    d.add_argument("--timeout", type=float, help="close what is still open after this many seconds")
-    m = verbs.add_parser("maint", help="no new connections")
-    m.add_argument("service")
-    m.add_argument("address")
-    m.add_argument("--close", action="store_true", help="also close open connections")
-    rd = verbs.add_parser("ready", help="back in rotation")
-    rd.add_argument("service")
-    rd.add_argument("address")
-    s = verbs.add_parser("add-service", help="add a service from a TOML file with one [[service]]")
-    s.add_argument("file")
-    rs = verbs.add_parser("remove-service")
-    rs.add_argument("service")
-    verbs.add_parser("stats")
-    verbs.add_parser("watch", help="print registry and health events until interrupted")
-    verbs.add_parser("reload", help="re-read the config file and apply what changed")
-    verbs.add_parser("workers", help="worker processes: pid, snapshot generation, connections")
-    verbs.add_parser("restart-workers", help="replace every worker, one at a time, dropping nothing")
+    common = _connection_options()
+    p = sub.add_parser("ctl", help="talk to a running fastlb through its admin socket",
+                       description="Change and inspect a running fastlb through its admin socket.",
+                       parents=[common], epilog=EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    verbs = p.add_subparsers(dest="ctl_verb", required=True, metavar="VERB")
+    for name, help_, arguments in VERBS:
+        v = verbs.add_parser(name, help=help_, description=help_, parents=[common])
+        for arg, kw in arguments:
+            v.add_argument(arg, **kw)
 
 
 def _request(args: argparse.Namespace) -> tuple[str, dict]:
@@ -75,8 +107,13 @@ def _request(args: argparse.Namespace) -> tuple[str, dict]:
     if v == "remove-service":
         return "remove_service", {"service": args.service}
     if v == "add-service":
-        with open(args.file, "rb") as f:
-            doc = tomllib.load(f)
+        try:
+            with open(args.file, "rb") as f:
+                doc = tomllib.load(f)
+        except OSError as exc:
+            raise SystemExit(f"fastlb ctl: cannot read {args.file}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise SystemExit(f"fastlb ctl: {args.file}: TOML syntax error: {exc}") from None
         tables = doc.get("service", [])
         if len(tables) != 1:
             raise SystemExit(f"fastlb ctl: {args.file} must hold exactly one [[service]] table")
@@ -129,28 +166,62 @@ def _show(verb: str, result: Any) -> str:
     return str(result)
 
 
+def _connect(args: argparse.Namespace) -> AdminClient:
+    """Raises SystemExit(2) with a message naming what was tried and what to check."""
+    tcp, socket_path = getattr(args, "tcp", None), getattr(args, "socket", None)
+    token_file = getattr(args, "token_file", None)
+    if tcp and socket_path:
+        raise SystemExit("fastlb ctl: give --socket or --tcp, not both")
+    if tcp:
+        if not token_file:
+            raise SystemExit("fastlb ctl: --tcp needs --token-file (the file named by "
+                             "[global] admin_token_file in fastlb's config)")
+        try:
+            with open(token_file) as f:
+                token = f.read().strip()
+        except OSError as exc:
+            raise SystemExit(f"fastlb ctl: cannot read the token file {token_file}: "
+                             f"{exc.strerror}") from None
+        try:
+            addr = parse_address(tcp, resolve=False)
+        except ValueError as exc:
+            raise SystemExit(f"fastlb ctl: --tcp {tcp}: {exc}") from None
+        try:
+            return AdminClient(tcp=(addr.host, addr.port), token=token)
+        except OSError as exc:
+            raise SystemExit(f"fastlb ctl: cannot reach the TCP admin socket {tcp}: "
+                             f"{exc.strerror or exc}; is fastlb running with [global] admin = "
+                             f"\"tcp:{tcp}\"?") from None
+    path = socket_path or DEFAULT_SOCKET
+    try:
+        return AdminClient(socket_path=path)
+    except OSError as exc:
+        why = {errno.ENOENT: "no such socket", errno.ECONNREFUSED: "nothing answers there",
+               errno.EACCES: "permission denied (the socket is mode 0600: run as its owner)"
+               }.get(exc.errno or 0, exc.strerror or str(exc))
+        raise SystemExit(f"fastlb ctl: cannot reach the admin socket {path}: {why}. It must "
+                         f"be the path that [global] admin = \"unix:...\" names in fastlb's "
+                         f"config (give it with --socket); is fastlb running?") from None
+
+
 def main(args: argparse.Namespace) -> int:
     try:
-        if args.tcp:
-            if not args.token_file:
-                print("fastlb ctl: --tcp needs --token-file", file=sys.stderr)
-                return 2
-            with open(args.token_file) as f:
-                token = f.read().strip()
-            host, _, port = args.tcp.rpartition(":")
-            client = AdminClient(tcp=(host.strip("[]"), int(port)), token=token)
-        else:
-            client = AdminClient(socket_path=args.socket or DEFAULT_SOCKET)
-    except (OSError, ValueError) as exc:
-        print(f"fastlb ctl: cannot reach the admin socket: {exc}", file=sys.stderr)
+        client = _connect(args)
+    except SystemExit as exc:
+        print(exc.code, file=sys.stderr)
         return 2
+    as_json = getattr(args, "json", False)
     with client:
         try:
             if args.ctl_verb == "watch":
                 for ev in client.events():
-                    print(json.dumps(ev) if args.json else _show("event", ev), flush=True)
+                    print(json.dumps(ev) if as_json else _show("event", ev), flush=True)
                 return 0
-            op, fields = _request(args)
+            try:
+                op, fields = _request(args)
+            except SystemExit as exc:
+                print(exc.code, file=sys.stderr)
+                return 2
             result = client.call(op, **fields)
         except AdminError as exc:
             print(f"fastlb ctl: {exc.code}: {exc.message}", file=sys.stderr)
@@ -160,5 +231,5 @@ def main(args: argparse.Namespace) -> int:
             return 2
         except KeyboardInterrupt:
             return 0
-    print(json.dumps(result, indent=1) if args.json else _show(args.ctl_verb, result))
+    print(json.dumps(result, indent=1) if as_json else _show(args.ctl_verb, result))
     return 0

@@ -17,6 +17,8 @@ import sys
 import tempfile
 import time
 
+from fastlb import spawn
+
 NAMES = ("alpha", "bravo", "charlie")
 WEIGHTS = (3, 2, 1)
 POLICIES = ("round_robin", "random", "least_conn", "maglev")
@@ -24,7 +26,9 @@ CLIENT_IPS = [f"127.0.0.{i}" for i in range(2, 62)]   # 60 distinct clients for 
 
 
 def _start(args: list[str]) -> subprocess.Popen:
-    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    """Start ``python -m args...`` running this same fastlb package (see fastlb.spawn)."""
+    return subprocess.Popen(spawn.command(*args), env=spawn.environment(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
 
 
 def _wait_for(proc: subprocess.Popen, pattern: str, timeout: float = 10.0) -> tuple[re.Match, list[str]]:
@@ -90,7 +94,7 @@ def main(connections: int = 300) -> int:
     try:
         backends = {}
         for name in NAMES:
-            p = _start([sys.executable, "-m", "fastlb.devservers", "announce", "--name", name])
+            p = _start(["fastlb.devservers", "announce", "--name", name])
             procs.append(p)
             backends[name] = (p, int(_wait_for(p, r"READY (\d+)")[0].group(1)))
         print("fastlb demo: three backends on 127.0.0.1: "
@@ -105,7 +109,7 @@ def main(connections: int = 300) -> int:
         fd, cfg_path = tempfile.mkstemp(prefix="fastlb-demo-", suffix=".toml")
         with os.fdopen(fd, "w") as f:
             f.write("[global]\ngrace = \"2s\"\n\n" + "\n".join(blocks))
-        lb = _start([sys.executable, "-m", "fastlb", "run", "-c", cfg_path])
+        lb = _start(["fastlb", "run", "-c", cfg_path])
         procs.append(lb)
         _, lines = _wait_for(lb, r"fastlb ready")
         ports = {m.group(1): int(m.group(2)) for line in lines

@@ -6,6 +6,23 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import pytest
 
+CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def pytest_report_header(config):
+    import fastlb
+    return f"fastlb under test: {fastlb.__version__} from {os.path.dirname(fastlb.__file__)}"
+
+
+def pytest_configure(config):
+    # CI's second run (.ci/run) tests the installed wheel: make sure that is what is imported.
+    if os.environ.get("FASTLB_TEST_INSTALLED") == "1":
+        import fastlb
+        where = os.path.abspath(fastlb.__file__)
+        if where.startswith(CHECKOUT + os.sep):
+            raise pytest.UsageError(f"FASTLB_TEST_INSTALLED=1 but fastlb is imported from the "
+                                    f"checkout ({where}); run pytest from outside it")
+
 
 @pytest.fixture
 def procs():

@@ -11,15 +11,22 @@ import tempfile
 import threading
 import time
 
+from fastlb import spawn
+
 PY = sys.executable
 
 
 class Proc:
-    """A child process with its stderr/stdout collected by a thread."""
+    """A child process with its stderr/stdout collected by a thread. ``[PY, "-m", module, ...]``
+    runs through fastlb.spawn, so the child runs the fastlb package under test (the installed
+    one, in CI's installed-wheel run), whatever the current directory."""
 
     def __init__(self, args: list[str], registry: list) -> None:
+        env = None
+        if args[:2] == [PY, "-m"]:
+            args, env = spawn.command(*args[2:]), spawn.environment()
         self.popen = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True, bufsize=1)
+                                      text=True, bufsize=1, env=env)
         self.pid = self.popen.pid
         self.lines: list[str] = []
         self._cond = threading.Condition()

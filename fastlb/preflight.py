@@ -1,0 +1,178 @@
+"""Preflight: what a config needs from this machine, checked before anything binds.
+
+Owner: the checks `fastlb check` runs and `fastlb run` runs first. Config validation
+(fastlb.config) says whether a config is well-formed; this says whether this machine can run
+it: files that must be readable or writable, directories that must exist, addresses that must
+be free to bind (each is bound and released at once), an admin socket nobody else serves.
+Every problem is one ConfigError naming the file and line, the config key, what is wrong and
+the remedy.
+
+``check`` mode reports everything. ``run`` mode leaves out what `fastlb run` survives by
+itself, loudly: a listen address that cannot be bound fails only its own service, and a state
+file that cannot be written at start is retried in the background (acknowledged changes are
+refused meanwhile). So `run` never refuses to start on something `check` passed, but for a race.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import stat
+import tempfile
+from typing import Literal
+
+from fastlb.config import Address, Config, error_at, parse_address
+from fastlb.errors import ConfigError, FastLBError
+
+Mode = Literal["check", "run"]
+
+_BIND_REMEDY = {
+    errno.EADDRINUSE: "another process listens there (`ss -ltnp` shows which; a running fastlb? "
+                      "`fastlb check --no-bind` skips this check before a reload); stop it or "
+                      "choose another port",
+    errno.EADDRNOTAVAIL: "that IP is not an address of this machine; use one of its addresses, "
+                         "or 0.0.0.0 / [::] for all",
+    errno.EACCES: "ports below 1024 need root or CAP_NET_BIND_SERVICE (systemd: "
+                  "AmbientCapabilities=CAP_NET_BIND_SERVICE); or use a port from 1024",
+}
+
+
+def problems(cfg: Config, *, mode: Mode = "check", bind: bool = True,
+             ignore_state: bool = False) -> list[ConfigError]:
+    """Every problem found, in config order; [] when the config can run here."""
+    text = _read_text(cfg.source)
+    out: list[ConfigError] = []
+
+    def fail(key: str, message: str) -> None:
+        out.append(error_at(cfg.source, text, key, message))
+
+    g = cfg.global_
+    if g.admin and g.admin.startswith("tcp:") and g.admin_token_file:
+        _check_token_file(g.admin_token_file, fail)
+    if g.state_file:
+        _check_state_file(g.state_file, fail, writable=mode == "check",
+                          load=not ignore_state)
+    if g.admin and g.admin.startswith("unix:"):
+        _check_unix_socket(g.admin[5:], fail, live=bind)
+    if bind:
+        if g.admin and g.admin.startswith("tcp:"):
+            _check_bind(parse_address(g.admin[4:]), "global.admin", fail)
+        if g.metrics:
+            _check_bind(parse_address(g.metrics), "global.metrics", fail)
+        if mode == "check":
+            for i, svc in enumerate(cfg.services):
+                for j, addr in enumerate(svc.listen):
+                    _check_bind(addr, f"service[{i}].listen[{j}]", fail)
+    return out
+
+
+def _read_text(source: str) -> str:
+    try:
+        with open(source, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError):
+        return ""
+
+
+def _check_token_file(path: str, fail) -> None:
+    key = "global.admin_token_file"
+    try:
+        with open(path) as f:
+            token = f.read().strip()
+    except FileNotFoundError:
+        fail(key, f"the token file {path} does not exist; create it with the token that admin "
+                  f"clients send (e.g. `head -c 32 /dev/urandom | base64 > {path}; "
+                  f"chmod 600 {path}`)")
+        return
+    except OSError as exc:
+        fail(key, f"cannot read the token file {path}: {exc.strerror}; make it readable by "
+                  f"the user fastlb runs as (and by nobody else: chmod 600)")
+        return
+    if not token:
+        fail(key, f"the token file {path} is empty; write the token into it")
+
+
+def _check_state_file(path: str, fail, *, writable: bool, load: bool) -> None:
+    key = "global.state_file"
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        what = "is not a directory" if os.path.exists(directory) else "does not exist"
+        fail(key, f"the state file's directory {directory} {what}; create it "
+                  f"(mkdir -p {directory}) or point state_file elsewhere")
+        return
+    if os.path.exists(path) and not os.path.isfile(path):
+        fail(key, f"{path} exists and is not a regular file; remove it or point state_file "
+                  f"elsewhere")
+        return
+    if writable:
+        try:   # a real write: access() would say yes to root on a read-only file system
+            fd, probe = tempfile.mkstemp(prefix=".fastlb-check-", dir=directory)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            fail(key, f"cannot write in the state file's directory {directory}: "
+                      f"{exc.strerror}; make it writable by the user fastlb runs as (or free "
+                      f"disk space), or point state_file elsewhere")
+            return
+    if load and os.path.exists(path):
+        from fastlb import statefile
+        try:
+            statefile.load(path)
+        except FastLBError as exc:
+            fail(key, str(exc))
+
+
+def _check_unix_socket(path: str, fail, *, live: bool) -> None:
+    key = "global.admin"
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        fail(key, f"the admin socket's directory {directory} does not exist; create it "
+                  f"(mkdir -p {directory}; systemd: RuntimeDirectory=fastlb) or choose "
+                  f"another path")
+        return
+    if not os.access(directory, os.W_OK | os.X_OK):
+        fail(key, f"cannot create the admin socket in {directory}: permission denied; make "
+                  f"the directory writable by the user fastlb runs as")
+        return
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        fail(key, f"{path} exists and is not a socket; fastlb will not remove it: move it "
+                  f"away or choose another admin path")
+        return
+    if live:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(1.0)
+        try:
+            s.connect(path)
+        except OSError:
+            return                              # stale: fastlb replaces it at start
+        finally:
+            s.close()
+        fail(key, f"another process (a running fastlb?) answers on the admin socket {path}; "
+                  f"stop it, or give this fastlb another admin path")
+
+
+def _check_bind(addr: Address, key: str, fail) -> None:
+    family = socket.AF_INET6 if ":" in addr.host else socket.AF_INET
+    s = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as the real listeners do
+        if family == socket.AF_INET6:
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        s.bind((addr.host, addr.port))
+        s.listen(1)
+    except OSError as exc:
+        remedy = _BIND_REMEDY.get(exc.errno or 0, "check the address")
+        fail(key, f"cannot listen on {addr.text}: {exc.strerror}; {remedy}")
+    finally:
+        s.close()
+
+
+def report(found: list[ConfigError]) -> str:
+    return "\n".join(f"fastlb: {p}" for p in found)
+
+
+__all__ = ["problems", "report", "ConfigError"]

@@ -12,6 +12,9 @@ runs; runs interleave the peers so that machine noise hits them alike. The balan
 comes from /proc/PID/stat (all its processes), shown as % of one core during the load.
 With --workers 1,2 fastlb is also measured with 2 worker processes ("fastlb-2w"), pinned to
 every CPU: on a 2-core machine its second worker shares CPU 1 with the load generator.
+With --baseline PYTHON, a second fastlb ("fastlb-base": the fastlb that interpreter imports,
+e.g. a venv with an older commit installed) runs beside the current one in the same run, for
+a regression check that the machine's noise hits alike.
 Every process started is stopped by PID; all traffic stays on 127.0.0.1.
 """
 from __future__ import annotations
@@ -175,11 +178,22 @@ backends = [ {{ address = "127.0.0.1:{backend}" }} ]
 """
 
 
+BASELINE_PYTHON: str | None = None     # --baseline
+
+
 def start_peer(stack: Stack, name: str, backend: int) -> tuple[subprocess.Popen | None, int]:
     if name == "direct":
         return None, backend
     port = free_port()
     fmt = dict(port=port, backend=backend, tmp=stack.tmp)
+    if name == "fastlb-base":
+        assert BASELINE_PYTHON is not None
+        # -P: the baseline interpreter's own fastlb, never the checkout we stand in
+        cmd = [BASELINE_PYTHON, "-P", "-m", "fastlb", "run", "-c",
+               stack.write("fastlb-base.toml", FASTLB.format(workers=1, **fmt))]
+        p = stack.start(cmd, CPU_LB)
+        wait_port(port)
+        return p, port
     if name == "haproxy":
         cmd = ["haproxy", "-db", "-f", stack.write("haproxy.cfg", HAPROXY.format(**fmt))]
     elif name == "nginx":
@@ -259,9 +273,16 @@ def main() -> int:
     ap.add_argument("--workers", default="1",
                     help="fastlb worker counts to measure, e.g. 1,2 (each is a peer: fastlb, fastlb-2w)")
     ap.add_argument("--loads", default=",".join(LOADS))
+    ap.add_argument("--baseline", metavar="PYTHON",
+                    help="also run the fastlb this interpreter imports, as peer fastlb-base")
     ap.add_argument("--json", default=os.path.join(HERE, "results", "e2e.json"))
     a = ap.parse_args()
     peers, loads = a.only.split(","), a.loads.split(",")
+    if a.baseline:
+        global BASELINE_PYTHON
+        BASELINE_PYTHON = a.baseline
+        at = peers.index("fastlb") if "fastlb" in peers else len(peers)
+        peers.insert(at, "fastlb-base")
     extra = [f"fastlb-{n}w" for n in a.workers.split(",") if n.strip() != "1"]
     if extra:
         at = peers.index("fastlb") + 1 if "fastlb" in peers else len(peers)

@@ -19,19 +19,14 @@ import msgpack
 
 from fastlb import config
 from fastlb.config import Service
-from fastlb.errors import ConfigError, FastLBError
+from fastlb.errors import ConfigError, StateFileError
+
+__all__ = ["StateFileError", "load", "save"]
 
 FORMAT = "fastlb-state"
 VERSION = 1
 
 
-class StateFileError(FastLBError):
-    """The state file cannot be used; fastlb refuses to start rather than discard it."""
-
-    def __init__(self, path: str, problem: str) -> None:
-        self.path = path
-        super().__init__(f"state file {path}: {problem}; fix or move it away, or start with "
-                         f"--ignore-state to start from the config alone")
 
 
 def save(path: str, registry: Mapping[str, Service], cfg: Mapping[str, Service]) -> None:

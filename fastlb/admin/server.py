@@ -15,8 +15,8 @@ import os
 from typing import Any, Awaitable, Callable
 
 from fastlb.admin import protocol
-from fastlb.admin.protocol import AdminProtocolError, Request
-from fastlb.errors import FastLBError
+from fastlb.admin.protocol import Request
+from fastlb.errors import AdminProtocolError, FastLBError
 
 log = logging.getLogger("fastlb.admin")
 
@@ -82,12 +82,12 @@ class AdminServer:
         try:
             while data := await reader.read(65536):
                 try:
-                    messages = decoder.feed(data)
+                    decoder.push(data)
+                    for obj in decoder:              # requests before a bad value are answered
+                        writer.write(await self._one(obj, writer))
                 except AdminProtocolError as exc:
                     writer.write(protocol.error(None, exc.code, exc.message))
                     break                            # the stream's framing is lost
-                for obj in messages:
-                    writer.write(await self._one(obj, writer))
                 await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError):
             pass

@@ -27,8 +27,18 @@ from fastlb.config import MAX_WEIGHT, STATES
 from fastlb.errors import AdminProtocolError
 from fastlb.unpacking import Limits, depth, limit_error
 
-__all__ = ["AdminProtocolError", "Decoder", "Request", "REQUEST_LIMITS", "REPLY_LIMITS",
-           "parse_request", "encode", "ok", "error", "event"]
+__all__ = [
+    "REPLY_LIMITS",
+    "REQUEST_LIMITS",
+    "AdminProtocolError",
+    "Decoder",
+    "Request",
+    "encode",
+    "error",
+    "event",
+    "ok",
+    "parse_request",
+]
 
 PROTOCOL_VERSION = 1
 MAX_MESSAGE = 1 << 20

@@ -27,7 +27,7 @@ from typing import Any, Callable, Mapping
 from fastlb import __version__, _core, config, statefile
 from fastlb.admin import protocol
 from fastlb.admin.protocol import AdminProtocolError, Request
-from fastlb.admin.server import AdminServer
+from fastlb.admin.server import AdminServer, clear_stale_socket
 from fastlb.config import Address, Config, Service
 from fastlb.dataplane import DataService, sweep_forever
 from fastlb.errors import ConfigError, FastLBError, StateFileError
@@ -532,6 +532,8 @@ class Balancer:
         self.loop.add_signal_handler(signal.SIGTERM, self.request_stop, "term")
         self.loop.add_signal_handler(signal.SIGINT, self.request_stop, "int")
         self.loop.add_signal_handler(signal.SIGHUP, self._on_hup)
+        if self.cfg.global_.admin:                   # a live fastlb there: refuse, touching nothing
+            clear_stale_socket(self.cfg.global_.admin)
         self.start()
         if self.pool is not None:
             workers = [self.pool.spawn() for _ in range(self.nworkers)]

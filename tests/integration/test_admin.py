@@ -488,3 +488,43 @@ def test_ctl_cli_tables_json_and_errors(lb3, tmp_path):
     out = subprocess.run([PY, "-m", "fastlb", "ctl", "--socket", f"{tmp_path}/nope.sock", "ping"],
                          capture_output=True, text=True, timeout=20)
     assert out.returncode == 2 and "cannot reach the admin socket" in out.stderr
+
+
+def test_a_second_fastlb_refuses_to_steal_a_live_admin_socket(procs, tmp_path):
+    _, be = start_backend(procs, "announce", name="a")
+    first, (port,) = start_fastlb(procs, admin_config(tmp_path, service("web", [(be, 1)])))
+    with client(tmp_path) as c:
+        c.call("set_weight", service="web", address=f"127.0.0.1:{be}", weight=3)
+    state = (tmp_path / "state.msgpack").read_bytes()
+    cfg = tmp_path / "second.toml"
+    cfg.write_text(admin_config(tmp_path, service("web", [(be, 1)])))   # same admin, state, port 0
+    second = Proc([PY, "-m", "fastlb", "run", "-c", str(cfg)], procs)
+    assert second.wait(15) == 2
+    assert (f"admin socket {tmp_path}/admin.sock ([global] admin): a process accepts connections "
+            f"there: another fastlb seems to run with this admin socket") in second.output
+    assert "fastlb ready" not in second.output
+    assert (tmp_path / "state.msgpack").read_bytes() == state        # it touched nothing
+    with client(tmp_path) as c:                                       # the first one goes on
+        assert c.call("ping") == "pong"
+        assert c.call("backends", service="web")[0]["weight"] == 3
+    assert names_of(port, 2) == ["a", "a"]
+
+
+def test_a_stale_admin_socket_is_replaced_and_a_regular_file_is_never_removed(procs, tmp_path):
+    _, be = start_backend(procs, "announce", name="a")
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(f"{tmp_path}/admin.sock")                 # bound, never listening: refused
+    stale.close()
+    start_fastlb(procs, admin_config(tmp_path, service("web", [(be, 1)])))
+    with client(tmp_path) as c:
+        assert c.call("ping") == "pong"
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "admin.sock").write_text("not a socket")
+    cfg = tmp_path / "f.toml"
+    cfg.write_text(admin_config(other, service("web", [(be, 1)])))
+    lb = Proc([PY, "-m", "fastlb", "run", "-c", str(cfg)], procs)
+    assert lb.wait(15) == 2
+    assert (f"admin socket {other}/admin.sock ([global] admin): the path exists and is a regular "
+            f"file, not a socket; fastlb never removes it") in lb.output
+    assert (other / "admin.sock").read_text() == "not a socket"

@@ -330,7 +330,8 @@ def test_startup_errors_name_what_and_where(procs, tmp_path):
          f"cannot listen on 127.0.0.1:{port}: Address already in use"),
         (f'[global]\nadmin = "unix:{tmp_path}/no/such/dir/a.sock"\n'
          f'[[service]]\nname = "web"\nlisten = ["127.0.0.1:0"]\n',
-         f"admin socket unix:{tmp_path}/no/such/dir/a.sock: No such file or directory"),
+         f"admin socket unix:{tmp_path}/no/such/dir/a.sock ([global] admin): its directory "
+         f"{tmp_path}/no/such/dir does not exist; create it (mkdir -p {tmp_path}/no/such/dir)"),
     ]:
         path = tmp_path / "f.toml"
         path.write_text(text)

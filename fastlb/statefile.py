@@ -325,19 +325,20 @@ class StateStore:
         usable. Removes stale temp files of a crashed save first."""
         self.remove_stale_temps()
         self._current_known = True
+        missing = False
         try:
             raw = _read(self.path)
             if raw is not None:
                 loaded = decode(raw)
                 self._current = raw
                 return loaded
-            problem = "it is missing"
+            missing, problem = True, "it is missing"
         except _Unusable as exc:
             problem = str(exc)
         try:
             prev = _read(self.prev_path)
             if prev is None:
-                if raw is None:
+                if missing:
                     return None                 # neither file: no state yet
                 raise StateFileError(self.path, f"{problem}; there is no previous generation "
                                                 f"({self.prev_path}) to fall back on")

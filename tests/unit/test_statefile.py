@@ -15,7 +15,7 @@ import pytest
 
 from fastlb import config, statefile
 from fastlb.errors import StateFileError, StateWriteError
-from fastlb.statefile import HEADER_SIZE, MAGIC, StateStore
+from fastlb.statefile import HEADER_SIZE, MAGIC, MAX_FILE, StateStore
 
 PY = sys.executable
 
@@ -145,6 +145,20 @@ def test_unusable_current_without_prev_refuses(store):
     open(store.path, "wb").write(b"\x93garbage")
     with pytest.raises(StateFileError, match="there is no previous generation"):
         store.load()
+
+
+def sparse_huge(path):
+    with open(path, "wb") as f:
+        f.truncate(MAX_FILE + 1)                                  # sparse: no disk used
+
+
+@pytest.mark.parametrize("make", [os.mkdir, sparse_huge])
+def test_an_unreadable_current_without_prev_refuses(store, make):
+    make(store.path)
+    with pytest.raises(StateFileError) as info:
+        store.load()
+    assert ("it is a directory" in str(info.value) or "more than the 256 MiB" in str(info.value))
+    assert "there is no previous generation" in str(info.value)
 
 
 def test_missing_current_with_an_unusable_prev_refuses(store):
@@ -400,5 +414,4 @@ def test_kill_9_during_saves_leaves_the_last_acknowledged_generation(tmp_path):
         acked = int(rest[-1]) if rest else acked
         got = weight_of(StateStore(path).load())                 # (removes the crash's temps)
         assert got in (acked, acked + 1), (round_, got, acked)   # acked, or the one in flight
-        assert os.listdir(tmp_path) == ["state.msgpack", "state.msgpack.prev"] or \
-            sorted(os.listdir(tmp_path)) == ["state.msgpack", "state.msgpack.prev"]
+        assert sorted(os.listdir(tmp_path)) == ["state.msgpack", "state.msgpack.prev"]

@@ -346,10 +346,12 @@ class StateStore:
         except _Unusable as exc:
             raise StateFileError(self.path, f"{problem}; its previous generation {self.prev_path} "
                                             f"is unusable too: {exc}") from None
+        aside = "" if missing else f"; the unusable file is set aside as {self.corrupt_path} " \
+                                   f"at the next write"
         log.error("state file %s ([global] state_file) is unusable: %s; starting from its previous "
-                  "generation %s, which lacks the last acknowledged change if the disk damaged the "
-                  "file (check the disk); the unusable file is set aside as %s at the next write",
-                  self.path, problem, self.prev_path, self.corrupt_path)
+                  "generation %s, which lacks the last acknowledged change if something outside "
+                  "fastlb damaged the file (check the disk)%s", self.path, problem, self.prev_path,
+                  aside)
         return loaded
 
     def remove_stale_temps(self) -> int:

@@ -181,3 +181,45 @@ def test_a_version_1_file_is_read_and_rewritten_as_version_2(procs, tmp_path):
     assert open(path, "rb").read().startswith(MAGIC)
     assert open(path + ".prev", "rb").read() == v1
     assert statefile.load(path)[0]["web"].backends[0].weight == 6
+
+
+def test_a_disk_that_fills_while_running_refuses_changes_until_freed(procs, tmp_path):
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)],
+                       capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        _, pa = start_backend(procs, "announce", name="a")
+        path = str(mnt / "state.msgpack")
+        lb, (port,) = start_fastlb(procs, conf(tmp_path, path, service("web", [(pa, 1)])))
+        addr = f"127.0.0.1:{pa}"
+        with client(tmp_path) as c:
+            c.call("set_weight", service="web", address=addr, weight=2)
+            fd = os.open(mnt / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
+            for size in (65536, 4096, 512, 1):
+                try:
+                    while True:
+                        os.write(fd, b"\0" * size)
+                except OSError:
+                    pass
+            os.close(fd)
+            for w in (3, 4):                                     # two refusals, one log line
+                with pytest.raises(AdminError) as info:
+                    c.call("set_weight", service="web", address=addr, weight=w)
+                assert info.value.code == "persist_failed"
+                assert "no space left on the device" in info.value.message
+            assert c.call("backends", service="web")[0]["weight"] == 2
+            assert [b.weight for b in StateStore(path).load()[0]["web"].backends] == [2]
+            (line,) = state_lines(lb)
+            assert "Admin changes are refused (persist_failed)" in line and "free disk space" in line
+            os.unlink(mnt / "filler")
+            c.call("set_weight", service="web", address=addr, weight=5)
+            lb.wait_line("written again")
+        assert [b.weight for b in StateStore(path).load()[0]["web"].backends] == [5]
+        assert names_of(port, 2) == ["a", "a"]
+    finally:
+        for p in procs:
+            p.stop()
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

@@ -160,11 +160,6 @@ def parse_request(obj: Any) -> Request:
     """A decoded msgpack value -> Request, or a (non-fatal) AdminProtocolError."""
     if not isinstance(obj, dict):
         raise AdminProtocolError("bad_request", f"a request must be a map, got {_kind(obj)}")
-    nesting = depth(obj, REQUEST_LIMITS.max_depth)
-    if nesting > REQUEST_LIMITS.max_depth:
-        rid = obj.get("id") if type(obj.get("id")) is int else None
-        raise AdminProtocolError("bad_request", f"a request nests arrays and maps more than "
-                                 f"{REQUEST_LIMITS.max_depth} deep; none needs more than 5", id=rid)
     rid = obj.get("id")
     if not isinstance(rid, int) or isinstance(rid, bool):
         raise AdminProtocolError("bad_request", f"\"id\" must be an integer, got {_kind(rid)}")
@@ -191,6 +186,12 @@ def parse_request(obj: Any) -> Request:
                     _MAP: "a map"}[want]
             raise AdminProtocolError("bad_request", f"{op}: \"{key}\" must be {name}, got "
                                      f"{_kind(value)}", id=rid)
+        # A map field is the only way to nest (the request is level 1): bound it before any
+        # code walks or formats it. Checked after the cheap checks, so junk is refused cheaply.
+        if isinstance(value, dict) and depth(value, REQUEST_LIMITS.max_depth) >= REQUEST_LIMITS.max_depth:
+            raise AdminProtocolError("bad_request", f"{op}: \"{key}\" nests arrays and maps more than "
+                                     f"{REQUEST_LIMITS.max_depth} deep in the request; none needs "
+                                     f"more than 5", id=rid)
         args[key] = value
     for key, (_, required) in schema.items():
         if required and key not in args:

@@ -241,3 +241,10 @@ def test_errors_are_importable_from_their_old_modules():
     assert protocol.AdminProtocolError is errors.AdminProtocolError
     assert client.AdminError is errors.AdminError
     assert statefile.StateFileError is errors.StateFileError
+
+
+def test_depth_is_checked_after_the_cheap_checks():
+    """Junk is refused by the schema before anything walks it (a 1 MiB array costs nothing)."""
+    junk = {"id": 1, "op": "ping", "x": [[0] * 4000 for _ in range(250)]}
+    with pytest.raises(AdminProtocolError, match="ping: unknown field 'x'"):
+        parse_request(junk)

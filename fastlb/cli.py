@@ -69,7 +69,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from fastlb import preflight
     if args.verb == "check":
-        found = preflight.problems(cfg, mode="check", bind=not args.no_bind)
+        warnings: list[ConfigError] = []
+        found = preflight.problems(cfg, mode="check", bind=not args.no_bind, warnings=warnings)
+        for w in warnings:
+            print(f"fastlb: warning: {w}", file=sys.stderr)
         if found:
             print(preflight.report(found), file=sys.stderr)
             return 2

@@ -35,3 +35,56 @@ class ConfigError(FastLBError, ValueError):
         if line is not None:
             where += f":{line}"
         super().__init__(f"{where}: {path}: {message}" if path else f"{where}: {message}")
+
+
+class StateFileError(FastLBError):
+    """The state file (``[global] state_file``) cannot be read or written.
+
+    ``path`` is the state file; the message names it, the config key, what went wrong in words
+    and what to do. Raised by fastlb.statefile: at start (fastlb refuses to start rather than
+    discard acknowledged changes) and on a failed write (see StateWriteError).
+    """
+
+    def __init__(self, path: str, problem: str, remedy: str | None = None) -> None:
+        self.path = path
+        self.problem = problem
+        self.remedy = remedy if remedy is not None else (
+            "fix or move it away, or start with `fastlb run --ignore-state` to start from the "
+            "config alone (the state file is then overwritten)")
+        super().__init__(f"state file {path} ([global] state_file): {problem}; {self.remedy}")
+
+
+class StateWriteError(StateFileError, OSError):
+    """A write of the state file failed (missing directory, full disk, read-only...); nothing on
+    disk changed. An OSError too, so callers that catch the builtin keep working: ``errno`` is
+    the failed call's, ``strerror`` the whole message in words."""
+
+    def __init__(self, path: str, problem: str, remedy: str, errno: int | None = None) -> None:
+        StateFileError.__init__(self, path, problem, remedy)
+        self.errno = errno
+        self.strerror = self.message = Exception.__str__(self)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class AdminProtocolError(FastLBError):
+    """A request (or the stream) on the admin socket is invalid. ``code`` is the protocol's error
+    code, ``id`` the request's id when known; ``fatal``: the stream's framing is lost and the
+    connection must close."""
+
+    def __init__(self, code: str, message: str, *, id: int | None = None, fatal: bool = False):
+        self.code = code
+        self.message = message
+        self.id = id
+        self.fatal = fatal
+        super().__init__(message)
+
+
+class AdminError(FastLBError):
+    """The admin server answered a request with an error (raised by the client)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        self.code = code
+        self.message = message
+        super().__init__(f"{code}: {message}")

@@ -22,7 +22,7 @@ import tempfile
 from typing import Literal
 
 from fastlb.config import Address, Config, error_at, parse_address
-from fastlb.errors import ConfigError, FastLBError
+from fastlb.errors import ConfigError
 
 Mode = Literal["check", "run"]
 
@@ -38,20 +38,28 @@ _BIND_REMEDY = {
 
 
 def problems(cfg: Config, *, mode: Mode = "check", bind: bool = True,
-             ignore_state: bool = False) -> list[ConfigError]:
-    """Every problem found, in config order; [] when the config can run here."""
+             ignore_state: bool = False,
+             warnings: list[ConfigError] | None = None) -> list[ConfigError]:
+    """Every problem found, in config order; [] when the config can run here. What run
+    survives but an operator should know (a state file run would fall back from) is appended
+    to ``warnings`` when given. In run mode the state file is loaded by the supervisor itself
+    (StateStore.load), which refuses to start on what check reports here."""
     text = _read_text(cfg.source)
     out: list[ConfigError] = []
 
     def fail(key: str, message: str) -> None:
         out.append(error_at(cfg.source, text, key, message))
 
+    def warn(key: str, message: str) -> None:
+        if warnings is not None:
+            warnings.append(error_at(cfg.source, text, key, message))
+
     g = cfg.global_
     if g.admin and g.admin.startswith("tcp:") and g.admin_token_file:
         _check_token_file(g.admin_token_file, fail)
     if g.state_file:
-        _check_state_file(g.state_file, fail, writable=mode == "check",
-                          load=not ignore_state)
+        _check_state_file(g.state_file, fail, warn, writable=mode == "check",
+                          load=not ignore_state and mode == "check")
     if g.admin and g.admin.startswith("unix:"):
         _check_unix_socket(g.admin[5:], fail, live=bind)
     if bind:
@@ -92,7 +100,7 @@ def _check_token_file(path: str, fail) -> None:
         fail(key, f"the token file {path} is empty; write the token into it")
 
 
-def _check_state_file(path: str, fail, *, writable: bool, load: bool) -> None:
+def _check_state_file(path: str, fail, warn, *, writable: bool, load: bool) -> None:
     key = "global.state_file"
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
@@ -114,12 +122,13 @@ def _check_state_file(path: str, fail, *, writable: bool, load: bool) -> None:
                       f"{exc.strerror}; make it writable by the user fastlb runs as (or free "
                       f"disk space), or point state_file elsewhere")
             return
-    if load and os.path.exists(path):
+    if load:
         from fastlb import statefile
-        try:
-            statefile.load(path)
-        except FastLBError as exc:
-            fail(key, str(exc))
+        error, warning = statefile.StateStore(path).inspect()   # reads only, changes nothing
+        if error:
+            fail(key, error)
+        if warning:
+            warn(key, warning)
 
 
 def _check_unix_socket(path: str, fail, *, live: bool) -> None:

@@ -7,7 +7,7 @@ stops cleanly: SIGTERM stops accepting, lets open connections finish for ``grace
 closes them; SIGINT closes everything at once; SIGHUP reloads the config.
 The per-connection work is all in the core's Engine; nothing here runs per connection or byte.
 
-A registry change follows STYLE.md point 9: validate (Registry.plan), persist (statefile.save,
+A registry change follows STYLE.md point 9: validate (Registry.plan), persist (StateStore.save,
 fsynced, in a thread so the data path keeps running), swap (Registry.commit), apply (to the
 data path: for the next connection; no open connection is touched unless asked), reply.
 """
@@ -27,10 +27,10 @@ from typing import Any, Callable, Mapping
 from fastlb import __version__, _core, config, statefile
 from fastlb.admin import protocol
 from fastlb.admin.protocol import AdminProtocolError, Request
-from fastlb.admin.server import AdminServer
+from fastlb.admin.server import AdminServer, clear_stale_socket
 from fastlb.config import Address, Config, Service
 from fastlb.dataplane import DataService, sweep_forever
-from fastlb.errors import ConfigError, FastLBError
+from fastlb.errors import ConfigError, FastLBError, StateFileError
 from fastlb.health import HealthChecker
 from fastlb.registry import Registry, RegistryError, reconcile
 from fastlb.workers import WorkerPool
@@ -224,13 +224,14 @@ def _fmt(sockaddr: tuple) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def initial_registry(cfg: Config, ignore_state: bool = False) -> dict[str, Service]:
+def initial_registry(cfg: Config, ignore_state: bool = False,
+                     store: statefile.StateStore | None = None) -> dict[str, Service]:
     """The registry to start with: the config, overlaid by the state file (see README)."""
     services = {s.name: s for s in cfg.services}
     path = cfg.global_.state_file
     if path is None or ignore_state:
         return services
-    loaded = statefile.load(path)          # raises StateFileError: refuse to start
+    loaded = (store or statefile.StateStore(path)).load()   # StateFileError: refuse to start
     if loaded is None:
         return services
     registry, recorded_config = loaded
@@ -249,7 +250,8 @@ class Balancer:
         self.loop = loop
         self.log_level = log_level
         self.cfg_services = {s.name: s for s in cfg.services}
-        self.registry = Registry(initial_registry(cfg, ignore_state))
+        self.state = statefile.StateStore(cfg.global_.state_file) if cfg.global_.state_file else None
+        self.registry = Registry(initial_registry(cfg, ignore_state, self.state))
         total = sum(len(s.backends) for s in self.registry.snapshot.values())
         self.nworkers = cfg.global_.workers
         nblocks = 1 if self.nworkers == 1 else 2 * max(self.nworkers, os.cpu_count() or 1)
@@ -327,9 +329,10 @@ class Balancer:
 
     def start(self) -> None:
         self.apply(self.registry.snapshot)
-        if self.cfg.global_.state_file:
-            statefile.save(self.cfg.global_.state_file, self.registry.snapshot, self.cfg_services)
         self._tasks = [self.loop.create_task(self._ramp_loop()), self.loop.create_task(self._reap_loop())]
+        if self.state is not None and not self.state.save_at_start(self.registry.snapshot, self.cfg_services):
+            self._tasks.append(self.loop.create_task(     # serve anyway; write when the disk lets us
+                self.state.retry(lambda: (self.registry.snapshot, self.cfg_services))))
         if self.engine is not None:
             self._tasks.append(self.loop.create_task(sweep_forever(self.engine, self._timeouts)))
 
@@ -371,14 +374,11 @@ class Balancer:
     # -- changes --------------------------------------------------------------------------------
     async def _change(self, nxt: dict[str, Service], cfg_services: Mapping[str, Service] | None = None) -> None:
         """Persist, swap, apply. Caller holds self._mutation."""
-        path = self.cfg.global_.state_file
-        if path:
+        if self.state is not None:
             try:
-                await asyncio.to_thread(statefile.save, path, nxt,
-                                        cfg_services if cfg_services is not None else self.cfg_services)
-            except OSError as exc:
-                raise RegistryError("persist_failed", f"could not write the state file {path}: "
-                                    f"{exc.strerror}; nothing changed") from None
+                await self.state.save_async(nxt, cfg_services if cfg_services is not None else self.cfg_services)
+            except StateFileError as exc:
+                raise RegistryError("persist_failed", f"{exc}; nothing changed") from None
         self.registry.commit(nxt)
         if cfg_services is not None:
             self.cfg_services = dict(cfg_services)
@@ -532,6 +532,8 @@ class Balancer:
         self.loop.add_signal_handler(signal.SIGTERM, self.request_stop, "term")
         self.loop.add_signal_handler(signal.SIGINT, self.request_stop, "int")
         self.loop.add_signal_handler(signal.SIGHUP, self._on_hup)
+        if self.cfg.global_.admin:                   # a live fastlb there: refuse, touching nothing
+            clear_stale_socket(self.cfg.global_.admin)
         self.start()
         if self.pool is not None:
             workers = [self.pool.spawn() for _ in range(self.nworkers)]

@@ -11,16 +11,9 @@ import socket
 from typing import Any, Iterator
 
 from fastlb.admin import protocol
-from fastlb.errors import FastLBError
+from fastlb.errors import AdminError
 
-
-class AdminError(FastLBError):
-    """The server answered with an error."""
-
-    def __init__(self, code: str, message: str) -> None:
-        self.code = code
-        self.message = message
-        super().__init__(f"{code}: {message}")
+__all__ = ["AdminClient", "AdminError"]
 
 
 class AdminClient:
@@ -35,7 +28,7 @@ class AdminClient:
         else:
             self.sock = socket.create_connection(tcp, timeout=timeout)
         self.token = token
-        self.decoder = protocol.Decoder(64 << 20)
+        self.decoder = protocol.Decoder(protocol.REPLY_LIMITS.max_buffer, protocol.REPLY_LIMITS)
         self.pending: list[Any] = []
         self.ids = itertools.count(1)
 

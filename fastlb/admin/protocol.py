@@ -7,24 +7,68 @@ Owner: the wire format and the shape of every request. Rules:
     bytes (default 1 MiB).
   - A request is {"id": int, "op": str, ...fields}; each gets exactly one reply,
     {"id": id, "ok": true, "result": ...} or {"id": id, "ok": false, "error": {"code", "message"}}.
-  - Bytes that are not msgpack, or a message over the cap: one error reply (id nil) and the
-    stream is closed (its framing is lost). A msgpack value that is not a valid request: an
-    error reply, and the stream goes on.
+  - Bytes that are not msgpack, a message over the cap, or a value over REQUEST_LIMITS (an
+    array, map, string... longer than any request needs): one error reply (id nil) and the
+    stream is closed (its framing is lost). A msgpack value that is not a valid request
+    (including one nested deeper than REQUEST_LIMITS.max_depth): an error reply, and the
+    stream goes on.
   - Unknown fields are errors (a typo must not be ignored), as in the config.
 The one error type at this boundary is AdminProtocolError; anything else escaping is a bug.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
 
 from fastlb.config import MAX_WEIGHT, STATES
-from fastlb.errors import FastLBError
+from fastlb.errors import AdminProtocolError
+from fastlb.unpacking import Limits, depth, limit_error
+
+__all__ = [
+    "REPLY_LIMITS",
+    "REQUEST_LIMITS",
+    "AdminProtocolError",
+    "Decoder",
+    "Request",
+    "encode",
+    "error",
+    "event",
+    "ok",
+    "parse_request",
+]
 
 PROTOCOL_VERSION = 1
 MAX_MESSAGE = 1 << 20
+
+# What one request may hold; a value over these is refused at its header, before the unpacker
+# allocates for it (fastlb/unpacking.py has the memory arithmetic).
+REQUEST_LIMITS = Limits(
+    max_buffer=MAX_MESSAGE,
+    # The longest array a request holds is a service's backends (add_service). 4096 is 4x the
+    # default slot table (1024 backends in all), so any service that fits the table fits one
+    # request; bigger services belong in the config file. Worst stalled message:
+    # 1024 nested headers x 4096 x 8 B = 32 MiB of (zeroed, mostly not resident) memory.
+    max_array=4096,
+    # A request map has at most 8 keys, a service table 8, a health table 15: 256 is room for
+    # growth, and maps are not preallocated (a map costs only the bytes that arrived).
+    max_map=256,
+    # The longest legitimate string is a health check's send/expect text (bytes, not KiB);
+    # 64 KiB is far above it and far below the 1 MiB message, so the error names the string.
+    max_str=64 << 10,
+    max_bin=64 << 10,          # no request carries binary; same bound so it gets a plain error
+    max_ext=16,                # no request carries an extension; the largest standard one
+                               # (timestamp 96) is 12 bytes
+    # A request nests 5 deep at most (request > service > backends > backend > health).
+    max_depth=16,
+)
+# What a reply may hold (fastlb.admin.client): the client trusts the server it chose, but a
+# stats reply lists every backend of a service (up to the slot table, which grows with the
+# config), so its bounds are wide; they still stop a runaway header.
+REPLY_LIMITS = Limits(max_buffer=64 << 20, max_array=1 << 20, max_map=4096, max_str=1 << 20,
+                      max_bin=1 << 20, max_ext=16, max_depth=1024)
 
 # op -> {field: (type or types, required)}; every request may also carry "token" (TCP admin).
 _STR, _INT, _NUM, _BOOL, _MAP = str, int, (int, float), bool, dict
@@ -51,17 +95,6 @@ MUTATIONS = frozenset({"add_backend", "remove_backend", "set_weight", "set_state
                        "add_service", "remove_service"})
 
 
-class AdminProtocolError(FastLBError):
-    """A request (or the stream) is invalid. ``fatal``: the stream cannot go on."""
-
-    def __init__(self, code: str, message: str, *, id: int | None = None, fatal: bool = False):
-        self.code = code
-        self.message = message
-        self.id = id
-        self.fatal = fatal
-        super().__init__(message)
-
-
 @dataclass(frozen=True, slots=True)
 class Request:
     id: int
@@ -72,31 +105,50 @@ class Request:
 
 class Decoder:
     """Feed bytes, get decoded msgpack values. Raises a fatal AdminProtocolError on bytes that
-    are not msgpack or a message larger than ``max_size``."""
+    are not msgpack, a message larger than ``max_size``, or a value over ``limits`` (the
+    stream's framing is lost in each case)."""
 
-    def __init__(self, max_size: int = MAX_MESSAGE) -> None:
+    def __init__(self, max_size: int = MAX_MESSAGE, limits: Limits = REQUEST_LIMITS) -> None:
         self.max_size = max_size
-        self._unpacker = msgpack.Unpacker(raw=False, max_buffer_size=max_size,
-                                          strict_map_key=False)
+        self.limits = limits
+        self._unpacker = dataclasses.replace(limits, max_buffer=max_size).unpacker()
 
-    def feed(self, data: bytes) -> list[Any]:
+    def _too_large(self) -> AdminProtocolError:
+        return AdminProtocolError("too_large", f"a message is larger than the "
+                                  f"{self.max_size}-byte limit", fatal=True)
+
+    def push(self, data: bytes) -> None:
+        """Add bytes to the buffer; take the values out with ``next()`` / iteration."""
         try:
             self._unpacker.feed(data)
         except msgpack.BufferFull:
-            raise AdminProtocolError("too_large", f"a message is larger than the "
-                                     f"{self.max_size}-byte limit", fatal=True) from None
-        out = []
+            raise self._too_large() from None
+
+    def __iter__(self) -> "Decoder":
+        return self
+
+    def __next__(self) -> Any:
+        """The next whole value, StopIteration when the buffer holds none yet, or a fatal
+        AdminProtocolError when the next value is bad (the values before it came out first)."""
         try:
-            for obj in self._unpacker:
-                out.append(obj)
+            return next(self._unpacker)
+        except StopIteration:
+            raise
         except msgpack.BufferFull:
-            raise AdminProtocolError("too_large", f"a message is larger than the "
-                                     f"{self.max_size}-byte limit", fatal=True) from None
+            raise self._too_large() from None
         except Exception as exc:  # msgpack signals malformed input with several types
+            if (words := limit_error(exc)) is not None:
+                raise AdminProtocolError("too_large", f"a message holds {words}",
+                                         fatal=True) from None
             detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             raise AdminProtocolError("bad_msgpack", f"the stream is not valid msgpack ({detail})",
                                      fatal=True) from None
-        return out
+
+    def feed(self, data: bytes) -> list[Any]:
+        """push() and every whole value now in the buffer. On an error the values before the
+        bad one are lost: a server that answers them uses push() and iteration."""
+        self.push(data)
+        return list(self)
 
 
 def _kind(value: Any) -> str:
@@ -134,6 +186,12 @@ def parse_request(obj: Any) -> Request:
                     _MAP: "a map"}[want]
             raise AdminProtocolError("bad_request", f"{op}: \"{key}\" must be {name}, got "
                                      f"{_kind(value)}", id=rid)
+        # A map field is the only way to nest (the request is level 1): bound it before any
+        # code walks or formats it. Checked after the cheap checks, so junk is refused cheaply.
+        if isinstance(value, dict) and depth(value, REQUEST_LIMITS.max_depth) >= REQUEST_LIMITS.max_depth:
+            raise AdminProtocolError("bad_request", f"{op}: \"{key}\" nests arrays and maps more than "
+                                     f"{REQUEST_LIMITS.max_depth} deep in the request; none needs "
+                                     f"more than 5", id=rid)
         args[key] = value
     for key, (_, required) in schema.items():
         if required and key not in args:

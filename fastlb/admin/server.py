@@ -9,20 +9,73 @@ logged and answered as an internal error.
 from __future__ import annotations
 
 import asyncio
+import errno
 import hmac
 import logging
 import os
+import socket
+import stat
 from typing import Any, Awaitable, Callable
 
 from fastlb.admin import protocol
-from fastlb.admin.protocol import AdminProtocolError, Request
-from fastlb.errors import FastLBError
+from fastlb.admin.protocol import Request
+from fastlb.errors import AdminProtocolError, FastLBError
 
 log = logging.getLogger("fastlb.admin")
 
 Handler = Callable[[Request], Awaitable[Any]]
 # A subscriber whose unread events pass this many bytes is dropped rather than buffered forever.
 SUBSCRIBER_BACKLOG = 4 << 20
+# How long the probe of an existing admin socket waits: a live fastlb accepts at once (the
+# kernel completes a unix connect while the listener's backlog has room).
+STALE_PROBE_TIMEOUT = 2.0
+
+
+def clear_stale_socket(address: str) -> None:
+    """For ``unix:PATH``: remove a socket a previous run left at PATH, but never a live one and
+    never anything that is not a socket; nothing for a TCP address. Raises FastLBError naming the
+    path, the key and what to do. Called by AdminServer.start, and by the supervisor before it
+    touches anything (the state file), so a second fastlb stops before doing harm.
+
+    Live: something accepts a connection there (another fastlb, most likely). Stale: the connect
+    is refused (no process listens on it). A window remains between the refused connect and the
+    bind (two fastlb starting in the same millisecond): not worth a lock file for a
+    misconfiguration."""
+    if not address.startswith("unix:"):
+        return
+    path = address[5:]
+    where = f"admin socket {path} ([global] admin)"
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        kind = ("a directory" if stat.S_ISDIR(st.st_mode) else
+                "a symbolic link" if stat.S_ISLNK(st.st_mode) else
+                "a regular file" if stat.S_ISREG(st.st_mode) else "a special file")
+        raise FastLBError(f"{where}: the path exists and is {kind}, not a socket; fastlb "
+                          f"never removes it: move it away or set [global] admin to another path")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(STALE_PROBE_TIMEOUT)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)                          # stale: nobody listens there any more
+        log.info("admin socket %s: removed the stale socket of a previous run", path)
+        return
+    except FileNotFoundError:
+        return                                   # gone meanwhile
+    except (TimeoutError, BlockingIOError):
+        pass                                     # its backlog is full: alive, just busy
+    except OSError as exc:
+        raise FastLBError(f"{where}: cannot tell whether a process still serves it "
+                          f"({(exc.strerror or str(exc)).lower()}); remove it if no fastlb "
+                          f"runs there, or set [global] admin to another path") from None
+    finally:
+        probe.close()
+    raise FastLBError(f"{where}: a process accepts connections there: another fastlb seems "
+                      f"to run with this admin socket; stop it first, or give this one another "
+                      f"[global] admin path (fastlb never takes over a live socket)")
 
 
 class AdminServer:
@@ -39,13 +92,26 @@ class AdminServer:
         try:
             await self._start()
         except OSError as exc:
-            raise FastLBError(f"admin socket {self.address}: {exc.strerror or exc}") from None
+            raise FastLBError(f"admin socket {self.address} ([global] admin): "
+                              f"{self._words(exc)}") from None
+
+    def _words(self, exc: OSError) -> str:
+        """What went wrong and what to do, for a socket that cannot be set up."""
+        other = "or set [global] admin to another address"
+        if self.address.startswith("unix:"):
+            directory = os.path.dirname(os.path.abspath(self.address[5:]))
+            if exc.errno == errno.ENOENT:
+                return f"its directory {directory} does not exist; create it (mkdir -p {directory}) {other}"
+            if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+                return f"cannot create a socket in {directory} ({exc.strerror}); fix that directory {other}"
+        elif exc.errno == errno.EADDRINUSE:
+            return f"the address is in use (another fastlb?); stop what listens there {other}"
+        return f"{(exc.strerror or str(exc)).lower()}; fix the cause {other}"
 
     async def _start(self) -> None:
         if self.address.startswith("unix:"):
             path = self.address[5:]
-            if os.path.exists(path):
-                os.unlink(path)                      # a stale socket of a previous run
+            clear_stale_socket(self.address)
             old = os.umask(0o177)                    # born 0600: no window for others
             try:
                 self.server = await asyncio.start_unix_server(self._client, path)
@@ -82,12 +148,12 @@ class AdminServer:
         try:
             while data := await reader.read(65536):
                 try:
-                    messages = decoder.feed(data)
+                    decoder.push(data)
+                    for obj in decoder:              # requests before a bad value are answered
+                        writer.write(await self._one(obj, writer))
                 except AdminProtocolError as exc:
                     writer.write(protocol.error(None, exc.code, exc.message))
                     break                            # the stream's framing is lost
-                for obj in messages:
-                    writer.write(await self._one(obj, writer))
                 await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError):
             pass

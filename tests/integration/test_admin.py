@@ -184,6 +184,43 @@ def test_reload_applies_the_config_difference(procs, tmp_path):
     assert set(names_of(port, 4)) == {"a"}
 
 
+def test_hostile_frames_get_an_error_and_the_balancer_keeps_serving(lb3, tmp_path):
+    """Headers that would make msgpack allocate (an array of 10^6 elements announced in 5 bytes,
+    on 20 connections at once, each left open): each gets its error and is closed; the
+    registry, the other clients and the proxied traffic are untouched."""
+    lb, port, addr = lb3
+    path = f"{tmp_path}/admin.sock"
+    with client(tmp_path) as c:
+        before = c.call("backends", service="web")
+        socks = []
+        for _ in range(20):
+            s = socket.socket(socket.AF_UNIX)
+            s.settimeout(10)
+            s.connect(path)
+            s.sendall(msgpack.packb({"id": 1, "op": "ping"}) + b"\xdd\x00\x0f\x42\x40")
+            socks.append(s)
+        for s in socks:
+            u = msgpack.Unpacker(raw=False)
+            replies: list = []
+            while len(replies) < 2:
+                data = s.recv(65536)
+                assert data
+                u.feed(data)
+                replies += list(u)
+            assert replies[0] == {"id": 1, "ok": True, "result": "pong"}
+            assert replies[1]["id"] is None and replies[1]["error"]["code"] == "too_large"
+            assert "an array of 1000000 elements, over the limit of 4096" in replies[1]["error"]["message"]
+            assert s.recv(10) == b""                            # closed: its framing is lost
+            s.close()
+        deep = {"id": 9, "op": "add_service", "service": {"name": [[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]}}
+        with pytest.raises(AdminError, match="bad_request: add_service: \"service\" nests arrays and maps more than 16 deep"):
+            c.call(deep.pop("op"), **{k: v for k, v in deep.items() if k != "id"})
+        assert c.call("backends", service="web") == before      # the registry is unchanged
+        assert c.call("ping") == "pong"                         # the same client goes on
+    assert set(names_of(port, 4)) == {"a", "b"}                 # and traffic flows
+    assert lb.popen.poll() is None
+
+
 def test_bad_input_gets_errors_and_hurts_nothing(lb3, tmp_path):
     lb, port, addr = lb3
     path = f"{tmp_path}/admin.sock"
@@ -202,7 +239,9 @@ def test_bad_input_gets_errors_and_hurts_nothing(lb3, tmp_path):
                 replies += list(u)
             assert replies[0]["error"]["code"] == code and replies[1]["result"] == "pong"  # stream goes on
             s.close()
-        for raw, code in [(b"\xc1\x00\x00", "bad_msgpack"), (msgpack.packb({"id": 1, "op": "ping", "p": "x" * (2 << 20)}), "too_large")]:
+        for raw, code in [(b"\xc1\x00\x00", "bad_msgpack"), (msgpack.packb({"id": 1, "op": "ping", "p": "x" * (2 << 20)}), "too_large"),
+                          (b"\xdd\x00\x0f\x42\x40", "too_large"),          # a 1,000,000-element array header
+                          (b"\x91" * 2000, "too_large")]:                    # nested past msgpack's stack
             s = socket.socket(socket.AF_UNIX)
             s.connect(path)
             try:
@@ -449,3 +488,43 @@ def test_ctl_cli_tables_json_and_errors(lb3, tmp_path):
     out = subprocess.run([PY, "-m", "fastlb", "ctl", "--socket", f"{tmp_path}/nope.sock", "ping"],
                          capture_output=True, text=True, timeout=20)
     assert out.returncode == 2 and "cannot reach the admin socket" in out.stderr
+
+
+def test_a_second_fastlb_refuses_to_steal_a_live_admin_socket(procs, tmp_path):
+    _, be = start_backend(procs, "announce", name="a")
+    first, (port,) = start_fastlb(procs, admin_config(tmp_path, service("web", [(be, 1)])))
+    with client(tmp_path) as c:
+        c.call("set_weight", service="web", address=f"127.0.0.1:{be}", weight=3)
+    state = (tmp_path / "state.msgpack").read_bytes()
+    cfg = tmp_path / "second.toml"
+    cfg.write_text(admin_config(tmp_path, service("web", [(be, 1)])))   # same admin, state, port 0
+    second = Proc([PY, "-m", "fastlb", "run", "-c", str(cfg)], procs)
+    assert second.wait(15) == 2
+    assert (f"admin socket {tmp_path}/admin.sock ([global] admin): a process accepts connections "
+            f"there: another fastlb seems to run with this admin socket") in second.output
+    assert "fastlb ready" not in second.output
+    assert (tmp_path / "state.msgpack").read_bytes() == state        # it touched nothing
+    with client(tmp_path) as c:                                       # the first one goes on
+        assert c.call("ping") == "pong"
+        assert c.call("backends", service="web")[0]["weight"] == 3
+    assert names_of(port, 2) == ["a", "a"]
+
+
+def test_a_stale_admin_socket_is_replaced_and_a_regular_file_is_never_removed(procs, tmp_path):
+    _, be = start_backend(procs, "announce", name="a")
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(f"{tmp_path}/admin.sock")                 # bound, never listening: refused
+    stale.close()
+    start_fastlb(procs, admin_config(tmp_path, service("web", [(be, 1)])))
+    with client(tmp_path) as c:
+        assert c.call("ping") == "pong"
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "admin.sock").write_text("not a socket")
+    cfg = tmp_path / "f.toml"
+    cfg.write_text(admin_config(other, service("web", [(be, 1)])))
+    lb = Proc([PY, "-m", "fastlb", "run", "-c", str(cfg)], procs)
+    assert lb.wait(15) == 2
+    assert (f"admin socket {other}/admin.sock ([global] admin): the path exists and is a regular "
+            f"file, not a socket; fastlb never removes it") in lb.output
+    assert (other / "admin.sock").read_text() == "not a socket"

@@ -186,3 +186,23 @@ def test_every_ctl_verb_has_a_help_line():
     assert "examples:" in out.stdout and "exit codes" in out.stdout
     top = fastlb("--help")
     assert "examples:" in top.stdout and top.stdout.rstrip().splitlines()[-2].startswith("exit codes")
+
+
+def test_check_warns_of_a_state_fallback_and_touches_no_file(tmp_path, procs):
+    """A corrupt current state file with a good previous generation: run would start from the
+    previous one, so check passes with a warning; check itself moves or removes nothing."""
+    from fastlb import config, statefile
+    svc = config.loads(BACKEND.format(listen="127.0.0.1:0", port=closed_port()),
+                       resolve=False).services[0]
+    store = statefile.StateStore(str(tmp_path / "state.msgpack"))
+    store.save({svc.name: svc}, {svc.name: svc})
+    store.save({svc.name: svc}, {svc.name: svc})           # now .prev exists too
+    (tmp_path / "state.msgpack").write_bytes(b"\xc1torn")
+    cfg = write(tmp_path, f'[global]\nstate_file = "{tmp_path}/state.msgpack"\n'
+                + BACKEND.format(listen="127.0.0.1:0", port=closed_port()))
+    before = sorted(os.listdir(tmp_path))
+    out = fastlb("check", "-c", cfg)
+    assert out.returncode == 0, out.stderr
+    assert "warning" in out.stderr and "previous generation" in out.stderr
+    assert sorted(os.listdir(tmp_path)) == before
+    assert (tmp_path / "state.msgpack").read_bytes() == b"\xc1torn"

@@ -126,3 +126,125 @@ def test_fuzz_random_maps_parse_or_raise_non_fatal(obj):
         assert not exc.fatal and exc.code in ("bad_request", "unknown_op")
     else:
         assert req.op in protocol.OPS
+
+
+# -- limits (fastlb/unpacking.py): refused at the header, fatal, with words for the limit ------
+
+HOSTILE = [
+    (b"\xdd\x00\x0f\x42\x40", "an array of 1000000 elements, over the limit of 4096"),
+    (b"\xdf\x00\x0f\x42\x40", "a map of 1000000 entries, over the limit of 256"),
+    (msgpack.packb("x" * 70000), "a string of 70000 bytes, over the limit of 65536"),
+    (msgpack.packb(b"x" * 70000), "binary data of 70000 bytes, over the limit of 65536"),
+    (msgpack.packb(msgpack.ExtType(5, b"x" * 40)), "an extension value of"),
+    (b"\x91" * 1100 + b"\x00", "values nested more than 1024 deep"),
+]
+
+
+@pytest.mark.parametrize("data,words", HOSTILE)
+def test_values_over_the_limits_are_fatal_with_the_limit_named(data, words):
+    with pytest.raises(AdminProtocolError) as info:
+        Decoder().feed(msgpack.packb({"id": 1, "op": "ping"}) + data)
+    assert info.value.code == "too_large" and info.value.fatal
+    assert words in info.value.message
+
+
+@pytest.mark.parametrize("data,words", HOSTILE)
+def test_values_over_the_limits_byte_by_byte(data, words):
+    d = Decoder()
+    with pytest.raises(AdminProtocolError) as info:
+        for i in range(len(data)):
+            d.feed(data[i:i + 1])
+    assert words in info.value.message and info.value.fatal
+
+
+def test_a_huge_array_header_is_refused_before_its_elements_arrive():
+    d = Decoder()
+    assert d.feed(b"\xdd\x00\x0f") == []             # the header's length is not complete yet
+    with pytest.raises(AdminProtocolError, match="1000000 elements"):
+        d.feed(b"\x42\x40")                          # 5 bytes in all: no element sent at all
+
+
+def test_values_at_the_limits_decode():
+    lim = protocol.REQUEST_LIMITS
+    backends = [{"address": f"10.0.{i // 250}.{i % 250}:80"} for i in range(lim.max_array)]
+    req = {"id": 1, "op": "add_service", "service": {"name": "big", "listen": ["127.0.0.1:1"],
+                                                     "backends": backends}}
+    data = msgpack.packb(req)
+    assert len(data) < protocol.MAX_MESSAGE
+    assert Decoder().feed(data) == [req]
+    assert parse_request(req).args["service"]["backends"] == backends
+    assert Decoder().feed(msgpack.packb({str(i): i for i in range(lim.max_map)}))
+    assert Decoder().feed(msgpack.packb("x" * lim.max_str)) == ["x" * lim.max_str]
+
+
+def test_nesting_deeper_than_a_request_needs_is_a_non_fatal_bad_request():
+    deep: object = 1
+    for _ in range(protocol.REQUEST_LIMITS.max_depth):
+        deep = [deep]
+    obj = {"id": 4, "op": "add_service", "service": {"name": deep}}     # 17 deep in all
+    d = Decoder()
+    (got,) = d.feed(msgpack.packb(obj))
+    with pytest.raises(AdminProtocolError) as info:
+        parse_request(got)
+    assert (info.value.code, info.value.id, info.value.fatal) == ("bad_request", 4, False)
+    assert "more than 16 deep" in info.value.message
+    assert d.feed(msgpack.packb({"id": 5, "op": "ping"})) == [{"id": 5, "op": "ping"}]  # goes on
+
+
+def test_a_request_at_the_nesting_limit_gets_past_the_depth_check():
+    deep: object = 1
+    for _ in range(protocol.REQUEST_LIMITS.max_depth - 2):
+        deep = [deep]
+    with pytest.raises(AdminProtocolError) as info:                # 16 deep: a type error, not depth
+        parse_request({"id": 1, "op": "add_service", "service": {"name": deep}, "x": 1})
+    assert "unknown field 'x'" in info.value.message
+
+
+# Pieces a hostile client would send: huge headers of every kind, deep nesting, junk.
+PIECES = st.sampled_from([b"\xdd\xff\xff\xff\xff", b"\xdd\x00\x00\x10\x01", b"\xdc\x10\x01",
+                          b"\xdf\x00\x01\x00\x00", b"\xde\x01\x01", b"\xdb\x00\x01\x00\x01",
+                          b"\xc6\xff\xff\xff\xff", b"\xc9\x00\x00\x01\x00\x05", b"\xd4\x05\x00",
+                          b"\x91" * 20, b"\x81\xa1a", b"\x81\xa2id\x01", b"\x82\xa2id\x01\xa2op",
+                          b"\xa4ping", b"\x00", b"\xc1", b"\xc0", b"\x90", b"\x80"])
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(PIECES | st.binary(max_size=6), max_size=40), st.integers(1, 64))
+def test_fuzz_hostile_pieces_parse_or_raise_the_protocol_error(pieces, chunk):
+    """The h11 invariant, with the limits in play: decode, or AdminProtocolError, nothing else."""
+    data = b"".join(pieces)
+    d = Decoder()
+    try:
+        for i in range(0, len(data), chunk):
+            for obj in d.feed(data[i:i + chunk]):
+                try:
+                    parse_request(obj)
+                except AdminProtocolError as exc:
+                    assert not exc.fatal
+    except AdminProtocolError as exc:
+        assert exc.fatal and exc.code in ("too_large", "bad_msgpack")
+
+
+def test_push_and_iterate_give_the_values_before_a_bad_one():
+    d = Decoder()
+    d.push(STREAM + b"\xdd\x00\x0f\x42\x40")
+    got = []
+    with pytest.raises(AdminProtocolError, match="1000000 elements"):
+        for obj in d:
+            got.append(obj)
+    assert got == REQS
+
+
+def test_errors_are_importable_from_their_old_modules():
+    from fastlb import errors, statefile
+    from fastlb.admin import client
+    assert protocol.AdminProtocolError is errors.AdminProtocolError
+    assert client.AdminError is errors.AdminError
+    assert statefile.StateFileError is errors.StateFileError
+
+
+def test_depth_is_checked_after_the_cheap_checks():
+    """Junk is refused by the schema before anything walks it (a 1 MiB array costs nothing)."""
+    junk = {"id": 1, "op": "ping", "x": [[0] * 4000 for _ in range(250)]}
+    with pytest.raises(AdminProtocolError, match="ping: unknown field 'x'"):
+        parse_request(junk)

@@ -122,7 +122,8 @@ def test_state_file_round_trip_and_atomic_replace(tmp_path):
 
 
 @pytest.mark.parametrize("content,msg", [
-    (b"\xc1garbage", "not valid msgpack"),
+    (b"\x93garbage", "not valid msgpack"),
+    (b"\xc1garbage", "torn: 8 bytes, shorter than the 56-byte header"),   # v2's first byte
     (msgpack.packb([1, 2]), "not a fastlb state file"),
     (msgpack.packb({"format": "fastlb-state", "version": 99, "registry": [], "config": []}),
      "unknown version 99"),

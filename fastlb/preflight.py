@@ -9,8 +9,9 @@ the remedy.
 
 ``check`` mode reports everything. ``run`` mode leaves out what `fastlb run` survives by
 itself, loudly: a listen address that cannot be bound fails only its own service, and a state
-file that cannot be written at start is retried in the background (acknowledged changes are
-refused meanwhile). So `run` never refuses to start on something `check` passed, but for a race.
+file that cannot be written at start (its directory missing, unwritable, a full disk) is retried
+in the background while admin changes are refused; a state file that cannot be loaded is refused
+by the supervisor's own load (fastlb.statefile), with the message check gives. So `run` never refuses to start on something `check` passed, but for a race.
 """
 from __future__ import annotations
 
@@ -57,7 +58,7 @@ def problems(cfg: Config, *, mode: Mode = "check", bind: bool = True,
     g = cfg.global_
     if g.admin and g.admin.startswith("tcp:") and g.admin_token_file:
         _check_token_file(g.admin_token_file, fail)
-    if g.state_file:
+    if g.state_file and mode == "check":     # run starts anyway, and retries the writes
         _check_state_file(g.state_file, fail, warn, writable=mode == "check",
                           load=not ignore_state and mode == "check")
     if g.admin and g.admin.startswith("unix:"):
@@ -143,25 +144,14 @@ def _check_unix_socket(path: str, fail, *, live: bool) -> None:
         fail(key, f"cannot create the admin socket in {directory}: permission denied; make "
                   f"the directory writable by the user fastlb runs as")
         return
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        fail(key, f"{path} exists and is not a socket; fastlb will not remove it: move it "
-                  f"away or choose another admin path")
-        return
     if live:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(1.0)
-        try:
-            s.connect(path)
-        except OSError:
-            return                              # stale: fastlb replaces it at start
-        finally:
-            s.close()
-        fail(key, f"another process (a running fastlb?) answers on the admin socket {path}; "
-                  f"stop it, or give this fastlb another admin path")
+        from fastlb.admin.server import admin_socket_problem
+        problem, _ = admin_socket_problem("unix:" + path)   # probes, removes nothing
+        if problem:
+            fail(key, problem)
+    elif os.path.lexists(path) and not stat.S_ISSOCK(os.lstat(path).st_mode):
+        fail(key, f"admin socket {path}: the path exists and is not a socket; fastlb never "
+                  f"removes it: move it away or set [global] admin to another path")
 
 
 def _check_bind(addr: Address, key: str, fail) -> None:

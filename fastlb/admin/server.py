@@ -31,51 +31,64 @@ SUBSCRIBER_BACKLOG = 4 << 20
 STALE_PROBE_TIMEOUT = 2.0
 
 
-def clear_stale_socket(address: str) -> None:
-    """For ``unix:PATH``: remove a socket a previous run left at PATH, but never a live one and
-    never anything that is not a socket; nothing for a TCP address. Raises FastLBError naming the
-    path, the key and what to do. Called by AdminServer.start, and by the supervisor before it
-    touches anything (the state file), so a second fastlb stops before doing harm.
+def admin_socket_problem(address: str) -> tuple[str | None, bool]:
+    """For ``unix:PATH``, what stands at PATH, changing nothing: (problem, stale). problem: why
+    fastlb must not take the path (naming the path, the key and what to do), else None. stale:
+    a socket nobody listens on any more, which fastlb may remove. Nothing for a TCP address.
 
     Live: something accepts a connection there (another fastlb, most likely). Stale: the connect
-    is refused (no process listens on it). A window remains between the refused connect and the
-    bind (two fastlb starting in the same millisecond): not worth a lock file for a
-    misconfiguration."""
+    is refused. Used by clear_stale_socket and by ``fastlb check`` (fastlb.preflight)."""
     if not address.startswith("unix:"):
-        return
+        return None, False
     path = address[5:]
     where = f"admin socket {path} ([global] admin)"
     try:
         st = os.lstat(path)
     except FileNotFoundError:
-        return
+        return None, False
     if not stat.S_ISSOCK(st.st_mode):
         kind = ("a directory" if stat.S_ISDIR(st.st_mode) else
                 "a symbolic link" if stat.S_ISLNK(st.st_mode) else
                 "a regular file" if stat.S_ISREG(st.st_mode) else "a special file")
-        raise FastLBError(f"{where}: the path exists and is {kind}, not a socket; fastlb "
-                          f"never removes it: move it away or set [global] admin to another path")
+        return (f"{where}: the path exists and is {kind}, not a socket; fastlb never removes "
+                f"it: move it away or set [global] admin to another path"), False
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     probe.settimeout(STALE_PROBE_TIMEOUT)
     try:
         probe.connect(path)
     except ConnectionRefusedError:
-        os.unlink(path)                          # stale: nobody listens there any more
-        log.info("admin socket %s: removed the stale socket of a previous run", path)
-        return
+        return None, True                        # stale: nobody listens there any more
     except FileNotFoundError:
-        return                                   # gone meanwhile
+        return None, False                       # gone meanwhile
     except (TimeoutError, BlockingIOError):
         pass                                     # its backlog is full: alive, just busy
     except OSError as exc:
-        raise FastLBError(f"{where}: cannot tell whether a process still serves it "
-                          f"({(exc.strerror or str(exc)).lower()}); remove it if no fastlb "
-                          f"runs there, or set [global] admin to another path") from None
+        return (f"{where}: cannot tell whether a process still serves it "
+                f"({(exc.strerror or str(exc)).lower()}); remove it if no fastlb runs there, "
+                f"or set [global] admin to another path"), False
     finally:
         probe.close()
-    raise FastLBError(f"{where}: a process accepts connections there: another fastlb seems "
-                      f"to run with this admin socket; stop it first, or give this one another "
-                      f"[global] admin path (fastlb never takes over a live socket)")
+    return (f"{where}: a process accepts connections there: another fastlb seems to run with "
+            f"this admin socket; stop it first, or give this one another [global] admin path "
+            f"(fastlb never takes over a live socket)"), False
+
+
+def clear_stale_socket(address: str) -> None:
+    """Remove a socket a previous run left at the admin path, but never a live one and never
+    anything that is not a socket (admin_socket_problem). Raises FastLBError naming the path,
+    the key and what to do. Called by AdminServer.start, and by the supervisor before it touches
+    anything (the state file), so a second fastlb stops before doing harm. A window remains
+    between the refused connect and the bind (two fastlb starting in the same millisecond): not
+    worth a lock file for a misconfiguration."""
+    problem, stale = admin_socket_problem(address)
+    if problem:
+        raise FastLBError(problem)
+    if stale:
+        try:
+            os.unlink(address[5:])
+        except FileNotFoundError:
+            return
+        log.info("admin socket %s: removed the stale socket of a previous run", address[5:])
 
 
 class AdminServer:

@@ -151,7 +151,8 @@ def test_engine_block_out_of_range():
 
 
 def test_debug_counts_is_none_in_a_normal_build():
-    assert _core.debug_counts() is None
+    if _core.debug_counts() is not None:
+        pytest.skip("a debug build in place (make debug); test_core_debug covers it")
     with pytest.raises(CoreArgumentError, match="needs a debug build"):
         _core._debug_fail_epoll(1)
 
@@ -170,8 +171,8 @@ def test_per_event_functions_make_no_python_c_api_call():
     if not os.path.exists(path):
         pytest.skip("no generated _core.c next to the extension (built out of tree)")
     src = open(path).read()
-    if "FASTLB_DEBUG_COUNTS" in src and "__Pyx_TraceLine" in src.split("Session_on_client", 1)[-1][:20000]:
-        pytest.skip("a line-traced debug build calls the tracer everywhere")
+    if "__Pyx_TraceLine(" in src:
+        pytest.skip("a line-traced debug build (make debug) calls the tracer on every line")
     for name in HOT:
         m = re.search(r"\nstatic [^\n;]*__pyx_f_6fastlb_5_core_7Session_%s\([^;{]*\)\s*\{" % name, src)
         assert m, f"Session.{name} not found in _core.c"

@@ -230,11 +230,18 @@ cdef class Counters:
                 want[f] = f
             nwant = CTR_NFIELDS
         else:
-            for f in fields:
-                self._check(block, 0, f)
+            try:
+                fields = list(fields)
+            except TypeError:
+                raise CoreTypeError(f"fields must be an iterable of field indexes (CTR_*), got "
+                                    f"{type(fields).__name__}") from None
+            for field in fields:
+                if not isinstance(field, int) or isinstance(field, bool):
+                    raise CoreTypeError(f"fields: {field!r} is not a field index (CTR_*)")
+                self._check(block, 0, field)
                 if nwant == CTR_NFIELDS:
                     raise CoreArgumentError(f"fields: more than {CTR_NFIELDS} indexes")
-                want[nwant] = f
+                want[nwant] = field
                 nwant += 1
         if slot == -1:
             lo, hi = 0, self.nslots

@@ -5,9 +5,10 @@ import re
 import socket
 import time
 
+from helpers import closed_port, service, start_backend, start_fastlb
+
 from fastlb import reference
 from fastlb.admin.client import AdminClient
-from helpers import closed_port, service, start_backend, start_fastlb
 
 
 def ports_by_service(lb):

@@ -130,7 +130,7 @@ def debug_build(tmp_path_factory):
     env = dict(os.environ, FASTLB_DEBUG="1", FASTLB_FORCE="1")
     start = time.monotonic()
     out = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=root, env=env,
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=300, check=False)
     assert out.returncode == 0, out.stderr[-3000:]
     return root, time.monotonic() - start
 
@@ -140,7 +140,7 @@ def test_every_resource_is_released_at_engine_teardown(debug_build):
     (root / "scenario.py").write_text(SCENARIO)
     env = dict(os.environ, PYTHONPATH=str(root))
     out = subprocess.run([sys.executable, "scenario.py", str(root)], cwd=root, env=env,
-                         capture_output=True, text=True, timeout=60)
+                         capture_output=True, text=True, timeout=60, check=False)
     assert out.returncode == 0, out.stderr[-3000:]
     got = json.loads(out.stdout.splitlines()[-1])
     assert got["before"] == {"sessions": 0, "buffers": 0, "buffers_in_use": 0, "fds": 1, "engines": 1}

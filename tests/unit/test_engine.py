@@ -7,10 +7,10 @@ import socket
 
 import pytest
 import uvloop
+from helpers import closed_port, start_backend
 
 from fastlb import _core
 from fastlb.errors import CoreArgumentError, CoreTypeError
-from helpers import closed_port, start_backend
 
 NSLOTS = 8
 
@@ -170,16 +170,17 @@ def test_per_event_functions_make_no_python_c_api_call():
     path = os.path.join(os.path.dirname(_core.__file__), "_core.c")
     if not os.path.exists(path):
         pytest.skip("no generated _core.c next to the extension (built out of tree)")
-    src = open(path).read()
+    with open(path) as f:
+        src = f.read()
     if "__Pyx_TraceLine(" in src:
         pytest.skip("a line-traced debug build (make debug) calls the tracer on every line")
     for name in HOT:
-        m = re.search(r"\nstatic [^\n;]*__pyx_f_6fastlb_5_core_7Session_%s\([^;{]*\)\s*\{" % name, src)
+        m = re.search(rf"\nstatic [^\n;]*__pyx_f_6fastlb_5_core_7Session_{name}\([^;{{]*\)\s*\{{", src)
         assert m, f"Session.{name} not found in _core.c"
         i, depth = m.end(), 1
         while depth:
             depth += (src[i] == "{") - (src[i] == "}")
             i += 1
-        code = re.sub(r"/\*.*?\*/", "", src[m.end():i], flags=re.S)
+        code = re.sub(r"/\*.*?\*/", "", src[m.end():i], flags=re.DOTALL)
         calls = set(re.findall(r"\b((?:_?Py|__Pyx_)\w*)\s*\(", code)) - NOT_CALLS
         assert not calls, f"Session.{name} calls the Python C-API: {sorted(calls)}"

@@ -153,6 +153,10 @@ def test_zero_one_slot_some_fields_or_a_whole_block():
         c.zero(0, 8)
     with pytest.raises(CoreArgumentError, match="block 2 out of range"):
         c.zero(2)
+    with pytest.raises(CoreTypeError, match="'active' is not a field index"):
+        c.zero(0, fields=["active"])
+    with pytest.raises(CoreTypeError, match="fields must be an iterable"):
+        c.zero(0, fields=3)
 
 
 def test_limits_and_enums_are_exported_as_plain_values():

@@ -14,7 +14,10 @@
 # calls back into Python (_callback: a failing callback goes to the loop's exception handler).
 # Event data is a Session/Listener pointer with a tag in its low bits. A Session is kept alive
 # by Engine.sessions until closed, and by Engine.graveyard until the end of the batch in which it
-# was closed, so a later event of the same batch never sees freed memory.
+# was closed, so a later event of the same batch never sees freed memory; a Listener likewise
+# (unlisten puts it in the graveyard). A callback run inside a batch may close sessions, stop a
+# listener or close the engine: the graveyard is only emptied outside a batch, and the batch
+# stops at once when the engine was closed.
 
 cdef extern from "_debug.h":
     enum:
@@ -144,6 +147,7 @@ cdef class Engine:
     cdef long long epoll_unreported      # of those, not yet reported
     cdef double epoll_reported_at        # coarse clock of the last report
     cdef bint alive                   # between __init__ and close()
+    cdef bint in_batch                   # inside _on_ready: keep the graveyard
 
     def __cinit__(self):
         self.epfd = -1
@@ -205,7 +209,7 @@ cdef class Engine:
         self._free_pool()
         _close_fd(self.epfd)
         self.epfd = -1
-        if FLB_DEBUG_COUNTS:
+        if FLB_DEBUG_COUNTS and not self.in_batch:  # in a batch, the graveyard still holds some
             counts = debug_counts()
             if counts["engines"] == 0 and any(counts.values()):
                 raise AssertionError(f"engine teardown: resources still held: {counts}")
@@ -318,7 +322,14 @@ cdef class Engine:
             epoll_ctl(self.epfd, EPOLL_CTL_DEL, lst.fd, NULL)   # the close below drops it anyway
             lst.registered = False
             self.listeners.pop(lst.fd, None)
+            self.graveyard.append(lst)          # an event of this batch may still name it
             lst.sock.close()
+            self._bury()
+
+    cdef void _bury(self) noexcept:
+        """Free what was closed, unless a batch of events may still name it."""
+        if not self.in_batch and self.graveyard:
+            self.graveyard.clear()
 
     # -- the loop ----------------------------------------------------------------------------------
     def _on_ready(self):
@@ -327,11 +338,15 @@ cdef class Engine:
         cdef Session s
         self.now = _coarse_now()
         n = epoll_wait(self.epfd, self.events, MAX_EVENTS, 0)
+        self.in_batch = True
         for i in range(n):
+            if not self.alive:                  # closed by a callback of this batch
+                break
             u = self.events[i].data.u64
             tag = u & TAG_MASK
             if tag == TAG_LISTENER:
-                self._accept(<Listener><void *><uintptr_t>u)
+                if (<Listener><void *><uintptr_t>u).registered:
+                    self._accept(<Listener><void *><uintptr_t>u)
                 continue
             s = <Session><void *><uintptr_t>(u & ~(<uint64_t>TAG_MASK))
             if s.state == S_CLOSED:
@@ -340,8 +355,8 @@ cdef class Engine:
                 s.on_client(self.events[i].events)
             else:
                 s.on_backend(self.events[i].events)
-        if self.graveyard:
-            self.graveyard.clear()
+        self.in_batch = False
+        self._bury()
 
     cdef void _accept(self, Listener lst) noexcept:
         cdef int i, fd, one = 1
@@ -350,6 +365,8 @@ cdef class Engine:
         cdef Session s
         cdef ServiceState svc = lst.svc
         for i in range(ACCEPT_BATCH):
+            if not lst.registered:              # a callback of this batch stopped it
+                return
             sslen = sizeof(ss)
             fd = accept4(lst.fd, <sockaddr *>&ss, &sslen, SOCK_NONBLOCK | SOCK_CLOEXEC)
             if fd < 0:
@@ -389,7 +406,7 @@ cdef class Engine:
                 if s.state == S_OPEN and now - s.last >= s.svc.idle_timeout:
                     s._close()
                     closed += 1
-        self.graveyard.clear()
+        self._bury()
         return closed
 
     def abort_all(self):
@@ -397,7 +414,7 @@ cdef class Engine:
         cdef Session s
         for s in list(self.sessions):
             s._close()
-        self.graveyard.clear()
+        self._bury()
 
     def close_backend(self, ServiceState svc, int slot):
         """Close the sessions of ``svc`` connected (or connecting) to backend ``slot`` (maint,
@@ -408,7 +425,7 @@ cdef class Engine:
             if s.svc is svc and s.slot == slot and s.state != S_CLOSED:
                 s._close()
                 n += 1
-        self.graveyard.clear()
+        self._bury()
         return n
 
 

@@ -184,3 +184,36 @@ def test_per_event_functions_make_no_python_c_api_call():
         code = re.sub(r"/\*.*?\*/", "", src[m.end():i], flags=re.DOTALL)
         calls = set(re.findall(r"\b((?:_?Py|__Pyx_)\w*)\s*\(", code)) - NOT_CALLS
         assert not calls, f"Session.{name} calls the Python C-API: {sorted(calls)}"
+
+
+def test_callbacks_may_close_sessions_listeners_or_the_engine_in_the_middle_of_a_batch():
+    rig = Rig({0: closed_port()})
+    try:
+        calls = []
+
+        def close_everything():                 # runs inside _on_ready, other events pending
+            calls.append(1)
+            rig.engine.close_backend(rig.svc, 0)
+            rig.engine.abort_all()
+            rig.engine.close()
+        rig.svc.on_no_backend = close_everything
+        rig.svc.retries = 0
+
+        async def many():
+            async def one():
+                try:
+                    r, w = await asyncio.open_connection("127.0.0.1", rig.port)
+                except OSError:
+                    return b""
+                try:
+                    return await r.read()
+                except OSError:
+                    return b""
+                finally:
+                    w.close()
+            return await asyncio.gather(*(one() for _ in range(20)))
+        assert rig.run(many()) == [b""] * 20
+        assert calls == [1]                     # the first closed the engine; no crash after
+        assert rig.errors == []
+    finally:
+        rig.close()

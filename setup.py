@@ -2,7 +2,9 @@
 
 Switches (environment variables, so they pass through ``pip install``):
   FASTLB_ANNOTATE=1   also write fastlb/_core.html (``cython -a``: yellow = Python overhead)
-  FASTLB_DEBUG=1      -O0 -g, bounds and overflow checks on, Cython line tracing
+  FASTLB_DEBUG=1      -O0 -g, bounds and overflow checks on, Cython line tracing, C asserts, and
+                      FASTLB_DEBUG_COUNTS: the engine counts its sessions, buffers and fds, and
+                      Engine.close() checks they are back to zero (fastlb/_debug.h)
 """
 import os
 import sys
@@ -42,6 +44,7 @@ def _extensions():
     if debug:
         directives["linetrace"] = True
         macros.append(("CYTHON_TRACE_NOGIL", "1"))
+        macros.append(("FASTLB_DEBUG_COUNTS", "1"))
         cflags = ["-O0", "-g3", "-UNDEBUG"]
     else:
         cflags = ["-O2"]
@@ -51,7 +54,7 @@ def _extensions():
         include_dirs=["fastlb"],
         extra_compile_args=cflags,
         define_macros=macros,
-        depends=["fastlb/_atomic.h", "fastlb/_xxh64.h"]
+        depends=["fastlb/_atomic.h", "fastlb/_xxh64.h", "fastlb/_debug.h"]
         + [os.path.join("fastlb/core", f) for f in sorted(os.listdir("fastlb/core"))],
     )
     return cythonize(

@@ -7,7 +7,7 @@ import pytest
 
 from fastlb import _core, reference
 
-POLICIES = ["round_robin", "random", "least_conn", "maglev"]
+POLICIES = list(_core.POLICIES)
 
 
 class Setup:

@@ -19,6 +19,9 @@ static inline uint64_t flb_add_rel(uint64_t *p, uint64_t v) { return __atomic_ad
  * want a recent, untorn value, not ordering with other memory. */
 static inline int64_t flb_load_relaxed_i64(const int64_t *p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
 static inline void flb_add_relaxed_i64(int64_t *p, int64_t v) { __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }
+/* Zeroing (Counters.zero): done by the supervisor only for words no process writes any more
+ * (a dead worker's block, a freed slot), so a store is enough; atomic so readers see no tear. */
+static inline void flb_store_relaxed_i64(int64_t *p, int64_t v) { __atomic_store_n(p, v, __ATOMIC_RELAXED); }
 
 /* Test-only: the non-atomic read-modify-write the bitmap must NOT use; it lets a test prove
  * that its lost-update check really detects lost updates. */

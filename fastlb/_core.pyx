@@ -4,15 +4,20 @@
 Owner of: the stable hash, the shared-memory views (health bitmap, counters), the balancing
 policies and the data-path engine. It gets plain data and never imports orchestration
 (registry, config, admin); only fastlb.errors, the leaf of the error hierarchy.
-One extension module built from include files, as uvloop does (core/*.pxi).
+One extension module built from include files, as uvloop does (core/*.pxi), with the system
+declarations in a .pxd (core/system.pxd).
 """
 cimport cython
-from libc.stdint cimport uint64_t, int64_t, uint32_t
+from libc.stdint cimport uint64_t, int64_t, uint32_t, uintptr_t
 from libc.stdlib cimport malloc, calloc, free
+from libc.errno cimport errno, EAGAIN, EINTR, EINPROGRESS, ECONNABORTED, ECONNREFUSED, ENOMEM
+from cpython.bytes cimport PyBytes_AS_STRING
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE, PyBUF_WRITABLE
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize
 from cpython.long cimport PyLong_AsUnsignedLongLongMask
 from cpython.bytearray cimport PyByteArray_FromStringAndSize
+
+from fastlb.core.system cimport *          # epoll, sockets, time, strings: declarations only
 
 from fastlb.errors import CoreArgumentError, CoreTypeError
 
@@ -21,3 +26,4 @@ include "core/hash.pxi"
 include "core/shm.pxi"
 include "core/policies.pxi"
 include "core/engine.pxi"
+include "core/session.pxi"

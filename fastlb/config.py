@@ -17,13 +17,17 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
+from fastlb import _core
 from fastlb.errors import ConfigError
 
-POLICIES = ("round_robin", "random", "least_conn", "maglev")
+# The core's names and limits, never copied here (fastlb/core/consts.pxi defines them).
+POLICIES = tuple(_core.POLICIES)
+HASH_KEYS = tuple(_core.HASH_MODES)
+MAX_RETRIES = _core.MAX_RETRIES          # the core's tried list holds MAX_TRIED slots
+MAX_WEIGHT = _core.MAX_WEIGHT
+MAX_FAILS = _core.MAX_FAILS
+MAX_BALANCE_FACTOR = _core.MAX_BALANCE_FACTOR
 STATES = ("ready", "drain", "maint")
-HASH_KEYS = ("source_ip", "source_ip_port")
-MAX_RETRIES = 31          # the core's tried list holds 32 slots (MAX_TRIED)
-MAX_WEIGHT = 1_000_000    # the core's MAX_WEIGHT
 MAX_WORKERS = 64
 
 DEFAULTS = {
@@ -35,6 +39,8 @@ DEFAULTS = {
     "weight": 1,
     "policy": "round_robin",
     "hash_key": "source_ip",
+    "hash_balance_factor": 0,   # maglev bounded load off (HAProxy's default too)
+    "max_fails": 1,             # round robin: nginx's default
 }
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
@@ -93,6 +99,8 @@ class Service:
     backends: tuple[Backend, ...]
     policy: str = DEFAULTS["policy"]
     hash_key: str = DEFAULTS["hash_key"]
+    hash_balance_factor: int = DEFAULTS["hash_balance_factor"]   # maglev only, % (0: off)
+    max_fails: int = DEFAULTS["max_fails"]                       # round_robin only
     retries: int = DEFAULTS["retries"]
     connect_timeout: float = DEFAULTS["connect"]
     idle_timeout: float = DEFAULTS["idle"]
@@ -367,7 +375,8 @@ def from_dict(doc: dict, *, source: str = "config", text: str = "", resolve: boo
     return Config(global_=glob, services=tuple(services), source=source)
 
 
-SERVICE_KEYS = {"name", "listen", "policy", "hash_key", "retries", "timeouts", "backends", "health"}
+SERVICE_KEYS = {"name", "listen", "policy", "hash_key", "hash_balance_factor", "max_fails", "retries",
+                "timeouts", "backends", "health"}
 
 
 def _health(c: _Checker, raw: Any, path: str, keys: set[str], base: HealthConfig) -> HealthConfig:
@@ -433,6 +442,18 @@ def service_from_dict(raw: Any, path: str, c: _Checker | None = None, *,
     hash_key = c.choice(raw.get("hash_key", DEFAULTS["hash_key"]), f"{path}.hash_key", HASH_KEYS)
     if "hash_key" in raw and policy != "maglev":
         raise c.fail(f"{path}.hash_key", "only meaningful with policy = \"maglev\"")
+    balance = c.integer(raw.get("hash_balance_factor", DEFAULTS["hash_balance_factor"]),
+                        f"{path}.hash_balance_factor", 0, MAX_BALANCE_FACTOR)
+    if "hash_balance_factor" in raw and policy != "maglev":
+        raise c.fail(f"{path}.hash_balance_factor", "only meaningful with policy = \"maglev\"")
+    if 0 < balance < 100:
+        raise c.fail(f"{path}.hash_balance_factor",
+                     f"{balance} would refuse every backend; expected 0 (off) or a percent "
+                     f"from 100 to {MAX_BALANCE_FACTOR} (125 to 200 is usual)")
+    max_fails = c.integer(raw.get("max_fails", DEFAULTS["max_fails"]), f"{path}.max_fails", 1,
+                          MAX_FAILS)
+    if "max_fails" in raw and policy != "round_robin":
+        raise c.fail(f"{path}.max_fails", "only meaningful with policy = \"round_robin\"")
     retries = c.integer(raw.get("retries", DEFAULTS["retries"]), f"{path}.retries", 0, MAX_RETRIES)
     t = c.table(raw.get("timeouts", {}), f"{path}.timeouts", {"connect", "idle"})
     connect = c.duration(t.get("connect", DEFAULTS["connect"]), f"{path}.timeouts.connect")
@@ -464,8 +485,8 @@ def service_from_dict(raw: Any, path: str, c: _Checker | None = None, *,
                                 c.choice(b.get("state", "ready"), f"{bp}.state", STATES),
                                 bhealth))
     return Service(name=name, listen=listen, backends=tuple(backends), policy=policy,
-                   hash_key=hash_key, retries=retries, connect_timeout=connect, idle_timeout=idle,
-                   health=health)
+                   hash_key=hash_key, hash_balance_factor=balance, max_fails=max_fails,
+                   retries=retries, connect_timeout=connect, idle_timeout=idle, health=health)
 
 
 def _health_to_dict(h: HealthConfig, keys: set[str], base: HealthConfig | None = None) -> dict:
@@ -495,9 +516,22 @@ def service_to_dict(svc: Service) -> dict:
                          "backends": backends}
     if svc.policy == "maglev":
         d["hash_key"] = svc.hash_key
+        if svc.hash_balance_factor:
+            d["hash_balance_factor"] = svc.hash_balance_factor
+    if svc.policy == "round_robin" and svc.max_fails != DEFAULTS["max_fails"]:
+        d["max_fails"] = svc.max_fails
     if svc.health is not None:
         d["health"] = _health_to_dict(svc.health, HEALTH_SERVICE_KEYS)
     return d
+
+
+def _policy_options(s: Service) -> str:
+    if s.policy == "maglev":
+        return f" ({s.hash_key}" + (f", hash_balance_factor {s.hash_balance_factor}"
+                                    if s.hash_balance_factor else "") + ")"
+    if s.policy == "round_robin" and s.max_fails != DEFAULTS["max_fails"]:
+        return f" (max_fails {s.max_fails})"
+    return ""
 
 
 def summary(cfg: Config) -> str:
@@ -506,7 +540,7 @@ def summary(cfg: Config) -> str:
            f"grace={cfg.global_.grace:g}s"]
     for s in cfg.services:
         out.append(f"  service {s.name}: listen {', '.join(a.text for a in s.listen)}; "
-                   f"policy {s.policy}" + (f" ({s.hash_key})" if s.policy == "maglev" else "")
+                   f"policy {s.policy}" + _policy_options(s)
                    + f"; retries {s.retries}; connect {s.connect_timeout:g}s; idle {s.idle_timeout:g}s")
         for b in s.backends:
             out.append(f"    backend {b.address.text} weight {b.weight}"

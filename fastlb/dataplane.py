@@ -5,7 +5,7 @@ supervisor (plain msgpack-able dicts, see ``plan()`` in fastlb.proxy) and never 
 registry or config. A plan:
 
     {"name", "listen": [[host, port]], "policy", "hash_mode", "retries", "connect_timeout",
-     "idle_timeout", "fall_passive", "panic",
+     "idle_timeout", "fall_passive", "panic", "options": {the policy's options},
      "backends": [[slot, effective weight, id, host, port]],    # ready ones, for new connections
      "names": [[slot, address]]}                                  # all, for logs and reports
 
@@ -91,7 +91,8 @@ class DataService:
             policy = _core.make_policy(plan["policy"], [b[0] for b in backends],
                                        [b[1] for b in backends], bitmap,
                                        counters=self.counters, ids=[b[2] for b in backends],
-                                       seed=int.from_bytes(os.urandom(8), "little"))
+                                       seed=int.from_bytes(os.urandom(8), "little"),
+                                       options=plan.get("options"))
         st.set_backends(policy, {b[0]: (b[3], b[4]) for b in backends})
         self.listen({(h, p) for h, p in plan["listen"]})
 

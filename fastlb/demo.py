@@ -18,10 +18,10 @@ import tempfile
 import time
 
 from fastlb import spawn
+from fastlb._core import POLICIES   # the core's one table of policy names
 
 NAMES = ("alpha", "bravo", "charlie")
 WEIGHTS = (3, 2, 1)
-POLICIES = ("round_robin", "random", "least_conn", "maglev")
 CLIENT_IPS = [f"127.0.0.{i}" for i in range(2, 62)]   # 60 distinct clients for maglev
 
 

@@ -37,7 +37,7 @@ from fastlb.workers import WorkerPool
 
 log = logging.getLogger("fastlb")
 
-HASH_MODES = {"source_ip": 1, "source_ip_port": 2}
+HASH_MODES = _core.HASH_MODES
 ERROR_LOG_INTERVAL = 10.0   # accept errors: at most one line per this many seconds
 LISTEN_BACKLOG = 4096
 # Slow start scales weights by this during a ramp, for a fine-grained ramp with integer weights
@@ -117,8 +117,7 @@ class SharedState:
                 busy.append((slot, gen))
                 continue
             for block in range(self.nblocks):
-                for field in range(len(_core.Counters.FIELDS)):
-                    self.counters.add(block, slot, field, -self.counters.get_block(block, slot, field))
+                self.counters.zero(block, slot)
             self._free.append(slot)
         self._released = busy
 
@@ -212,6 +211,8 @@ class ServiceRuntime:
         return {"name": svc.name, "listen": [[a.host, a.port] for a in svc.listen],
                 "policy": svc.policy,
                 "hash_mode": HASH_MODES[svc.hash_key] if svc.policy == "maglev" else 0,
+                "options": ({"hash_balance_factor": svc.hash_balance_factor} if svc.policy == "maglev"
+                            else {"max_fails": svc.max_fails} if svc.policy == "round_robin" else {}),
                 "retries": svc.retries, "connect_timeout": svc.connect_timeout,
                 "idle_timeout": svc.idle_timeout,
                 "fall_passive": h.fall_passive if h else 0, "panic": panic, "backends": backends,
@@ -420,7 +421,7 @@ class Balancer:
         if slot is None:
             return 0
         if ds is not None and self.engine is not None:
-            return _core.abort_where(self.engine, ds.state, slot)
+            return self.engine.close_backend(ds.state, slot)
         if self.pool is not None:
             self.pool.tell_all({"close": [service, slot]})
         return -1                          # counted by the workers
@@ -478,7 +479,7 @@ class Balancer:
             if self.pool is None:
                 return [{"index": 0, "pid": os.getpid(), "generation": self.snapshot_gen,
                          "stopping": False, "connections": sum(
-                             self.shared.counters.get_block(0, s, 1) for s in range(self.shared.max_backends))}]
+                             self.shared.counters.get_block(0, s, _core.CTR_TOTAL) for s in range(self.shared.max_backends))}]
             return self.pool.info()
         if op == "restart_workers":
             if self.pool is None:

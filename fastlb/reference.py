@@ -213,10 +213,15 @@ def is_prime(m: int) -> bool:
 
 
 class RefMaglev:
-    """Weighted Maglev (Katran V2 population), lookup probing past down/tried/overloaded slots."""
+    """Weighted Maglev (Katran V2 population), lookup probing past down/tried/overloaded slots.
+
+    ``balance_factor`` is HAProxy's hash-balance-factor (a percent, 0 = off): a usable slot is
+    taken only while (active + 1) / weight <= factor% x (total active + 1) / (total weight),
+    over the usable slots; when none qualifies, the first usable one in probe order.
+    """
 
     def __init__(self, slots, weights, health, ids=None, table_size: int | None = None,
-                 load_factor: float = 0.0, active=None) -> None:
+                 balance_factor: int = 0, active=None) -> None:
         self.slots, self.weights, self.health = list(slots), list(weights), health
         n = len(self.slots)
         ids = [str(s) for s in self.slots] if ids is None else list(ids)
@@ -229,7 +234,7 @@ class RefMaglev:
                 while not is_prime(m):
                     m += 1
         self.m = m
-        self.load_factor, self.active = load_factor, active
+        self.balance_factor, self.active = balance_factor, active
         offset = [xxh64(i, MAGLEV_SEED_OFFSET) % m for i in self.ids]
         skip = [xxh64(i, MAGLEV_SEED_SKIP) % (m - 1) + 1 for i in self.ids]
         nxt, credit, maxw = [0] * n, [0] * n, max(self.weights)
@@ -258,7 +263,7 @@ class RefMaglev:
         usable = [i for i, s in enumerate(self.slots) if self.health.is_up(s) and s not in tried]
         if not usable:
             return -1
-        bounded = self.load_factor > 0
+        bounded = self.balance_factor > 0
         if bounded:
             total = sum(self.active(self.slots[i]) for i in usable)
             wup = sum(self.weights[i] for i in usable)
@@ -272,7 +277,7 @@ class RefMaglev:
                     return s
                 if fallback < 0:
                     fallback = s
-                if (self.active(s) + 1) * wup <= self.load_factor * (total + 1) * self.weights[i]:
+                if (self.active(s) + 1) * wup * 100 <= self.balance_factor * (total + 1) * self.weights[i]:
                     return s
             pos = (pos + 1) % self.m
         return fallback

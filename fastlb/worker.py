@@ -64,7 +64,7 @@ class WorkerProcess:
                 service, slot = msg["close"]
                 ds = self.services.get(service)
                 if ds is not None:
-                    n = _core.abort_where(self.engine, ds.state, slot)
+                    n = self.engine.close_backend(ds.state, slot)
                     log.info("service %s: closed %d connection(s) of slot %d", service, n, slot)
             return
         self.apply(msg, fds)

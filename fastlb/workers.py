@@ -104,10 +104,7 @@ class WorkerPool:
             w.proc.kill()
             code = w.proc.wait()
         # Its connections are gone: no stuck active counts. Totals and bytes stay.
-        for slot in range(self.counters.nslots):
-            n = self.counters.get_block(w.index, slot, 0)
-            if n:
-                self.counters.add(w.index, slot, 0, -n)
+        self.counters.zero(w.index, fields=(_core.CTR_ACTIVE,))
         self.free_blocks.append(w.index)
         if not w.exited.done():
             w.exited.set_result(code)
@@ -216,6 +213,6 @@ class WorkerPool:
 
     def info(self) -> list[dict]:
         return [{"index": w.index, "pid": w.proc.pid, "generation": w.acked, "stopping": w.stopping,
-                 "connections": sum(self.counters.get_block(w.index, s, 1)
+                 "connections": sum(self.counters.get_block(w.index, s, _core.CTR_TOTAL)
                                     for s in range(self.counters.nslots))}
                 for w in self.workers]

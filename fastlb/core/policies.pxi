@@ -1,11 +1,29 @@
 # Balancing policies. One interface for all (HAProxy's lb_* modules, STYLE.md point 2):
 #
-#   built from an immutable backend set (slots, weights) over a HealthBitmap (cold path);
-#   pick_c(key, tried, ntried) -> slot, or -1 when nothing is usable; never raises (hot path);
-#   report_failure(slot): passive failure hook (only round_robin acts on it).
+#   Policy(slots, weights, health, *, counters=None, ids=None, seed=0, options=None): built
+#     from an immutable backend set (slots, weights) over a HealthBitmap (cold path); the same
+#     constructor for every policy, each taking what it needs and refusing options it does not
+#     know (CoreArgumentError naming the policy and the option);
+#   cdef pick_c(key, tried, ntried) -> slot, or -1 when nothing is usable; never raises (hot
+#     path, called by the engine with no Python in between);
+#   cdef on_failure(slot): a connect to slot failed (the engine's passive failure hook; only
+#     round_robin acts on it). report_failure(slot) is its Python face, for tests.
+#
+# POLICIES (name -> class) is the one table; make_policy() builds from it. Options:
+#   round_robin  max_fails            nginx's max_fails: a failure lowers the effective weight
+#                                     by weight // max_fails (1..MAX_FAILS, default 1)
+#   maglev       hash_balance_factor  HAProxy's hash-balance-factor, a percent: a backend takes
+#                                     a new key only while its active count stays within that
+#                                     % of its weighted share (0 = off, else 100..MAX_BALANCE_FACTOR);
+#                                     needs counters
+#                table_size           a prime > 100 x backends (default 65537 or above)
 #
 # Health is an input: every pick skips slots whose bit is down and slots in `tried`.
 # Each policy has a slow pure-Python twin in fastlb/reference.py that must give the same answers.
+
+cdef extern from *:
+    # Exact products for maglev's bounded-load test (active x sum of weights x 100 can pass 2**63).
+    ctypedef long long flb_i128 "__int128"
 
 cdef inline bint in_tried(int slot, const int *tried, int ntried) noexcept nogil:
     cdef int i
@@ -25,16 +43,55 @@ cdef inline uint64_t splitmix64(uint64_t *state) noexcept nogil:
 
 
 cdef class Policy:
-    """Base of every policy: owns the member arrays (slots, weights) and the health view."""
+    """The interface of every policy: owns the member arrays (slots, weights) and the health
+    view. Subclasses set NAME and OPTIONS and implement _configure, pick_c and (if they need
+    it) on_failure."""
     cdef HealthBitmap health
     cdef int n
     cdef int *slots
     cdef int64_t *weights
     cdef readonly str name
 
+    NAME = None
+    OPTIONS = ()                          # the option names this policy takes
+
+    def __init__(self, slots, weights, health, *, counters=None, ids=None, uint64_t seed=0,
+                 options=None):
+        if type(self).NAME is None:
+            raise CoreTypeError("Policy is the interface; build one of POLICIES "
+                                f"({', '.join(POLICIES)}) or call make_policy()")
+        self.name = type(self).NAME
+        if options is None:
+            options = {}
+        elif not isinstance(options, dict):
+            raise CoreTypeError(f"{self.name}: options must be a dict, got {type(options).__name__}")
+        for key in options:
+            if key not in type(self).OPTIONS:
+                raise CoreArgumentError(
+                    f"{self.name}: unknown option {key!r}; {self.name} takes "
+                    + (", ".join(type(self).OPTIONS) or "no option"))
+        self._set_members(slots, weights, health)
+        self._configure(counters, ids, seed, options)
+
     def __dealloc__(self):
         free(self.slots)
         free(self.weights)
+
+    cdef int _configure(self, object counters, object ids, uint64_t seed, dict options) except -1:
+        """Take what this policy needs of the constructor's arguments (members already set)."""
+        return 0
+
+    cdef long _int_option(self, dict options, str key, long default, long lo, long hi,
+                          bint zero_ok=False) except? -1:
+        """options[key] (default when absent): an int from lo to hi, or 0 when zero_ok."""
+        value = options.get(key, default)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise CoreTypeError(f"{self.name}: option {key} must be an int, got {type(value).__name__}")
+        if not (lo <= value <= hi or (zero_ok and value == 0)):
+            raise CoreArgumentError(
+                f"{self.name}: option {key} = {value}: expected "
+                + ("0 (off) or " if zero_ok else "") + f"an integer from {lo} to {hi}")
+        return value
 
     cdef int _set_members(self, object slots, object weights, object health) except -1:
         if not isinstance(health, HealthBitmap):
@@ -78,7 +135,12 @@ cdef class Policy:
         return 0
 
     cdef int pick_c(self, uint64_t key, const int *tried, int ntried) noexcept:
+        """The slot for ``key`` among the members up and not in tried[:ntried], or -1."""
         return -1
+
+    cdef void on_failure(self, int slot) noexcept:
+        """A connect to ``slot`` failed (refused, error, timeout). Default: nothing."""
+        pass
 
     def pick(self, key=0, tried=()):
         """Pick a usable slot for ``key`` (an int, taken mod 2**64), skipping slots in ``tried``.
@@ -98,8 +160,8 @@ cdef class Policy:
         return self.pick_c(k, buf, nt)
 
     def report_failure(self, int slot):
-        """Passive failure of ``slot`` (connect refused/timed out). No-op unless overridden."""
-        pass
+        """on_failure from Python: a connect to ``slot`` failed (what the engine reports)."""
+        self.on_failure(slot)
 
     @property
     def members(self):
@@ -126,20 +188,20 @@ cdef class RoundRobin(Policy):
     """
     cdef int64_t *current
     cdef int64_t *effective
-    cdef int max_fails
+    cdef readonly int max_fails
 
-    def __init__(self, slots, weights, health, *, int max_fails=1):
-        self.name = "round_robin"
-        self._set_members(slots, weights, health)
-        if max_fails < 1:
-            raise CoreArgumentError(f"max_fails = {max_fails}: must be >= 1")
-        self.max_fails = max_fails
+    NAME = "round_robin"
+    OPTIONS = ("max_fails",)
+
+    cdef int _configure(self, object counters, object ids, uint64_t seed, dict options) except -1:
+        self.max_fails = self._int_option(options, "max_fails", 1, 1, MAX_FAILS)
         self.current = <int64_t *>calloc(self.n, sizeof(int64_t))
         self.effective = <int64_t *>malloc(self.n * sizeof(int64_t))
         if self.current == NULL or self.effective == NULL:
             raise MemoryError()
         for i in range(self.n):
             self.effective[i] = self.weights[i]
+        return 0
 
     def __dealloc__(self):
         free(self.current)
@@ -163,7 +225,7 @@ cdef class RoundRobin(Policy):
         self.current[best] -= total
         return self.slots[best]
 
-    def report_failure(self, int slot):
+    cdef void on_failure(self, int slot) noexcept:
         cdef int i = self._index(slot)
         if i < 0:
             return
@@ -194,12 +256,9 @@ cdef class WeightedRandom(Policy):
     cdef uint64_t gen
     cdef uint64_t rng
 
-    def __init__(self, slots, weights, health, *, uint64_t seed=0):
-        self.name = "random"
-        self._setup(slots, weights, health, seed)
+    NAME = "random"
 
-    cdef int _setup(self, slots, weights, health, uint64_t seed) except -1:
-        self._set_members(slots, weights, health)
+    cdef int _configure(self, object counters, object ids, uint64_t seed, dict options) except -1:
         self.rng = seed
         cdef int n = self.n
         self.usable = <int *>malloc(n * sizeof(int))
@@ -327,17 +386,12 @@ cdef class LeastConn(WeightedRandom):
     """
     cdef Counters counters
 
-    def __init__(self, slots, weights, health, counters, *, uint64_t seed=0):
-        self.name = "least_conn"
-        if not isinstance(counters, Counters):
-            raise CoreTypeError(f"counters must be a Counters, got {type(counters).__name__}")
-        self.counters = <Counters>counters
-        self._setup(slots, weights, health, seed)
-        for i in range(self.n):
-            if self.slots[i] >= self.counters.nslots:
-                raise CoreArgumentError(
-                    f"slots[{i}] = {self.slots[i]}: out of range of the counters "
-                    f"(0..{self.counters.nslots - 1})")
+    NAME = "least_conn"
+
+    cdef int _configure(self, object counters, object ids, uint64_t seed, dict options) except -1:
+        self.counters = _need_counters(self, counters, "least_conn")
+        WeightedRandom._configure(self, counters, ids, seed, options)
+        return 0
 
     cdef inline int _better(self, int a, int b) noexcept:
         cdef int64_t ca = self.counters.sum_c(self.slots[a], CTR_ACTIVE) + 1
@@ -400,22 +454,27 @@ cdef class Maglev(Policy):
 
     The table is built from the whole set; a lookup probes forward from key % M past entries
     whose slot is down or tried (sozu's approach), so a health flap moves only the keys of the
-    flapping backend. With ``load_factor`` c > 0 (bounded loads, arXiv 1608.01350) probing also
-    skips a backend whose active count would exceed c x its weighted share of (total + 1).
+    flapping backend. With the option ``hash_balance_factor`` f > 0 (bounded loads, arXiv
+    1608.01350; HAProxy's hash-balance-factor, a percent) probing also skips a backend whose
+    active count + 1 would exceed f% of its weighted share of (total active + 1), all counted
+    over the members up and not tried, in every worker (the shared counters):
+        (active + 1) x W x 100 <= f x (total + 1) x w        (exact, in 128-bit integers)
+    When every member is over its bound the first usable one in probe order is taken.
     """
     cdef int *table
     cdef readonly uint64_t table_size
-    cdef double load_factor
+    cdef readonly int balance_factor
     cdef Counters counters
     cdef uint64_t gen
     cdef int nup
     cdef readonly tuple ids
 
-    def __init__(self, slots, weights, health, *, ids=None, table_size=None,
-                 double load_factor=0.0, counters=None):
-        self.name = "maglev"
-        self._set_members(slots, weights, health)
+    NAME = "maglev"
+    OPTIONS = ("hash_balance_factor", "table_size")
+
+    cdef int _configure(self, object counters, object ids, uint64_t seed, dict options) except -1:
         cdef int n = self.n
+        table_size = options.get("table_size")
         if ids is None:
             ids = [str(self.slots[i]) for i in range(n)]
         ids = tuple(i.encode() if isinstance(i, str) else bytes(i) for i in ids)
@@ -431,7 +490,8 @@ cdef class Maglev(Policy):
                 m = next_prime(100 * n + 1)
         else:
             if not isinstance(table_size, int) or isinstance(table_size, bool):
-                raise CoreTypeError(f"table_size must be an int, got {type(table_size).__name__}")
+                raise CoreTypeError(
+                    f"maglev: option table_size must be an int, got {type(table_size).__name__}")
             if table_size <= 100 * n:
                 raise CoreArgumentError(
                     f"maglev table_size {table_size} too small for {n} backends: must exceed "
@@ -444,16 +504,13 @@ cdef class Maglev(Policy):
         if m > MAGLEV_MAX_M:
             raise CoreArgumentError(f"maglev table_size {m} exceeds the maximum {MAGLEV_MAX_M}")
         self.table_size = m
-        if load_factor < 0.0 or (0.0 < load_factor < 1.0):
-            raise CoreArgumentError(
-                f"load_factor = {load_factor}: use 0 (off) or a factor >= 1.0 (1.25 is common)")
-        if load_factor > 0.0:
-            if not isinstance(counters, Counters):
-                raise CoreTypeError("maglev with a load_factor needs counters (a Counters)")
-            self.counters = <Counters>counters
-        self.load_factor = load_factor
+        self.balance_factor = self._int_option(options, "hash_balance_factor", 0, 100,
+                                               MAX_BALANCE_FACTOR, zero_ok=True)
+        if self.balance_factor:
+            self.counters = _need_counters(self, counters, "maglev with a hash_balance_factor")
         self._populate()
         self._count_up()
+        return 0
 
     def __dealloc__(self):
         free(self.table)
@@ -509,7 +566,7 @@ cdef class Maglev(Policy):
         cdef uint64_t pos, steps
         cdef uint64_t m = self.table_size
         cdef int64_t total_active = 0, wup = 0
-        cdef bint bounded = self.load_factor > 0.0
+        cdef bint bounded = self.balance_factor > 0
         if self.health.generation_c() != self.gen:
             self._count_up()
         if self.nup == 0:
@@ -537,8 +594,8 @@ cdef class Maglev(Policy):
                     return s
                 if fallback < 0:
                     fallback = s
-                if (<double>(self.counters.sum_c(s, CTR_ACTIVE) + 1) * <double>wup
-                        <= self.load_factor * <double>(total_active + 1) * <double>self.weights[i]):
+                if (<flb_i128>(self.counters.sum_c(s, CTR_ACTIVE) + 1) * wup * 100
+                        <= <flb_i128>self.balance_factor * (total_active + 1) * self.weights[i]):
                     return s
             pos += 1
             if pos == m:
@@ -550,27 +607,32 @@ cdef class Maglev(Policy):
         return [self.slots[self.table[p]] for p in range(self.table_size)]
 
 
-POLICIES = {
-    "round_robin": RoundRobin,
-    "random": WeightedRandom,
-    "least_conn": LeastConn,
-    "maglev": Maglev,
-}
+cdef Counters _need_counters(Policy p, object counters, str who):
+    """``counters`` as a Counters covering every member's slot, or CoreTypeError/ArgumentError."""
+    if not isinstance(counters, Counters):
+        raise CoreTypeError(f"{who} needs counters (a Counters), got {type(counters).__name__}")
+    cdef Counters c = <Counters>counters
+    for i in range(p.n):
+        if p.slots[i] >= c.nslots:
+            raise CoreArgumentError(
+                f"slots[{i}] = {p.slots[i]}: out of range of the counters (0..{c.nslots - 1})")
+    return c
+
+
+# The one name -> class table (config's policy names, make_policy, the stub).
+POLICIES = {cls.NAME: cls for cls in (RoundRobin, WeightedRandom, LeastConn, Maglev)}
 
 
 def make_policy(str name, slots, weights, health, *, counters=None, ids=None, uint64_t seed=0,
-                table_size=None, double load_factor=0.0):
-    """Build the policy called ``name`` (a key of POLICIES) with the options it takes."""
-    if name == "round_robin":
-        return RoundRobin(slots, weights, health)
-    if name == "random":
-        return WeightedRandom(slots, weights, health, seed=seed)
-    if name == "least_conn":
-        return LeastConn(slots, weights, health, counters, seed=seed)
-    if name == "maglev":
-        return Maglev(slots, weights, health, ids=ids, table_size=table_size,
-                      load_factor=load_factor, counters=counters)
-    raise CoreArgumentError(f"unknown policy {name!r}; expected one of {', '.join(POLICIES)}")
+                options=None):
+    """Build the policy called ``name`` (a key of POLICIES). Every policy takes the same
+    arguments and uses what it needs: ``counters`` (least_conn; maglev with a balance factor),
+    ``ids`` (maglev: the stable backend ids its table is built from), ``seed`` (random,
+    least_conn), ``options`` (a dict of the policy's own options, see POLICIES[name].OPTIONS)."""
+    cls = POLICIES.get(name)
+    if cls is None:
+        raise CoreArgumentError(f"unknown policy {name!r}; expected one of {', '.join(POLICIES)}")
+    return cls(slots, weights, health, counters=counters, ids=ids, seed=seed, options=options)
 
 
 def pick_many(Policy policy, long count, uint64_t key_step=0x9E3779B97F4A7C15):

@@ -11,6 +11,7 @@ cdef extern from "_atomic.h":
     uint64_t flb_add_rel(uint64_t *p, uint64_t v) noexcept nogil
     int64_t flb_load_relaxed_i64(const int64_t *p) noexcept nogil
     void flb_add_relaxed_i64(int64_t *p, int64_t v) noexcept nogil
+    void flb_store_relaxed_i64(int64_t *p, int64_t v) noexcept nogil
     void flb_racy_or(uint64_t *p, uint64_t v) noexcept nogil
     void flb_racy_and(uint64_t *p, uint64_t v) noexcept nogil
 
@@ -137,9 +138,11 @@ cdef class HealthBitmap:
 cdef class Counters:
     """Per-slot connection counters in ``nblocks`` blocks (one per worker), over a buffer.
 
-    Each (block, slot) owns one cache line of CTR_FIELDS int64: active, total, bytes_in,
-    bytes_out, connect_failures. A block has one writer (its worker): writes are relaxed atomic
-    adds, so a reader in another process sees untorn values. Readers sum over blocks.
+    Each (block, slot) owns one cache line of CTR_LINE int64, the first CTR_NFIELDS used:
+    COUNTER_FIELDS (active, total, bytes_in, bytes_out, connect_failures), indexed by the CTR_*
+    constants. A block has one writer (its worker): writes are relaxed atomic adds, so a reader
+    in another process sees untorn values. Readers sum over blocks. ``zero`` is the one way to
+    clear counters (a dead worker's active counts, a reused slot).
     """
     cdef Py_buffer _view
     cdef bint _acquired
@@ -147,7 +150,7 @@ cdef class Counters:
     cdef readonly int nslots
     cdef readonly int nblocks
 
-    FIELDS = ("active", "total", "bytes_in", "bytes_out", "connect_failures")
+    FIELDS = COUNTER_FIELDS
 
     @staticmethod
     def size_for(int nslots, int nblocks=1):
@@ -168,7 +171,7 @@ cdef class Counters:
             PyBuffer_Release(&self._view)
 
     cdef inline int64_t *line(self, int block, int slot) noexcept nogil:
-        return self.base + (<Py_ssize_t>block * self.nslots + slot) * CTR_FIELDS
+        return self.base + (<Py_ssize_t>block * self.nslots + slot) * CTR_LINE
 
     cdef inline void add_c(self, int block, int slot, int field, int64_t delta) noexcept nogil:
         flb_add_relaxed_i64(self.line(block, slot) + field, delta)
@@ -185,8 +188,9 @@ cdef class Counters:
             raise CoreArgumentError(f"block {block} out of range 0..{self.nblocks - 1}")
         if slot < 0 or slot >= self.nslots:
             raise CoreArgumentError(f"slot {slot} out of range 0..{self.nslots - 1}")
-        if field < 0 or field >= 5:
-            raise CoreArgumentError(f"field {field} out of range 0..4")
+        if field < 0 or field >= CTR_NFIELDS:
+            raise CoreArgumentError(
+                f"field {field} out of range 0..{CTR_NFIELDS - 1} ({', '.join(COUNTER_FIELDS)})")
         return 0
 
     def add(self, int block, int slot, int field, int64_t delta):
@@ -211,10 +215,36 @@ cdef class Counters:
         self._check(0, slot, 0)
         return {name: self.sum_c(slot, i) for i, name in enumerate(Counters.FIELDS)}
 
-    def reset_block(self, int block):
-        """Zero one block (a worker that died: its connections are gone)."""
-        self._check(block, 0, 0)
-        cdef int s, f
-        for s in range(self.nslots):
-            for f in range(CTR_FIELDS):
-                self.line(block, s)[f] = 0
+    def zero(self, int block, int slot=-1, fields=None):
+        """Zero counters of ``block``: one ``slot`` (or every slot with -1), the fields in
+        ``fields`` (indexes, e.g. ``(CTR_ACTIVE,)``; every field with None). The one way to clear
+        counters: a dead worker's active counts, a slot handed to a new backend. Each word is
+        stored atomically (relaxed), so readers in other processes never see a torn value; the
+        caller makes sure no process still writes the words it clears."""
+        self._check(block, 0 if slot == -1 else slot, 0)
+        cdef int f, s, lo = slot, hi = slot + 1
+        cdef int want[CTR_NFIELDS]
+        cdef int nwant = 0
+        if fields is None:
+            for f in range(CTR_NFIELDS):
+                want[f] = f
+            nwant = CTR_NFIELDS
+        else:
+            try:
+                fields = list(fields)
+            except TypeError:
+                raise CoreTypeError(f"fields must be an iterable of field indexes (CTR_*), got "
+                                    f"{type(fields).__name__}") from None
+            for field in fields:
+                if not isinstance(field, int) or isinstance(field, bool):
+                    raise CoreTypeError(f"fields: {field!r} is not a field index (CTR_*)")
+                self._check(block, 0, field)
+                if nwant == CTR_NFIELDS:
+                    raise CoreArgumentError(f"fields: more than {CTR_NFIELDS} indexes")
+                want[nwant] = field
+                nwant += 1
+        if slot == -1:
+            lo, hi = 0, self.nslots
+        for s in range(lo, hi):
+            for f in range(nwant):
+                flb_store_relaxed_i64(self.line(block, s) + want[f], 0)

@@ -76,6 +76,17 @@ BAD = [
     ("[global]\nworkers = 'many'\n[[service]]\nname='a'\nlisten='127.0.0.1:1'", 2, "global.workers",
      "expected \"auto\" or a number"),
     ("[global]\nverbose = true", 2, "global.verbose", "unknown key"),
+    ("[[service]]\nname='a'\nlisten='127.0.0.1:1'\nhash_balance_factor=150", 4,
+     "service[0].hash_balance_factor", "only meaningful with policy = \"maglev\""),
+    ("[[service]]\nname='a'\nlisten='127.0.0.1:1'\npolicy='maglev'\nhash_balance_factor=50", 5,
+     "service[0].hash_balance_factor", "50 would refuse every backend; expected 0 (off) or a percent "
+     "from 100 to 10000"),
+    ("[[service]]\nname='a'\nlisten='127.0.0.1:1'\npolicy='maglev'\nhash_balance_factor=1.5", 5,
+     "service[0].hash_balance_factor", "expected an integer from 0 to 10000, got a float"),
+    ("[[service]]\nname='a'\nlisten='127.0.0.1:1'\npolicy='maglev'\nmax_fails=3", 5,
+     "service[0].max_fails", "only meaningful with policy = \"round_robin\""),
+    ("[[service]]\nname='a'\nlisten='127.0.0.1:1'\nmax_fails=0", 4,
+     "service[0].max_fails", "0 is out of range; expected an integer from 1 to 1000"),
     ("", None, "service", "no [[service]] defined"),
 ]
 
@@ -140,3 +151,28 @@ def test_readme_config_example_is_valid_and_its_error_sample_is_real():
     with pytest.raises(ConfigError) as info:
         config.loads(bad, source="fastlb.toml", resolve=False)
     assert f"fastlb: {info.value}" in readme
+
+
+def test_policy_options_defaults_round_trip_and_summary():
+    base = "[[service]]\nname='a'\nlisten='127.0.0.1:1'\n"
+    svc = config.loads(base).services[0]
+    assert (svc.max_fails, svc.hash_balance_factor) == (1, 0)
+    assert "max_fails" not in config.service_to_dict(svc)
+    for extra, attr, value, shown in (
+            ("policy='maglev'\nhash_balance_factor=125", "hash_balance_factor", 125,
+             "policy maglev (source_ip, hash_balance_factor 125)"),
+            ("max_fails=5", "max_fails", 5, "policy round_robin (max_fails 5)")):
+        cfg = config.loads(base + extra)
+        svc = cfg.services[0]
+        assert getattr(svc, attr) == value
+        d = config.service_to_dict(svc)
+        assert d[attr] == value
+        assert config.service_from_dict(d, "service[0]") == svc
+        assert shown in config.summary(cfg)
+
+
+def test_config_constants_come_from_the_core():
+    from fastlb import _core
+    assert config.POLICIES == tuple(_core.POLICIES)
+    assert config.HASH_KEYS == tuple(_core.HASH_MODES)
+    assert (config.MAX_RETRIES, config.MAX_WEIGHT) == (_core.MAX_RETRIES, _core.MAX_WEIGHT)

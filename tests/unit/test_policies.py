@@ -51,12 +51,14 @@ ops = st.lists(st.one_of(
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.integers(1, 1000), min_size=1, max_size=20), ops, st.randoms())
-def test_round_robin_matches_reference(weights, script, rnd):
+@given(st.lists(st.integers(1, 1000), min_size=1, max_size=20), ops, st.randoms(),
+       st.one_of(st.none(), st.integers(1, _core.MAX_FAILS)))
+def test_round_robin_matches_reference(weights, script, rnd, max_fails):
     slots = list(range(len(weights)))
     w = world_with(slots)
-    fast = _core.RoundRobin(slots, weights, w.health)
-    slow = reference.RefRoundRobin(slots, weights, w.ref)
+    options = None if max_fails is None else {"max_fails": max_fails}
+    fast = _core.RoundRobin(slots, weights, w.health, options=options)
+    slow = reference.RefRoundRobin(slots, weights, w.ref, max_fails=max_fails or 1)
     for op, arg in script:
         if op == "pick":
             tried = rnd.sample(slots, min(arg, len(slots)))
@@ -90,6 +92,38 @@ def test_round_robin_failure_lowers_effective_weight_then_recovers():
     assert picks.count(1) > picks.count(0)            # eased back in, not at full share at once
     assert rr.state()[0][1] == 4                      # one step per round, back to full
 
+
+def test_round_robin_max_fails_scales_the_drop():
+    w = world_with([0, 1])
+    rr = _core.make_policy("round_robin", [0, 1], [10, 10], w.health, options={"max_fails": 4})
+    assert rr.max_fails == 4
+    rr.report_failure(0)
+    assert rr.state()[0][1] == 10 - 10 // 4           # nginx: weight // max_fails per failure
+    rr.report_failure(0)
+    rr.report_failure(0)
+    assert rr.state()[0][1] == 10 - 3 * (10 // 4)
+    rr.report_failure(0)
+    rr.report_failure(0)
+    assert rr.state()[0][1] == 0                      # floored at 0
+
+
+def test_failures_through_the_engine_path_match_the_reference():
+    # what Session._failed_attempt does per failed connect: pick, on_failure, retry with tried
+    w = world_with([0, 1, 2])
+    for max_fails in (1, 3, 1000):
+        fast = _core.RoundRobin([0, 1, 2], [6, 3, 1], w.health, options={"max_fails": max_fails})
+        slow = reference.RefRoundRobin([0, 1, 2], [6, 3, 1], w.ref, max_fails=max_fails)
+        seq = []
+        for _ in range(60):
+            tried = []
+            while (s := fast.pick(0, tried)) == 1:     # backend 1 refuses every connect
+                assert slow.pick(0, tried) == 1
+                fast.report_failure(1)
+                slow.report_failure(1)
+                tried.append(1)
+            assert slow.pick(0, tried) == s
+            seq.append(s)
+        assert fast.state() == list(zip(slow.current, slow.effective))
 
 # -- random and least_conn ---------------------------------------------------------------------
 
@@ -141,7 +175,7 @@ def test_random_draws_follow_weights():
 def test_least_conn_matches_reference(weights, script, seed):
     slots = list(range(len(weights)))
     w = world_with(slots)
-    fast = _core.LeastConn(slots, weights, w.health, w.counters, seed=seed)
+    fast = _core.LeastConn(slots, weights, w.health, counters=w.counters, seed=seed)
     slow = reference.RefLeastConn(slots, weights, w.ref, w.active, seed=seed)
     for op, arg in script:
         if arg >= len(slots):
@@ -158,7 +192,7 @@ def test_least_conn_matches_reference(weights, script, seed):
 
 def test_least_conn_balances_open_connections():
     w = world_with(range(4))
-    lc = _core.LeastConn(range(4), [1, 1, 1, 1], w.health, w.counters, seed=7)
+    lc = _core.LeastConn(range(4), [1, 1, 1, 1], w.health, counters=w.counters, seed=7)
     for _ in range(400):                   # connections that never close
         w.counters.add(0, lc.pick(), 0, 1)
     active = [w.active(s) for s in range(4)]
@@ -174,7 +208,7 @@ def test_maglev_matches_reference(weights, down, keys, rnd):
     slots = [3 * i + 1 for i in range(len(weights))]
     w = world_with(slots)
     m = reference.RefMaglev(slots, weights, w.ref, table_size=1009).m
-    fast = _core.Maglev(slots, weights, w.health, table_size=m)
+    fast = _core.Maglev(slots, weights, w.health, options={"table_size": m})
     slow = reference.RefMaglev(slots, weights, w.ref, table_size=m)
     assert fast.table_slots() == slow.table_slots()
     for i in down:
@@ -189,13 +223,13 @@ def test_maglev_matches_reference(weights, down, keys, rnd):
 @settings(max_examples=25, deadline=None)
 @given(st.lists(st.integers(1, 10), min_size=2, max_size=8),
        st.lists(st.tuples(st.integers(0, 7), st.integers(-1, 3)), max_size=40),
-       st.sampled_from([1.0, 1.25, 2.0]))
+       st.one_of(st.sampled_from([100, 125, 200]), st.integers(100, _core.MAX_BALANCE_FACTOR)))
 def test_maglev_bounded_load_matches_reference(weights, script, factor):
     slots = list(range(len(weights)))
     w = world_with(slots)
-    fast = _core.Maglev(slots, weights, w.health, table_size=1009, load_factor=factor,
-                        counters=w.counters)
-    slow = reference.RefMaglev(slots, weights, w.ref, table_size=1009, load_factor=factor,
+    fast = _core.Maglev(slots, weights, w.health, counters=w.counters,
+                        options={"table_size": 1009, "hash_balance_factor": factor})
+    slow = reference.RefMaglev(slots, weights, w.ref, table_size=1009, balance_factor=factor,
                                active=w.active)
     for key, (i, delta) in enumerate(script):
         if i < len(slots) and w.active(i) + delta >= 0:
@@ -207,10 +241,19 @@ def test_maglev_bounded_load_matches_reference(weights, script, factor):
 
 def test_maglev_bounded_load_caps_a_hot_key():
     w = world_with(range(5))
-    mg = _core.Maglev(range(5), [1] * 5, w.health, load_factor=1.25, counters=w.counters)
+    mg = _core.make_policy("maglev", range(5), [1] * 5, w.health, counters=w.counters,
+                           options={"hash_balance_factor": 125})
     for _ in range(500):                                 # one client key, 500 open connections
         w.counters.add(0, mg.pick(12345), 0, 1)
     assert max(w.active(s) for s in range(5)) <= 1.25 * 500 / 5 + 1
+
+
+def test_maglev_without_a_balance_factor_piles_a_hot_key_on_one_backend():
+    w = world_with(range(5))
+    mg = _core.make_policy("maglev", range(5), [1] * 5, w.health, counters=w.counters)
+    for _ in range(50):
+        w.counters.add(0, mg.pick(12345), _core.CTR_ACTIVE, 1)
+    assert sorted(w.active(s) for s in range(5)) == [0, 0, 0, 0, 50]
 
 
 @settings(max_examples=30, deadline=None)
@@ -329,7 +372,7 @@ def test_bad_backend_sets_are_refused(name, kwargs, err, msg):
 def test_bad_maglev_table_sizes(size, msg):
     w = world_with([0, 1])
     with pytest.raises((CoreArgumentError, CoreTypeError), match=msg):
-        _core.Maglev([0, 1], [1, 1], w.health, table_size=size)
+        _core.Maglev([0, 1], [1, 1], w.health, options={"table_size": size})
 
 
 def test_bad_health_and_counters_types():
@@ -337,6 +380,44 @@ def test_bad_health_and_counters_types():
     with pytest.raises(CoreTypeError, match="HealthBitmap"):
         _core.RoundRobin([0], [1], object())
     with pytest.raises(CoreTypeError, match="Counters"):
-        _core.LeastConn([0], [1], w.health, None)
+        _core.LeastConn([0], [1], w.health, counters=None)
     with pytest.raises(CoreArgumentError, match="unknown policy 'fastest'"):
         _core.make_policy("fastest", [0], [1], w.health)
+
+
+@pytest.mark.parametrize("name,options,err,msg", [
+    ("round_robin", {"max_fails": 0}, CoreArgumentError, r"round_robin: option max_fails = 0: "
+                                                         r"expected an integer from 1 to 1000"),
+    ("round_robin", {"max_fails": 1001}, CoreArgumentError, "max_fails = 1001"),
+    ("round_robin", {"max_fails": 2.0}, CoreTypeError, "max_fails must be an int"),
+    ("round_robin", {"hash_balance_factor": 150}, CoreArgumentError,
+     "round_robin: unknown option 'hash_balance_factor'; round_robin takes max_fails"),
+    ("random", {"max_fails": 2}, CoreArgumentError, "random takes no option"),
+    ("maglev", {"hash_balance_factor": 99}, CoreArgumentError,
+     r"hash_balance_factor = 99: expected 0 \(off\) or an integer from 100 to 10000"),
+    ("maglev", {"hash_balance_factor": True}, CoreTypeError, "must be an int, got bool"),
+    ("maglev", [("table_size", 1009)], CoreTypeError, "options must be a dict"),
+])
+def test_bad_options_are_refused_naming_policy_and_option(name, options, err, msg):
+    w = world_with([0, 1])
+    with pytest.raises(err, match=msg):
+        _core.make_policy(name, [0, 1], [1, 1], w.health, counters=w.counters, options=options)
+
+
+def test_maglev_balance_factor_needs_counters():
+    w = world_with([0, 1])
+    with pytest.raises(CoreTypeError, match="maglev with a hash_balance_factor needs counters"):
+        _core.make_policy("maglev", [0, 1], [1, 1], w.health, options={"hash_balance_factor": 150})
+    mg = _core.make_policy("maglev", [0, 1], [1, 1], w.health, options={"hash_balance_factor": 0})
+    assert mg.balance_factor == 0
+
+
+def test_one_table_one_constructor():
+    assert list(_core.POLICIES) == ["round_robin", "random", "least_conn", "maglev"]
+    w = world_with([0, 1])
+    for name, cls in _core.POLICIES.items():
+        p = cls([0, 1], [2, 1], w.health, counters=w.counters, ids=["a", "b"], seed=3)
+        assert p.name == name and type(_core.make_policy(name, [0, 1], [2, 1], w.health,
+                                                         counters=w.counters)) is cls
+    with pytest.raises(CoreTypeError, match="Policy is the interface"):
+        _core.Policy([0], [1], w.health)

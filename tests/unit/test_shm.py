@@ -132,8 +132,48 @@ def test_counters_sum_blocks_across_processes():
     assert c.slot_stats(5) == {"active": 3000, "total": 0, "bytes_in": 300_000,
                                "bytes_out": 0, "connect_failures": 0}
     assert c.get_block(1, 5, 0) == 1000
-    c.reset_block(1)
+    c.zero(1)
     assert c.active(5) == 2000
+
+
+def test_zero_one_slot_some_fields_or_a_whole_block():
+    nslots, nblocks = 8, 2
+    c = _core.Counters(bytearray(_core.Counters.size_for(nslots, nblocks)), nslots, nblocks)
+    assert _core.COUNTER_FIELDS == _core.Counters.FIELDS
+    for b in range(nblocks):
+        for s in range(nslots):
+            for f in range(len(_core.COUNTER_FIELDS)):
+                c.add(b, s, f, 10 * b + f + 1)
+    c.zero(0, 3, [_core.CTR_ACTIVE])                   # a dead worker's active count of slot 3
+    assert c.get_block(0, 3, _core.CTR_ACTIVE) == 0
+    assert c.get_block(0, 3, _core.CTR_TOTAL) == 2     # totals stay
+    assert c.get_block(1, 3, _core.CTR_ACTIVE) == 11   # other blocks untouched
+    c.zero(1, 4)                                       # every field of one slot
+    assert [c.get_block(1, 4, f) for f in range(5)] == [0] * 5
+    assert c.get_block(1, 5, _core.CTR_BYTES_OUT) == 14
+    c.zero(1, fields=(_core.CTR_ACTIVE, _core.CTR_CONNECT_FAILURES))   # all slots of a block
+    assert all(c.get_block(1, s, f) == 0 for s in range(nslots) for f in (0, 4))
+    assert c.get_block(1, 7, _core.CTR_TOTAL) == 12
+    with pytest.raises(CoreArgumentError, match="field 5 out of range 0..4"):
+        c.zero(0, 1, [5])
+    with pytest.raises(CoreArgumentError, match="slot 8 out of range"):
+        c.zero(0, 8)
+    with pytest.raises(CoreArgumentError, match="block 2 out of range"):
+        c.zero(2)
+    with pytest.raises(CoreTypeError, match="'active' is not a field index"):
+        c.zero(0, fields=["active"])
+    with pytest.raises(CoreTypeError, match="fields must be an iterable"):
+        c.zero(0, fields=3)
+
+
+def test_limits_and_enums_are_exported_as_plain_values():
+    assert (_core.MAX_WEIGHT, _core.MAX_TRIED, _core.MAX_RETRIES, _core.MAX_SLOTS) == (
+        1_000_000, 32, 31, 65536)
+    assert _core.HASH_MODES == {"source_ip": 1, "source_ip_port": 2}
+    assert [_core.CTR_ACTIVE, _core.CTR_TOTAL, _core.CTR_BYTES_IN, _core.CTR_BYTES_OUT,
+            _core.CTR_CONNECT_FAILURES] == [0, 1, 2, 3, 4]
+    for name in ("MAX_WEIGHT", "MAX_TRIED", "MAX_RETRIES", "MAX_SLOTS", "CTR_ACTIVE"):
+        assert type(getattr(_core, name)) is int, name
 
 
 @pytest.mark.parametrize("buf,err,msg", [

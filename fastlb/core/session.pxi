@@ -1,0 +1,360 @@
+# One proxied connection: the session state machine (DESIGN.md section 1). No event loop here:
+# the Engine (core/engine.pxi) owns the epoll set and calls on_client/on_backend with the events
+# of a session's two sockets; everything a session does is a syscall on its own fds, a write to
+# the shared counters, or a call to the Engine for what is shared (buffers, the passive failure
+# streaks, the callbacks of the orchestration).
+#
+#   accept4 (Engine) -> register the client for reads -> pick (the policy's cdef pick_c) ->
+#   non-blocking connect -> [refused/timeout: count, tell the policy (on_failure), add to tried,
+#   pick again up to retries; none left: close the client] -> established -> pump both
+#   directions -> EOF one way: shutdown(SHUT_WR) the other side once its buffer is flushed ->
+#   both ways shut: close; any socket error, or an epoll_ctl the kernel refuses: close both.
+#
+# A direction (client->backend "c2b", backend->client "b2c") owns one buffer. Invariant: while a
+# direction's buffer holds unsent bytes, its source is not read and its destination is watched
+# for writability; so memory per connection is bounded by its two buffers, whatever the peers
+# do (HAProxy's model). Before the backend is up the client is read into c2b until it is full.
+#
+# epoll is level-triggered. A socket the session wants nothing from is removed from the set
+# (EPOLLHUP/EPOLLERR are reported even with no events asked, which would spin).
+#
+# The per-event functions (on_client, on_backend, _pump, _flush, _update, _shut_if_done) make no
+# Python C-API call: checked in the generated _core.c (docs/ARCHITECTURE.md). Python is touched
+# once per connection (the object, its place in Engine.sessions) and on error paths only.
+
+
+cdef inline double _coarse_now() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts)
+    return ts.tv_sec + ts.tv_nsec * 1e-9
+
+
+cdef struct Buf:
+    char *data
+    Py_ssize_t start        # first unsent byte
+    Py_ssize_t end          # one past the last byte read
+
+
+@cython.final
+cdef class Session:
+    """One proxied connection. Made only by Engine._accept; every field is owned by that
+    Engine. Not constructible from Python (it would own no socket)."""
+    cdef Engine eng
+    cdef ServiceState svc
+    cdef int cfd                         # client socket, -1 once closed
+    cdef int bfd                         # backend socket, -1 when none
+    cdef int state                       # S_CONNECTING, S_OPEN, S_CLOSED
+    cdef Buf c2b
+    cdef Buf b2c
+    cdef bint c_eof                      # the client sent EOF
+    cdef bint b_eof                      # the backend sent EOF
+    cdef bint c2b_shut                   # we shut down writing to the backend
+    cdef bint b2c_shut                   # we shut down writing to the client
+    cdef bint b_seen                     # the backend has sent a byte (a passive success)
+    cdef uint32_t cev                    # epoll interest registered for cfd (0: not in the set)
+    cdef uint32_t bev
+    cdef int slot                        # the backend picked last (-1: none yet)
+    cdef int tried[MAX_TRIED]
+    cdef int ntried
+    cdef int attempts
+    cdef uint64_t key                    # consistent-hashing key (HASH_NONE: 0)
+    cdef double deadline                 # connect deadline (coarse clock)
+    cdef double last                     # last activity (coarse clock)
+    cdef bint counted                    # counted in CTR_ACTIVE of self.slot
+
+    def __cinit__(self):
+        # Every Session starts owning nothing, even one made by Session.__new__ from Python,
+        # so that freeing it can never close an fd it does not own (fd 0 of a zeroed object).
+        self.cfd = -1
+        self.bfd = -1
+        self.slot = -1
+        flb_dbg_add(FLB_DBG_SESSIONS, 1)
+
+    def __init__(self):
+        raise CoreTypeError("a Session is made by its Engine when it accepts a connection; "
+                            "it cannot be built from Python")
+
+    # -- epoll interest ----------------------------------------------------------------------
+    cdef inline int _watch(self, int fd, uint32_t *cur, uint32_t want, int tag) noexcept:
+        """Make ``fd``'s registered interest ``want`` (0: out of the set). 0, or -1 with errno
+        set when the kernel refused (the caller closes the session: it could never wake)."""
+        cdef epoll_event ev
+        cdef int op
+        if want == cur[0] or fd < 0:
+            return 0
+        ev.events = want
+        ev.data.u64 = (<uint64_t><uintptr_t><void *>self) | <uint64_t>tag
+        if want == 0:
+            op = EPOLL_CTL_DEL
+        elif cur[0] == 0:
+            op = EPOLL_CTL_ADD
+        else:
+            op = EPOLL_CTL_MOD
+        if flb_dbg_epoll_should_fail():         # debug builds only: fault injection
+            errno = ENOMEM
+            return -1
+        if epoll_ctl(self.eng.epfd, op, fd, &ev) < 0:
+            return -1
+        cur[0] = want
+        return 0
+
+    cdef void _update(self) noexcept:
+        """Register exactly the interest the state asks for (see the header's invariant)."""
+        cdef uint32_t cw = 0, bw = 0
+        if self.state == S_CLOSED:
+            return
+        if not self.c_eof and self.c2b.end == 0:
+            cw |= EPOLLIN                       # c2b empty: read the client
+        elif (not self.c_eof and self.state == S_CONNECTING
+                and self.c2b.end < ENGINE_BUFSIZE):
+            cw |= EPOLLIN                       # before connect: fill c2b
+        if self.b2c.end > self.b2c.start:
+            cw |= EPOLLOUT                      # unsent bytes for the client
+        if self.state == S_CONNECTING:
+            bw = EPOLLOUT
+        else:
+            if not self.b_eof and self.b2c.end == 0:
+                bw |= EPOLLIN
+            if self.c2b.end > self.c2b.start:
+                bw |= EPOLLOUT
+        if (self._watch(self.cfd, &self.cev, cw, TAG_CLIENT) < 0
+                or self._watch(self.bfd, &self.bev, bw, TAG_BACKEND) < 0):
+            self.eng._epoll_failed(self, errno)
+
+    # -- moving bytes -------------------------------------------------------------------------
+    cdef inline char *_buf(self, Buf *b) noexcept:
+        if b.data == NULL:
+            b.data = self.eng._take_buffer()
+        return b.data
+
+    cdef int _flush(self, Buf *b, int dst) noexcept:
+        """Send b's unsent bytes to dst. 1: all sent, 0: would block, -1: error (closed)."""
+        cdef ssize_t w
+        while b.end > b.start:
+            w = send(dst, b.data + b.start, b.end - b.start, MSG_NOSIGNAL)
+            if w > 0:
+                b.start += w
+                self.last = self.eng.now
+            elif errno == EINTR:
+                continue
+            elif errno == EAGAIN:
+                return 0
+            else:
+                self._close()
+                return -1
+        b.start = 0
+        b.end = 0
+        return 1
+
+    cdef int _pump(self, int src, int dst, Buf *b, int field, bint *eof) noexcept:
+        """Read src and forward to dst until src would block, dst would block, or EOF.
+        Precondition: b is empty. Returns -1 when the session was closed."""
+        cdef ssize_t r
+        cdef char *data = self._buf(b)
+        if data == NULL:
+            self._close()
+            return -1
+        while True:
+            r = recv(src, data, ENGINE_BUFSIZE, 0)
+            if r > 0:
+                if src == self.bfd and not self.b_seen:
+                    self.b_seen = True
+                    self.eng.consec[self.slot] = 0
+                self.last = self.eng.now
+                self.eng.counters.add_c(self.eng.block, self.slot, field, r)
+                b.start = 0
+                b.end = r
+                if self._flush(b, dst) <= 0:
+                    return -1 if self.state == S_CLOSED else 0
+                if r < ENGINE_BUFSIZE:          # drained, most likely: let epoll say more
+                    return 0
+            elif r == 0:
+                eof[0] = True
+                return 0
+            elif errno == EINTR:
+                continue
+            elif errno == EAGAIN:
+                return 0
+            else:
+                if src == self.bfd and not self.b_seen:
+                    self.eng._passive_failure(self.svc, self.slot, errno)
+                self._close()
+                return -1
+
+    cdef void _shut_if_done(self) noexcept:
+        """Pass an EOF on once its direction is flushed; close when both directions are shut."""
+        if self.c_eof and not self.c2b_shut and self.state == S_OPEN and self.c2b.end == 0:
+            shutdown(self.bfd, SHUT_WR)
+            self.c2b_shut = True
+        if self.b_eof and not self.b2c_shut and self.b2c.end == 0:
+            shutdown(self.cfd, SHUT_WR)
+            self.b2c_shut = True
+        if self.c2b_shut and self.b2c_shut:
+            self._close()
+
+    # -- events --------------------------------------------------------------------------------
+    cdef void on_client(self, uint32_t events) noexcept:
+        cdef ssize_t r
+        if events & (EPOLLOUT | EPOLLERR | EPOLLHUP) and self.b2c.end > self.b2c.start:
+            if self._flush(&self.b2c, self.cfd) < 0:
+                return
+        if events & (EPOLLIN | EPOLLERR | EPOLLHUP) and not self.c_eof:
+            if self.state == S_OPEN:
+                if self.c2b.end == 0:
+                    if self._pump(self.cfd, self.bfd, &self.c2b, CTR_BYTES_IN, &self.c_eof) < 0:
+                        return
+            elif self.c2b.end < ENGINE_BUFSIZE:  # connecting: keep what the client sends
+                if self._buf(&self.c2b) == NULL:
+                    self._close()
+                    return
+                r = recv(self.cfd, self.c2b.data + self.c2b.end, ENGINE_BUFSIZE - self.c2b.end, 0)
+                if r > 0:
+                    self.c2b.end += r
+                elif r == 0:
+                    self.c_eof = True
+                elif errno != EAGAIN and errno != EINTR:
+                    self._close()
+                    return
+        self._shut_if_done()
+        self._update()
+
+    cdef void on_backend(self, uint32_t events) noexcept:
+        cdef int err = 0
+        cdef socklen_t elen = sizeof(int)
+        if self.state == S_CONNECTING:
+            if getsockopt(self.bfd, SOL_SOCKET, SO_ERROR, &err, &elen) < 0:
+                err = errno
+            if err == 0 and not (events & EPOLLERR):
+                self._established()
+            else:
+                self._connect_failed(err or ECONNREFUSED)
+            return
+        if events & (EPOLLOUT | EPOLLERR | EPOLLHUP) and self.c2b.end > self.c2b.start:
+            if self._flush(&self.c2b, self.bfd) < 0:
+                return
+        if events & (EPOLLIN | EPOLLERR | EPOLLHUP) and not self.b_eof and self.b2c.end == 0:
+            if self._pump(self.bfd, self.cfd, &self.b2c, CTR_BYTES_OUT, &self.b_eof) < 0:
+                return
+        self._shut_if_done()
+        self._update()
+
+    # -- connecting ----------------------------------------------------------------------------
+    cdef void _connect(self) noexcept:
+        """Connect to the next pick; on immediate failure try the next; none left: close.
+        A callback run on a failure may have closed the session (the loop stops then)."""
+        cdef ServiceState svc = self.svc
+        cdef int slot, fd, one = 1
+        cdef bytes sa
+        cdef const char *sap
+        while self.state != S_CLOSED and self.attempts <= svc.retries and svc.policy is not None:
+            self.attempts += 1
+            slot = (<Policy>svc.policy).pick_c(self.key, self.tried, self.ntried)
+            if slot < 0:
+                break
+            sa = svc.sockaddrs.get(slot)
+            if sa is None:
+                break
+            sap = PyBytes_AS_STRING(sa)
+            self.slot = slot
+            fd = socket((<const sockaddr *>sap).sa_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
+            if fd < 0:
+                self._failed_attempt(errno)
+                continue
+            flb_dbg_add(FLB_DBG_FDS, 1)
+            setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(int))
+            self.bfd = fd
+            self.bev = 0
+            if connect(fd, <const sockaddr *>sap, <socklen_t>len(sa)) == 0:
+                self._established()
+                return
+            if errno == EINPROGRESS:
+                self.state = S_CONNECTING
+                self.deadline = self.eng.now + svc.connect_timeout
+                self.eng.connecting.add(self)
+                self._update()
+                return
+            self._failed_attempt(errno)
+        if self.state != S_CLOSED:
+            self._give_up()
+
+    cdef void _failed_attempt(self, int err) noexcept:
+        """The connect to self.slot failed (err, or 0 for a timeout): count it, tell the policy
+        and the orchestration, remember the slot as tried."""
+        cdef ServiceState svc = self.svc
+        cdef int slot = self.slot
+        if self.bfd >= 0:
+            _close_fd(self.bfd)        # also leaves the epoll set
+            self.bfd = -1
+            self.bev = 0
+        self.eng.counters.add_c(self.eng.block, slot, CTR_CONNECT_FAILURES, 1)
+        if self.ntried < MAX_TRIED:
+            self.tried[self.ntried] = slot
+            self.ntried += 1
+        if svc.policy is not None:
+            (<Policy>svc.policy).on_failure(slot)
+        self.eng._passive_failure(svc, slot, err)
+        if svc.on_connect_error is not None:
+            self.eng._callback(svc, "on_connect_error", svc.on_connect_error,
+                               (slot, OSError(err, strerror(err).decode()) if err
+                                else TimeoutError("connect timeout")))
+
+    cdef void _connect_failed(self, int err) noexcept:
+        self.eng.connecting.discard(self)
+        self.state = S_CONNECTING
+        self._failed_attempt(err)
+        self._connect()
+
+    cdef void _give_up(self) noexcept:
+        if self.svc.on_no_backend is not None:
+            self.eng._callback(self.svc, "on_no_backend", self.svc.on_no_backend, ())
+        self._close()
+
+    cdef void _established(self) noexcept:
+        self.eng.connecting.discard(self)
+        self.state = S_OPEN
+        self.counted = True
+        self.eng.counters.add_c(self.eng.block, self.slot, CTR_ACTIVE, 1)
+        self.eng.counters.add_c(self.eng.block, self.slot, CTR_TOTAL, 1)
+        if self.c2b.end > 0:                    # what the client sent meanwhile
+            self.eng.counters.add_c(self.eng.block, self.slot, CTR_BYTES_IN, self.c2b.end)
+            if self._flush(&self.c2b, self.bfd) < 0:
+                return
+        self._shut_if_done()
+        self._update()
+
+    # -- the end ---------------------------------------------------------------------------------
+    cdef void _close(self) noexcept:
+        """Close both sockets, give the buffers back, leave the engine's sets. Idempotent."""
+        if self.state == S_CLOSED:
+            return
+        cdef Engine eng = self.eng
+        if self.state == S_CONNECTING:
+            eng.connecting.discard(self)
+        self.state = S_CLOSED
+        eng.graveyard.append(self)              # alive until this batch of events is done
+        eng.sessions.discard(self)
+        if self.counted:
+            self.counted = False
+            eng.counters.add_c(eng.block, self.slot, CTR_ACTIVE, -1)
+        if self.cfd >= 0:
+            _close_fd(self.cfd)
+            self.cfd = -1
+        if self.bfd >= 0:
+            _close_fd(self.bfd)
+            self.bfd = -1
+        eng._give_buffer(self.c2b.data)
+        eng._give_buffer(self.b2c.data)
+        self.c2b.data = NULL
+        self.b2c.data = NULL
+
+    def __dealloc__(self):
+        # Only a session never closed (its engine freed without close()) still owns anything.
+        if self.cfd >= 0:
+            close(self.cfd)
+            flb_dbg_add(FLB_DBG_FDS, -1)
+        if self.bfd >= 0:
+            close(self.bfd)
+            flb_dbg_add(FLB_DBG_FDS, -1)
+        _free_buffer(self.c2b.data, True)
+        _free_buffer(self.b2c.data, True)
+        flb_dbg_add(FLB_DBG_SESSIONS, -1)

@@ -1,0 +1,154 @@
+"""The debug build of the core (FASTLB_DEBUG=1), as uvloop's DEBUG build: it counts the engine's
+live sessions, buffers and fds, and after engine.close() every count must be back to zero.
+
+The debug variant is built from a copy of the package in a temporary directory (the tree's own
+fastlb/_core.c and .so stay the optimised ones) and driven in a subprocess through a small real
+scenario on 127.0.0.1: echoed connections, a half-close, a refused backend, a client reset, two
+epoll_ctl failures injected by the debug build's hook, and sessions still open at close().
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+SCENARIO = textwrap.dedent('''
+    import asyncio, gc, json, socket, struct, sys, threading
+    import uvloop
+    from fastlb import _core
+
+    assert _core.__file__.startswith(sys.argv[1]), _core.__file__   # the debug build, not the tree's
+
+    def echo_server():
+        srv = socket.socket()
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(64)
+        def serve(conn):
+            with conn:
+                while data := conn.recv(65536):
+                    conn.sendall(data)
+        def accept():
+            while True:
+                conn, _ = srv.accept()
+                threading.Thread(target=serve, args=(conn,), daemon=True).start()
+        threading.Thread(target=accept, daemon=True).start()
+        return srv.getsockname()[1]
+
+    def closed_port():
+        s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close()
+        return port
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        errors = []
+        loop.set_exception_handler(lambda l, ctx: errors.append(ctx["message"]))
+        n = 8
+        counters = _core.Counters(bytearray(_core.Counters.size_for(n)), n)
+        health = _core.HealthBitmap(bytearray(_core.HealthBitmap.size_for(n)), n)
+        for s in range(n):
+            health.mark_up(s)
+        engine = _core.Engine(loop, counters, 0)
+        ports = {}
+        for name, backends, retries in (("echo", {0: echo_server()}, 2),
+                                        ("refused", {1: closed_port()}, 0)):
+            svc = _core.ServiceState(name)
+            svc.retries = retries
+            svc.set_backends(_core.make_policy("round_robin", list(backends), [1] * len(backends),
+                                               health), {s: ("127.0.0.1", p) for s, p in backends.items()})
+            lsock = socket.socket(); lsock.bind(("127.0.0.1", 0)); lsock.listen(128)
+            ports[name] = lsock.getsockname()[1]
+            engine.listen(lsock, svc)
+        out = {"before": _core.debug_counts()}
+        conn = lambda name: asyncio.open_connection("127.0.0.1", ports[name])
+
+        # echoed connections, each ended by a half-close from the client
+        for i in range(20):
+            r, w = await conn("echo")
+            w.write(b"x" * (1000 * i + 1))
+            await r.readexactly(1000 * i + 1)
+            w.write_eof()
+            assert await r.read() == b""
+            w.close()
+        # a refused backend: the client is closed at once
+        r, w = await conn("refused")
+        assert await r.read() == b""
+        w.close()
+        # a client reset (RST by SO_LINGER 0) in the middle of a session
+        def reset():
+            s = socket.create_connection(("127.0.0.1", ports["echo"]), timeout=5)
+            s.sendall(b"hello"); assert s.recv(5) == b"hello"
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            s.close()
+        await loop.run_in_executor(None, reset)
+        # epoll_ctl failing when a new client is registered: closed at once, not stalled
+        _core._debug_fail_epoll(1)
+        r, w = await conn("echo")
+        assert await asyncio.wait_for(r.read(), 2) == b""
+        w.close()
+        # ... and when an established session changes interest (the client's half-close)
+        r, w = await conn("echo")
+        w.write(b"ping"); assert await r.readexactly(4) == b"ping"
+        _core._debug_fail_epoll(1)
+        w.write_eof()
+        assert await asyncio.wait_for(r.read(), 2) == b""
+        w.close()
+        out["epoll_errors"] = engine.epoll_errors
+        # sessions still open at close()
+        held = [await conn("echo") for _ in range(5)]
+        for r, w in held:
+            w.write(b"y"); await r.readexactly(1)
+        await asyncio.sleep(0.1)
+        out["open"] = _core.debug_counts()
+        engine.close()                 # a debug build raises AssertionError if anything leaked
+        for r, w in held:
+            assert await r.read() == b""
+            w.close()
+        del engine
+        gc.collect()
+        out["after"] = _core.debug_counts()
+        out["errors"] = errors
+        out["totals"] = counters.slot_stats(0)
+        return out
+
+    print(json.dumps(uvloop.run(main())))
+''')
+
+
+@pytest.fixture(scope="module")
+def debug_build(tmp_path_factory):
+    """fastlb copied to a temp dir and built there with FASTLB_DEBUG=1; (dir, seconds)."""
+    root = tmp_path_factory.mktemp("debug-build")
+    shutil.copytree(os.path.join(REPO, "fastlb"), root / "fastlb",
+                    ignore=shutil.ignore_patterns("*.so", "*.c", "*.html", "__pycache__"))
+    shutil.copy(os.path.join(REPO, "setup.py"), root)
+    env = dict(os.environ, FASTLB_DEBUG="1", FASTLB_FORCE="1")
+    start = time.monotonic()
+    out = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=300, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return root, time.monotonic() - start
+
+
+def test_every_resource_is_released_at_engine_teardown(debug_build):
+    root, seconds = debug_build
+    (root / "scenario.py").write_text(SCENARIO)
+    env = dict(os.environ, PYTHONPATH=str(root))
+    out = subprocess.run([sys.executable, "scenario.py", str(root)], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.splitlines()[-1])
+    assert got["before"] == {"sessions": 0, "buffers": 0, "buffers_in_use": 0, "fds": 1, "engines": 1}
+    opened = got["open"]
+    assert opened["sessions"] >= 5 and opened["fds"] >= 1 + 2 * 5 and opened["buffers_in_use"] >= 5
+    assert opened["buffers"] >= opened["buffers_in_use"]          # the pool keeps freed ones
+    assert got["after"] == {"sessions": 0, "buffers": 0, "buffers_in_use": 0, "fds": 0, "engines": 0}
+    assert got["epoll_errors"] == 2
+    assert got["errors"] == ["fastlb core: epoll_ctl failed: 1 session(s) closed"], got["errors"]
+    assert got["totals"]["active"] == 0 and got["totals"]["total"] >= 27
+    print(f"debug build: {seconds:.1f}s to compile")

@@ -126,7 +126,9 @@ def test_send_expect_wrong_bytes_and_slow_replies_are_down(procs, tmp_path):
 def test_maglev_affinity_through_a_health_flap(procs, tmp_path):
     backs = [start_backend(procs, "announce", name=f"b{i}") for i in range(10)]
     body = service("web", [(p, 1) for _, p in backs], policy='"maglev"',
-                   health='{ interval = "100ms", timeout = "80ms", rise = 1, fall = 1, jitter = 0 }')
+                   # fall = 2 and a 500 ms timeout: a loaded machine must not flap a healthy
+                   # backend (that would move its keys too); the killed one still goes down fast
+                   health='{ interval = "500ms", timeout = "500ms", rise = 1, fall = 2, jitter = 0 }')
     lb, (port,) = start_fastlb(procs, cfg(tmp_path, body))
     ips = [f"127.{1 + i // 62500}.{(i // 250) % 250}.{1 + i % 250}" for i in range(10_000)]
 

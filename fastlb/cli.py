@@ -9,7 +9,7 @@ import argparse
 import logging
 import sys
 
-from fastlb import __version__
+from fastlb import __version__, signals
 from fastlb.errors import ConfigError, FastLBError
 
 
@@ -19,6 +19,7 @@ def _setup_logging(level: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    signals.defer()              # SIGHUP/SIGTERM/SIGINT while starting: acted on once running
     p = argparse.ArgumentParser(prog="fastlb", description="A TCP (layer 4) load balancer.")
     p.add_argument("--version", action="version", version=f"fastlb {__version__}")
     sub = p.add_subparsers(dest="verb", required=True)
@@ -34,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     from fastlb import ctl
     ctl.add_parser(sub)
     args = p.parse_args(argv)
+    if args.verb != "run":
+        signals.restore()
 
     if args.verb == "ctl":
         return ctl.main(args)
@@ -52,9 +55,9 @@ def main(argv: list[str] | None = None) -> int:
         print(config.summary(cfg))
         return 0
     _setup_logging(args.log_level)
-    from fastlb import proxy
+    from fastlb import supervisor
     try:
-        return proxy.run(cfg, config_path=args.config, ignore_state=args.ignore_state,
+        return supervisor.run(cfg, config_path=args.config, ignore_state=args.ignore_state,
                          log_level=args.log_level)
     except FastLBError as exc:
         logging.getLogger("fastlb").error("cannot start: %s", exc)

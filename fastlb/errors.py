@@ -35,3 +35,13 @@ class ConfigError(FastLBError, ValueError):
         if line is not None:
             where += f":{line}"
         super().__init__(f"{where}: {path}: {message}" if path else f"{where}: {message}")
+
+
+class RegistryError(FastLBError):
+    """A change that cannot be applied (admin request, reload). ``code`` is the admin
+    protocol's error code (``invalid``, ``exists``, ``listen_failed``, ``busy``...)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        self.code = code
+        self.message = message
+        super().__init__(message)

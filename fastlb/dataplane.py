@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import logging
 import os
 import socket
@@ -209,10 +210,13 @@ class DataPlane:
             if ds is None:
                 ds = self.services[name] = DataService(
                     name, self.engine, self.health, self.counters,
-                    lambda key, n=name: self.sockets[(n, *key)].dup(), self.on_passive,
+                    functools.partial(self._socket_for, name), self.on_passive,
                     shared_listeners=self.shared_listeners)
             ds.apply(plan)
         self.gen = snapshot.gen
+
+    def _socket_for(self, service: str, key: tuple[str, int]) -> socket.socket:
+        return self.sockets[(service, *key)].dup()
 
     def close_backend(self, service: str, slot: int, why: str) -> int:
         ds = self.services.get(service)

@@ -39,7 +39,7 @@ def listen_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def fmt(sockaddr: tuple) -> str:
+def fmt(sockaddr: tuple[str, int] | tuple[str, int, int, int]) -> str:
     host, port = sockaddr[0], sockaddr[1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -48,16 +48,18 @@ class Listeners:
     def __init__(self) -> None:
         self.socks: dict[ListenKey, socket.socket] = {}
 
-    def bind(self, wanted: Iterable[ListenKey]) -> dict[ListenKey, socket.socket]:
-        """Bind the wanted keys not held yet; all or none (RegistryError "listen_failed")."""
+    def bind(self, wanted: Iterable[ListenKey], *, change: bool = True) -> dict[ListenKey, socket.socket]:
+        """Bind the wanted keys not held yet; all or none (RegistryError "listen_failed",
+        worded for a refused change, or with ``change=False`` for a service not started)."""
         new: dict[ListenKey, socket.socket] = {}
         for key in sorted(set(wanted) - self.socks.keys()):
             try:
                 new[key] = listen_socket(key[1], key[2])
             except OSError as exc:
                 self.discard(new)
-                raise RegistryError("listen_failed", f"service {key[0]}: {exc.strerror or exc}; "
-                                                     f"nothing changed") from None
+                why = exc.strerror or str(exc)
+                raise RegistryError("listen_failed", f"service {key[0]}: {why}; nothing changed"
+                                    if change else why) from None
         return new
 
     @staticmethod

@@ -37,7 +37,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Mapping
 
-import msgpack
+import msgpack  # type: ignore[import-untyped]
 
 from fastlb import _core
 from fastlb.dataplane import check_plan
@@ -56,13 +56,13 @@ EXIT_WAIT = 5.0               # a worker whose channel closed is killed if not g
 @dataclass
 class Worker:
     index: int
-    proc: subprocess.Popen
+    proc: subprocess.Popen[bytes]
     sock: socket.socket
     acked: int = 0
     verified: bool = False     # its hello checked out: it gets snapshots
     ready: bool = False        # it ran a snapshot
     stopping: bool = False
-    exited: asyncio.Future = field(default=None)  # type: ignore[assignment]
+    exited: asyncio.Future[int | None] = field(default_factory=asyncio.Future)
 
 
 class WorkerPool:
@@ -233,7 +233,7 @@ class WorkerPool:
         elif "passive" in msg:
             self.on_passive(*msg["passive"])
 
-    def tell_all(self, msg: dict) -> None:
+    def tell_all(self, msg: dict[str, Any]) -> None:
         data = msgpack.packb(msg, use_bin_type=True)
         for w in list(self.workers):
             with contextlib.suppress(OSError):
@@ -324,7 +324,7 @@ class WorkerPool:
             if pending:
                 await asyncio.wait(pending, timeout=5)
 
-    def info(self) -> list[dict]:
+    def info(self) -> list[dict[str, Any]]:
         return [{"index": w.index, "pid": w.proc.pid, "generation": w.acked, "stopping": w.stopping,
                  "connections": sum(self.counters.get_block(w.index, s, 1)
                                     for s in range(self.counters.nslots))}

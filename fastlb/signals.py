@@ -36,5 +36,5 @@ def restore() -> None:
     """Back to Python's defaults (a verb other than ``run``), delivering what was deferred."""
     for sig in DEFERRED:
         signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
-    for sig in take():
-        signal.raise_signal(sig)
+    for signum in take():
+        signal.raise_signal(signum)

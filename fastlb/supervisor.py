@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import os
 import signal
@@ -64,6 +65,10 @@ def initial_registry(cfg: Config, ignore_state: bool = False) -> dict[str, Servi
 def save_state(path: str, registry: Mapping[str, Service], cfg: Mapping[str, Service]) -> None:
     """The one call of statefile.save (blocking: fsync)."""
     statefile.save(path, registry, cfg)
+
+
+def _slot_or_none(slots: Mapping[tuple[str, str], int], service: str, address: str) -> int:
+    return slots.get((service, address), -1)          # -1: a backend the change adds
 
 
 def wanted_listeners(services: Mapping[str, Service]) -> set[ListenKey]:
@@ -128,7 +133,7 @@ class Supervisor:
         self._timers: dict[tuple[str, str], asyncio.TimerHandle] = {}
         self._stop = asyncio.Event()
         self._mode = "term"
-        self._tasks: list[asyncio.Task] = []
+        self._tasks: list[asyncio.Task[None]] = []
 
     @property
     def snapshot(self) -> Mapping[str, Service]:
@@ -142,10 +147,9 @@ class Supervisor:
         slots, health = self.shared.slots, self.shared.health
         for svc in services.values():
             rt = self.runtimes.get(svc.name)
-            plans.append(compute_plan(
-                svc, lambda a, n=svc.name: slots.get((n, a), -1),
-                lambda slot: slot >= 0 and health.is_up(slot),
-                rt.ramp if rt else {}, now))
+            plans.append(compute_plan(svc, functools.partial(_slot_or_none, slots, svc.name),
+                                      lambda slot: slot >= 0 and bool(health.is_up(slot)),
+                                      rt.ramp if rt else {}, now))
         return Snapshot(self.gen + 1, tuple(plans), tuple(sorted(wanted_listeners(services))))
 
     def _prepare(self, nxt: Mapping[str, Service]) -> dict[ListenKey, socket.socket]:
@@ -320,7 +324,7 @@ class Supervisor:
         new: dict[ListenKey, socket.socket] = {}
         for name, svc in self.registry.snapshot.items():
             try:
-                got = self.listeners.bind(wanted_listeners({name: svc}))
+                got = self.listeners.bind(wanted_listeners({name: svc}), change=False)
                 try:
                     self.datapath.check(self._trial({name: svc}))
                 except BaseException:
@@ -382,9 +386,9 @@ class Supervisor:
             self.metrics_server = await serve_metrics(g.metrics, self.stats)
         log.info("fastlb ready: %d service(s), %d worker(s), pid %d", len(self.runtimes),
                  g.workers, os.getpid())
-        for sig in early:
-            log.info("%s received while starting: acting on it now", signal.Signals(sig).name)
-            self._on_signal(sig)
+        for signum in early:
+            log.info("%s received while starting: acting on it now", signal.Signals(signum).name)
+            self._on_signal(signum)
         await self._stop.wait()
         return await self.shutdown()
 

@@ -21,8 +21,9 @@ import resource
 import signal
 import socket
 import sys
+from typing import Any
 
-import msgpack
+import msgpack  # type: ignore[import-untyped]
 
 from fastlb import __version__
 from fastlb.dataplane import DataPlane
@@ -100,7 +101,7 @@ class WorkerProcess:
     def report_passive(self, service: str, address: str, failures: int, reason: str) -> None:
         self.send({"passive": [service, address, failures, reason]})
 
-    def send(self, msg: dict) -> None:
+    def send(self, msg: dict[str, Any]) -> None:
         try:
             self.control.send(msgpack.packb(msg, use_bin_type=True))
         except OSError:

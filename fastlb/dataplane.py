@@ -77,6 +77,14 @@ def check_plan(plan: Plan) -> None:
             raise RegistryError("invalid", f"service {plan.name}: policy {plan.policy}: {exc}") from None
 
 
+def check_plans(snapshot: Snapshot, running: Mapping[str, Plan]) -> None:
+    """check_plan for each plan of ``snapshot`` that differs from the one running (a change
+    of one service builds that service's policy once more, not every service's)."""
+    for plan in snapshot.plans:
+        if running.get(plan.name) != plan:
+            check_plan(plan)
+
+
 class DataService:
     """One service in one Engine."""
 
@@ -292,8 +300,7 @@ class LocalDataPath:
         self._now = False
 
     def check(self, snapshot: Snapshot) -> None:
-        for plan in snapshot.plans:
-            check_plan(plan)
+        check_plans(snapshot, {n: ds.plan for n, ds in self.plane.services.items() if ds.plan})
 
     def apply(self, snapshot: Snapshot, sockets: Mapping[ListenKey, Any]) -> None:
         self.plane.apply(snapshot, sockets)

@@ -40,9 +40,9 @@ from typing import Any, AsyncIterator, Callable, Mapping
 import msgpack  # type: ignore[import-untyped]
 
 from fastlb import _core
-from fastlb.dataplane import check_plan
+from fastlb.dataplane import check_plans
 from fastlb.errors import RegistryError
-from fastlb.plan import ListenKey, Snapshot
+from fastlb.plan import ListenKey, Plan, Snapshot
 from fastlb.shm import zero_active
 from fastlb.worker import CONTROL_BUFFER, MAX_LISTEN_FDS, token
 
@@ -82,6 +82,7 @@ class WorkerPool:
         self.exiting: list[Worker] = []       # channel closed, process not reaped yet
         self.free_blocks = list(range(counters.nblocks - 1, -1, -1))
         self.snapshot: tuple[bytes, list[int]] | None = None
+        self.plans: dict[str, Plan] = {}       # of the last snapshot
         self.generation = 0
         self.closing = False
         self.failures = 0                     # failed starts in a row
@@ -176,8 +177,7 @@ class WorkerPool:
 
     # -- the channel ----------------------------------------------------------------------------
     def check(self, snapshot: Snapshot) -> None:
-        for plan in snapshot.plans:
-            check_plan(plan)
+        check_plans(snapshot, self.plans)
         if len(snapshot.listen) > MAX_LISTEN_FDS:
             raise RegistryError("invalid", f"more than {MAX_LISTEN_FDS} listeners; nothing changed")
         if len(msgpack.packb(snapshot.to_wire(), use_bin_type=True)) > CONTROL_BUFFER:
@@ -189,6 +189,7 @@ class WorkerPool:
         fds = [sockets[k].fileno() for k in snapshot.listen]
         self.generation = snapshot.gen
         self.snapshot = (data, fds)
+        self.plans = {p.name: p for p in snapshot.plans}
         for w in list(self.workers):
             if w.verified:
                 self._send(w, data, fds)

@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     from fastlb import supervisor
     try:
         return supervisor.run(cfg, config_path=args.config, ignore_state=args.ignore_state,
-                         log_level=args.log_level)
+                              log_level=args.log_level)
     except FastLBError as exc:
         logging.getLogger("fastlb").error("cannot start: %s", exc)
         return 2

@@ -91,6 +91,8 @@ class WorkerPool:
 
     # -- lifecycle ------------------------------------------------------------------------------
     def spawn(self) -> Worker:
+        if self.closing:
+            raise RegistryError("stopping", "fastlb is stopping: no new worker")
         if not self.free_blocks:
             raise RegistryError("busy", f"no free counter block: {len(self.exiting)} old worker(s) "
                                         f"still finishing their connections; try again later")
@@ -302,8 +304,6 @@ class WorkerPool:
         """Replace every worker: a new one is serving before an old one stops accepting."""
         async with self._operation("restart-workers"):
             old = [w for w in self.workers if not w.stopping]
-            if len(self.free_blocks) < 1:
-                self.spawn()                     # raises the clear "busy" error
             for w in old:
                 new = self.spawn()
                 await self.wait_acked(new)

@@ -133,6 +133,7 @@ class Supervisor:
         self._timers: dict[tuple[str, str], asyncio.TimerHandle] = {}
         self._stop = asyncio.Event()
         self._mode = "term"
+        self._stopping = False
         self._tasks: list[asyncio.Task[None]] = []
 
     @property
@@ -213,6 +214,8 @@ class Supervisor:
 
     def push(self) -> None:
         """Send every service's current plan to the data path (the next snapshot). Never raises."""
+        if self._stopping:
+            return                        # the data path no longer accepts; nothing to tell it
         try:
             now = time.monotonic()
             plans = []
@@ -397,6 +400,7 @@ class Supervisor:
             self.admin_server.close()
         if self.metrics_server is not None:
             self.metrics_server.close()
+        self._stopping = True
         self.datapath.stop_accepting(self._mode)
         self.listeners.shutdown()             # refused from now on, in every process
         grace = self.cfg.global_.grace if self._mode == "term" else 0.0

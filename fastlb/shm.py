@@ -20,6 +20,12 @@ LAYOUT_VERSION = 1
 FIELD_ACTIVE = 0                 # Counters.FIELDS[0] ("active"); later _core.CTR_ACTIVE
 
 
+def blocks_for(workers: int) -> int:
+    """Counter blocks: one in process; with workers 2 x max(N, CPUs), so a rolling restart
+    can run old and new workers side by side and a reload can add workers."""
+    return 1 if workers == 1 else 2 * max(workers, os.cpu_count() or 1)
+
+
 def layout_size(max_backends: int, nblocks: int) -> int:
     return _core.HealthBitmap.size_for(max_backends) + _core.Counters.size_for(max_backends, nblocks)
 

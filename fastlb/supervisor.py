@@ -43,7 +43,7 @@ from fastlb.listeners import Listeners, fmt
 from fastlb.plan import DataPath, ListenKey, Snapshot
 from fastlb.registry import Registry, reconcile
 from fastlb.runtime import ServiceRuntime, compute_plan
-from fastlb.shm import SharedState
+from fastlb.shm import SharedState, blocks_for
 from fastlb.worker import raise_fd_limit
 
 log = logging.getLogger("fastlb")
@@ -117,9 +117,7 @@ class Supervisor:
         self.cfg_services = {s.name: s for s in cfg.services}
         self.registry = Registry(initial_registry(cfg, ignore_state))
         total = sum(len(s.backends) for s in self.registry.snapshot.values())
-        n = cfg.global_.workers
-        nblocks = 1 if n == 1 else 2 * max(n, os.cpu_count() or 1)
-        self.shared = SharedState(max(cfg.max_backends, 2 * total), nblocks)
+        self.shared = SharedState(max(cfg.max_backends, 2 * total), blocks_for(cfg.global_.workers))
         self.health = HealthChecker(self.shared.health, self._on_health)
         self.view = View(self.shared, self.health)
         self.runtimes: dict[str, ServiceRuntime] = {}

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 from typing import Any, Awaitable, Callable, Mapping, Protocol
 
-from fastlb import __version__
+from fastlb import __version__, _core
 from fastlb.admin import protocol
 from fastlb.admin.protocol import AdminProtocolError, Request
 from fastlb.config import Backend, Service
 from fastlb.errors import RegistryError
 from fastlb.plan import DataPath
 
-COUNTER_FIELDS = ("active", "total", "bytes_in", "bytes_out", "connect_failures")  # Counters.FIELDS
+COUNTER_FIELDS = _core.Counters.FIELDS          # after the core merge: _core.COUNTER_FIELDS
 
 
 class StatsView(Protocol):

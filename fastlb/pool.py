@@ -244,7 +244,7 @@ class WorkerPool:
 
     def acked(self) -> int:
         """The lowest snapshot generation all live workers run (every snapshot, if none)."""
-        live = [w.acked for w in self.workers if not w.stopping and w.ready]
+        live = [w.acked for w in self.workers if not w.stopping and w.verified]
         return min(live) if live else self.generation
 
     def close_backend(self, service: str, slot: int, why: str) -> None:

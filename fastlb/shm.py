@@ -17,7 +17,7 @@ from fastlb.errors import RegistryError
 # Bump when the mapping's layout (bitmap, counter fields, block size) changes: a worker of
 # another layout is refused (see fastlb.plan, hello).
 LAYOUT_VERSION = 1
-FIELD_ACTIVE = 0                 # Counters.FIELDS[0] ("active"); later _core.CTR_ACTIVE
+FIELD_ACTIVE = _core.Counters.FIELDS.index("active")     # after the core merge: _core.CTR_ACTIVE
 
 
 def blocks_for(workers: int) -> int:

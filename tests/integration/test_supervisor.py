@@ -153,3 +153,26 @@ def test_sigterm_while_starting_stops_gracefully(procs, tmp_path):
         f.write(service("web", [(be, 1)]))
     assert lb.wait(10) == 0
     assert "SIGTERM received while starting" in lb.output and "fastlb stopped" in lb.output
+
+
+def test_reload_with_a_listener_that_cannot_bind_is_refused_whole(procs, tmp_path):
+    _, be = start_backend(procs, "announce", name="a")
+    text = f'[global]\nadmin = "unix:{tmp_path}/admin.sock"\n' + service("web", [(be, 1)])
+    cfg = tmp_path / "f.toml"
+    cfg.write_text(text)
+    lb = Proc([PY, "-m", "fastlb", "run", "-c", str(cfg)], procs)
+    lb.wait_line("fastlb ready")
+    port = int(lb.wait_line(r"listening on \S+:(\d+)").group(1))
+    taken, tport = taken_port()
+    cfg.write_text(text.replace("weight = 1 } ]", "weight = 2 } ]")
+                   + service("api", [(be, 1)], listen=f"127.0.0.1:{tport}"))
+    with client(tmp_path) as c:
+        with pytest.raises(AdminError) as err:
+            c.call("reload")
+        assert err.value.code == "listen_failed" and "nothing changed" in str(err.value)
+        assert [s["name"] for s in c.call("services")] == ["web"]
+        assert c.call("backends", service="web")[0]["weight"] == 1      # not half applied
+        taken.close()
+        assert c.call("reload")["services"] == ["api", "web"]           # the port is free now
+        assert c.call("backends", service="web")[0]["weight"] == 2
+    assert names_of(tport, 1) == ["a"] and names_of(port, 1) == ["a"]

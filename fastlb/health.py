@@ -95,7 +95,7 @@ async def check_once(host: str, port: int, cfg: HealthConfig) -> tuple[bool, str
                 if not chunk:
                     break
                 data += chunk
-                if (rx.search(data) if rx else cfg.expect in data):
+                if (rx.search(data) if rx else cfg.expect is not None and cfg.expect in data):
                     return True, "expected reply"
             return False, f"unexpected reply {data[:40]!r}"
     except TimeoutError:

@@ -9,7 +9,7 @@ import argparse
 import logging
 import sys
 
-from fastlb import __version__
+from fastlb import __version__, signals
 from fastlb.errors import ConfigError, FastLBError
 
 
@@ -31,6 +31,7 @@ exit codes: 0 ok; 1 a failure while running (or, for ctl, a request the server r
 
 
 def main(argv: list[str] | None = None) -> int:
+    signals.defer()              # SIGHUP/SIGTERM/SIGINT while starting: acted on once running
     p = argparse.ArgumentParser(prog="fastlb", description="A TCP (layer 4) load balancer.",
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"fastlb {__version__}")
@@ -53,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     from fastlb import ctl
     ctl.add_parser(sub)
     args = p.parse_args(argv)
+    if args.verb != "run":
+        signals.restore()
 
     if args.verb == "ctl":
         return ctl.main(args)
@@ -83,10 +86,10 @@ def main(argv: list[str] | None = None) -> int:
         print(preflight.report(found), file=sys.stderr)
         return 2
     _setup_logging(args.log_level)
-    from fastlb import proxy
+    from fastlb import supervisor
     try:
-        return proxy.run(cfg, config_path=args.config, ignore_state=args.ignore_state,
-                         log_level=args.log_level)
+        return supervisor.run(cfg, config_path=args.config, ignore_state=args.ignore_state,
+                              log_level=args.log_level)
     except FastLBError as exc:
         logging.getLogger("fastlb").error("cannot start: %s", exc)
         return 2

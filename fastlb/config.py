@@ -123,6 +123,9 @@ class Config:
     services: tuple[Service, ...]
     source: str = "config"
     max_backends: int = field(default=1024)
+    # The text it was read from, for messages about its keys (fastlb.preflight): a config file
+    # is read once (it may be a pipe), never again to find a line.
+    text: str = field(default="", repr=False, compare=False)
 
 
 class _Checker:
@@ -372,7 +375,7 @@ def from_dict(doc: dict, *, source: str = "config", text: str = "", resolve: boo
         services.append(svc)
     if not services:
         raise c.fail("service", "no [[service]] defined; fastlb needs at least one")
-    return Config(global_=glob, services=tuple(services), source=source)
+    return Config(global_=glob, services=tuple(services), source=source, text=text)
 
 
 SERVICE_KEYS = {"name", "listen", "policy", "hash_key", "hash_balance_factor", "max_fails", "retries",

@@ -1,39 +1,93 @@
-"""A service on a data path: the part that runs in every worker (or in the single process).
+"""The data-plane host: one Engine and its services, run by a worker process or, wrapped in
+LocalDataPath, by the single process (``workers = 1``). The same code in every mode.
 
-Owner: one service's ServiceState and listeners in one Engine. It gets *plans* from the
-supervisor (plain msgpack-able dicts, see ``plan()`` in fastlb.proxy) and never reads the
-registry or config. A plan:
+Owner: the Engine, one ServiceState and its listeners per service, the sweeper of timeouts,
+and the drain on stop. It takes numbered snapshots of typed plans (fastlb.plan) and never
+reads the registry or config. Applying a plan swaps the policy (for the next connection) and
+diffs the listeners: a listener whose address did not change is never closed. Listening
+sockets belong to the supervisor; a service listens on a duplicate, so closing its copy never
+refuses a connection while another process still accepts on the socket.
 
-    {"name", "listen": [[host, port]], "policy", "hash_mode", "retries", "connect_timeout",
-     "idle_timeout", "fall_passive", "panic", "options": {the policy's options},
-     "backends": [[slot, effective weight, id, host, port]],    # ready ones, for new connections
-     "names": [[slot, address]]}                                  # all, for logs and reports
-
-Applying a plan swaps the policy (for the next connection) and diffs the listeners: a listener
-whose address did not change is never closed. Listening sockets belong to the supervisor; a
-data service listens on a duplicate, so closing its copy never refuses a connection while
-another process still accepts on the socket.
+The places that will use the core's new API after the merge are one function each:
+``build_policy`` (make_policy(..., options=)) and ``abort_backend`` (Engine.close_backend).
 """
 from __future__ import annotations
 
+import asyncio
+import errno
+import functools
 import logging
 import os
 import socket
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from fastlb import _core
+from fastlb.errors import RegistryError
+from fastlb.plan import ListenKey, Plan, Snapshot
 
 log = logging.getLogger("fastlb")
 
-# Connect errors of one backend are logged at most once per this many seconds, with a count.
+# Connect errors of one backend, and accept errors, are logged at most once per this many
+# seconds, with a count.
 ERROR_LOG_INTERVAL = 10.0
 
 SocketFor = Callable[[tuple[str, int]], socket.socket]        # a fresh duplicate to listen on
 PassiveReport = Callable[[str, str, int, str], None]          # (service, address, n, reason)
 
 
+def build_policy(plan: Plan, bitmap: _core.HealthBitmap, counters: _core.Counters | None) -> Any:
+    """The one place a policy is built from a plan (None: no backend to pick)."""
+    if not plan.backends:
+        return None
+    return _core.make_policy(plan.policy, [b.slot for b in plan.backends],
+                             [b.weight for b in plan.backends], bitmap, counters=counters,
+                             ids=[b.address for b in plan.backends],
+                             seed=int.from_bytes(os.urandom(8), "little"),
+                             options=dict(plan.options))
+
+
+def abort_backend(engine: _core.Engine, state: _core.ServiceState, slot: int) -> int:
+    """Close the open connections of one backend; the count."""
+    return int(engine.close_backend(state, slot))
+
+
+def check_plan(plan: Plan) -> None:
+    """Raise FastLBError if ``plan`` could not be applied: an address the data path cannot
+    pack, a policy that does not build. Run in the prepare step, before anything is kept."""
+    for b in plan.backends:
+        family = socket.AF_INET6 if ":" in b.host else socket.AF_INET
+        try:
+            socket.inet_pton(family, b.host)
+        except OSError:
+            raise RegistryError("invalid", f"service {plan.name}: backend {b.address}: {b.host!r} "
+                                           f"is not an IP address the data path can connect to "
+                                           f"(IPv6 zone ids are not supported)") from None
+    if plan.backends:
+        n = len(plan.backends)
+        scratch = _core.HealthBitmap(bytearray(_core.HealthBitmap.size_for(n)), n)
+        dry = Plan(plan.name, plan.listen, plan.policy, plan.hash_mode, plan.retries,
+                   plan.connect_timeout, plan.idle_timeout, plan.fall_passive, plan.panic,
+                   tuple(type(b)(i, b.weight, b.address, b.host, b.port)
+                         for i, b in enumerate(plan.backends)), plan.names, plan.options)
+        counters = _core.Counters(bytearray(_core.Counters.size_for(n)), n)
+        try:
+            build_policy(dry, scratch, counters)
+        except (ValueError, TypeError) as exc:
+            raise RegistryError("invalid", f"service {plan.name}: policy {plan.policy}: {exc}") from None
+
+
+def check_plans(snapshot: Snapshot, running: Mapping[str, Plan]) -> None:
+    """check_plan for each plan of ``snapshot`` that differs from the one running (a change
+    of one service builds that service's policy once more, not every service's)."""
+    for plan in snapshot.plans:
+        if running.get(plan.name) != plan:
+            check_plan(plan)
+
+
 class DataService:
+    """One service in one Engine."""
+
     def __init__(self, name: str, engine: _core.Engine, health: _core.HealthBitmap,
                  counters: _core.Counters, socket_for: SocketFor, on_passive: PassiveReport,
                  *, shared_listeners: bool = False) -> None:
@@ -53,14 +107,14 @@ class DataService:
         self.all_up = _core.HealthBitmap(bytearray(_core.HealthBitmap.size_for(health.nslots)),
                                          health.nslots)
         self._last_log: dict[object, tuple[float, int]] = {}
-        self.plan: dict | None = None
+        self.plan: Plan | None = None
         self.was_up: dict[int, bool] = {}       # slot -> health seen at the last plan
 
-    def apply(self, plan: dict) -> None:
+    def apply(self, plan: Plan) -> None:
         """Take a plan. An unchanged plan (the supervisor pushes all services when one changes)
         keeps the policy as it is; only the health bookkeeping below runs."""
         old = self.plan
-        for slot, _ in plan["names"]:           # back up: its failure streak starts over
+        for slot, _ in plan.names:              # back up: its failure streak starts over
             up = self.health.is_up(slot)
             if up and not self.was_up.get(slot, True):
                 self.engine.reset_passive(slot)
@@ -69,32 +123,25 @@ class DataService:
             return
         self.plan = plan
         st = self.state
-        st.retries = plan["retries"]
-        st.connect_timeout = plan["connect_timeout"]
-        st.idle_timeout = plan["idle_timeout"]
-        st.hash_mode = plan["hash_mode"]
-        st.fall_passive = plan["fall_passive"]
-        self.names = {slot: address for slot, address in plan["names"]}
+        st.retries = plan.retries
+        st.connect_timeout = plan.connect_timeout
+        st.idle_timeout = plan.idle_timeout
+        st.hash_mode = plan.hash_mode
+        st.fall_passive = plan.fall_passive
+        self.names = dict(plan.names)
         if old is not None:
-            for slot, address in old["names"]:
+            for slot, _ in old.names:
                 if slot not in self.names:
                     self.engine.reset_passive(slot)
         self.was_up = {s: u for s, u in self.was_up.items() if s in self.names}
-        backends = plan["backends"]
         bitmap = self.health
-        if plan["panic"]:                       # every ready backend counts as up
-            for b in backends:
-                self.all_up.mark_up(b[0])
+        if plan.panic:                          # every ready backend counts as up
+            for b in plan.backends:
+                self.all_up.mark_up(b.slot)
             bitmap = self.all_up
-        policy = None
-        if backends:
-            policy = _core.make_policy(plan["policy"], [b[0] for b in backends],
-                                       [b[1] for b in backends], bitmap,
-                                       counters=self.counters, ids=[b[2] for b in backends],
-                                       seed=int.from_bytes(os.urandom(8), "little"),
-                                       options=plan.get("options"))
-        st.set_backends(policy, {b[0]: (b[3], b[4]) for b in backends})
-        self.listen({(h, p) for h, p in plan["listen"]})
+        st.set_backends(build_policy(plan, bitmap, self.counters),
+                        {b.slot: (b.host, b.port) for b in plan.backends})
+        self.listen(set(plan.listen))
 
     def listen(self, want: set[tuple[str, int]]) -> None:
         for key in list(self.listeners):
@@ -136,13 +183,98 @@ class DataService:
             self.on_passive(self.name, address, failures, reason)
 
 
+class DataPlane:
+    """The data path of one process: an Engine writing counter block ``block``, its services,
+    the timeout sweeper, accept-error logging, and the drain on stop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, health: _core.HealthBitmap,
+                 counters: _core.Counters, block: int, on_passive: PassiveReport, *,
+                 shared_listeners: bool) -> None:
+        self.loop = loop
+        self.health = health
+        self.counters = counters
+        self.on_passive = on_passive
+        self.shared_listeners = shared_listeners
+        self.engine = _core.Engine(loop, counters, block)
+        self.engine.on_accept_error = self._on_accept_error
+        self.services: dict[str, DataService] = {}
+        self.sockets: Mapping[ListenKey, socket.socket] = {}
+        self.gen = 0
+        self.stopping = False
+        self._last_accept_error = 0.0
+        self._sweeper = loop.create_task(sweep_forever(self.engine, self.timeouts))
+
+    def apply(self, snapshot: Snapshot, sockets: Mapping[ListenKey, socket.socket]) -> None:
+        """Run ``snapshot``; ``sockets`` holds this process's listening socket of each key."""
+        if self.stopping:
+            return
+        self.sockets = sockets
+        plans = {p.name: p for p in snapshot.plans}
+        for name in list(self.services):
+            if name not in plans:
+                self.services.pop(name).stop_accepting()
+        for name, plan in plans.items():
+            ds = self.services.get(name)
+            if ds is None:
+                ds = self.services[name] = DataService(
+                    name, self.engine, self.health, self.counters,
+                    functools.partial(self._socket_for, name), self.on_passive,
+                    shared_listeners=self.shared_listeners)
+            ds.apply(plan)
+        self.gen = snapshot.gen
+
+    def _socket_for(self, service: str, key: tuple[str, int]) -> socket.socket:
+        return self.sockets[(service, *key)].dup()
+
+    def close_backend(self, service: str, slot: int, why: str) -> int:
+        ds = self.services.get(service)
+        if ds is None:
+            return 0
+        n = abort_backend(self.engine, ds.state, slot)
+        log.info("service %s: backend %s: %s, closed %d connection(s)", service,
+                 ds.names.get(slot, f"slot {slot}"), why, n)
+        return n
+
+    def connections(self) -> int:
+        return len(self.engine.sessions)
+
+    def timeouts(self) -> list[tuple[float, float]]:
+        return [(ds.state.connect_timeout, ds.state.idle_timeout) for ds in self.services.values()]
+
+    def stop_accepting(self) -> None:
+        self.stopping = True
+        for ds in self.services.values():
+            ds.stop_accepting()
+
+    async def finish(self, grace: float, now: Callable[[], bool]) -> None:
+        """Let open connections end for ``grace`` seconds (less once ``now()``), then close."""
+        self.stop_accepting()
+        deadline = self.loop.time() + grace
+        while self.engine.sessions and self.loop.time() < deadline and not now():
+            await asyncio.sleep(0.05)
+        left = len(self.engine.sessions)
+        if left:
+            log.info("closing %d connection(s)", left)
+        self.close()
+
+    def close(self) -> None:
+        self.engine.close()
+        self._sweeper.cancel()
+
+    def _on_accept_error(self, exc: OSError) -> None:
+        if exc.errno == errno.EINVAL:            # the listener was shut (stopping): not an error
+            return
+        now = time.monotonic()
+        if now - self._last_accept_error >= ERROR_LOG_INTERVAL:
+            self._last_accept_error = now
+            log.error("accept failed: %s (connections wait in the backlog)", exc)
+
+
 async def sweep_forever(engine: _core.Engine, timeouts: Callable[[], list[tuple[float, float]]]) -> None:
     """Connect and idle timeouts without a timer per connection: connect deadlines (only the
     sessions still connecting) every tenth of the shortest connect timeout, idle stamps (every
     session) every tenth of the shortest idle timeout; each between 10 ms and 1 s.
     ``timeouts()`` gives the (connect, idle) timeouts of the services now served."""
-    import asyncio
-
     def tenth(x: float) -> float:
         return max(0.01, min(1.0, x / 10))
     next_idle = 0.0
@@ -157,3 +289,54 @@ async def sweep_forever(engine: _core.Engine, timeouts: Callable[[], list[tuple[
         if check_idle:
             next_idle = now + idle_period
         engine.sweep(check_idle)
+
+
+class LocalDataPath:
+    """The DataPath of ``workers = 1``: a DataPlane in the supervisor's own process."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, health: _core.HealthBitmap,
+                 counters: _core.Counters, on_passive: PassiveReport) -> None:
+        self.plane = DataPlane(loop, health, counters, 0, on_passive, shared_listeners=False)
+        self._now = False
+
+    def check(self, snapshot: Snapshot) -> None:
+        check_plans(snapshot, {n: ds.plan for n, ds in self.plane.services.items() if ds.plan})
+
+    def apply(self, snapshot: Snapshot, sockets: Mapping[ListenKey, Any]) -> None:
+        self.plane.apply(snapshot, sockets)
+
+    def acked(self) -> int:
+        return self.plane.gen
+
+    def close_backend(self, service: str, slot: int, why: str) -> None:
+        self.plane.close_backend(service, slot, why)
+
+    def connections(self) -> int:
+        return self.plane.connections()
+
+    def info(self) -> list[dict[str, Any]]:
+        return [{"index": 0, "pid": os.getpid(), "generation": self.plane.gen, "stopping": False,
+                 "connections": sum(self.plane.counters.get_block(0, s, _core.CTR_TOTAL)
+                                    for s in range(self.plane.counters.nslots))}]
+
+    async def start(self) -> None:
+        pass
+
+    async def resize(self, n: int) -> bool:
+        if n != 1:
+            log.warning("reload: switching between 1 and several workers needs a restart")
+        return n == 1
+
+    async def restart(self) -> int:
+        raise RegistryError("single_process", "workers = 1: there is no worker to restart")
+
+    def stop_accepting(self, mode: str) -> None:
+        if mode == "int":
+            self._now = True
+        self.plane.stop_accepting()
+
+    async def finish(self, mode: str, grace: float) -> None:
+        if mode == "int":
+            self._now = True
+        await self.plane.finish(grace, lambda: self._now)
+

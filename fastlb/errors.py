@@ -88,3 +88,13 @@ class AdminError(FastLBError):
         self.code = code
         self.message = message
         super().__init__(f"{code}: {message}")
+
+
+class RegistryError(FastLBError):
+    """A change that cannot be applied (admin request, reload). ``code`` is the admin
+    protocol's error code (``invalid``, ``exists``, ``listen_failed``, ``busy``...)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        self.code = code
+        self.message = message
+        super().__init__(message)

@@ -95,7 +95,7 @@ async def check_once(host: str, port: int, cfg: HealthConfig) -> tuple[bool, str
                 if not chunk:
                     break
                 data += chunk
-                if (rx.search(data) if rx else cfg.expect in data):
+                if (rx.search(data) if rx else cfg.expect is not None and cfg.expect in data):
                     return True, "expected reply"
             return False, f"unexpected reply {data[:40]!r}"
     except TimeoutError:
@@ -175,7 +175,10 @@ class HealthChecker:
             ok, detail = await check_once(host, port, st.cfg)
             why = st.on_check(ok, detail)
             if why is not None:
-                self._transition(key, st, why)
+                try:
+                    self._transition(key, st, why)
+                except Exception:  # noqa: BLE001 - a bug in a listener must not end the checks
+                    log.exception("%s/%s: handling a health change failed", *key)
 
     def _transition(self, key: tuple[str, str], st: HealthState, why: str) -> None:
         slot = self.slots[key]

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Any, Callable
+
+from fastlb.config import parse_address
 
 log = logging.getLogger("fastlb")
 
@@ -48,17 +50,20 @@ def render(stats: list[dict[str, Any]]) -> str:
                     v = b["weight"]
                 else:
                     v = b[field]
-                out.append(f'{name}{{service="{_label(svc["service"])}",backend="{_label(b["address"])}"}} {v}')
+                labels = f'service="{_label(svc["service"])}",backend="{_label(b["address"])}"'
+                out.append(f"{name}{{{labels}}} {v}")
     for suffix, kind, help_, field in SERVICE:
         name = f"fastlb_service_{suffix}"
         out += [f"# HELP {name} {help_.replace('the backend', 'the service')}", f"# TYPE {name} {kind}"]
         for svc in stats:
-            out.append(f'{name}{{service="{_label(svc["service"])}"}} {sum(b[field] for b in svc["backends"])}')
+            total = sum(b[field] for b in svc["backends"])
+            out.append(f'{name}{{service="{_label(svc["service"])}"}} {total}')
     return "\n".join(out) + "\n"
 
 
-async def serve_metrics(address: str, balancer: Any) -> asyncio.AbstractServer:
-    host, _, port = address.rpartition(":")
+async def serve_metrics(address: str, stats: Callable[[], list[dict[str, Any]]]) -> asyncio.AbstractServer:
+    """Serve ``render(stats())`` at http://address/metrics on the running loop."""
+    addr = parse_address(address)
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -69,7 +74,7 @@ async def serve_metrics(address: str, balancer: Any) -> asyncio.AbstractServer:
             elif line[1].split(b"?")[0] != b"/metrics":
                 status, body, ctype = "404 Not Found", b"see /metrics\n", "text/plain"
             else:
-                body = render(balancer.stats()).encode()
+                body = render(stats()).encode()
                 status, ctype = "200 OK", "text/plain; version=0.0.4; charset=utf-8"
             writer.write(f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
                          f"Connection: close\r\n\r\n".encode() + body)
@@ -80,6 +85,6 @@ async def serve_metrics(address: str, balancer: Any) -> asyncio.AbstractServer:
         finally:
             writer.close()
 
-    server = await asyncio.start_server(handle, host.strip("[]"), int(port))
+    server = await asyncio.start_server(handle, addr.host, addr.port)
     log.info("metrics on http://%s/metrics", address)
     return server

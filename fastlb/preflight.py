@@ -45,7 +45,7 @@ def problems(cfg: Config, *, mode: Mode = "check", bind: bool = True,
     survives but an operator should know (a state file run would fall back from) is appended
     to ``warnings`` when given. In run mode the state file is loaded by the supervisor itself
     (StateStore.load), which refuses to start on what check reports here."""
-    text = _read_text(cfg.source)
+    text = cfg.text
     out: list[ConfigError] = []
 
     def fail(key: str, message: str) -> None:
@@ -73,14 +73,6 @@ def problems(cfg: Config, *, mode: Mode = "check", bind: bool = True,
                 for j, addr in enumerate(svc.listen):
                     _check_bind(addr, f"service[{i}].listen[{j}]", fail)
     return out
-
-
-def _read_text(source: str) -> str:
-    try:
-        with open(source, encoding="utf-8") as f:
-            return f.read()
-    except (OSError, UnicodeDecodeError):
-        return ""
 
 
 def _check_token_file(path: str, fail) -> None:

@@ -16,18 +16,11 @@ from typing import Any, Mapping
 
 from fastlb import config
 from fastlb.config import Backend, Service
-from fastlb.errors import ConfigError, FastLBError
+from fastlb.errors import ConfigError, RegistryError
+
+__all__ = ["Registry", "RegistryError", "Snapshot", "reconcile"]
 
 Snapshot = Mapping[str, Service]
-
-
-class RegistryError(FastLBError):
-    """A mutation that cannot be applied. ``code`` is the admin protocol's error code."""
-
-    def __init__(self, code: str, message: str) -> None:
-        self.code = code
-        self.message = message
-        super().__init__(message)
 
 
 def _find(svc: Service, address: str) -> int:

@@ -3,7 +3,7 @@
 Owner: the on-disk format, its atomic replacement, the previous generation kept beside it, and
 what fastlb does when the file cannot be read (fall back, or refuse to start) or written (say
 so in words, refuse admin changes, retry). ``StateStore`` is the one object that touches the
-files; fastlb.proxy holds one when ``[global] state_file`` is set.
+files; fastlb.supervisor holds one when ``[global] state_file`` is set.
 
 Format, version 2 (version 1, today's plain msgpack map, is still read, and rewritten as
 version 2 at the next save):

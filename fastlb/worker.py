@@ -1,11 +1,14 @@
-"""A worker process: the data path on its own core, fed by the supervisor.
+"""A worker process: a DataPlane (fastlb.dataplane) on its own core, fed by the supervisor.
 
 Owner: nothing durable. It maps the shared memory (reads health, writes its counter block),
-accepts on the listening sockets it is given, applies the plans of each snapshot and
+announces its version and layout (``hello``; the supervisor refuses a worker of another
+installed version), accepts on the listening sockets it is given, applies each snapshot and
 acknowledges it, and reports passive failures. SIGTERM or {"stop": "term"}: stop accepting,
 let open connections finish for the grace period, exit 0. SIGINT or {"stop": "int"}: at once.
 A closed control channel (the supervisor is gone) stops it at once.
-Started by fastlb.workers.WorkerPool as ``python -m fastlb.worker --index N ...``.
+Started by fastlb.pool.WorkerPool as ``python -m fastlb.worker --index N ...``; the channel's
+messages are listed there. It imports the data plane, the plan types and the shared-memory
+layout only: never the supervisor, admin, registry, health or state file.
 """
 from __future__ import annotations
 
@@ -14,16 +17,38 @@ import asyncio
 import logging
 import mmap
 import os
+import resource
 import signal
 import socket
 import sys
+from typing import Any
 
-import msgpack
+import msgpack  # type: ignore[import-untyped]
 
-from fastlb import _core
-from fastlb.dataplane import DataService, sweep_forever
+from fastlb import __version__
+from fastlb.dataplane import DataPlane
+from fastlb.plan import WIRE_VERSION, ListenKey, Snapshot
+from fastlb.shm import LAYOUT_VERSION, views
 
 log = logging.getLogger("fastlb")
+CONTROL_BUFFER = 4 << 20      # the largest snapshot packet; SO_SNDBUF/SO_RCVBUF of the channel
+MAX_LISTEN_FDS = 253          # SCM_MAX_FD: listening sockets one snapshot can carry
+# Test hook: a worker announces this token instead of its own (a worker of another version).
+TOKEN_ENV = "FASTLB_TEST_WORKER_TOKEN"
+
+
+def token() -> str:
+    """What must match between a worker and its supervisor: fastlb's version, the wire form
+    and the shared-memory layout."""
+    return f"fastlb {__version__} wire {WIRE_VERSION} layout {LAYOUT_VERSION}"
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft open-files limit to the hard one (as HAProxy does); return it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
 
 
 class WorkerProcess:
@@ -31,22 +56,18 @@ class WorkerProcess:
         self.args = args
         self.loop = loop
         self.mapping = mmap.mmap(args.shm, args.shm_size, flags=mmap.MAP_SHARED)
-        from fastlb.proxy import views
-        self.health, self.counters = views(self.mapping, args.max_backends, args.nblocks)
-        self.engine = _core.Engine(loop, self.counters, args.index)
+        health, counters = views(self.mapping, args.max_backends, args.nblocks)
+        self.plane = DataPlane(loop, health, counters, args.index, self.report_passive,
+                               shared_listeners=True)
         self.control = socket.socket(fileno=args.control)
         self.control.setblocking(False)
-        self.sockets: dict[tuple[str, str, int], socket.socket] = {}
-        self.services: dict[str, DataService] = {}
+        self.sockets: dict[ListenKey, socket.socket] = {}
         self.stop_event = asyncio.Event()
         self.mode = "term"
 
-    def socket_for(self, service: str, key: tuple[str, int]) -> socket.socket:
-        return self.sockets[(service, *key)].dup()
-
     def on_control(self) -> None:
         try:
-            data, fds, _, _ = socket.recv_fds(self.control, 4 << 20, 253)
+            data, fds, _, _ = socket.recv_fds(self.control, CONTROL_BUFFER, MAX_LISTEN_FDS)
         except BlockingIOError:
             return
         except OSError:
@@ -55,47 +76,32 @@ class WorkerProcess:
             self.stop("int")                     # the supervisor is gone
             return
         msg = msgpack.unpackb(data, raw=False)
-        if "stop" in msg or "close" in msg:
-            for fd in fds:
-                os.close(fd)
-            if "stop" in msg:
-                self.stop(msg["stop"])
-            else:
-                service, slot = msg["close"]
-                ds = self.services.get(service)
-                if ds is not None:
-                    n = self.engine.close_backend(ds.state, slot)
-                    log.info("service %s: closed %d connection(s) of slot %d", service, n, slot)
+        if "gen" in msg:
+            self.apply(Snapshot.from_wire(msg), fds)
             return
-        self.apply(msg, fds)
+        for fd in fds:
+            os.close(fd)
+        if "stop" in msg:
+            self.stop(msg["stop"])
+        elif "close" in msg:
+            service, slot, why = msg["close"]
+            self.plane.close_backend(service, slot, why)
 
-    def apply(self, msg: dict, fds: list[int]) -> None:
-        keys = [tuple(k) for k in msg["listen"]]
-        for key, fd in zip(keys, fds):
+    def apply(self, snapshot: Snapshot, fds: list[int]) -> None:
+        for key, fd in zip(snapshot.listen, fds, strict=False):
             if key in self.sockets:
                 os.close(fd)
             else:
                 self.sockets[key] = socket.socket(fileno=fd)
-        plans = {p["name"]: p for p in msg["plans"]}
-        for name in list(self.services):
-            if name not in plans:
-                self.services.pop(name).stop_accepting()
-        for name, plan in plans.items():
-            ds = self.services.get(name)
-            if ds is None:
-                ds = self.services[name] = DataService(
-                    name, self.engine, self.health, self.counters,
-                    lambda key, n=name: self.socket_for(n, key), self.report_passive,
-                    shared_listeners=True)
-            ds.apply(plan)
-        for key in [k for k in self.sockets if k not in set(keys)]:
+        self.plane.apply(snapshot, self.sockets)
+        for key in [k for k in self.sockets if k not in set(snapshot.listen)]:
             self.sockets.pop(key).close()
-        self.send({"ack": msg["gen"]})
+        self.send({"ack": snapshot.gen})
 
     def report_passive(self, service: str, address: str, failures: int, reason: str) -> None:
         self.send({"passive": [service, address, failures, reason]})
 
-    def send(self, msg: dict) -> None:
+    def send(self, msg: dict[str, Any]) -> None:
         try:
             self.control.send(msgpack.packb(msg, use_bin_type=True))
         except OSError:
@@ -105,30 +111,25 @@ class WorkerProcess:
         if self.stop_event.is_set():
             mode = "int"
         self.mode = mode
+        self.plane.stop_accepting()
         self.stop_event.set()
 
     async def run(self) -> int:
-        self.loop.add_reader(self.control.fileno(), self.on_control)
         self.loop.add_signal_handler(signal.SIGTERM, self.stop, "term")
         self.loop.add_signal_handler(signal.SIGINT, self.stop, "int")
         self.loop.add_signal_handler(signal.SIGHUP, lambda: None)   # the supervisor reloads
-        sweeper = self.loop.create_task(sweep_forever(self.engine, self.timeouts))
+        self.send({"hello": os.environ.get(TOKEN_ENV) or token(), "pid": os.getpid()})
+        self.loop.add_reader(self.control.fileno(), self.on_control)
         await self.stop_event.wait()
-        for ds in self.services.values():
-            ds.stop_accepting()
-        if self.mode == "term":
-            deadline = self.loop.time() + self.args.grace
-            while self.engine.sessions and self.loop.time() < deadline and self.mode == "term":
-                await asyncio.sleep(0.05)
-        self.engine.close()
-        sweeper.cancel()
+        await self.plane.finish(self.args.grace if self.mode == "term" else 0.0,
+                                lambda: self.mode == "int")
+        self.loop.remove_reader(self.control.fileno())
+        self.control.close()
         return 0
-
-    def timeouts(self) -> list[tuple[float, float]]:
-        return [(ds.state.connect_timeout, ds.state.idle_timeout) for ds in self.services.values()]
 
 
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)       # the supervisor's business, from line one
     p = argparse.ArgumentParser(prog="python -m fastlb.worker")
     for name in ("--index", "--control", "--shm", "--shm-size", "--max-backends", "--nblocks"):
         p.add_argument(name, type=int, required=True)
@@ -139,7 +140,6 @@ def main(argv: list[str] | None = None) -> int:
                         format=f"%(asctime)s %(levelname)s [worker {args.index}] %(message)s",
                         datefmt="%H:%M:%S")
     import uvloop
-    from fastlb.proxy import raise_fd_limit
     raise_fd_limit()
 
     async def run() -> int:

@@ -21,12 +21,12 @@ class Proc:
     runs through fastlb.spawn, so the child runs the fastlb package under test (the installed
     one, in CI's installed-wheel run), whatever the current directory."""
 
-    def __init__(self, args: list[str], registry: list) -> None:
-        env = None
+    def __init__(self, args: list[str], registry: list, env: dict | None = None) -> None:
+        full_env = None if env is None else {**os.environ, **env}
         if args[:2] == [PY, "-m"]:
-            args, env = spawn.command(*args[2:]), spawn.environment()
+            args, full_env = spawn.command(*args[2:]), spawn.environment(full_env)
         self.popen = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True, bufsize=1, env=env)
+                                      text=True, bufsize=1, env=full_env)
         self.pid = self.popen.pid
         self.lines: list[str] = []
         self._cond = threading.Condition()
@@ -87,12 +87,13 @@ def start_backend(procs: list, mode: str, name: str = "backend", size: int = 1 <
     return p, int(p.wait_line(r"READY (\d+)").group(1))
 
 
-def start_fastlb(procs: list, config: str) -> tuple[Proc, list[int]]:
-    """Run `fastlb run` on a config text; return it and the ports it listens on, in order."""
+def start_fastlb(procs: list, config: str, env: dict | None = None) -> tuple[Proc, list[int]]:
+    """Run `fastlb run` on a config text; return it and the ports it listens on, in order.
+    ``env``: extra environment variables (for the workers too)."""
     fd, path = tempfile.mkstemp(suffix=".toml")
     with os.fdopen(fd, "w") as f:
         f.write(config)
-    p = Proc([PY, "-m", "fastlb", "run", "-c", path], procs)
+    p = Proc([PY, "-m", "fastlb", "run", "-c", path], procs, env)
     p.wait_line(r"fastlb ready")
     ports = [int(m) for m in re.findall(r"listening on \S+:(\d+)", p.output)]
     return p, ports

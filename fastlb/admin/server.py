@@ -2,9 +2,9 @@
 
 Owner: listening (a Unix socket created with mode 0600, or TCP with a token compared in constant
 time), reading, one reply per request in order, subscriptions. What a request does is the
-``handler``'s business (fastlb.proxy.Balancer.admin). Nothing a client sends can stop the
-server: protocol errors get error replies, a broken stream is closed, a handler failure is
-logged and answered as an internal error.
+``handler``'s business (fastlb.handlers.dispatch, through the supervisor). Nothing a client
+sends can stop the server: protocol errors get error replies, a broken stream is closed, a
+handler failure is logged and answered as an internal error.
 """
 from __future__ import annotations
 

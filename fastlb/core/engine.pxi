@@ -72,7 +72,7 @@ def _reraise(exc):
 
 @cython.final
 cdef class ServiceState:
-    """What the data path needs of one service. Owner: the orchestration (fastlb.proxy), which
+    """What the data path needs of one service. Owner: the data-plane host (fastlb.dataplane), which
     swaps the backend set with set_backends() between connections; the engine only reads it."""
     cdef public object policy            # a Policy, or None: no backend at all
     cdef dict sockaddrs                  # slot -> packed struct sockaddr (bytes)

@@ -4,6 +4,7 @@ importable on its own. Built here from the checkout, as `pip install .` builds i
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -18,9 +19,15 @@ pytestmark = pytest.mark.skipif(not os.path.exists(os.path.join(ROOT, "setup.py"
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> zipfile.ZipFile:
     out = tmp_path_factory.mktemp("dist")
+    # From a clean copy of the tree, as a fresh clone is: setuptools reuses a build/ directory,
+    # and a stale one (a module since deleted) would end up in the wheel.
+    src = tmp_path_factory.mktemp("src") / "fastlb-src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
+        ".git", "build", "dist", "*.egg-info", "*.so", "_core.c", "*.html", "__pycache__",
+        ".hypothesis", ".benchmarks", "results"))
     # --no-build-isolation: the test extra brings setuptools and Cython, so no download here.
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                    "-w", str(out), ROOT], check=True, timeout=300, capture_output=True)
+                    "-w", str(out), str(src)], check=True, timeout=300, capture_output=True)
     [name] = [f for f in os.listdir(out) if f.endswith(".whl")]
     return zipfile.ZipFile(out / name)
 

@@ -1,5 +1,5 @@
 """Slot lifecycle in the shared state: a freed slot is reused only when safe."""
-from fastlb.proxy import SharedState
+from fastlb.shm import SharedState
 
 
 def test_released_slot_waits_for_acks_and_connections():

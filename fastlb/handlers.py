@@ -1,0 +1,130 @@
+"""Admin commands: one small function per op, in one table.
+
+Owner: what each admin op does and the shape of its result. Reads are pure functions of a
+registry snapshot and a ``StatsView`` (slots, health bits, counters, check states), so
+``stats`` (and /metrics, which renders it) is testable without a running balancer. Changes go
+through the supervisor (``Context.mutate / reload``), which runs the two-phase pipeline.
+``dispatch`` is the admin server's handler (fastlb.admin.server.AdminServer).
+"""
+from __future__ import annotations
+
+from typing import Any, Awaitable, Callable, Mapping, Protocol
+
+from fastlb import __version__, _core
+from fastlb.admin import protocol
+from fastlb.admin.protocol import AdminProtocolError, Request
+from fastlb.config import Backend, Service
+from fastlb.errors import RegistryError
+from fastlb.plan import DataPath
+
+COUNTER_FIELDS = _core.COUNTER_FIELDS
+
+
+class StatsView(Protocol):
+    """What the reads need of the running balancer, read-only."""
+
+    def slot(self, service: str, address: str) -> int | None: ...
+    def is_up(self, slot: int) -> bool: ...
+    def counters(self, slot: int) -> dict[str, int]: ...
+    def check(self, service: str, address: str) -> tuple[int, str] | None: ...   # failures, reason
+
+
+class Context(Protocol):
+    """The supervisor, as the handlers see it."""
+
+    @property
+    def snapshot(self) -> Mapping[str, Service]: ...
+    @property
+    def view(self) -> StatsView: ...
+    @property
+    def datapath(self) -> DataPath: ...
+    async def mutate(self, op: str, args: dict[str, Any]) -> dict[str, Any]: ...
+    async def reload(self) -> dict[str, Any]: ...
+
+
+# -- reads: pure functions of (snapshot, view) ---------------------------------------------------
+def service_of(snapshot: Mapping[str, Service], name: str) -> Service:
+    try:
+        return snapshot[name]
+    except KeyError:
+        raise RegistryError("unknown_service", f"no service {name!r}; services: "
+                            f"{', '.join(sorted(snapshot)) or '(none)'}") from None
+
+
+def services(snapshot: Mapping[str, Service]) -> list[dict[str, Any]]:
+    return [{"name": s.name, "listen": [a.text for a in s.listen], "policy": s.policy,
+             "backends": len(s.backends)} for s in snapshot.values()]
+
+
+def backend_info(view: StatsView, svc: Service, b: Backend, stats: bool = False) -> dict[str, Any]:
+    slot = view.slot(svc.name, b.address.text)
+    info: dict[str, Any] = {"address": b.address.text, "weight": b.weight, "state": b.state,
+                            "health": "up" if slot is not None and view.is_up(slot) else "down"}
+    if stats:
+        info.update(view.counters(slot) if slot is not None else dict.fromkeys(COUNTER_FIELDS, 0))
+        check = view.check(svc.name, b.address.text)
+        info["check_failures"] = check[0] if check else 0
+        info["health_reason"] = check[1] if check else "no checks"
+    return info
+
+
+def backends(snapshot: Mapping[str, Service], view: StatsView, name: str) -> list[dict[str, Any]]:
+    svc = service_of(snapshot, name)
+    return [backend_info(view, svc, b) for b in svc.backends]
+
+
+def stats(snapshot: Mapping[str, Service], view: StatsView) -> list[dict[str, Any]]:
+    """Per service, per backend: counters summed over workers, health, weight, state."""
+    return [{"service": s.name, "backends": [backend_info(view, s, b, stats=True) for b in s.backends]}
+            for s in snapshot.values()]
+
+
+# -- the table -----------------------------------------------------------------------------------
+Handler = Callable[[Context, dict[str, Any]], Awaitable[Any]]
+
+
+async def _ping(ctx: Context, args: dict[str, Any]) -> Any:
+    return "pong"
+
+
+async def _version(ctx: Context, args: dict[str, Any]) -> Any:
+    return {"version": __version__, "protocol": protocol.PROTOCOL_VERSION}
+
+
+async def _services(ctx: Context, args: dict[str, Any]) -> Any:
+    return services(ctx.snapshot)
+
+
+async def _backends(ctx: Context, args: dict[str, Any]) -> Any:
+    return backends(ctx.snapshot, ctx.view, args["service"])
+
+
+async def _stats(ctx: Context, args: dict[str, Any]) -> Any:
+    return stats(ctx.snapshot, ctx.view)
+
+
+async def _workers(ctx: Context, args: dict[str, Any]) -> Any:
+    return ctx.datapath.info()
+
+
+async def _restart_workers(ctx: Context, args: dict[str, Any]) -> Any:
+    return {"restarted": await ctx.datapath.restart()}
+
+
+async def _reload(ctx: Context, args: dict[str, Any]) -> Any:
+    return await ctx.reload()
+
+
+HANDLERS: dict[str, Handler] = {
+    "ping": _ping, "version": _version, "services": _services, "backends": _backends,
+    "stats": _stats, "workers": _workers, "restart_workers": _restart_workers, "reload": _reload,
+}
+
+
+async def dispatch(ctx: Context, req: Request) -> Any:
+    if req.op in protocol.MUTATIONS:
+        return await ctx.mutate(req.op, req.args)
+    handler = HANDLERS.get(req.op)
+    if handler is None:
+        raise AdminProtocolError("unknown_op", f"op {req.op!r} is not served here", id=req.id)
+    return await handler(ctx, req.args)

@@ -1,0 +1,122 @@
+"""The supervisor -> data path contract: typed plans and snapshots, and the data path protocol.
+
+Owner: the shape of what the supervisor tells a data path, in-process or over a worker's
+control channel. Rules:
+  - ``Plan`` (one service) and ``Snapshot`` (every service, numbered) are frozen, slotted
+    dataclasses; ``to_wire()`` gives plain msgpack-able lists and dicts and ``from_wire()``
+    rebuilds the same value (a unit test holds them to the round trip). Nothing else in fastlb
+    reads the wire form.
+  - ``WIRE_VERSION`` changes with the wire form, ``LAYOUT_VERSION`` (fastlb.shm) with the
+    shared-memory layout; a worker announces both with its fastlb version (``hello``) and the
+    supervisor refuses one that differs (an upgrade under a running supervisor).
+  - ``DataPath`` is the one object the supervisor holds for the data path; it never asks
+    which mode it runs in (fastlb.dataplane.LocalDataPath: ``workers = 1``;
+    fastlb.pool.WorkerPool: worker processes).
+No I/O and no fastlb import here: the worker process loads this module.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Protocol, Sequence
+
+WIRE_VERSION = 1
+
+ListenKey = tuple[str, str, int]          # (service, host, port): one listening socket
+
+
+@dataclass(frozen=True, slots=True)
+class PlanBackend:
+    """A backend that may take new connections (state ready), with its effective weight."""
+    slot: int
+    weight: int
+    address: str          # the backend's id, "host:port" as written
+    host: str             # an IP literal
+    port: int
+
+    def to_wire(self) -> list[Any]:
+        return [self.slot, self.weight, self.address, self.host, self.port]
+
+    @classmethod
+    def from_wire(cls, w: Sequence[Any]) -> PlanBackend:
+        slot, weight, address, host, port = w
+        return cls(int(slot), int(weight), str(address), str(host), int(port))
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """One service as a data path runs it. Equal plans build equal policies: a data path
+    rebuilds a service's policy only when its plan changed."""
+    name: str
+    listen: tuple[tuple[str, int], ...]
+    policy: str
+    hash_mode: int
+    retries: int
+    connect_timeout: float
+    idle_timeout: float
+    fall_passive: int
+    panic: bool
+    backends: tuple[PlanBackend, ...]               # ready ones, for new connections
+    names: tuple[tuple[int, str], ...]              # every backend (slot, address), for logs
+    options: tuple[tuple[str, int], ...] = ()       # policy options (fastlb.runtime.policy_options)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"name": self.name, "listen": [list(a) for a in self.listen],
+                "policy": self.policy, "hash_mode": self.hash_mode, "retries": self.retries,
+                "connect_timeout": self.connect_timeout, "idle_timeout": self.idle_timeout,
+                "fall_passive": self.fall_passive, "panic": self.panic,
+                "backends": [b.to_wire() for b in self.backends],
+                "names": [list(n) for n in self.names],
+                "options": [list(o) for o in self.options]}
+
+    @classmethod
+    def from_wire(cls, w: Mapping[str, Any]) -> Plan:
+        return cls(name=str(w["name"]),
+                   listen=tuple((str(h), int(p)) for h, p in w["listen"]),
+                   policy=str(w["policy"]), hash_mode=int(w["hash_mode"]),
+                   retries=int(w["retries"]), connect_timeout=float(w["connect_timeout"]),
+                   idle_timeout=float(w["idle_timeout"]), fall_passive=int(w["fall_passive"]),
+                   panic=bool(w["panic"]),
+                   backends=tuple(PlanBackend.from_wire(b) for b in w["backends"]),
+                   names=tuple((int(s), str(a)) for s, a in w["names"]),
+                   options=tuple((str(k), int(v)) for k, v in w.get("options", ())))
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Every service's plan at generation ``gen``, and the listening sockets they use (in
+    this order the sockets ride along a worker's snapshot message, SCM_RIGHTS)."""
+    gen: int
+    plans: tuple[Plan, ...]
+    listen: tuple[ListenKey, ...]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"gen": self.gen, "plans": [p.to_wire() for p in self.plans],
+                "listen": [list(k) for k in self.listen]}
+
+    @classmethod
+    def from_wire(cls, w: Mapping[str, Any]) -> Snapshot:
+        return cls(gen=int(w["gen"]), plans=tuple(Plan.from_wire(p) for p in w["plans"]),
+                   listen=tuple((str(s), str(h), int(p)) for s, h, p in w["listen"]))
+
+
+class DataPath(Protocol):
+    """What the supervisor needs of the data path, whatever runs it.
+
+    ``check`` raises FastLBError when a snapshot could not be applied (an address that does
+    not pack, a policy that does not build, a message over the channel's limit): it is the
+    prepare step's, before anything is persisted; ``apply`` is then not expected to fail.
+    Stopping has two steps because the supervisor owns the listening sockets: it shuts them
+    between ``stop_accepting`` and ``finish``, so every mode refuses new clients at once.
+    """
+
+    def check(self, snapshot: Snapshot) -> None: ...
+    def apply(self, snapshot: Snapshot, sockets: Mapping[ListenKey, Any]) -> None: ...
+    def acked(self) -> int: ...                  # the lowest generation every data path runs
+    def close_backend(self, service: str, slot: int, why: str) -> None: ...
+    def connections(self) -> int: ...
+    def info(self) -> list[dict[str, Any]]: ...
+    async def start(self) -> None: ...           # serve the snapshot applied (workers: spawn)
+    async def resize(self, n: int) -> bool: ...  # True: n data paths run now
+    async def restart(self) -> int: ...
+    def stop_accepting(self, mode: str) -> None: ...
+    async def finish(self, mode: str, grace: float) -> None: ...

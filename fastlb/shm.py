@@ -1,0 +1,106 @@
+"""The shared-memory layout: health bitmap + counters over one memfd mapping, and backend slots.
+
+Owner: the layout (``LAYOUT_VERSION``, ``layout_size``, ``views``: the same in every process)
+and, in the supervisor, the slot table (``SharedState``). Workers import this module to map
+the memory; it imports nothing of the supervisor. Counter helpers that zero fields live here,
+each in one function, so the core's ``Counters.zero`` can replace their loops in one place.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+from typing import Callable
+
+from fastlb import _core
+from fastlb.errors import RegistryError
+
+# Bump when the mapping's layout (bitmap, counter fields, block size) changes: a worker of
+# another layout is refused (see fastlb.plan, hello).
+LAYOUT_VERSION = 1
+
+
+def blocks_for(workers: int) -> int:
+    """Counter blocks: one in process; with workers 2 x max(N, CPUs), so a rolling restart
+    can run old and new workers side by side and a reload can add workers."""
+    return 1 if workers == 1 else 2 * max(workers, os.cpu_count() or 1)
+
+
+def layout_size(max_backends: int, nblocks: int) -> int:
+    return _core.HealthBitmap.size_for(max_backends) + _core.Counters.size_for(max_backends, nblocks)
+
+
+def views(mapping: mmap.mmap, max_backends: int, nblocks: int) -> tuple[_core.HealthBitmap, _core.Counters]:
+    """The health bitmap and the counters over the shared mapping (same in every process)."""
+    hsize = _core.HealthBitmap.size_for(max_backends)
+    view = memoryview(mapping)
+    return (_core.HealthBitmap(view[:hsize], max_backends),
+            _core.Counters(view[hsize:], max_backends, nblocks))
+
+
+def zero_active(counters: _core.Counters, block: int) -> None:
+    """A dead worker's connections are gone: clear its active counts (totals stay)."""
+    counters.zero(block, fields=(_core.CTR_ACTIVE,))
+
+
+def zero_slot(counters: _core.Counters, slot: int) -> None:
+    """A freed slot starts from zero in every block (its totals are not the next backend's)."""
+    for block in range(counters.nblocks):
+        counters.zero(block, slot)
+
+
+class SharedState:
+    """The shared-memory mapping and the slot table of backends.
+
+    The mapping is a memfd, so worker processes started with exec map the same memory. A slot
+    belongs to one (service, backend address). A released slot is reused only once no
+    connection uses it (its active count is back to zero) and every data path has
+    acknowledged the snapshot generation that removed it: see reap().
+    """
+
+    def __init__(self, max_backends: int, nblocks: int = 1) -> None:
+        self.max_backends = max_backends
+        self.nblocks = nblocks
+        self.size = layout_size(max_backends, nblocks)
+        self.fd = os.memfd_create("fastlb-shm", os.MFD_CLOEXEC)
+        os.ftruncate(self.fd, self.size)
+        self.mapping = mmap.mmap(self.fd, self.size, flags=mmap.MAP_SHARED)
+        self.health, self.counters = views(self.mapping, max_backends, nblocks)
+        self.slots: dict[tuple[str, str], int] = {}   # (service, backend address) -> slot
+        self._free = list(range(max_backends - 1, -1, -1))
+        self._released: list[tuple[int, int]] = []     # (slot, generation that removed it)
+        self.acked: Callable[[], int] = lambda: 1 << 62  # lowest generation every data path runs
+
+    def slot_for(self, service: str, backend_id: str) -> int:
+        key = (service, backend_id)
+        if key not in self.slots:
+            self.reap()
+            if not self._free:
+                raise RegistryError("full", f"all {self.max_backends} backend slots are in use")
+            self.slots[key] = self._free.pop()
+        return self.slots[key]
+
+    def can_take(self, n: int) -> None:
+        """Raise RegistryError("full") unless ``n`` new slots can be handed out now (the
+        prepare step's check: slot_for then cannot fail)."""
+        if n > len(self._free):
+            self.reap()
+        if n > len(self._free):
+            raise RegistryError("full", f"{n} new backend slot(s) needed, {len(self._free)} free "
+                                        f"of {self.max_backends}; nothing changed")
+
+    def release(self, service: str, backend_id: str, generation: int) -> None:
+        slot = self.slots.pop((service, backend_id), None)
+        if slot is not None:
+            self.health.mark_down(slot)
+            self._released.append((slot, generation))
+
+    def reap(self) -> None:
+        """Free released slots no connection and no data path's snapshot uses any more."""
+        busy, acked = [], self.acked()
+        for slot, gen in self._released:
+            if self.counters.active(slot) or gen > acked:
+                busy.append((slot, gen))
+                continue
+            zero_slot(self.counters, slot)
+            self._free.append(slot)
+        self._released = busy

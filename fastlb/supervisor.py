@@ -1,0 +1,429 @@
+"""The supervisor: the lifecycle of ``fastlb run``.
+
+Owner: the registry and the change pipeline, the listening sockets (fastlb.listeners), the
+running services (fastlb.runtime), the health checker, the state file, the admin socket and
+metrics, signals, and the one DataPath (fastlb.plan) it feeds: in-process with ``workers = 1``
+(fastlb.dataplane.LocalDataPath), else worker processes (fastlb.pool.WorkerPool). Which one is
+chosen once, in ``make_datapath``; nothing else here asks. Admin ops are fastlb.handlers.
+
+A change (admin mutation, reload) follows STYLE.md point 9, strictly:
+  1. validate: Registry.plan / reconcile (in a thread: it may resolve host names);
+  2. prepare: everything that can fail, before anything is kept: free slots, binding new
+     listeners, packing addresses and building policies (DataPath.check), a pool resize;
+     a failure replies with its error and changes nothing, anywhere;
+  3. persist (statefile.save, fsynced, in a thread so the data path keeps running);
+  4. commit (one assignment), apply (to the data path: for the next connection), reply.
+Applying is not expected to fail; if it does (a bug), the error is logged and the data path
+keeps its previous snapshot: the supervisor goes on serving every other request.
+SIGTERM stops accepting in every mode at once (the listening sockets are shut), lets open
+connections finish for ``grace`` seconds, then closes them; SIGINT closes everything at once;
+SIGHUP reloads the config. Signals received while starting are acted on once started.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import functools
+import logging
+import os
+import signal
+import socket
+import time
+from typing import Any, Mapping
+
+from fastlb import config, signals, statefile
+from fastlb.admin.protocol import Request
+from fastlb.admin.server import AdminServer, clear_stale_socket
+from fastlb.config import Config, Service
+from fastlb.dataplane import LocalDataPath
+from fastlb.errors import ConfigError, FastLBError, RegistryError, StateFileError
+from fastlb.handlers import dispatch, stats
+from fastlb.health import HealthChecker
+from fastlb.listeners import Listeners, fmt
+from fastlb.plan import DataPath, ListenKey, Snapshot
+from fastlb.registry import Registry, reconcile
+from fastlb.runtime import ServiceRuntime, compute_plan
+from fastlb.shm import SharedState, blocks_for
+from fastlb.worker import raise_fd_limit
+
+log = logging.getLogger("fastlb")
+
+
+def initial_registry(cfg: Config, ignore_state: bool = False,
+                     store: statefile.StateStore | None = None) -> dict[str, Service]:
+    """The registry to start with: the config, overlaid by the state file (see README)."""
+    services = {s.name: s for s in cfg.services}
+    if store is None or ignore_state:
+        return services
+    loaded = store.load()                  # raises StateFileError: refuse to start
+    if loaded is None:
+        return services
+    registry, recorded_config = loaded
+    return reconcile(registry, recorded_config, services)
+
+
+def _slot_or_none(slots: Mapping[tuple[str, str], int], service: str, address: str) -> int:
+    return slots.get((service, address), -1)          # -1: a backend the change adds
+
+
+def wanted_listeners(services: Mapping[str, Service]) -> set[ListenKey]:
+    return {(s.name, a.host, a.port) for s in services.values() for a in s.listen}
+
+
+def make_datapath(cfg: Config, loop: asyncio.AbstractEventLoop, shared: SharedState,
+                  on_passive: Any, log_level: str) -> DataPath:
+    """The one place that looks at the mode."""
+    if cfg.global_.workers == 1:
+        return LocalDataPath(loop, shared.health, shared.counters, on_passive)
+    from fastlb.pool import WorkerPool
+    return WorkerPool(loop, shared.fd, shared.size, shared.max_backends, shared.counters,
+                      workers=cfg.global_.workers, grace=cfg.global_.grace, log_level=log_level,
+                      on_passive=on_passive)
+
+
+class View:
+    """The handlers' read-only view of slots, health and counters (handlers.StatsView)."""
+
+    def __init__(self, shared: SharedState, health: HealthChecker) -> None:
+        self.shared, self.health = shared, health
+
+    def slot(self, service: str, address: str) -> int | None:
+        return self.shared.slots.get((service, address))
+
+    def is_up(self, slot: int) -> bool:
+        return bool(self.shared.health.is_up(slot))
+
+    def counters(self, slot: int) -> dict[str, int]:
+        return dict(self.shared.counters.slot_stats(slot))
+
+    def check(self, service: str, address: str) -> tuple[int, str] | None:
+        hs = self.health.state(service, address)
+        return (hs.check_failures, hs.reason) if hs else None
+
+
+class Supervisor:
+    """``run()`` returns the process exit code."""
+
+    def __init__(self, cfg: Config, loop: asyncio.AbstractEventLoop, *, config_path: str | None = None,
+                 ignore_state: bool = False, log_level: str = "info") -> None:
+        self.cfg = cfg
+        self.config_path = config_path
+        self.loop = loop
+        self.cfg_services = {s.name: s for s in cfg.services}
+        # The state file: loaded with fallback to its previous generation; written before every
+        # acknowledgement; retried in the background when it cannot be written at start.
+        self.state = statefile.StateStore(cfg.global_.state_file) if cfg.global_.state_file else None
+        self.registry = Registry(initial_registry(cfg, ignore_state, self.state))
+        total = sum(len(s.backends) for s in self.registry.snapshot.values())
+        self.shared = SharedState(max(cfg.max_backends, 2 * total), blocks_for(cfg.global_.workers))
+        self.health = HealthChecker(self.shared.health, self._on_health)
+        self.view = View(self.shared, self.health)
+        self.runtimes: dict[str, ServiceRuntime] = {}
+        self.listeners = Listeners()
+        self.gen = 0                               # of the last snapshot pushed
+        self.datapath = make_datapath(cfg, loop, self.shared, self._on_passive, log_level)
+        self.shared.acked = self.datapath.acked
+        self.admin_server: AdminServer | None = None
+        self.metrics_server: asyncio.AbstractServer | None = None
+        self._mutation = asyncio.Lock()
+        self._timers: dict[tuple[str, str], asyncio.TimerHandle] = {}
+        self._stop = asyncio.Event()
+        self._mode = "term"
+        self._stopping = False
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def snapshot(self) -> Mapping[str, Service]:
+        return self.registry.snapshot
+
+    # -- the change pipeline --------------------------------------------------------------------
+    def _trial(self, services: Mapping[str, Service]) -> Snapshot:
+        """The snapshot ``services`` would give (new backends without a slot yet: -1)."""
+        now = time.monotonic()
+        plans = []
+        slots, health = self.shared.slots, self.shared.health
+        for svc in services.values():
+            rt = self.runtimes.get(svc.name)
+            plans.append(compute_plan(svc, functools.partial(_slot_or_none, slots, svc.name),
+                                      lambda slot: slot >= 0 and bool(health.is_up(slot)),
+                                      rt.ramp if rt else {}, now))
+        return Snapshot(self.gen + 1, tuple(plans), tuple(sorted(wanted_listeners(services))))
+
+    def _prepare(self, nxt: Mapping[str, Service]) -> dict[ListenKey, socket.socket]:
+        """Everything that can fail, before anything is kept. Returns the new listening
+        sockets (to adopt on commit, or discard). Raises FastLBError: nothing changed."""
+        need = sum(1 for s in nxt.values() for b in s.backends
+                   if (s.name, b.address.text) not in self.shared.slots)
+        self.shared.can_take(need)
+        new = self.listeners.bind(wanted_listeners(nxt))
+        try:
+            self.datapath.check(self._trial(nxt))
+        except BaseException:
+            self.listeners.discard(new)
+            raise
+        return new
+
+    async def _change(self, nxt: dict[str, Service], cfg_services: Mapping[str, Service] | None = None,
+                      workers: int | None = None) -> None:
+        """Prepare, persist, commit, apply. Caller holds self._mutation."""
+        new = self._prepare(nxt)
+        try:
+            if workers is not None and await self.datapath.resize(workers):
+                g = dataclasses.replace(self.cfg.global_, workers=workers)
+                self.cfg = dataclasses.replace(self.cfg, global_=g)
+            if self.state is not None:
+                try:    # in a thread (fsync), in call order with the start-up retry
+                    await self.state.save_async(
+                        nxt, cfg_services if cfg_services is not None else self.cfg_services)
+                except StateFileError as exc:
+                    raise RegistryError("persist_failed", f"{exc}; nothing changed") from None
+        except BaseException:
+            self.listeners.discard(new)
+            raise
+        self.registry.commit(nxt)
+        if cfg_services is not None:
+            self.cfg_services = dict(cfg_services)
+        self._apply(nxt, new)
+
+    def _apply(self, snapshot: Mapping[str, Service], new: Mapping[ListenKey, socket.socket]) -> None:
+        try:
+            for name in list(self.runtimes):
+                if name not in snapshot:
+                    self.runtimes.pop(name).remove()
+                    log.info("service %s removed", name)
+            for name, svc in snapshot.items():
+                rt = self.runtimes.get(name)
+                if rt is None:
+                    self.runtimes[name] = ServiceRuntime(svc, self.shared, self.health, lambda: self.gen + 1)
+                elif rt.config != svc:
+                    rt.configure(svc)
+            self.listeners.adopt(new)
+            for key, sock in sorted(new.items()):
+                svc = snapshot[key[0]]
+                log.info("service %s: listening on %s (%s, %d backends)", key[0], fmt(sock.getsockname()),
+                         svc.policy, len(svc.backends))
+        except Exception:  # noqa: BLE001 - a bug: keep serving, say so
+            log.exception("applying a committed change failed (a bug); serving goes on")
+        self.push()
+
+    def push(self) -> None:
+        """Send every service's current plan to the data path (the next snapshot). Never raises."""
+        if self._stopping:
+            return                        # the data path no longer accepts; nothing to tell it
+        try:
+            now = time.monotonic()
+            plans = []
+            for rt in self.runtimes.values():
+                plan = rt.plan(now)
+                rt.tick(plan, now)
+                plans.append(plan)
+            wanted = wanted_listeners({name: rt.svc for name, rt in self.runtimes.items()})
+            self.gen += 1
+            self.datapath.apply(Snapshot(self.gen, tuple(plans), tuple(sorted(wanted))), self.listeners.socks)
+            self.listeners.close_unwanted(wanted)
+        except Exception:  # noqa: BLE001 - a bug: the data path keeps its previous snapshot
+            log.exception("pushing a snapshot to the data path failed (a bug)")
+
+    async def mutate(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
+        async with self._mutation:
+            nxt, ev = await asyncio.to_thread(self.registry.plan, op, args)
+            await self._change(nxt)
+            ev["generation"] = self.registry.generation
+            self._after(op, args)
+            self.publish(ev)
+            return ev
+
+    def _after(self, op: str, args: dict[str, Any]) -> None:
+        """Effects on open connections: maint with close, drain with a timeout."""
+        if op != "set_state":
+            return
+        key = (args["service"], args["address"])
+        timer = self._timers.pop(key, None)
+        if timer is not None:
+            timer.cancel()
+        if args["state"] == "maint" and args.get("close"):
+            self._close_backend(*key, "maint")
+        elif args["state"] == "drain" and "timeout" in args:
+            self._timers[key] = self.loop.call_later(args["timeout"], self._drain_expired, *key)
+
+    def _drain_expired(self, service: str, address: str) -> None:
+        self._timers.pop((service, address), None)
+        svc = self.registry.snapshot.get(service)
+        if svc and any(b.address.text == address and b.state == "drain" for b in svc.backends):
+            self._close_backend(service, address, "drain timeout")
+
+    def _close_backend(self, service: str, address: str, why: str) -> None:
+        slot = self.shared.slots.get((service, address))
+        if slot is not None:
+            self.datapath.close_backend(service, slot, why)   # each data path logs its count
+
+    async def reload(self) -> dict[str, Any]:
+        """Re-read the config file and apply what changed in it (see registry.reconcile)."""
+        if not self.config_path:
+            raise RegistryError("no_config", "fastlb was started without a config file")
+        async with self._mutation:
+            try:
+                new_cfg = await asyncio.to_thread(config.load, self.config_path)
+            except ConfigError as exc:
+                raise RegistryError("invalid", f"reload refused, nothing changed: {exc}") from None
+            new_services = {s.name: s for s in new_cfg.services}
+            nxt = reconcile(self.registry.snapshot, self.cfg_services, new_services)
+            g_old, g_new = self.cfg.global_, new_cfg.global_
+            if dataclasses.replace(g_new, workers=0) != dataclasses.replace(g_old, workers=0):
+                log.warning("reload: [global] changes other than workers take effect at the next start")
+            await self._change(nxt, new_services, g_new.workers if g_new.workers != g_old.workers else None)
+            ev = {"op": "reload", "generation": self.registry.generation, "services": sorted(nxt)}
+            self.publish(ev)
+            log.info("reloaded %s: %d service(s)", self.config_path, len(nxt))
+            return ev
+
+    def publish(self, ev: dict[str, Any]) -> None:
+        if self.admin_server is not None:
+            self.admin_server.publish(ev)
+
+    async def admin(self, req: Request) -> Any:
+        return await dispatch(self, req)
+
+    def stats(self) -> list[dict[str, Any]]:
+        return stats(self.registry.snapshot, self.view)
+
+    # -- events and loops ------------------------------------------------------------------------
+    def _on_health(self, service: str, address: str, up: bool, reason: str) -> None:
+        rt = self.runtimes.get(service)
+        if rt is not None:
+            rt.health_changed(address, up)
+            self.push()
+        self.publish({"op": "health", "service": service, "address": address,
+                      "health": "up" if up else "down", "reason": reason})
+
+    def _on_passive(self, service: str, address: str, failures: int, reason: str) -> None:
+        self.health.passive_down(service, address, failures, reason)
+
+    async def _ramp_loop(self) -> None:
+        # Slow start: push new plans for services with ramping backends, in small steps.
+        while True:
+            steps = [rt.svc.health.slowstart / 20 for rt in self.runtimes.values()
+                     if rt.ramp and rt.svc.health]
+            await asyncio.sleep(max(0.05, min([1.0] + steps)))
+            if any(rt.ramp for rt in self.runtimes.values()):
+                self.push()
+
+    async def _reap_loop(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            self.shared.reap()
+
+    # -- running ---------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Bind and check each service on its own: one that cannot start is left out, loudly,
+        and the others serve. Raises FastLBError when none can."""
+        keep: dict[str, Service] = {}
+        new: dict[ListenKey, socket.socket] = {}
+        for name, svc in self.registry.snapshot.items():
+            try:
+                got = self.listeners.bind(wanted_listeners({name: svc}), change=False)
+                try:
+                    self.datapath.check(self._trial({name: svc}))
+                except BaseException:
+                    self.listeners.discard(got)
+                    raise
+            except FastLBError as exc:
+                log.error("service %s not started: %s", name, getattr(exc, "message", exc))
+                continue
+            keep[name] = svc
+            new.update(got)
+        if self.registry.snapshot and not keep:
+            raise FastLBError("no service could start (see above)")
+        if len(keep) != len(self.registry.snapshot):
+            self.registry = Registry(keep)
+        self._apply(self.registry.snapshot, new)
+        self._tasks = [self.loop.create_task(self._ramp_loop()), self.loop.create_task(self._reap_loop())]
+        if self.state is not None and not self.state.save_at_start(self.registry.snapshot,
+                                                                    self.cfg_services):
+            # logged loudly; fastlb serves, and admin changes are refused until a write works
+            self._tasks.append(self.loop.create_task(
+                self.state.retry(lambda: (self.registry.snapshot, self.cfg_services))))
+
+    def request_stop(self, mode: str) -> None:
+        if self._stop.is_set():
+            mode = "int"                  # a second signal: stop at once
+            self.datapath.stop_accepting("int")
+        self._mode = mode
+        self._stop.set()
+
+    def _on_hup(self) -> None:
+        async def run() -> None:
+            try:
+                await self.reload()
+            except FastLBError as exc:
+                log.error("SIGHUP: %s", exc)
+        self.loop.create_task(run())
+
+    def _on_signal(self, sig: int) -> None:
+        if sig == signal.SIGHUP:
+            self._on_hup()
+        else:
+            self.request_stop("term" if sig == signal.SIGTERM else "int")
+
+    async def run(self) -> int:
+        for sig in signals.DEFERRED:
+            self.loop.add_signal_handler(sig, self._on_signal, sig)
+        early = signals.take()                # received while starting: acted on once started
+        if self.cfg.global_.admin:
+            clear_stale_socket(self.cfg.global_.admin)   # a live one: refuse before touching state
+        self.start()
+        await self.datapath.start()
+        g = self.cfg.global_
+        if g.admin:
+            token = None
+            if g.admin.startswith("tcp:"):
+                with open(g.admin_token_file or "") as f:
+                    token = f.read().strip()
+                if not token:
+                    raise FastLBError(f"admin token file {g.admin_token_file} is empty")
+            self.admin_server = AdminServer(g.admin, self.admin, token=token)
+            await self.admin_server.start()
+        if g.metrics:
+            from fastlb.metrics import serve_metrics
+            self.metrics_server = await serve_metrics(g.metrics, self.stats)
+        log.info("fastlb ready: %d service(s), %d worker(s), pid %d", len(self.runtimes),
+                 g.workers, os.getpid())
+        for signum in early:
+            log.info("%s received while starting: acting on it now", signal.Signals(signum).name)
+            self._on_signal(signum)
+        await self._stop.wait()
+        return await self.shutdown()
+
+    async def shutdown(self) -> int:
+        if self.admin_server is not None:
+            self.admin_server.close()
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+        self._stopping = True
+        self.datapath.stop_accepting(self._mode)
+        self.listeners.shutdown()             # refused from now on, in every process
+        grace = self.cfg.global_.grace if self._mode == "term" else 0.0
+        log.info("%s: stopped accepting; %d connection(s) open%s", "SIGTERM" if self._mode == "term"
+                 else "SIGINT", self.datapath.connections(),
+                 f", waiting up to {grace:g}s" if grace else "")
+        await self.datapath.finish(self._mode, grace)
+        self.health.stop()
+        for t in self._tasks:
+            t.cancel()
+        log.info("fastlb stopped")
+        return 0
+
+
+def run(cfg: Config, *, config_path: str | None = None, ignore_state: bool = False,
+        log_level: str = "info") -> int:
+    """Run the balancer on uvloop until SIGTERM/SIGINT. Returns the exit code."""
+    import uvloop
+
+    raise_fd_limit()
+
+    async def main() -> int:
+        sup = Supervisor(cfg, asyncio.get_running_loop(), config_path=config_path,
+                         ignore_state=ignore_state, log_level=log_level)
+        return await sup.run()
+
+    return uvloop.run(main())

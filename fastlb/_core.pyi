@@ -128,3 +128,43 @@ class Engine:
 def abort_where(eng: Engine, svc: ServiceState, slot: int) -> int: ...   # = eng.close_backend
 def debug_counts() -> dict[str, int] | None: ...
 def _debug_fail_epoll(n: int) -> None: ...
+
+# -- access pieces: PROXY protocol (core/proxyproto.pxi) -----------------------------------------
+PP_DONE: int
+PP_NEED_MORE: int
+PP_ERR_NOT_PROXY: int
+PP_ERR_MALFORMED: int
+PP_ERR_UNSUPPORTED: int
+PP_ERR_TOO_LONG: int
+PP_ERR_CHECKSUM: int
+PROXY_ERRORS: dict[int, str]
+PP_V1_MAX: int            # 107
+PP_V2_MAX: int            # 536
+PP_MAX: int
+PP_CMD_LOCAL: int
+PP_CMD_PROXY: int
+PP_FAM_UNSPEC: int
+PP_FAM_TCP4: int
+PP_FAM_TCP6: int
+PP_FAM_UNKNOWN: int
+PP2_TYPE_ALPN: int
+PP2_TYPE_AUTHORITY: int
+PP2_TYPE_CRC32C: int
+PP2_TYPE_NOOP: int
+PP2_TYPE_UNIQUE_ID: int
+PP2_TYPE_SSL: int
+PP2_SUBTYPE_SSL_VERSION: int
+PP2_SUBTYPE_SSL_CN: int
+PP2_CLIENT_SSL: int
+
+Endpoint = tuple[str, int]
+
+def proxy_parse(data: ReadableBuffer) -> tuple[int, dict[str, Any] | None]: ...
+def proxy_tlv_find(data: ReadableBuffer, offset: int, length: int,
+                   type: int) -> tuple[int, int] | None: ...
+def proxy_build_v1(src: Endpoint | None, dst: Endpoint | None) -> bytes: ...
+def proxy_build_v2(src: Endpoint | None, dst: Endpoint | None, *, command: int = ...,
+                   authority: bytes | None = None, ssl: dict[str, Any] | None = None,
+                   crc32c: bool = False) -> bytes: ...
+def crc32c(data: ReadableBuffer, crc: int = 0) -> int: ...
+def _addr_from_sockaddr(data: bytes) -> Endpoint | None: ...

@@ -78,3 +78,34 @@ def test_reference(benchmark, policy, n):
         benchmark.extra_info["note"] = "table build is minutes in Python; skipped"
         pytest.skip("reference Maglev table build at N=1000 takes minutes")
     benchmark(_picker(SETUPS[n].ref(policy)))
+
+
+# -- access lists: lookup cost against the number of CIDRs ------------------------------------
+# Run: python3 -m pytest bench/bench_core.py -k acl --benchmark-only --benchmark-group-by=param:ncidrs
+# The cdef path does 1,000 lookups per round (divide the median by 1,000 for ns per lookup).
+
+def _acl_lists(n):
+    """n CIDRs, half allow and half deny, mixed /16../32 and IPv6, none merging away."""
+    allow = [f"10.{(i // 256) % 256}.{i % 256}.0/24" for i in range(0, n, 2)]
+    deny = [f"10.{(i // 256) % 256}.{i % 256}.{(i * 7) % 256}/32" for i in range(1, n, 4)]
+    deny += [f"2001:db8:{i:x}::/48" for i in range(3, n, 4)]
+    return allow, deny
+
+
+ACLS = {n: _core.Acl(*_acl_lists(n)) for n in (10, 1000, 10000)}
+
+
+@pytest.mark.parametrize("ncidrs", [10, 1000, 10000])
+def test_acl_cdef_path(benchmark, ncidrs):
+    benchmark.group = f"acl ncidrs={ncidrs}"
+    benchmark.extra_info.update(impl="cython-cdef-x1000", ncidrs=ncidrs,
+                                intervals=ACLS[ncidrs].n4 + ACLS[ncidrs].n6)
+    benchmark(_core.acl_admits_many, ACLS[ncidrs], "10.0.4.9", 1000)
+
+
+@pytest.mark.parametrize("ncidrs", [10, 1000, 10000])
+def test_acl_reference(benchmark, ncidrs):
+    from fastlb.reference_access import RefAcl
+    benchmark.group = f"acl ncidrs={ncidrs}"
+    benchmark.extra_info.update(impl="reference-x1", ncidrs=ncidrs)
+    benchmark(RefAcl(*_acl_lists(ncidrs)).admits, "10.0.4.9")

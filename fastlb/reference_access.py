@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+from collections.abc import Iterable
 from typing import Any
-
 
 # -- PROXY protocol ----------------------------------------------------------------------------
 DONE, NEED_MORE = 1, 0
@@ -225,3 +225,22 @@ def build_v2(src: Addr, dst: Addr, *, command: int = PROXY, authority: bytes | N
     if crc:
         header = header[:-4] + crc32c(header).to_bytes(4, "big")
     return header
+
+
+# -- access lists ------------------------------------------------------------------------------
+class RefAcl:
+    """Deny wins; an empty allow admits everyone; IPv4-mapped IPv6 clients are IPv4."""
+
+    def __init__(self, allow: Iterable[str] = (), deny: Iterable[str] = ()) -> None:
+        self.allow = [ipaddress.ip_network(c) for c in allow]
+        self.deny = [ipaddress.ip_network(c) for c in deny]
+
+    def admits(self, ip: str) -> bool:
+        addr = ipaddress.ip_address(ip)
+        if addr.version == 6 and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        if any(addr in net for net in self.deny if net.version == addr.version):
+            return False
+        if not self.allow:
+            return True
+        return any(addr in net for net in self.allow if net.version == addr.version)

@@ -109,3 +109,14 @@ def test_acl_reference(benchmark, ncidrs):
     benchmark.group = f"acl ncidrs={ncidrs}"
     benchmark.extra_info.update(impl="reference-x1", ncidrs=ncidrs)
     benchmark(RefAcl(*_acl_lists(ncidrs)).admits, "10.0.4.9")
+
+
+# -- per-source table: one acquire + release through the cdef path (1,000 per round) -----------
+
+@pytest.mark.parametrize("limits", ["conns", "conns+rate"])
+def test_source_table_cdef_path(benchmark, limits):
+    benchmark.group = "source table"
+    benchmark.extra_info.update(impl="cython-cdef-x1000", limits=limits)
+    t = _core.SourceTable(bytearray(_core.SourceTable.size_for(1 << 16)), 1 << 16)
+    rate = 1_000_000 if limits == "conns+rate" else 0
+    benchmark(_core.source_acquire_many, t, "192.0.2.1", 1000, 100, rate, 1000)

@@ -13,6 +13,8 @@ import socket
 from collections.abc import Iterable
 from typing import Any
 
+from fastlb.reference import xxh64
+
 # -- PROXY protocol ----------------------------------------------------------------------------
 DONE, NEED_MORE = 1, 0
 NOT_PROXY, MALFORMED, UNSUPPORTED, TOO_LONG, CHECKSUM = -1, -2, -3, -4, -5
@@ -244,3 +246,71 @@ class RefAcl:
         if not self.allow:
             return True
         return any(addr in net for net in self.allow if net.version == addr.version)
+
+
+# -- per-source table --------------------------------------------------------------------------
+ADMIT, REFUSED_CONNS, REFUSED_RATE, TABLE_FULL = 0, 1, 2, 3
+PROBE = 8
+MAX_CONNS = 65535
+SRC_SEED = 0x5352434C494D4954
+
+
+def source_key_bytes(ip: str) -> bytes:
+    """The 16 bytes a source is hashed by: an IPv4 address (mapped), or an IPv6 /64."""
+    addr = ipaddress.ip_address(ip)
+    if addr.version == 4:
+        return b"\0" * 10 + b"\xff\xff" + addr.packed
+    if addr.ipv4_mapped is not None:
+        return addr.packed
+    return addr.packed[:8] + b"\0" * 8
+
+
+class RefSourceTable:
+    """The same rules as SourceTable, one process, entries as a list of [key, conns, tat]."""
+
+    def __init__(self, entries: int) -> None:
+        self.mask = entries - 1
+        self.table = [[0, 0, 0] for _ in range(entries)]
+
+    def _window(self, h: int) -> list[int]:
+        return [(h + i) & self.mask for i in range(PROBE)]
+
+    def acquire(self, ip: str, now_ms: int, max_conns: int = 0, rate: int = 0,
+                burst: int = 1) -> tuple[int, int]:
+        if max_conns == 0 and rate == 0:
+            return ADMIT, -1
+        h = xxh64(source_key_bytes(ip), SRC_SEED)
+        key = (h >> 16) or 1
+        now = now_ms * 1_000_000
+        cap = max_conns if 0 < max_conns < MAX_CONNS else MAX_CONNS
+        mine = [j for j in self._window(h) if self.table[j][0] == key]
+        if mine:
+            e = mine[0]
+            if self.table[e][1] >= cap:
+                return REFUSED_CONNS, -1
+        else:
+            free = [j for j in self._window(h)
+                    if self.table[j][0] == 0 or (self.table[j][1] == 0 and self.table[j][2] <= now)]
+            if not free:
+                return TABLE_FULL, -1
+            e = free[0]
+            self.table[e][0], self.table[e][1] = key, 0
+        self.table[e][1] += 1
+        if rate:
+            period = 1_000_000_000 // rate
+            new_tat = max(self.table[e][2], now) + period
+            if new_tat - now > period * max(burst, 1):
+                self.table[e][1] -= 1
+                return REFUSED_RATE, -1
+            self.table[e][2] = new_tat
+        return ADMIT, e
+
+    def release(self, entry: int) -> None:
+        if entry >= 0:
+            assert self.table[entry][1] > 0, "released twice"
+            self.table[entry][1] -= 1
+
+    def conns(self, ip: str) -> int:
+        h = xxh64(source_key_bytes(ip), SRC_SEED)
+        key = (h >> 16) or 1
+        return sum(self.table[j][1] for j in self._window(h) if self.table[j][0] == key)

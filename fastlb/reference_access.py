@@ -9,6 +9,7 @@ from the specification's text (HAProxy doc/proxy-protocol.txt), the ACL as a lin
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 from collections.abc import Iterable
 from typing import Any
@@ -69,9 +70,18 @@ def _v1_ip(text: bytes, v6: bool) -> str | None:
     return socket.inet_ntop(family, raw)
 
 
+# What the line after "PROXY " may be so far (a prefix language): any byte that leaves it is
+# refused at once, without waiting for the CRLF.
+V1_PREFIX = re.compile(
+    rb"(T(C(P([46]( [0-9A-Fa-f.: ]*)?)?)?)?|U(N(K(N(O(W(N( .*)?)?)?)?)?)?)?)?", re.S)
+
+
 def _parse_v1(data: bytes) -> tuple[int, dict[str, Any] | None]:
     window = data[:V1_MAX]
     cr, lf = window.find(b"\r", 6), window.find(b"\n", 6)
+    stop = min(p for p in (cr, lf, len(window)) if p != -1)
+    if not V1_PREFIX.fullmatch(window[6:stop]):
+        return MALFORMED, None
     if lf != -1 and (cr == -1 or lf < cr):
         return MALFORMED, None                      # a lone LF
     if cr == -1:

@@ -8,7 +8,9 @@
 # conn_recv_proxy() in src/connection.c. Rules:
 #   - pp_parse never reads buf[i] for i >= n nor for i >= PP_MAX; it never writes the buffer.
 #   - NEED_MORE only while the header could still become valid within its bound; any byte that
-#     cannot start/continue a header is an error at once ("abort as soon as possible", spec 2.1).
+#     cannot start/continue a header is an error at once ("abort as soon as possible", spec 2.1):
+#     the signatures byte by byte, and in v1 the protocol token and the characters of the
+#     address/port fields (_v1_byte_ok) as they arrive.
 #   - v1: the whole line, CRLF included, is at most 107 bytes (spec 2.1); a lone CR or LF is
 #     malformed; numbers have no leading zeros; addresses are decoded by inet_pton (glibc's
 #     rejects leading zeros in IPv4 too).
@@ -157,6 +159,28 @@ cdef int _v1_addr(const unsigned char *p, size_t n, bint v6, flb_addr *out) noex
     return 0
 
 
+cdef bint _v1_byte_ok(const unsigned char *buf, size_t i) noexcept nogil:
+    """Whether byte i (>= 6, not CR/LF) can continue the line buf[6:i]: a prefix of "TCP4 " or
+    "TCP6 " then only [0-9A-Fa-f.: ], or of "UNKNOWN" then a space and anything. Checked as
+    bytes arrive, so that junk or a stalled wrong header is refused at its first wrong byte."""
+    cdef size_t k = i - 6
+    cdef unsigned char c = buf[i]
+    if k == 0:
+        return c == b'T' or c == b'U'
+    if buf[6] == b'U':
+        if k < 7:
+            return c == (<const unsigned char *>b"UNKNOWN")[k]
+        return k > 7 or c == b' '
+    if k < 3:
+        return c == (<const unsigned char *>b"TCP")[k]
+    if k == 3:
+        return c == b'4' or c == b'6'
+    if k == 4:
+        return c == b' '
+    return ((b'0' <= c <= b'9') or (b'a' <= c <= b'f') or (b'A' <= c <= b'F')
+            or c == b'.' or c == b':' or c == b' ')
+
+
 cdef int _pp_parse_v1(const unsigned char *buf, size_t n, pp_header *h) noexcept nogil:
     cdef size_t lim = n if n < PP_V1_MAX else PP_V1_MAX
     cdef size_t i, end = 0, start, k
@@ -178,6 +202,8 @@ cdef int _pp_parse_v1(const unsigned char *buf, size_t n, pp_header *h) noexcept
             end = i
             found = True
             break
+        if not _v1_byte_ok(buf, i):
+            return PP_ERR_MALFORMED
     if not found:
         return PP_ERR_TOO_LONG if n >= PP_V1_MAX else PP_NEED_MORE
     h.version = 1

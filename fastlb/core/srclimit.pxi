@@ -34,11 +34,17 @@
 #   expected at once, SourceTable.size_for) so that a full window is an attack, not a load.
 #   HAProxy's stick tables evict the oldest entry instead; with counters that must stay exact
 #   (a live connection's count) we cannot evict an entry that still holds connections.
-# Known imprecisions, both bounded and only when an eviction races an insert of the same key
-# in another process in the same microseconds: (a) two entries for one source (each counts its
-# own connections, so that source may get up to 2 x max_conns until they drain), (b) an entry
-# reused while its previous source took a token (the new source starts with up to one burst
-# consumed). Neither can lose or leak a connection count.
+# Known imprecisions, both bounded, both needing an entry to become reusable while another
+# process is between its two passes over the same window (microseconds):
+#   (a) two processes inserting the same new source may claim two entries. Every later acquire
+#       pins the first match in probe order, so the duplicate keeps only the connections pinned
+#       on it during the race (in practice one per racing process), which the limit on the
+#       other entry does not see; they drain normally and the duplicate becomes reusable.
+#   (b) an entry reused just after its previous source took a token (an ABA on the state word
+#       between the reuse check of tat and the claim): the new source starts with up to one
+#       burst consumed, the old one with a fresh bucket.
+# Neither loses or leaks a connection count: every pin is undone by exactly one decrement of
+# the entry it was made on.
 
 cdef enum:
     SRC_ADMIT = 0
@@ -158,8 +164,8 @@ cdef class SourceTable:
     cdef int acquire(self, const flb_addr *a, int64_t now_ms, uint32_t max_conns,
                      uint32_t rate, uint32_t burst, Py_ssize_t *entry) noexcept nogil:
         """One new connection from ``a`` at ``now_ms`` (a monotonic ms clock shared by the
-        processes, >= 0). ``max_conns``: concurrent connections per source (0: no limit,
-        SRC_MAX_CONNS at most); ``rate``: new connections per second (0: no limit) with
+        processes, >= 0: CLOCK_MONOTONIC is one clock for the whole machine). ``max_conns``:
+        concurrent connections per source (0: no limit, SRC_MAX_CONNS at most); ``rate``: new connections per second (0: no limit) with
         ``burst`` (>= 1) at once. Returns SRC_ADMIT with *entry to hand to release() when the
         connection ends (-1: nothing to release), or SRC_REFUSED_CONNS / SRC_REFUSED_RATE /
         SRC_TABLE_FULL with *entry = -1. A client without an address is admitted, untracked."""

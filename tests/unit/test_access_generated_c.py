@@ -8,7 +8,7 @@ import pytest
 
 C_FILE = os.path.join(os.path.dirname(__file__), "..", "..", "fastlb", "_core.c")
 PER_CONNECTION = [
-    "pp_parse", "_pp_parse_v1", "_pp_parse_v2", "_v1_port", "_v1_addr", "pp_tlv_find",
+    "pp_parse", "_pp_parse_v1", "_v1_byte_ok", "_pp_parse_v2", "_v1_port", "_v1_addr", "pp_tlv_find",
     "pp_build_v1", "pp_build_v2", "crc32c_update", "addr_from_sockaddr", "addr_is_v4",
     "_ival_find4", "_ival_find6", "3Acl_admits_c", "11SourceTable_acquire",
     "11SourceTable__pin", "11SourceTable_release", "src_hash",

@@ -112,6 +112,23 @@ def test_v1_malformed(line):
     assert both(line + b"payload") == (_core.PP_ERR_MALFORMED, None)
 
 
+@pytest.mark.parametrize("partial,status", [
+    (b"PROXY TCQ", _core.PP_ERR_MALFORMED),
+    (b"PROXY TCP5", _core.PP_ERR_MALFORMED),
+    (b"PROXY TCP4-", _core.PP_ERR_MALFORMED),
+    (b"PROXY TCP4 1.2.3.4 x", _core.PP_ERR_MALFORMED),    # refused before any CRLF arrives
+    (b"PROXY TCP6 ::1 \x00", _core.PP_ERR_MALFORMED),
+    (b"PROXY UNKNOWNX", _core.PP_ERR_MALFORMED),
+    (b"PROXY X", _core.PP_ERR_MALFORMED),
+    (b"PROXY TCP4 1.2.3.4 5.6", _core.PP_NEED_MORE),
+    (b"PROXY TCP6 fe80::AB:cd", _core.PP_NEED_MORE),
+    (b"PROXY UNK", _core.PP_NEED_MORE),
+    (b"PROXY UNKNOWN \x00\xff anything", _core.PP_NEED_MORE),
+])
+def test_v1_wrong_bytes_are_refused_as_they_arrive(partial, status):
+    assert both(partial) == (status, None)
+
+
 @pytest.mark.parametrize("data", [b"GET / HTTP/1.1\r\n", b"\x16\x03\x01\x02\x00", b"PROXX",
                                   b"proxy TCP4", b"PROXYTCP4", b"\r\n\r\n\x00\r\nQUIX\n",
                                   b"\r\n\r\x0d", b"\x00"])

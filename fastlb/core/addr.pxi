@@ -33,7 +33,8 @@ cdef inline bint addr_is_v4(const flb_addr *a) noexcept nogil:
     return a.ip[10] == 0xff and a.ip[11] == 0xff
 
 
-cdef inline void addr_set_v4(flb_addr *a, const unsigned char *ip4, unsigned short port) noexcept nogil:
+cdef inline void addr_set_v4(flb_addr *a, const unsigned char *ip4,
+                             unsigned short port) noexcept nogil:
     memset(a.ip, 0, 10)
     a.ip[10] = 0xff
     a.ip[11] = 0xff
@@ -42,7 +43,8 @@ cdef inline void addr_set_v4(flb_addr *a, const unsigned char *ip4, unsigned sho
     a.family = FLB_FAM_INET
 
 
-cdef inline void addr_set_v6(flb_addr *a, const unsigned char *ip6, unsigned short port) noexcept nogil:
+cdef inline void addr_set_v6(flb_addr *a, const unsigned char *ip6,
+                             unsigned short port) noexcept nogil:
     memcpy(a.ip, ip6, 16)
     a.port = port
     a.family = FLB_FAM_INET6

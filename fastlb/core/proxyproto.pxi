@@ -551,17 +551,29 @@ def proxy_build_v2(src, dst, *, int command=PP_CMD_PROXY, authority=None, ssl=No
     addr_from_py(src, &s, "src")
     addr_from_py(dst, &d, "dst")
     memset(&t, 0, sizeof(t))
+    if ssl is not None and (not isinstance(ssl, dict)
+                            or set(ssl) - {"client", "verify", "version", "cn"}):
+        raise CoreArgumentError(
+            f"ssl must be a dict with keys among client, verify, version, cn; got {ssl!r}")
+    ssl_d = ssl or {}
+    for name, value in (("authority", authority), ("ssl version", ssl_d.get("version")),
+                        ("ssl cn", ssl_d.get("cn"))):
+        if value is not None and not isinstance(value, (bytes, bytearray, memoryview)):
+            raise CoreTypeError(f"{name} must be bytes (encode text as UTF-8), got "
+                                f"{type(value).__name__}")
     if authority is not None:
         auth_b = bytes(authority)
         t.authority = <const unsigned char *>PyBytes_AS_STRING(auth_b)
         t.authority_len = len(auth_b)
     if ssl is not None:
-        if not isinstance(ssl, dict) or set(ssl) - {"client", "verify", "version", "cn"}:
-            raise CoreArgumentError(
-                f"ssl must be a dict with keys among client, verify, version, cn; got {ssl!r}")
+        client, verify = ssl.get("client", PP2_CLIENT_SSL), ssl.get("verify", 0)
+        if not (isinstance(client, int) and 0 <= client <= 255):
+            raise CoreArgumentError(f"ssl client = {client!r}: PP2_CLIENT_* bits, 0..255")
+        if not (isinstance(verify, int) and 0 <= verify <= 0xFFFFFFFF):
+            raise CoreArgumentError(f"ssl verify = {verify!r}: a uint32 (0: verified)")
         t.ssl = True
-        t.ssl_client = ssl.get("client", PP2_CLIENT_SSL)
-        t.ssl_verify = ssl.get("verify", 0)
+        t.ssl_client = client
+        t.ssl_verify = verify
         ver_b = bytes(ssl.get("version", b""))
         cn_b = bytes(ssl.get("cn", b""))
         t.ssl_version = <const unsigned char *>PyBytes_AS_STRING(ver_b)

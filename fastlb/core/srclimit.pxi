@@ -165,10 +165,11 @@ cdef class SourceTable:
                      uint32_t rate, uint32_t burst, Py_ssize_t *entry) noexcept nogil:
         """One new connection from ``a`` at ``now_ms`` (a monotonic ms clock shared by the
         processes, >= 0: CLOCK_MONOTONIC is one clock for the whole machine). ``max_conns``:
-        concurrent connections per source (0: no limit, SRC_MAX_CONNS at most); ``rate``: new connections per second (0: no limit) with
-        ``burst`` (>= 1) at once. Returns SRC_ADMIT with *entry to hand to release() when the
-        connection ends (-1: nothing to release), or SRC_REFUSED_CONNS / SRC_REFUSED_RATE /
-        SRC_TABLE_FULL with *entry = -1. A client without an address is admitted, untracked."""
+        concurrent connections per source (0: no limit, SRC_MAX_CONNS at most); ``rate``:
+        new connections per second (0: no limit) with ``burst`` (>= 1) at once. Returns
+        SRC_ADMIT with *entry to hand to release() when the connection ends (-1: nothing to
+        release), or SRC_REFUSED_CONNS / SRC_REFUSED_RATE / SRC_TABLE_FULL with *entry = -1.
+        A client without an address is admitted, untracked."""
         cdef uint64_t h, now, t, nt, period, tau
         cdef uint64_t cap = max_conns if 0 < max_conns < SRC_MAX_CONNS else SRC_MAX_CONNS
         cdef Py_ssize_t e

@@ -93,8 +93,9 @@ def _near(version):
     bits = 32 if version == 4 else 128
     base = 0x0A000000 if version == 4 else 0x20010DB8 << 96
     cls = ipaddress.IPv4Address if version == 4 else ipaddress.IPv6Address
+    shifts = [0, 4, 8, 16, 24] + ([] if version == 4 else [64, 100])
     return st.builds(lambda off, shift: str(cls((base + (off << shift)) % 2**bits)),
-                     st.integers(0, 255), st.sampled_from([0, 4, 8, 16, 24] + ([] if version == 4 else [64, 100])))
+                     st.integers(0, 255), st.sampled_from(shifts))
 
 
 def _near_cidr(version):

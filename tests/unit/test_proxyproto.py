@@ -262,6 +262,16 @@ def test_builders_refuse_what_receivers_would_refuse():
         _core.proxy_build_v2("1.2.3.4", None)
     with pytest.raises(CoreTypeError):
         parse("PROXY TCP4")
+    with pytest.raises(CoreTypeError, match="authority must be bytes"):
+        _core.proxy_build_v2(None, None, authority="example.com")
+    with pytest.raises(CoreTypeError, match="ssl cn must be bytes"):
+        _core.proxy_build_v2(None, None, ssl={"cn": "x"})
+    with pytest.raises(CoreArgumentError, match="ssl client = 256"):
+        _core.proxy_build_v2(None, None, ssl={"client": 256})
+    with pytest.raises(CoreArgumentError, match="ssl verify = -1"):
+        _core.proxy_build_v2(None, None, ssl={"verify": -1})
+    with pytest.raises(CoreArgumentError, match="must be a dict"):
+        _core.proxy_build_v2(None, None, ssl=["cn"])
 
 
 def test_builders_unknown_local_and_mixed_families():

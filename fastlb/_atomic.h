@@ -1,4 +1,4 @@
-/* Atomic helpers for fastlb's shared memory (health bitmap, counters).
+/* Atomic helpers for fastlb's shared memory (health bitmap, counters, source table).
  *
  * Owner: the Cython core. Every access to a word that another process may write goes through
  * these; plain loads/stores are only used on process-private memory. GCC/Clang __atomic builtins,
@@ -31,4 +31,20 @@ static inline void flb_racy_or(uint64_t *p, uint64_t v) {
 static inline void flb_racy_and(uint64_t *p, uint64_t v) {
     volatile uint64_t *q = p; uint64_t x = *q; *q = x & v;
 }
+
+/* Source table (core/srclimit.pxi). An entry is two words: ``state`` (key << 16 | concurrent
+ * connections) and ``tat`` (the rate's theoretical arrival time). Every change of either is a
+ * compare-and-swap, so no update is lost between workers.
+ *  - CAS is acq_rel on success: acquire so that a process pinning an entry (conns + 1) then
+ *    reads the ``tat`` the previous pinner left; release so that a claim (a new key) is seen
+ *    whole. On failure acquire: the value handed back is then re-examined.
+ *  - The decrement that releases a connection is a release: it orders this process's earlier
+ *    ``tat`` update before the ``conns`` drop, so a process that loads the state with acquire
+ *    and sees conns == 0 (the eviction check) also sees that ``tat``. */
+static inline int flb_cas_u64(uint64_t *p, uint64_t *expected, uint64_t desired) {
+    return __atomic_compare_exchange_n(p, expected, desired, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
+}
+static inline uint64_t flb_sub_rel(uint64_t *p, uint64_t v) { return __atomic_sub_fetch(p, v, __ATOMIC_RELEASE); }
+/* Test-only: a plain store where a CAS belongs (the source table's racy twin). */
+static inline void flb_racy_store(uint64_t *p, uint64_t v) { volatile uint64_t *q = p; *q = v; }
 #endif

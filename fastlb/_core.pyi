@@ -128,3 +128,84 @@ class Engine:
 def abort_where(eng: Engine, svc: ServiceState, slot: int) -> int: ...   # = eng.close_backend
 def debug_counts() -> dict[str, int] | None: ...
 def _debug_fail_epoll(n: int) -> None: ...
+
+# -- access pieces: PROXY protocol (core/proxyproto.pxi) -----------------------------------------
+PP_DONE: int
+PP_NEED_MORE: int
+PP_ERR_NOT_PROXY: int
+PP_ERR_MALFORMED: int
+PP_ERR_UNSUPPORTED: int
+PP_ERR_TOO_LONG: int
+PP_ERR_CHECKSUM: int
+PROXY_ERRORS: dict[int, str]
+PP_V1_MAX: int            # 107
+PP_V2_MAX: int            # 536
+PP_MAX: int
+PP_CMD_LOCAL: int
+PP_CMD_PROXY: int
+PP_FAM_UNSPEC: int
+PP_FAM_TCP4: int
+PP_FAM_TCP6: int
+PP_FAM_UNKNOWN: int
+PP2_TYPE_ALPN: int
+PP2_TYPE_AUTHORITY: int
+PP2_TYPE_CRC32C: int
+PP2_TYPE_NOOP: int
+PP2_TYPE_UNIQUE_ID: int
+PP2_TYPE_SSL: int
+PP2_SUBTYPE_SSL_VERSION: int
+PP2_SUBTYPE_SSL_CN: int
+PP2_CLIENT_SSL: int
+
+Endpoint = tuple[str, int]
+
+def proxy_parse(data: ReadableBuffer) -> tuple[int, dict[str, Any] | None]: ...
+def proxy_tlv_find(data: ReadableBuffer, offset: int, length: int,
+                   type: int) -> tuple[int, int] | None: ...
+def proxy_build_v1(src: Endpoint | None, dst: Endpoint | None) -> bytes: ...
+def proxy_build_v2(src: Endpoint | None, dst: Endpoint | None, *, command: int = ...,
+                   authority: bytes | None = None, ssl: dict[str, Any] | None = None,
+                   crc32c: bool = False) -> bytes: ...
+def crc32c(data: ReadableBuffer, crc: int = 0) -> int: ...
+def _addr_from_sockaddr(data: bytes) -> Endpoint | None: ...
+
+# -- access lists (core/acl.pxi) ---------------------------------------------------------------
+class Acl:
+    """Immutable: deny wins, an empty allow admits everyone, IPv4-mapped clients are IPv4."""
+    allow: tuple[str, ...]
+    deny: tuple[str, ...]
+    n4: int
+    n6: int
+    def __init__(self, allow: Iterable[str] = (), deny: Iterable[str] = ()) -> None: ...
+    def admits(self, ip: str) -> bool: ...
+    def intervals(self) -> dict[int, list[tuple[int, int]]]: ...
+
+def acl_admits_many(acl: Acl, ip: str, count: int) -> int: ...
+
+# -- per-source limits (core/srclimit.pxi) -----------------------------------------------------
+SRC_ADMIT: int
+SRC_REFUSED_CONNS: int
+SRC_REFUSED_RATE: int
+SRC_TABLE_FULL: int
+SRC_PROBE: int
+SRC_MAX_CONNS: int
+SRC_MIN_ENTRIES: int
+SRC_MAX_ENTRIES: int
+SOURCE_REASONS: tuple[str, ...]   # indexed by the SRC_* codes
+
+class SourceTable:
+    entries: int
+    def __init__(self, buffer: WriteableBuffer, entries: int) -> None: ...
+    @staticmethod
+    def size_for(entries: int) -> int: ...
+    def py_acquire(self, ip: str, now_ms: int, max_conns: int = 0, rate: int = 0,
+                   burst: int = 1) -> tuple[int, int]: ...
+    def py_release(self, entry: int) -> None: ...
+    def conns(self, ip: str) -> int: ...
+    def entry(self, i: int) -> tuple[int, int, int]: ...
+    def total_conns(self) -> int: ...
+    def _racy_acquire(self, ip: str, max_conns: int) -> tuple[int, int]: ...
+    def _racy_release(self, entry: int) -> None: ...
+
+def source_acquire_many(table: SourceTable, ip: str, count: int, max_conns: int, rate: int,
+                        burst: int) -> int: ...

@@ -24,6 +24,11 @@ from fastlb.errors import CoreArgumentError, CoreTypeError
 include "core/consts.pxi"
 include "core/hash.pxi"
 include "core/shm.pxi"
+# the access pieces (before the engine, which will use their cdef APIs)
+include "core/addr.pxi"
+include "core/proxyproto.pxi"
+include "core/acl.pxi"
+include "core/srclimit.pxi"
 include "core/policies.pxi"
 include "core/engine.pxi"
 include "core/session.pxi"

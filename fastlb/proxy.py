@@ -271,7 +271,7 @@ class Balancer:
                                    log_level=log_level, on_passive=self._on_passive)
             self.shared.acked = self.pool.acked_min
         self.admin_server: AdminServer | None = None
-        self.metrics_server: asyncio.AbstractServer | None = None
+        self.metrics_server: Any = None          # [obs] fastlb.httpapi.HTTPServer
         self._mutation = asyncio.Lock()
         self._timers: dict[tuple[str, str], asyncio.TimerHandle] = {}
         self._stop = asyncio.Event()
@@ -547,9 +547,10 @@ class Balancer:
                     raise FastLBError(f"admin token file {g.admin_token_file} is empty")
             self.admin_server = AdminServer(g.admin, self.admin, token=token)
             await self.admin_server.start()
-        if g.metrics:
-            from fastlb.metrics import serve_metrics
-            self.metrics_server = await serve_metrics(g.metrics, self)
+        if g.metrics:   # [obs] the metrics port: Prometheus, JSON API, status page (fastlb/httpapi.py)
+            from fastlb import httpapi, observe
+            self.metrics_server = await httpapi.serve_http(g.metrics, observe.Sources(
+                stats=self.stats, services=lambda: self.registry.snapshot, health=self.health.state))
         log.info("fastlb ready: %d service(s), %d worker(s), pid %d", len(self.services),
                  self.nworkers, os.getpid())
         await self._stop.wait()

@@ -50,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
                         "reloading the fastlb that holds them)")
     d = sub.add_parser("demo", help="local backends + the balancer + a little load")
     d.add_argument("--connections", type=int, default=300, help="connections per policy")
+    d.add_argument("--print-config", action="store_true",            # [obs] sample config
+                   help="print the sample config shipped with fastlb (for /etc/fastlb/fastlb.toml) and exit")
     from fastlb import ctl
     ctl.add_parser(sub)
     args = p.parse_args(argv)
@@ -59,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.verb == "demo":
         from fastlb import demo
+        if args.print_config:                                           # [obs]
+            return demo.print_config()                                  # [obs]
         return demo.main(connections=args.connections)
 
     from fastlb import config

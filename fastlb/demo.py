@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from importlib import resources
 
 from fastlb import spawn
 
@@ -23,6 +24,16 @@ NAMES = ("alpha", "bravo", "charlie")
 WEIGHTS = (3, 2, 1)
 POLICIES = ("round_robin", "random", "least_conn", "maglev")
 CLIENT_IPS = [f"127.0.0.{i}" for i in range(2, 62)]   # 60 distinct clients for maglev
+
+
+def sample_config() -> str:
+    """The sample config shipped in the package (fastlb/sample.toml): `fastlb demo --print-config`."""
+    return resources.files("fastlb").joinpath("sample.toml").read_text()
+
+
+def print_config() -> int:
+    sys.stdout.write(sample_config())
+    return 0
 
 
 def _start(args: list[str]) -> subprocess.Popen:

@@ -24,7 +24,7 @@ import socket
 import time
 from typing import Any, Callable, Mapping
 
-from fastlb import __version__, _core, config, statefile
+from fastlb import __version__, _core, config, sdnotify, statefile   # [obs] sdnotify
 from fastlb.admin import protocol
 from fastlb.admin.protocol import AdminProtocolError, Request
 from fastlb.admin.server import AdminServer
@@ -517,11 +517,19 @@ class Balancer:
 
     def _on_hup(self) -> None:
         async def run() -> None:
+            sdnotify.reloading()                                    # [obs] service manager
+            why = "reloaded"                                        # [obs]
             try:
                 await self.reload()
             except FastLBError as exc:
                 log.error("SIGHUP: %s", exc)
+                why = f"reload failed, previous config serving: {exc}"   # [obs]
+            sdnotify.ready(f"{why}; {self._status_line()}")           # [obs]
         self.loop.create_task(run())
+
+    def _status_line(self) -> str:                                  # [obs] sd_notify STATUS=
+        return (f"serving {len(self.services)} service(s) with {self.nworkers} worker(s), "
+                f"{self.open_connections()} connection(s) open")
 
     def open_connections(self) -> int:
         if self.engine is not None:
@@ -553,7 +561,10 @@ class Balancer:
                 stats=self.stats, services=lambda: self.registry.snapshot, health=self.health.state))
         log.info("fastlb ready: %d service(s), %d worker(s), pid %d", len(self.services),
                  self.nworkers, os.getpid())
+        sdnotify.ready(self._status_line())                         # [obs] service manager
         await self._stop.wait()
+        how = f"SIGTERM, up to {self.cfg.global_.grace:g}s grace" if self._mode == "term" else "at once"  # [obs]
+        sdnotify.stopping(f"stopping ({how}), {self.open_connections()} connection(s) open")  # [obs]
         if self.admin_server is not None:
             self.admin_server.close()
         if self.metrics_server is not None:

@@ -25,8 +25,9 @@ def wheel(tmp_path_factory) -> zipfile.ZipFile:
     return zipfile.ZipFile(out / name)
 
 
-# Package data users need at run time: the status page the metrics port serves.
-DATA = {"fastlb/_core.pyi", "fastlb/py.typed", "fastlb/status.html"}
+# Package data users need at run time: the status page the metrics port serves, the sample
+# config (fastlb demo --print-config).
+DATA = {"fastlb/_core.pyi", "fastlb/py.typed", "fastlb/status.html", "fastlb/sample.toml"}
 
 
 def _package_modules() -> set[str]:
@@ -76,3 +77,18 @@ def test_every_module_imports_from_the_wheel_alone(wheel, tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert int(out.stdout) >= len(_package_modules()) - 1
+
+
+def test_the_wheel_prints_the_sample_config_and_serves_the_status_page(wheel, tmp_path):
+    """The package data is read through importlib.resources from the installed package."""
+    wheel.extractall(tmp_path)
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    out = subprocess.run([sys.executable, "-P", "-m", "fastlb", "demo", "--print-config"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    with open(os.path.join(ROOT, "fastlb", "sample.toml")) as f:
+        assert out.stdout == f.read()
+    code = "from fastlb import httpapi; print(len(httpapi.status_page()))"
+    out = subprocess.run([sys.executable, "-P", "-c", code], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and int(out.stdout) > 1000, out.stderr

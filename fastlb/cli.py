@@ -24,6 +24,7 @@ examples:
   fastlb check -c /etc/fastlb.toml     validate a config and what it needs from this machine
   fastlb run -c /etc/fastlb.toml       run until SIGTERM (graceful) or SIGINT; SIGHUP reloads
   fastlb ctl backends web              ask the running fastlb (see fastlb ctl --help)
+  fastlb top                           live view: rates, health, active, bytes, events (q quits)
 
 exit codes: 0 ok; 1 a failure while running (or, for ctl, a request the server refused);
             2 a bad config, a problem `fastlb check` reports, or a usage error
@@ -54,7 +55,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="print the sample config shipped with fastlb (for /etc/fastlb/fastlb.toml) and exit")
     from fastlb import ctl
     ctl.add_parser(sub)
+    from fastlb import top                                              # [obs] fastlb top
+    top.add_parser(sub)                                                 # [obs]
     args = p.parse_args(argv)
+    if args.verb == "top":                                              # [obs]
+        return top.main(args)                                           # [obs]
 
     if args.verb == "ctl":
         return ctl.main(args)

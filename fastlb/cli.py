@@ -13,11 +13,6 @@ from fastlb import __version__
 from fastlb.errors import ConfigError, FastLBError
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(stream=sys.stderr, level=getattr(logging, level.upper()),
-                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-
-
 EPILOG = """\
 examples:
   fastlb demo                          three local backends, one service per policy, a failover
@@ -38,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="verb", required=True)
     r = sub.add_parser("run", help="run the balancer")
     r.add_argument("-c", "--config", required=True, help="TOML config file")
-    r.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    r.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"],  # [obs]
+                   help="overrides [global] log_level (default info)")
     r.add_argument("--ignore-state", action="store_true",
                    help="start from the config alone, ignoring (and then overwriting) the state file")
     c = sub.add_parser("check", help="validate a config and what it needs from this machine",
@@ -53,9 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--connections", type=int, default=300, help="connections per policy")
     d.add_argument("--print-config", action="store_true",            # [obs] sample config
                    help="print the sample config shipped with fastlb (for /etc/fastlb/fastlb.toml) and exit")
-    from fastlb import ctl
+    from fastlb import ctl, top                                         # [obs] top
     ctl.add_parser(sub)
-    from fastlb import top                                              # [obs] fastlb top
     top.add_parser(sub)                                                 # [obs]
     args = p.parse_args(argv)
     if args.verb == "top":                                              # [obs]
@@ -88,11 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     if found:
         print(preflight.report(found), file=sys.stderr)
         return 2
-    _setup_logging(args.log_level)
-    from fastlb import proxy
+    level = args.log_level or cfg.global_.log_level                          # [obs] logs
+    from fastlb import logs, proxy                                           # [obs] logs
+    logs.setup(level, cfg.global_.log_format)                                # [obs]
     try:
         return proxy.run(cfg, config_path=args.config, ignore_state=args.ignore_state,
-                         log_level=args.log_level)
+                         log_level=level)                                    # [obs] level
     except FastLBError as exc:
         logging.getLogger("fastlb").error("cannot start: %s", exc)
         return 2

@@ -98,3 +98,21 @@ def test_the_systemd_unit_matches_the_sample_and_fastlbs_signals(tmp_path):
         problems = [line for line in out.stderr.splitlines()
                     if "fastlb.service" in line and "User" not in line]
         assert not problems, out.stderr
+
+
+def test_json_process_log_from_supervisor_and_workers(procs, tmp_path):
+    import json
+    from helpers import closed_port
+    lb, (port,) = start_fastlb(procs, '[global]\nworkers = 2\nlog_format = "json"\nlog_level = "info"\n'
+                               + service("web", [(closed_port(), 1)], retries=0))
+    deadline = time.monotonic() + 15
+    while not all(any(f'"worker": {i}' in line for line in lb.lines) for i in (0, 1)):
+        assert time.monotonic() < deadline, lb.output       # refused connects: workers log them
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
+            c.recv(10)
+    lb.signal(signal.SIGTERM)
+    assert lb.wait() == 0
+    lines = [json.loads(line) for line in lb.lines]            # every line is one JSON object
+    assert any(x["message"].startswith("fastlb ready") and "worker" not in x for x in lines)
+    assert {x.get("worker") for x in lines} >= {None, 0, 1}, lines      # the workers' lines too
+    assert all(x["time"] and x["level"] in ("INFO", "WARNING", "ERROR") for x in lines)

@@ -18,6 +18,7 @@ runs on the supervisor's loop, and the whole server is this file.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 from dataclasses import dataclass
@@ -143,8 +144,13 @@ class HTTPServer:
         self.server = await asyncio.start_server(self._handle, host.strip("[]"), int(port),
                                                  limit=MAX_HEAD + 4)
         bound = self.server.sockets[0].getsockname()   # type: ignore[attr-defined]
+        shown = f"[{bound[0]}]:{bound[1]}" if ":" in bound[0] else f"{bound[0]}:{bound[1]}"
         log.info("metrics port on http://%s/ (/metrics, /healthz, /api/stats, /api/services)",
-                 f"[{bound[0]}]:{bound[1]}" if ":" in bound[0] else f"{bound[0]}:{bound[1]}")
+                 shown)
+        if not ipaddress.ip_address(bound[0].split("%")[0]).is_loopback:
+            log.warning("metrics port %s is reachable from other machines and has no "
+                        "authentication; bind it to 127.0.0.1 unless a scraper elsewhere needs it",
+                        shown)
 
     def close(self) -> None:
         if self.server is not None:

@@ -13,17 +13,13 @@ from fastlb import __version__, signals
 from fastlb.errors import ConfigError, FastLBError
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(stream=sys.stderr, level=getattr(logging, level.upper()),
-                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-
-
 EPILOG = """\
 examples:
   fastlb demo                          three local backends, one service per policy, a failover
   fastlb check -c /etc/fastlb.toml     validate a config and what it needs from this machine
   fastlb run -c /etc/fastlb.toml       run until SIGTERM (graceful) or SIGINT; SIGHUP reloads
   fastlb ctl backends web              ask the running fastlb (see fastlb ctl --help)
+  fastlb top                           live view: rates, health, active, bytes, events (q quits)
 
 exit codes: 0 ok; 1 a failure while running (or, for ctl, a request the server refused);
             2 a bad config, a problem `fastlb check` reports, or a usage error
@@ -38,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="verb", required=True)
     r = sub.add_parser("run", help="run the balancer")
     r.add_argument("-c", "--config", required=True, help="TOML config file")
-    r.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    r.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"],
+                   help="overrides [global] log_level (default info)")
     r.add_argument("--ignore-state", action="store_true",
                    help="start from the config alone, ignoring (and then overwriting) the state file")
     c = sub.add_parser("check", help="validate a config and what it needs from this machine",
@@ -51,17 +48,24 @@ def main(argv: list[str] | None = None) -> int:
                         "reloading the fastlb that holds them)")
     d = sub.add_parser("demo", help="local backends + the balancer + a little load")
     d.add_argument("--connections", type=int, default=300, help="connections per policy")
-    from fastlb import ctl
+    d.add_argument("--print-config", action="store_true",          
+                   help="print the sample config shipped with fastlb (for /etc/fastlb/fastlb.toml) and exit")
+    from fastlb import ctl, top
     ctl.add_parser(sub)
+    top.add_parser(sub)
     args = p.parse_args(argv)
     if args.verb != "run":
         signals.restore()
+    if args.verb == "top":
+        return top.main(args)
 
     if args.verb == "ctl":
         return ctl.main(args)
 
     if args.verb == "demo":
         from fastlb import demo
+        if args.print_config:                                         
+            return demo.print_config()                                
         return demo.main(connections=args.connections)
 
     from fastlb import config
@@ -85,11 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     if found:
         print(preflight.report(found), file=sys.stderr)
         return 2
-    _setup_logging(args.log_level)
-    from fastlb import supervisor
+    level = args.log_level or cfg.global_.log_level
+    from fastlb import logs, supervisor
+    logs.setup(level, cfg.global_.log_format)
     try:
         return supervisor.run(cfg, config_path=args.config, ignore_state=args.ignore_state,
-                              log_level=args.log_level)
+                              log_level=level)
     except FastLBError as exc:
         logging.getLogger("fastlb").error("cannot start: %s", exc)
         return 2

@@ -115,6 +115,8 @@ class GlobalConfig:
     metrics: str | None = None             # "127.0.0.1:9100": Prometheus text at /metrics
     admin_token_file: str | None = None    # required with a tcp admin
     state_file: str | None = None          # where acknowledged admin changes are kept
+    log_format: str = "text"               # [obs] "text" or "json" (fastlb/logs.py)
+    log_level: str = "info"                # [obs] debug | info | warning | error
 
 
 @dataclass(frozen=True, slots=True)
@@ -330,7 +332,8 @@ def from_dict(doc: dict, *, source: str = "config", text: str = "", resolve: boo
     c = _Checker(text, source)
     c.table(doc, "", {"global", "service"})
     g = c.table(doc.get("global", {}), "global",
-                {"workers", "grace", "admin", "admin_token_file", "state_file", "metrics"})
+                {"workers", "grace", "admin", "admin_token_file", "state_file", "metrics",
+                 "log_format", "log_level"})                                  # [obs] logs
     workers = g.get("workers", DEFAULTS["workers"])
     if workers == "auto":
         workers = min(usable_cpus(), MAX_WORKERS)
@@ -357,7 +360,11 @@ def from_dict(doc: dict, *, source: str = "config", text: str = "", resolve: boo
     glob = GlobalConfig(workers=workers, grace=c.duration(g.get("grace", DEFAULTS["grace"]),
                                                     "global.grace", lo=0.0),
                         admin=admin, admin_token_file=g.get("admin_token_file"),
-                        state_file=g.get("state_file"), metrics=metrics)
+                        state_file=g.get("state_file"), metrics=metrics,
+                        log_format=c.choice(g.get("log_format", "text"), "global.log_format",   # [obs]
+                                            ("text", "json")),                                  # [obs]
+                        log_level=c.choice(g.get("log_level", "info"), "global.log_level",      # [obs]
+                                           ("debug", "info", "warning", "error")))              # [obs]
     services_raw = doc.get("service", [])
     if not isinstance(services_raw, list):
         raise c.fail("service", "expected an array of tables ([[service]])")

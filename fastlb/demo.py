@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from importlib import resources
 
 from fastlb import spawn
 from fastlb._core import POLICIES   # the core's one table of policy names
@@ -23,6 +24,16 @@ from fastlb._core import POLICIES   # the core's one table of policy names
 NAMES = ("alpha", "bravo", "charlie")
 WEIGHTS = (3, 2, 1)
 CLIENT_IPS = [f"127.0.0.{i}" for i in range(2, 62)]   # 60 distinct clients for maglev
+
+
+def sample_config() -> str:
+    """The sample config shipped in the package (fastlb/sample.toml): `fastlb demo --print-config`."""
+    return resources.files("fastlb").joinpath("sample.toml").read_text()
+
+
+def print_config() -> int:
+    sys.stdout.write(sample_config())
+    return 0
 
 
 def _start(args: list[str]) -> subprocess.Popen:

@@ -37,6 +37,11 @@ class HealthState:
     reason: str = "initial state"
     since: float = 0.0
     check_failures: int = 0   # all failing checks, for stats and metrics
+    # For metrics and the status page (HAProxy's chkdown, lastchg, downtime): transitions to
+    # down, the wall-clock time of the last change, and the seconds spent down before it.
+    downs: int = 0
+    changed_at: float = 0.0   # time.time() of the last transition (0: none yet)
+    downtime: float = 0.0     # seconds spent down, up to the last transition back up
 
     def on_check(self, ok: bool, detail: str = "") -> str | None:
         """Feed one check result. Returns the transition's reason, or None."""
@@ -62,6 +67,11 @@ class HealthState:
         return self._set(False, f"{failures} consecutive failures on client connections ({reason})")
 
     def _set(self, up: bool, reason: str) -> str:
+        if up and not self.up and self.since:
+            self.downtime += time.monotonic() - self.since
+        if not up:
+            self.downs += 1
+        self.changed_at = time.time()
         self.up = up
         self.successes = self.failures = 0
         self.reason = reason
@@ -76,6 +86,10 @@ class HealthState:
         if not self.up:
             return c.downinter or c.interval
         return c.interval
+
+    def downtime_now(self) -> float:
+        """Seconds spent down so far, including the current spell if down now."""
+        return self.downtime + (0.0 if self.up or not self.since else time.monotonic() - self.since)
 
 
 async def check_once(host: str, port: int, cfg: HealthConfig) -> tuple[bool, str]:

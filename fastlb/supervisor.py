@@ -31,7 +31,7 @@ import socket
 import time
 from typing import Any, Mapping
 
-from fastlb import config, signals, statefile
+from fastlb import config, sdnotify, signals, statefile
 from fastlb.admin.protocol import Request
 from fastlb.admin.server import AdminServer, clear_stale_socket
 from fastlb.config import Config, Service
@@ -124,7 +124,7 @@ class Supervisor:
         self.datapath = make_datapath(cfg, loop, self.shared, self._on_passive, log_level)
         self.shared.acked = self.datapath.acked
         self.admin_server: AdminServer | None = None
-        self.metrics_server: asyncio.AbstractServer | None = None
+        self.metrics_server: Any = None          # fastlb.httpapi's server on [global] metrics
         self._mutation = asyncio.Lock()
         self._timers: dict[tuple[str, str], asyncio.TimerHandle] = {}
         self._stop = asyncio.Event()
@@ -353,11 +353,20 @@ class Supervisor:
 
     def _on_hup(self) -> None:
         async def run() -> None:
+            sdnotify.reloading()                  # the service manager waits for READY=1
+            why = "reloaded"
             try:
                 await self.reload()
             except FastLBError as exc:
                 log.error("SIGHUP: %s", exc)
+                why = f"reload failed, previous config serving: {exc}"
+            sdnotify.ready(f"{why}; {self._status_line()}")
         self.loop.create_task(run())
+
+    def _status_line(self) -> str:
+        """sd_notify's STATUS= (systemctl status shows it)."""
+        return (f"serving {len(self.runtimes)} service(s) with {self.cfg.global_.workers} "
+                f"worker(s), {self.datapath.connections()} connection(s) open")
 
     def _on_signal(self, sig: int) -> None:
         if sig == signal.SIGHUP:
@@ -383,15 +392,21 @@ class Supervisor:
                     raise FastLBError(f"admin token file {g.admin_token_file} is empty")
             self.admin_server = AdminServer(g.admin, self.admin, token=token)
             await self.admin_server.start()
-        if g.metrics:
-            from fastlb.metrics import serve_metrics
-            self.metrics_server = await serve_metrics(g.metrics, self.stats)
+        if g.metrics:   # the metrics port: Prometheus, JSON API, status page (fastlb.httpapi)
+            from fastlb import httpapi, observe
+            self.metrics_server = await httpapi.serve_http(g.metrics, observe.Sources(
+                stats=self.stats, services=lambda: self.registry.snapshot,
+                health=self.health.state))
         log.info("fastlb ready: %d service(s), %d worker(s), pid %d", len(self.runtimes),
                  g.workers, os.getpid())
+        sdnotify.ready(self._status_line())
         for signum in early:
             log.info("%s received while starting: acting on it now", signal.Signals(signum).name)
             self._on_signal(signum)
         await self._stop.wait()
+        how = (f"SIGTERM, up to {self.cfg.global_.grace:g}s grace" if self._mode == "term"
+               else "at once")
+        sdnotify.stopping(f"stopping ({how}), {self.datapath.connections()} connection(s) open")
         return await self.shutdown()
 
     async def shutdown(self) -> int:

@@ -136,9 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grace", type=float, default=30.0)
     p.add_argument("--log-level", default="info")
     args = p.parse_args(argv)
-    logging.basicConfig(stream=sys.stderr, level=getattr(logging, args.log_level.upper()),
-                        format=f"%(asctime)s %(levelname)s [worker {args.index}] %(message)s",
-                        datefmt="%H:%M:%S")
+    from fastlb import logs                                    # [obs] dated, text or JSON
+    logs.setup(args.log_level, worker=args.index)              # [obs] format: the supervisor's
     import uvloop
     raise_fd_limit()
 

@@ -180,17 +180,19 @@ def test_metrics_parse_and_match_a_known_workload(procs, tmp_path):
     samples = {}
     for fam in text_string_to_metric_families(body.decode()):
         for smp in fam.samples:
-            samples[(smp.name, smp.labels.get("backend"))] = smp.value
-    for name, p in zip("ab", ports):
+            samples[(smp.name, smp.labels.get("server"), smp.labels.get("state"))] = smp.value
+    for name, p in zip("ab", ports):       # HAProxy's names, summed over both workers' blocks
         b, n = f"127.0.0.1:{p}", seen[name]
-        assert samples[("fastlb_backend_sessions_total", b)] == n
-        assert samples[("fastlb_backend_bytes_in_total", b)] == n * 500
-        assert samples[("fastlb_backend_bytes_out_total", b)] == n * 502
-        assert samples[("fastlb_backend_current_sessions", b)] == 0
-        assert samples[("fastlb_backend_status", b)] == 1
-        assert samples[("fastlb_backend_weight", b)] == 3
-        assert samples[("fastlb_backend_connection_errors_total", b)] == 0
-    assert samples[("fastlb_service_sessions_total", None)] == 100
+        assert samples[("fastlb_server_sessions_total", b, None)] == n
+        assert samples[("fastlb_server_bytes_in_total", b, None)] == n * 500
+        assert samples[("fastlb_server_bytes_out_total", b, None)] == n * 502
+        assert samples[("fastlb_server_current_sessions", b, None)] == 0
+        assert samples[("fastlb_server_status", b, "UP")] == 1
+        assert samples[("fastlb_server_status", b, "DOWN")] == 0
+        assert samples[("fastlb_server_weight", b, None)] == 3
+        assert samples[("fastlb_server_connection_errors_total", b, None)] == 0
+    assert samples[("fastlb_backend_sessions_total", None, None)] == 100
+    assert samples[("fastlb_backend_active_servers", None, None)] == 2
     with socket.create_connection(("127.0.0.1", mport), timeout=5) as s:
         s.sendall(b"GET /nope HTTP/1.1\r\n\r\n")
         assert s.recv(100).startswith(b"HTTP/1.1 404")

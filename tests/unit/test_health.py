@@ -125,3 +125,18 @@ def test_a_thousand_check_cycles_leave_no_fds_or_tasks():
     counts, fds0, fds1, tasks0, tasks1 = asyncio.run(main())
     assert min(counts) >= 1000
     assert fds1 <= fds0 and tasks1 == tasks0
+
+
+def test_transitions_counted_with_change_time_and_downtime():
+    import time
+    st = HealthState(HealthConfig(rise=1, fall=1), since=time.monotonic())
+    assert (st.downs, st.changed_at, st.downtime_now()) == (0, 0.0, 0.0)
+    before = time.time()
+    st.on_check(False, "refused")
+    assert st.downs == 1 and before <= st.changed_at <= time.time()
+    time.sleep(0.05)
+    assert st.downtime_now() >= 0.05
+    st.on_check(True)
+    assert st.downtime >= 0.05 and st.downtime_now() == st.downtime
+    st.on_passive(3, "reset")
+    assert st.downs == 2

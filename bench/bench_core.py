@@ -1,4 +1,5 @@
-"""pick() per policy (rounds of 1,024 calls) at N = 4, 100, 1000 backends: Cython against the pure-Python reference.
+"""pick() per policy (rounds of 1,024 calls) at N = 4, 100, 1000 backends: Cython against the
+pure-Python reference.
 
 Run: python3 -m pytest bench/bench_core.py --benchmark-only --benchmark-group-by=param:n
 (or `make bench`). `bench/core_table.py` turns the saved JSON into the ratio table.

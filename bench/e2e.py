@@ -232,11 +232,13 @@ def run_wrk(port: int, close: bool, duration: float, conns: int) -> dict:
     errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     return {"value": rps, "p99_ms": _ms(*p99.groups()) if p99 else None,
-            "errors": (sum(map(int, errors.groups())) if errors else 0) + (int(non2xx.group(1)) if non2xx else 0)}
+            "errors": (sum(map(int, errors.groups())) if errors else 0)
+                      + (int(non2xx.group(1)) if non2xx else 0)}
 
 
 def run_iperf(port: int, reverse: bool, duration: float) -> dict:
-    cmd = ["taskset", "-c", CPU_LOAD, "iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", f"{duration:g}", "-J"]
+    cmd = ["taskset", "-c", CPU_LOAD, "iperf3", "-c", "127.0.0.1", "-p", str(port),
+           "-t", f"{duration:g}", "-J"]
     if reverse:
         cmd.append("-R")
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 30).stdout
@@ -339,8 +341,8 @@ def main() -> int:
     os.makedirs(os.path.dirname(a.json), exist_ok=True)
     with open(a.json, "w") as f:
         json.dump({"runs": a.runs, "duration": a.duration, "connections": a.connections,
-                   "medians": {f"{l}/{p}": v for (l, p), v in med.items()},
-                   "samples": {f"{l}/{p}": v for (l, p), v in samples.items()}}, f, indent=1)
+                   "medians": {f"{load}/{p}": v for (load, p), v in med.items()},
+                   "samples": {f"{load}/{p}": v for (load, p), v in samples.items()}}, f, indent=1)
     print(f"\nJSON: {a.json}")
     return 0
 

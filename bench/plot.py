@@ -61,7 +61,7 @@ def _bars(ax, peers, values, unit, ratios=None, title=""):
     xs = range(len(peers))
     bars = ax.bar(xs, values, color=[COLORS.get(p, "#888") for p in peers], width=0.72,
                   edgecolor="white")
-    for i, (bar, value) in enumerate(zip(bars, values)):
+    for i, (bar, value) in enumerate(zip(bars, values, strict=False)):
         label = _fmt(value, unit)
         if ratios and ratios[i] is not None:
             label += f"\n{ratios[i]:.2f}x"
@@ -95,11 +95,11 @@ def plot(path: str, out: str) -> list[str]:
 
     # 1. per load: the figure and its ratio to HAProxy
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.2), dpi=100)
-    for ax, load in zip(axes.flat, loads):
+    for ax, load in zip(axes.flat, loads, strict=False):
         ps = [p for p in peers if (load, p) in med]
         base = med.get((load, "haproxy"), {}).get("value")
         values = [med[(load, p)]["value"] for p in ps]
-        ratios = [v / base if base and p != "haproxy" else None for p, v in zip(ps, values)]
+        ratios = [v / base if base and p != "haproxy" else None for p, v in zip(ps, values, strict=False)]
         _bars(ax, ps, values, UNITS.get(load, ""), ratios, TITLES.get(load, load))
     fig.suptitle("End to end, one core for the balancer: figure and ratio to HAProxy "
                  "(higher is better)", fontsize=12, x=0.01, ha="left")
@@ -110,11 +110,11 @@ def plot(path: str, out: str) -> list[str]:
 
     # 2. per proxy core: the figure per core of CPU the balancer used
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.2), dpi=100)
-    for ax, load in zip(axes.flat, loads):
+    for ax, load in zip(axes.flat, loads, strict=False):
         ps = [p for p in peers if (load, p) in med and med[(load, p)].get("cpu_pct")]
         values = [med[(load, p)]["value"] / (med[(load, p)]["cpu_pct"] / 100) for p in ps]
-        base = dict(zip(ps, values)).get("haproxy")
-        ratios = [v / base if base and p != "haproxy" else None for p, v in zip(ps, values)]
+        base = dict(zip(ps, values, strict=False)).get("haproxy")
+        ratios = [v / base if base and p != "haproxy" else None for p, v in zip(ps, values, strict=False)]
         _bars(ax, ps, values, UNITS.get(load, "") + " per core", ratios, TITLES.get(load, load))
     fig.suptitle("Per proxy core: figure divided by the balancer's CPU time (fraction of one "
                  "core); ratio to HAProxy", fontsize=12, x=0.01, ha="left")
@@ -127,11 +127,11 @@ def plot(path: str, out: str) -> list[str]:
     lat = [load for load in loads if any(med.get((load, p), {}).get("p99_ms") for p in peers)]
     if lat:
         fig, axes = plt.subplots(1, len(lat), figsize=(5.5 * len(lat), 3.8), dpi=100, squeeze=False)
-        for ax, load in zip(axes.flat, lat):
+        for ax, load in zip(axes.flat, lat, strict=False):
             ps = [p for p in peers if (load, p) in med and med[(load, p)].get("p99_ms")]
             values = [med[(load, p)]["p99_ms"] for p in ps]
-            base = dict(zip(ps, values)).get("haproxy")
-            ratios = [v / base if base and p != "haproxy" else None for p, v in zip(ps, values)]
+            base = dict(zip(ps, values, strict=False)).get("haproxy")
+            ratios = [v / base if base and p != "haproxy" else None for p, v in zip(ps, values, strict=False)]
             _bars(ax, ps, values, "p99 ms", ratios, TITLES.get(load, load))
         fig.suptitle("p99 latency (lower is better)", fontsize=12, x=0.01, ha="left")
         fig.tight_layout(rect=(0, 0, 1, 0.93))

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
                         "reloading the fastlb that holds them)")
     d = sub.add_parser("demo", help="local backends + the balancer + a little load")
     d.add_argument("--connections", type=int, default=300, help="connections per policy")
-    d.add_argument("--print-config", action="store_true",          
+    d.add_argument("--print-config", action="store_true",
                    help="print the sample config shipped with fastlb (for /etc/fastlb/fastlb.toml) and exit")
     from fastlb import ctl, top
     ctl.add_parser(sub)
@@ -64,8 +64,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.verb == "demo":
         from fastlb import demo
-        if args.print_config:                                         
-            return demo.print_config()                                
+        if args.print_config:
+            return demo.print_config()
         return demo.main(connections=args.connections)
 
     from fastlb import config

@@ -15,7 +15,7 @@ import re
 import socket
 import tomllib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import AbstractSet, Any, TypedDict
 
 from fastlb import _core
 from fastlb.errors import ConfigError
@@ -30,7 +30,21 @@ MAX_BALANCE_FACTOR = _core.MAX_BALANCE_FACTOR
 STATES = ("ready", "drain", "maint")
 MAX_WORKERS = 64
 
-DEFAULTS = {
+
+class _Defaults(TypedDict):     # DEFAULTS's keys, each with its own type
+    workers: int
+    grace: float
+    retries: int
+    connect: float
+    idle: float
+    weight: int
+    policy: str
+    hash_key: str
+    hash_balance_factor: int
+    max_fails: int
+
+
+DEFAULTS: _Defaults = {
     "workers": 1,
     "grace": 30.0,          # seconds SIGTERM lets open connections finish
     "retries": 2,           # extra backends tried after a failed connect (HAProxy: 3)
@@ -179,7 +193,8 @@ class _Checker:
                     line = hits[int(idx)]
         return line + 1
 
-    def table(self, value: Any, path: str, allowed: set[str], required: set[str] = frozenset()) -> dict:
+    def table(self, value: Any, path: str, allowed: set[str],
+              required: AbstractSet[str] = frozenset()) -> dict:
         if not isinstance(value, dict):
             raise self.fail(path, f"expected a table, got {_kind(value)}")
         for key in value:
@@ -300,7 +315,7 @@ def parse_address(text: str, *, resolve: bool = True) -> Address:
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except socket.gaierror as exc:
             raise ValueError(f"cannot resolve host {host!r}: {exc.strerror}") from None
-        host = infos[0][4][0]
+        host = str(infos[0][4][0])    # an IPv4 or IPv6 sockaddr: its host is a str
     return Address(host, port, text)
 
 
@@ -368,7 +383,8 @@ def from_dict(doc: dict, *, source: str = "config", text: str = "", resolve: boo
     services_raw = doc.get("service", [])
     if not isinstance(services_raw, list):
         raise c.fail("service", "expected an array of tables ([[service]])")
-    services, names, listens = [], set(), {}
+    services, names = [], set()
+    listens: dict[tuple[str, int], str] = {}     # (host, port): the service listening there
     for i, raw in enumerate(services_raw):
         svc = service_from_dict(raw, f"service[{i}]", c, resolve=resolve)
         if svc.name in names:
@@ -400,11 +416,11 @@ def _health(c: _Checker, raw: Any, path: str, keys: set[str], base: HealthConfig
             kw[k] = c.integer(raw[k], f"{path}.{k}", lo, hi)
     if "port" in raw:
         kw["port"] = c.integer(raw["port"], f"{path}.port", 1, 65535)
-    for k, hi in (("jitter", 0.5), ("panic_threshold", 100.0)):
+    for k, top in (("jitter", 0.5), ("panic_threshold", 100.0)):
         if k in raw:
             v = raw[k]
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v <= hi:
-                raise c.fail(f"{path}.{k}", f"expected a number from 0 to {hi:g}, got {_kind(v)}")
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v <= top:
+                raise c.fail(f"{path}.{k}", f"expected a number from 0 to {top:g}, got {_kind(v)}")
             kw[k] = float(v)
     if "kind" in raw:
         kw["kind"] = c.choice(raw["kind"], f"{path}.kind", ("tcp", "send_expect"))

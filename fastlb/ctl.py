@@ -96,7 +96,7 @@ def add_parser(sub: Any) -> None:
             v.add_argument(arg, **kw)
 
 
-def _request(args: argparse.Namespace) -> tuple[str, dict]:
+def _request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     v = args.ctl_verb
     if v in ("ping", "version", "services", "stats", "reload", "workers"):
         return v, {}
@@ -139,13 +139,13 @@ def _request(args: argparse.Namespace) -> tuple[str, dict]:
     raise SystemExit(f"fastlb ctl: unknown verb {v}")
 
 
-def _table(rows: list[dict], columns: list[str]) -> str:
+def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     if not rows:
         return "(none)"
     widths = [max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns]
-    lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths))]
+    lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True))]
     for r in rows:
-        lines.append("  ".join(str(r.get(c, "")).ljust(w) for c, w in zip(columns, widths)))
+        lines.append("  ".join(str(r.get(c, "")).ljust(w) for c, w in zip(columns, widths, strict=True)))
     return "\n".join(lines)
 
 

@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 from importlib import resources
+from typing import cast
 
 from fastlb import spawn
 from fastlb._core import POLICIES   # the core's one table of policy names
@@ -36,15 +37,17 @@ def print_config() -> int:
     return 0
 
 
-def _start(args: list[str]) -> subprocess.Popen:
+def _start(args: list[str]) -> subprocess.Popen[str]:
     """Start ``python -m args...`` running this same fastlb package (see fastlb.spawn)."""
     return subprocess.Popen(spawn.command(*args), env=spawn.environment(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 
 
-def _wait_for(proc: subprocess.Popen, pattern: str, timeout: float = 10.0) -> tuple[re.Match, list[str]]:
+def _wait_for(proc: subprocess.Popen[str], pattern: str,
+              timeout: float = 10.0) -> tuple[re.Match[str], list[str]]:
     deadline, seen = time.monotonic() + timeout, []
     rx = re.compile(pattern)
+    assert proc.stdout is not None      # _start pipes it
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
         if not line:
@@ -52,7 +55,8 @@ def _wait_for(proc: subprocess.Popen, pattern: str, timeout: float = 10.0) -> tu
         seen.append(line.rstrip())
         if m := rx.search(line):
             return m, seen
-    raise RuntimeError(f"{proc.args[:4]} did not say {pattern!r}:\n" + "\n".join(seen))
+    argv = cast(list[str], proc.args)   # _start's spawn.command list
+    raise RuntimeError(f"{argv[:4]} did not say {pattern!r}:\n" + "\n".join(seen))
 
 
 async def _one(port: int, source_ip: str | None) -> str:
@@ -90,7 +94,8 @@ async def _load(port: int, count: int, maglev: bool) -> tuple[dict[str, int], in
 
 def _table(title: str, rows: list[tuple[str, dict[str, int], int]]) -> None:
     print(f"\n{title}")
-    print(f"  {'policy':<12}" + "".join(f"{n + ' (w' + str(w) + ')':>14}" for n, w in zip(NAMES, WEIGHTS))
+    print(f"  {'policy':<12}"
+          + "".join(f"{n + ' (w' + str(w) + ')':>14}" for n, w in zip(NAMES, WEIGHTS, strict=True))
           + f"{'errors':>8}")
     for policy, counts, errors in rows:
         total = sum(counts.values()) or 1
@@ -100,7 +105,7 @@ def _table(title: str, rows: list[tuple[str, dict[str, int], int]]) -> None:
 
 def main(connections: int = 300) -> int:
     t0 = time.monotonic()
-    procs: list[subprocess.Popen] = []
+    procs: list[subprocess.Popen[str]] = []
     cfg_path = None
     try:
         backends = {}
@@ -109,11 +114,11 @@ def main(connections: int = 300) -> int:
             procs.append(p)
             backends[name] = (p, int(_wait_for(p, r"READY (\d+)")[0].group(1)))
         print("fastlb demo: three backends on 127.0.0.1: "
-              + ", ".join(f"{n} :{backends[n][1]} weight {w}" for n, w in zip(NAMES, WEIGHTS)))
+              + ", ".join(f"{n} :{backends[n][1]} weight {w}" for n, w in zip(NAMES, WEIGHTS, strict=True)))
         blocks = []
         for policy in POLICIES:
             bs = ", ".join(f'{{ address = "127.0.0.1:{backends[n][1]}", weight = {w} }}'
-                           for n, w in zip(NAMES, WEIGHTS))
+                           for n, w in zip(NAMES, WEIGHTS, strict=True))
             blocks.append(f'[[service]]\nname = "{policy}"\nlisten = ["127.0.0.1:0"]\n'
                           f'policy = "{policy}"\nretries = 2\ntimeouts = {{ connect = "1s" }}\n'
                           f'backends = [ {bs} ]\n')

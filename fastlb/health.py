@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from fastlb._core import HealthBitmap
 from fastlb.config import HealthConfig
 
 log = logging.getLogger("fastlb.health")
@@ -127,12 +128,12 @@ Change = Callable[[str, str, bool, str], None]   # (service, address, up, reason
 class HealthChecker:
     """One task per checked backend; the single writer of the health bits."""
 
-    def __init__(self, health, on_change: Change) -> None:
-        self.health = health                      # fastlb._core.HealthBitmap
+    def __init__(self, health: HealthBitmap, on_change: Change) -> None:
+        self.health = health
         self.on_change = on_change
         self.states: dict[tuple[str, str], HealthState] = {}
         self.slots: dict[tuple[str, str], int] = {}
-        self.tasks: dict[tuple[str, str], asyncio.Task] = {}
+        self.tasks: dict[tuple[str, str], asyncio.Task[None]] = {}
         self.targets: dict[tuple[str, str], tuple[str, int]] = {}
 
     def track(self, service: str, address: str, slot: int, host: str, port: int,

@@ -136,14 +136,14 @@ class HTTPServer:
         self.max_connections = max_connections
         self.registry = promex.registry(sources)
         self.connections = 0
-        self.server: asyncio.AbstractServer | None = None
+        self.server: asyncio.Server | None = None
         self._page: bytes | None = None
 
     async def start(self) -> None:
         host, _, port = self.address.rpartition(":")
         self.server = await asyncio.start_server(self._handle, host.strip("[]"), int(port),
                                                  limit=MAX_HEAD + 4)
-        bound = self.server.sockets[0].getsockname()   # type: ignore[attr-defined]
+        bound = self.server.sockets[0].getsockname()
         shown = f"[{bound[0]}]:{bound[1]}" if ":" in bound[0] else f"{bound[0]}:{bound[1]}"
         log.info("metrics port on http://%s/ (/metrics, /healthz, /api/stats, /api/services)",
                  shown)
@@ -159,7 +159,7 @@ class HTTPServer:
     @property
     def port(self) -> int:
         assert self.server is not None
-        return int(self.server.sockets[0].getsockname()[1])   # type: ignore[attr-defined]
+        return int(self.server.sockets[0].getsockname()[1])
 
     def route(self, req: Request) -> tuple[int, bytes, str]:
         """(status, body, content type) for a parsed request (GET or HEAD)."""

@@ -36,7 +36,7 @@ import subprocess
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Mapping
 
-import msgpack  # type: ignore[import-untyped]
+import msgpack
 
 from fastlb import _core, spawn
 from fastlb.dataplane import check_plans

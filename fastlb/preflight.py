@@ -11,7 +11,8 @@ the remedy.
 itself, loudly: a listen address that cannot be bound fails only its own service, and a state
 file that cannot be written at start (its directory missing, unwritable, a full disk) is retried
 in the background while admin changes are refused; a state file that cannot be loaded is refused
-by the supervisor's own load (fastlb.statefile), with the message check gives. So `run` never refuses to start on something `check` passed, but for a race.
+by the supervisor's own load (fastlb.statefile), with the message check gives. So `run` never
+refuses to start on something `check` passed, but for a race.
 """
 from __future__ import annotations
 
@@ -20,12 +21,14 @@ import os
 import socket
 import stat
 import tempfile
-from typing import Literal
+from typing import Callable, Literal
 
 from fastlb.config import Address, Config, error_at, parse_address
 from fastlb.errors import ConfigError
 
 Mode = Literal["check", "run"]
+# fail(key, message) and warn(key, message): how a check reports a problem (see problems())
+Report = Callable[[str, str], None]
 
 _BIND_REMEDY = {
     errno.EADDRINUSE: "another process listens there (`ss -ltnp` shows which; a running fastlb? "
@@ -75,7 +78,7 @@ def problems(cfg: Config, *, mode: Mode = "check", bind: bool = True,
     return out
 
 
-def _check_token_file(path: str, fail) -> None:
+def _check_token_file(path: str, fail: Report) -> None:
     key = "global.admin_token_file"
     try:
         with open(path) as f:
@@ -93,7 +96,7 @@ def _check_token_file(path: str, fail) -> None:
         fail(key, f"the token file {path} is empty; write the token into it")
 
 
-def _check_state_file(path: str, fail, warn, *, writable: bool, load: bool) -> None:
+def _check_state_file(path: str, fail: Report, warn: Report, *, writable: bool, load: bool) -> None:
     key = "global.state_file"
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
@@ -124,7 +127,7 @@ def _check_state_file(path: str, fail, warn, *, writable: bool, load: bool) -> N
             warn(key, warning)
 
 
-def _check_unix_socket(path: str, fail, *, live: bool) -> None:
+def _check_unix_socket(path: str, fail: Report, *, live: bool) -> None:
     key = "global.admin"
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
@@ -146,7 +149,7 @@ def _check_unix_socket(path: str, fail, *, live: bool) -> None:
                   f"removes it: move it away or set [global] admin to another path")
 
 
-def _check_bind(addr: Address, key: str, fail) -> None:
+def _check_bind(addr: Address, key: str, fail: Report) -> None:
     family = socket.AF_INET6 if ":" in addr.host else socket.AF_INET
     s = socket.socket(family, socket.SOCK_STREAM)
     try:

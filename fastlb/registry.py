@@ -48,7 +48,8 @@ class Registry:
             raise RegistryError("unknown_service", f"no service {name!r}; services: "
                                 f"{', '.join(sorted(self.snapshot)) or '(none)'}") from None
 
-    def plan(self, op: str, args: dict[str, Any], *, resolve: bool = True) -> tuple[dict, dict]:
+    def plan(self, op: str, args: dict[str, Any], *,
+             resolve: bool = True) -> tuple[dict[str, Service], dict[str, Any]]:
         """Validate ``op`` on the current snapshot. Returns (next services, event).
 
         ``args`` have been type-checked by the admin protocol; this checks them against the

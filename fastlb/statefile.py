@@ -122,9 +122,9 @@ class _Unusable(Exception):
 
 def encode(registry: Mapping[str, Service], cfg: Mapping[str, Service]) -> bytes:
     """The version-2 bytes of a state file."""
-    body = msgpack.packb({"registry": [config.service_to_dict(s) for s in registry.values()],
-                          "config": [config.service_to_dict(s) for s in cfg.values()]},
-                         use_bin_type=True)
+    body: bytes = msgpack.packb({"registry": [config.service_to_dict(s) for s in registry.values()],
+                                 "config": [config.service_to_dict(s) for s in cfg.values()]},
+                                use_bin_type=True)
     head = _HEAD.pack(MAGIC, VERSION, len(body))
     digest = hashlib.sha256(head)
     digest.update(body)

@@ -99,7 +99,7 @@ def render(stats: list[dict], prev: dict[tuple[str, str], dict] | None, dt: floa
                      str(b["total"]), _size(b["bytes_in"]), _size(b["bytes_out"]),
                      str(b["connect_failures"]), str(b["check_failures"]), b.get("health_reason", "")]
             text = " ".join(f"{c:{align}{w}}" if w else c
-                            for c, (_, w, align) in zip(cells, COLUMNS))[:width]
+                            for c, (_, w, align) in zip(cells, COLUMNS, strict=True))[:width]
             if color:   # colour the status cell only; widths stay those of the plain text
                 start = COLUMNS[0][1] + 1
                 if len(text) > start:

@@ -84,7 +84,7 @@ def depth(value: Any, limit: int) -> int:
         d += 1
         if d > limit:
             return d
-        below: list = []
+        below: list[Any] = []
         for v in level:
             below += [c for c in (v.values() if type(v) is dict else v) if type(c) in _CONTAINERS]
         level = below

@@ -23,7 +23,7 @@ import socket
 import sys
 from typing import Any
 
-import msgpack  # type: ignore[import-untyped]
+import msgpack
 
 from fastlb import __version__
 from fastlb.dataplane import DataPlane

@@ -26,6 +26,7 @@ class AdminClient:
             self.sock.settimeout(timeout)
             self.sock.connect(socket_path)
         else:
+            assert tcp is not None      # exactly one of the two, checked above
             self.sock = socket.create_connection(tcp, timeout=timeout)
         self.token = token
         self.decoder = protocol.Decoder(protocol.REPLY_LIMITS.max_buffer, protocol.REPLY_LIMITS)
@@ -49,7 +50,7 @@ class AdminClient:
             self.pending.extend(self.decoder.feed(data))
         return self.pending.pop(0)
 
-    def request(self, op: str, **fields: Any) -> dict:
+    def request(self, op: str, **fields: Any) -> dict[str, Any]:
         """Send one request, return the raw reply map."""
         rid = next(self.ids)
         msg = {"id": rid, "op": op, **fields}
@@ -69,7 +70,7 @@ class AdminClient:
             raise AdminError(err.get("code", "?"), err.get("message", "?"))
         return reply.get("result")
 
-    def events(self) -> Iterator[dict]:
+    def events(self) -> Iterator[dict[str, Any]]:
         """Subscribe, then yield events until the connection closes."""
         self.call("subscribe")
         self.sock.settimeout(None)

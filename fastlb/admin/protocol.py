@@ -209,8 +209,9 @@ def parse_request(obj: Any) -> Request:
     return Request(rid, op, args, token)
 
 
-def encode(message: dict) -> bytes:
-    return msgpack.packb(message, use_bin_type=True)
+def encode(message: dict[str, Any]) -> bytes:
+    data: bytes = msgpack.packb(message, use_bin_type=True)
+    return data
 
 
 def ok(rid: int | None, result: Any) -> bytes:
@@ -221,6 +222,6 @@ def error(rid: int | None, code: str, message: str) -> bytes:
     return encode({"id": rid, "ok": False, "error": {"code": code, "message": message}})
 
 
-def event(rid: int, ev: dict) -> bytes:
+def event(rid: int, ev: dict[str, Any]) -> bytes:
     """A message of a subscription: the subscribe request's id and one event."""
     return encode({"id": rid, "event": ev})

@@ -147,7 +147,7 @@ class AdminServer:
             except FileNotFoundError:
                 pass
 
-    def publish(self, ev: dict) -> None:
+    def publish(self, ev: dict[str, Any]) -> None:
         """Send an event to every subscriber (dropping those that do not keep up)."""
         for w, rid in list(self.subscribers.items()):
             if w.is_closing() or w.transport.get_write_buffer_size() > SUBSCRIBER_BACKLOG:

@@ -39,7 +39,8 @@ def names_of(port, count):
 def lb3(procs, tmp_path):
     """fastlb with service web (round_robin) over backends a, b; c started but not added."""
     ports = {n: start_backend(procs, "announce", name=n)[1] for n in "abc"}
-    lb, (port,) = start_fastlb(procs, admin_config(tmp_path, service("web", [(ports["a"], 1), (ports["b"], 1)])))
+    lb, (port,) = start_fastlb(procs, admin_config(tmp_path,
+                                                   service("web", [(ports["a"], 1), (ports["b"], 1)])))
     return lb, port, {n: f"127.0.0.1:{p}" for n, p in ports.items()}
 
 
@@ -156,7 +157,8 @@ def test_subscribe_streams_events(lb3, tmp_path):
     while len(events) < 2 and time.monotonic() < deadline:
         time.sleep(0.05)
     sub.close()
-    assert [(e["op"], e["address"]) for e in events] == [("set_weight", addr["a"]), ("remove_backend", addr["b"])]
+    assert [(e["op"], e["address"]) for e in events] == [("set_weight", addr["a"]),
+                                                         ("remove_backend", addr["b"])]
     assert events[1]["generation"] == events[0]["generation"] + 1
 
 
@@ -168,7 +170,8 @@ def test_reload_applies_the_config_difference(procs, tmp_path):
     lb = Proc([PY, "-m", "fastlb", "run", "-c", str(path)], procs)
     lb.wait_line("fastlb ready")
     port = int(lb.wait_line(r"listening on \S+:(\d+)").group(1))
-    path.write_text(text.replace('weight = 1 } ]', f'weight = 1 }}, {{ address = "127.0.0.1:{ports["b"]}" }} ]'))
+    path.write_text(text.replace('weight = 1 } ]',
+                                 f'weight = 1 }}, {{ address = "127.0.0.1:{ports["b"]}" }} ]'))
     with client(tmp_path) as c:
         assert c.call("reload")["services"] == ["web"]
         assert sorted(names_of(port, 4)) == ["a", "a", "b", "b"]
@@ -213,7 +216,8 @@ def test_hostile_frames_get_an_error_and_the_balancer_keeps_serving(lb3, tmp_pat
             assert s.recv(10) == b""                            # closed: its framing is lost
             s.close()
         deep = {"id": 9, "op": "add_service", "service": {"name": [[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]}}
-        with pytest.raises(AdminError, match="bad_request: add_service: \"service\" nests arrays and maps more than 16 deep"):
+        with pytest.raises(AdminError, match="bad_request: add_service: \"service\" nests arrays and maps "
+                                             "more than 16 deep"):
             c.call(deep.pop("op"), **{k: v for k, v in deep.items() if k != "id"})
         assert c.call("backends", service="web") == before      # the registry is unchanged
         assert c.call("ping") == "pong"                         # the same client goes on
@@ -226,7 +230,8 @@ def test_bad_input_gets_errors_and_hurts_nothing(lb3, tmp_path):
     path = f"{tmp_path}/admin.sock"
     with client(tmp_path) as c:
         before = c.call("backends", service="web")
-        for raw, code in [(msgpack.packb([1]), "bad_request"), (msgpack.packb({"id": 4, "op": "x"}), "unknown_op"),
+        for raw, code in [(msgpack.packb([1]), "bad_request"),
+                          (msgpack.packb({"id": 4, "op": "x"}), "unknown_op"),
                           (msgpack.packb({"id": 5, "op": "set_weight", "service": "web",
                                           "address": addr["a"], "weight": "9"}), "bad_request")]:
             s = socket.socket(socket.AF_UNIX)
@@ -239,7 +244,8 @@ def test_bad_input_gets_errors_and_hurts_nothing(lb3, tmp_path):
                 replies += list(u)
             assert replies[0]["error"]["code"] == code and replies[1]["result"] == "pong"  # stream goes on
             s.close()
-        for raw, code in [(b"\xc1\x00\x00", "bad_msgpack"), (msgpack.packb({"id": 1, "op": "ping", "p": "x" * (2 << 20)}), "too_large"),
+        for raw, code in [(b"\xc1\x00\x00", "bad_msgpack"),
+                          (msgpack.packb({"id": 1, "op": "ping", "p": "x" * (2 << 20)}), "too_large"),
                           (b"\xdd\x00\x0f\x42\x40", "too_large"),          # a 1,000,000-element array header
                           (b"\x91" * 2000, "too_large")]:                    # nested past msgpack's stack
             s = socket.socket(socket.AF_UNIX)
@@ -307,7 +313,8 @@ def test_live_changes_under_load_drop_nothing(procs, tmp_path):
     names = "abcd"
     ports = {n: start_backend(procs, "announce", name=n)[1] for n in names}
     addr = {n: f"127.0.0.1:{p}" for n, p in ports.items()}
-    lb, (port,) = start_fastlb(procs, admin_config(tmp_path, service("web", [(ports["a"], 1), (ports["b"], 1)])))
+    lb, (port,) = start_fastlb(procs, admin_config(tmp_path,
+                                                   service("web", [(ports["a"], 1), (ports["b"], 1)])))
     stop = threading.Event()
     log, errors = [], []                                  # (start time, backend) per connection
 
@@ -352,7 +359,8 @@ def test_live_changes_under_load_drop_nothing(procs, tmp_path):
     with client(tmp_path) as c:
         ops = 0
         while ops < 200:
-            for step in [("add_backend", {"address": addr["c"]}), ("add_backend", {"address": addr["d"], "weight": 3}),
+            for step in [("add_backend", {"address": addr["c"]}),
+                         ("add_backend", {"address": addr["d"], "weight": 3}),
                          ("set_weight", {"address": addr["a"], "weight": 2}),
                          ("set_state", {"address": addr["b"], "state": "drain"}),
                          ("set_weight", {"address": addr["c"], "weight": 4}),
@@ -418,7 +426,8 @@ def test_twenty_concurrent_admin_clients_end_in_the_acknowledged_order(procs, tm
     replay = Registry({s.name: s for s in config.loads(text).services})
     for _, op, args in sorted(acked, key=lambda a: a[0]):
         replay.commit(replay.plan(op, args, resolve=False)[0])
-    want = [{"address": b.address.text, "weight": b.weight, "state": b.state} for b in replay.snapshot["web"].backends]
+    want = [{"address": b.address.text, "weight": b.weight, "state": b.state}
+            for b in replay.snapshot["web"].backends]
     with client(tmp_path) as c:
         got = [{k: b[k] for k in ("address", "weight", "state")} for b in c.call("backends", service="web")]
     assert got == want
@@ -437,7 +446,8 @@ def test_kill_9_after_acknowledged_changes_loses_none(procs, tmp_path):
     lb.wait(5)
     lb2, _ = start_fastlb(procs, admin_config(tmp_path, body))
     with client(tmp_path) as c:
-        assert [(b["weight"], b["state"]) for b in c.call("backends", service="web")] == [(11, "ready"), (7, "drain")]
+        got = [(b["weight"], b["state"]) for b in c.call("backends", service="web")]
+        assert got == [(11, "ready"), (7, "drain")]
 
 
 def test_corrupt_state_file_refuses_to_start_unless_told(procs, tmp_path):
@@ -478,7 +488,8 @@ def test_ctl_cli_tables_json_and_errors(lb3, tmp_path):
     lb, port, addr = lb3
     ctl = [PY, "-m", "fastlb", "ctl", "--socket", f"{tmp_path}/admin.sock"]
     out = subprocess.run(ctl + ["backends", "web"], capture_output=True, text=True, timeout=20)
-    assert out.returncode == 0 and out.stdout.splitlines()[0].split() == ["ADDRESS", "WEIGHT", "STATE", "HEALTH"]
+    assert out.returncode == 0
+    assert out.stdout.splitlines()[0].split() == ["ADDRESS", "WEIGHT", "STATE", "HEALTH"]
     out = subprocess.run(ctl + ["weight", "web", addr["a"], "4"], capture_output=True, text=True, timeout=20)
     assert out.returncode == 0
     out = subprocess.run(ctl + ["--json", "backends", "web"], capture_output=True, text=True, timeout=20)

@@ -13,7 +13,8 @@ import pytest
 
 from helpers import PY, Proc, closed_port, start_backend
 
-BACKEND = '[[service]]\nname = "web"\nlisten = ["{listen}"]\nbackends = [ {{ address = "127.0.0.1:{port}" }} ]\n'
+BACKEND = ('[[service]]\nname = "web"\nlisten = ["{listen}"]\n'
+           'backends = [ {{ address = "127.0.0.1:{port}" }} ]\n')
 
 
 def fastlb(*args: str, cwd=None, timeout: float = 30) -> subprocess.CompletedProcess:

@@ -110,7 +110,8 @@ def test_send_expect_wrong_bytes_and_slow_replies_are_down(procs, tmp_path):
     _, good = start_backend(procs, "announce", name="pong")
     _, wrong = start_backend(procs, "announce", name="nope")
     _, slow = start_backend(procs, "announce", name="pong", delay=0.5)
-    hc = '{ kind = "send_expect", send = "PING\\r\\n", expect = "pong", interval = "300ms", timeout = "200ms", rise = 1, fall = 1 }'
+    hc = ('{ kind = "send_expect", send = "PING\\r\\n", expect = "pong", interval = "300ms", '
+          'timeout = "200ms", rise = 1, fall = 1 }')
     body = service("web", [(good, 1), (wrong, 1), (slow, 1)], health=hc)
     lb, (port,) = start_fastlb(procs, cfg(tmp_path, body))
     wait_health(tmp_path, f"127.0.0.1:{wrong}", "down")
@@ -152,7 +153,7 @@ def test_maglev_affinity_through_a_health_flap(procs, tmp_path):
     start_backend(procs, "announce", name="b3", port=victim_port)
     wait_health(tmp_path, f"127.0.0.1:{victim_port}", "up")
     after = asyncio.run(route_all())
-    moved_others = sum(1 for b, d in zip(before, during) if b != "b3" and d != b)
+    moved_others = sum(1 for b, d in zip(before, during, strict=False) if b != "b3" and d != b)
     assert moved_others == 0                              # no key of the other nine moved
     assert all(d != "b3" for d in during)
     assert after == before                                # and all of b3's keys came back
@@ -186,7 +187,8 @@ def test_panic_threshold_uses_all_backends(procs, tmp_path):
 def test_all_down_with_no_panic_closes_clients_promptly(procs, tmp_path):
     ports = [start_backend(procs, "announce", name=n)[1] for n in "ab"]
     body = service("web", [(p, 1) for p in ports],
-                   health=f'{{ port = {closed_port()}, interval = "100ms", timeout = "80ms", rise = 1, fall = 1 }}')
+                   health=f'{{ port = {closed_port()}, interval = "100ms", timeout = "80ms", '
+                          'rise = 1, fall = 1 }')
     lb, (port,) = start_fastlb(procs, cfg(tmp_path, body))
     for p in ports:
         wait_health(tmp_path, f"127.0.0.1:{p}", "down")

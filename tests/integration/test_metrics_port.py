@@ -64,7 +64,8 @@ def wait_for(pred, timeout=10.0):
 def test_server_status_and_transitions_with_haproxy_names(procs, tmp_path):
     backs = {n: start_backend(procs, "announce", name=n) for n in "abcd"}
     health = "{ interval = \"200ms\", timeout = \"200ms\", rise = 1, fall = 1 }"
-    lb, (port,), mport = start(procs, tmp_path, [(backs[n][1], w) for n, w in zip("abcd", (1, 2, 3, 4))],
+    lb, (port,), mport = start(procs, tmp_path,
+                               [(backs[n][1], w) for n, w in zip("abcd", (1, 2, 3, 4), strict=False)],
                                health=health)
     addr = {n: f"127.0.0.1:{backs[n][1]}" for n in "abcd"}
     with AdminClient(socket_path=f"{tmp_path}/admin.sock", timeout=10) as c:
@@ -73,7 +74,7 @@ def test_server_status_and_transitions_with_haproxy_names(procs, tmp_path):
     backs["b"][0].stop()
     lb.wait_line(r"127.0.0.1:\d+ DOWN: 1 check failed")
     families, m = scrape(mport)
-    for n, state in zip("abcd", ("UP", "DOWN", "MAINT", "DRAIN")):
+    for n, state in zip("abcd", ("UP", "DOWN", "MAINT", "DRAIN"), strict=False):
         for s in ("UP", "DOWN", "MAINT", "DRAIN"):
             assert m[("fastlb_server_status", "web", addr[n], s)] == (s == state), (n, s)
     assert m[("fastlb_server_check_up_down_total", "web", addr["b"], None)] == 1
@@ -117,7 +118,8 @@ def test_json_api_healthz_head_and_errors(procs, tmp_path):
     for path in ("/api/services", "/healthz", "/"):
         _, gh, gbody = get(mport, path)
         status, hh, hbody = get(mport, path, "HEAD")
-        assert status == 200 and hbody == b"" and hh["Content-Length"] == gh["Content-Length"] == str(len(gbody))
+        assert status == 200 and hbody == b""
+        assert hh["Content-Length"] == gh["Content-Length"] == str(len(gbody))
     status, _, body = get(mport, "/nope")
     assert status == 404 and b"/metrics" in body
     status, headers, body = get(mport, "/metrics", "POST")

@@ -75,7 +75,7 @@ def test_integrity_many_small_writes(procs):
 
 def test_round_robin_rotation_is_nginx_sequence(procs):
     ports = [start_backend(procs, "announce", name=n)[1] for n in "abc"]
-    _, (port,) = start_fastlb(procs, service("web", list(zip(ports, [5, 1, 1]))))
+    _, (port,) = start_fastlb(procs, service("web", list(zip(ports, [5, 1, 1], strict=False))))
     assert "".join(names_of(port, 21)) == "aabacaa" * 3
 
 
@@ -297,7 +297,7 @@ def test_maglev_affinity_matches_the_core_prediction(procs, hash_key):
     names = "abcd"
     weights = [1, 2, 3, 4]
     ports = [start_backend(procs, "announce", name=n)[1] for n in names]
-    _, (port,) = start_fastlb(procs, service("web", list(zip(ports, weights)),
+    _, (port,) = start_fastlb(procs, service("web", list(zip(ports, weights, strict=False)),
                                              policy='"maglev"', hash_key=f'"{hash_key}"'))
     ids = [f"127.0.0.1:{p}" for p in ports]
     health = _core.HealthBitmap(bytearray(_core.HealthBitmap.size_for(4)), 4)

@@ -93,7 +93,8 @@ def test_a_listener_that_cannot_bind_at_start_fails_only_its_service(procs, tmp_
     text = (f'[global]\nadmin = "unix:{tmp_path}/admin.sock"\n' + service("web", [(be, 1)])
             + service("api", [(be, 1)], listen=f"127.0.0.1:{tport}"))
     lb, (port,) = start_fastlb(procs, text)
-    lb.wait_line(rf"ERROR service api not started: cannot listen on 127.0.0.1:{tport}: Address already in use")
+    lb.wait_line(rf"ERROR service api not started: cannot listen on 127.0.0.1:{tport}: "
+                 r"Address already in use")
     assert names_of(port, 2) == ["a", "a"]
     with client(tmp_path) as c:
         assert [s["name"] for s in c.call("services")] == ["web"]
@@ -103,7 +104,8 @@ def test_a_listener_that_cannot_bind_at_start_fails_only_its_service(procs, tmp_
 @pytest.mark.parametrize("workers", [1, 2])
 def test_sigterm_refuses_new_clients_at_once_in_every_mode(procs, workers):
     _, be = start_backend(procs, "trickle", size=1 << 20)
-    lb, (port,) = start_fastlb(procs, f'[global]\nworkers = {workers}\ngrace = "10s"\n' + service("web", [(be, 1)]))
+    lb, (port,) = start_fastlb(procs, f'[global]\nworkers = {workers}\ngrace = "10s"\n'
+                                      + service("web", [(be, 1)]))
     s = socket.create_connection(("127.0.0.1", port), timeout=10)
     first = s.recv(1000)
     lb.signal(signal.SIGTERM)

@@ -56,7 +56,7 @@ def test_two_workers_serve_and_counters_sum_exactly(procs, tmp_path):
         assert all(w["connections"] > 0 for w in workers), workers      # both served
         assert sum(w["connections"] for w in workers) == 400
         (web,) = c.call("stats")
-        for name, b in zip("ab", web["backends"]):                     # summed over both blocks
+        for name, b in zip("ab", web["backends"], strict=False):                     # summed over both blocks
             n = seen[name]
             assert (b["total"], b["active"], b["bytes_in"], b["bytes_out"]) == (n, 0, n * 1000, n * 1002)
 
@@ -181,7 +181,7 @@ def test_metrics_parse_and_match_a_known_workload(procs, tmp_path):
     for fam in text_string_to_metric_families(body.decode()):
         for smp in fam.samples:
             samples[(smp.name, smp.labels.get("server"), smp.labels.get("state"))] = smp.value
-    for name, p in zip("ab", ports):       # HAProxy's names, summed over both workers' blocks
+    for name, p in zip("ab", ports, strict=False):       # HAProxy's names, summed over both workers' blocks
         b, n = f"127.0.0.1:{p}", seen[name]
         assert samples[("fastlb_server_sessions_total", b, None)] == n
         assert samples[("fastlb_server_bytes_in_total", b, None)] == n * 500

@@ -117,7 +117,7 @@ def test_same_verdicts_as_the_twin(allow, deny, ips):
         assert acl.admits(ip) == twin.admits(ip), (ip, allow, deny)
     # the admitted set of each family is sorted, disjoint and not adjacent (fully merged)
     for ivs in acl.intervals().values():
-        for (a, b), (c, d) in zip(ivs, ivs[1:]):
+        for (a, b), (c, d) in zip(ivs, ivs[1:], strict=False):
             assert a <= b and b + 1 < c <= d
 
 

@@ -33,7 +33,8 @@ def test_trailing_partial_message_waits_for_the_rest():
 
 def test_parse_valid_requests():
     r = parse_request(REQS[1])
-    assert (r.id, r.op, r.args) == (2, "set_weight", {"service": "web", "address": "10.0.0.1:80", "weight": 7})
+    assert (r.id, r.op, r.args) == (2, "set_weight",
+                                    {"service": "web", "address": "10.0.0.1:80", "weight": 7})
     assert parse_request({"id": 5, "op": "ping", "token": "t"}).token == "t"
 
 
@@ -46,7 +47,8 @@ def test_parse_valid_requests():
     ({"id": 1, "op": "fly"}, "unknown_op", 1, "unknown op 'fly'"),
     ({"id": 1, "op": "ping", "x": 1}, "bad_request", 1, "ping: unknown field 'x'"),
     ({"id": 1, "op": "backends"}, "bad_request", 1, "backends: missing field \"service\""),
-    ({"id": 1, "op": "backends", "service": 3}, "bad_request", 1, "\"service\" must be a string, got an integer"),
+    ({"id": 1, "op": "backends", "service": 3}, "bad_request", 1,
+     "\"service\" must be a string, got an integer"),
     ({"id": 1, "op": "set_weight", "service": "a", "address": "b:1", "weight": 0}, "bad_request", 1,
      "weight 0 out of range"),
     ({"id": 1, "op": "set_weight", "service": "a", "address": "b:1", "weight": 1.5}, "bad_request", 1,

@@ -48,7 +48,7 @@ def test_the_charts_data_is_the_readme_table():
     assert loads == ["keepalive", "close", "bulk_up", "bulk_down"] and "fastlb" in peers
     for line in table:
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        for peer, cell in zip(peers, cells[1:]):
+        for peer, cell in zip(peers, cells[1:], strict=False):
             figure = float(cell.split(" ")[0].rstrip(",").replace(",", ""))
             assert med[f"{cells[0].split()[0]}/{peer}"]["value"] == figure
 

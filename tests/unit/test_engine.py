@@ -121,7 +121,7 @@ def test_close_backend_counts_and_close_is_idempotent(procs):
                 w.write(b"x")
                 assert await r.readexactly(1) == b"x"
             assert rig.engine.close_backend(rig.svc, 0) == 2   # round robin: 0, 1, 0, 1
-            for r, w in conns[0::2]:
+            for r, _w in conns[0::2]:
                 assert await r.read() == b""
             for r, w in conns[1::2]:                           # slot 1's sessions go on
                 w.write(b"y")

@@ -1,6 +1,5 @@
 """The process log's formats (no I/O beyond a StringIO) and its config keys."""
 import datetime
-import io
 import json
 import logging
 import re

@@ -68,7 +68,7 @@ def test_round_robin_matches_reference(weights, script, rnd, max_fails):
         elif op == "fail" and arg < len(slots):
             fast.report_failure(arg)
             slow.report_failure(arg)
-    assert fast.state() == list(zip(slow.current, slow.effective))
+    assert fast.state() == list(zip(slow.current, slow.effective, strict=False))
 
 
 @settings(max_examples=100, deadline=None)
@@ -123,7 +123,7 @@ def test_failures_through_the_engine_path_match_the_reference():
                 tried.append(1)
             assert slow.pick(0, tried) == s
             seq.append(s)
-        assert fast.state() == list(zip(slow.current, slow.effective))
+        assert fast.state() == list(zip(slow.current, slow.effective, strict=False))
 
 # -- random and least_conn ---------------------------------------------------------------------
 
@@ -264,7 +264,7 @@ def test_maglev_shares_follow_weights(weights):
     assert mg.table_size == 65537
     counts = collections.Counter(mg.table_slots())
     total = sum(weights)
-    for s, wt in zip(slots, weights):
+    for s, wt in zip(slots, weights, strict=False):
         ideal = 65537 * wt / total
         # within 1% of the ideal share; integer granularity allows +-2 entries for tiny shares
         assert abs(counts[s] - ideal) <= max(0.01 * ideal, 2), (s, counts[s], ideal)
@@ -280,7 +280,7 @@ def test_maglev_flap_moves_only_the_flapping_backends_keys(n):
     victim = n // 2
     w.set(victim, False)
     during = [mg.pick(k) for k in keys]
-    for b, d in zip(before, during):
+    for b, d in zip(before, during, strict=False):
         assert d == b if b != victim else d != victim
     w.set(victim, True)
     assert [mg.pick(k) for k in keys] == before
@@ -294,7 +294,7 @@ def test_maglev_membership_change_moves_at_most_twice_the_ideal(n):
     gone = n // 3
     rest = [s for s in range(n) if s != gone]
     less = _core.Maglev(rest, [1] * (n - 1), health, ids=[ids[s] for s in rest]).table_slots()
-    moved = sum(1 for a, b in zip(full, less) if a != b)
+    moved = sum(1 for a, b in zip(full, less, strict=False) if a != b)
     assert moved / len(full) <= 2 / n
 
 

@@ -54,8 +54,10 @@ def test_every_mutation():
 
 
 @pytest.mark.parametrize("op,args,code,msg", [
-    ("set_weight", {"service": "nope", "address": "x:1", "weight": 1}, "unknown_service", "no service 'nope'"),
-    ("set_weight", {"service": "web", "address": "127.0.0.1:1", "weight": 1}, "unknown_backend", "no backend"),
+    ("set_weight", {"service": "nope", "address": "x:1", "weight": 1}, "unknown_service",
+     "no service 'nope'"),
+    ("set_weight", {"service": "web", "address": "127.0.0.1:1", "weight": 1}, "unknown_backend",
+     "no backend"),
     ("add_backend", {"service": "web", "address": "127.0.0.1:9001"}, "exists", "already has backend"),
     ("add_backend", {"service": "web", "address": "nonsense"}, "invalid", "is not \"host:port\""),
     ("add_backend", {"service": "web", "address": "127.0.0.1:0"}, "invalid", "needs a port"),

@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-import math
-import os
 import re
 import socket
 import tomllib
 from dataclasses import dataclass, field
 from typing import AbstractSet, Any, TypedDict
 
-from fastlb import _core
+from fastlb import _core, cpus
 from fastlb.errors import ConfigError
 
 # The core's names and limits, never copied here (fastlb/core/consts.pxi defines them).
@@ -255,46 +253,6 @@ def _closest(key: str, allowed: set[str]) -> str:
     return f" (did you mean {match[0]!r}?)" if match else ""
 
 
-def usable_cpus(*, affinity: set[int] | None = None, cgroup_root: str = "/sys/fs/cgroup",
-                proc_cgroup: str = "/proc/self/cgroup") -> int:
-    """The CPUs this process may really use: its affinity mask (taskset, cpusets), lowered by a
-    cgroup v2 CPU quota (``cpu.max``, as set by ``docker --cpus`` or systemd's CPUQuota=) of its
-    cgroup or any parent, rounded up. At least 1. The keyword arguments are for tests."""
-    n = len(affinity if affinity is not None else os.sched_getaffinity(0)) or 1
-    quota = _cgroup_cpu_quota(cgroup_root, proc_cgroup)
-    if quota is not None:
-        n = min(n, max(1, math.ceil(quota)))
-    return n
-
-
-def _cgroup_cpu_quota(root: str, proc_cgroup: str) -> float | None:
-    """The tightest ``cpu.max`` quota (in CPUs) from our cgroup v2 up to the root, or None."""
-    try:
-        with open(proc_cgroup) as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return None
-    # cgroup v2: the one line "0::/path"; a v1 or hybrid host has no cpu.max to read.
-    path = next((ln[3:] for ln in lines if ln.startswith("0::")), None)
-    if path is None:
-        return None
-    best = None
-    parts = [p for p in path.strip("/").split("/") if p]
-    for depth in range(len(parts), -1, -1):
-        try:
-            with open(os.path.join(root, *parts[:depth], "cpu.max")) as f:
-                fields = f.read().split()
-        except OSError:
-            continue
-        if len(fields) >= 2 and fields[0] != "max":
-            try:
-                q = int(fields[0]) / int(fields[1])
-            except (ValueError, ZeroDivisionError):
-                continue
-            best = q if best is None else min(best, q)
-    return best
-
-
 def parse_address(text: str, *, resolve: bool = True) -> Address:
     """``host:port`` or ``[v6]:port`` -> Address with an IP host. Raises ValueError."""
     m = re.match(r"^\[([^\]]+)\]:(\d+)$", text) or re.match(r"^([^:\[\]]+):(\d+)$", text)
@@ -351,7 +309,7 @@ def from_dict(doc: dict, *, source: str = "config", text: str = "", resolve: boo
                  "log_format", "log_level"})                                  # [obs] logs
     workers = g.get("workers", DEFAULTS["workers"])
     if workers == "auto":
-        workers = min(usable_cpus(), MAX_WORKERS)
+        workers = min(cpus.usable(), MAX_WORKERS)
     elif isinstance(workers, str):
         raise c.fail("global.workers", f"{workers!r}: expected \"auto\" or a number from 1 to {MAX_WORKERS}")
     else:

@@ -11,7 +11,7 @@ import mmap
 import os
 from typing import Callable
 
-from fastlb import _core
+from fastlb import _core, cpus
 from fastlb.errors import RegistryError
 
 # Bump when the mapping's layout (bitmap, counter fields, block size) changes: a worker of
@@ -22,7 +22,7 @@ LAYOUT_VERSION = 1
 def blocks_for(workers: int) -> int:
     """Counter blocks: one in process; with workers 2 x max(N, CPUs), so a rolling restart
     can run old and new workers side by side and a reload can add workers."""
-    return 1 if workers == 1 else 2 * max(workers, os.cpu_count() or 1)
+    return 1 if workers == 1 else 2 * max(workers, cpus.usable())
 
 
 def layout_size(max_backends: int, nblocks: int) -> int:

@@ -59,23 +59,19 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import hashlib
 import logging
 import os
 import re
 import secrets
 import stat
-import struct
 import threading
 import time
 from collections.abc import Callable, Mapping
 
-import msgpack
 
-from fastlb import config
+from fastlb import stateformat
 from fastlb.config import Service
-from fastlb.errors import ConfigError, StateFileError, StateWriteError
-from fastlb.unpacking import Limits, depth, limit_error
+from fastlb.errors import StateFileError, StateWriteError
 
 __all__ = [
     "MAGIC",
@@ -93,110 +89,22 @@ __all__ = [
 
 log = logging.getLogger("fastlb")
 
-FORMAT = "fastlb-state"       # version 1's "format" value
-VERSION = 2
-MAGIC = b"\xc1fastlb-state\r\n"
-_HEAD = struct.Struct(">15sBQ")            # magic, version, body length
-HEADER_SIZE = _HEAD.size + 32              # + SHA-256
-PREV_SUFFIX = ".prev"
-CORRUPT_SUFFIX = ".corrupt"
-RETRY_INTERVAL = 5.0          # seconds between writes while the file cannot be written
 # A backend takes about 60 bytes in each of "registry" and "config": 256 MiB is over a million
 # backends, far past any slot table. A bigger file is not one we wrote.
 MAX_FILE = 256 << 20
-# A service table nests 5 deep inside the body (body > registry > service > backends > backend
-# > health); 16 leaves room for new fields and keeps error messages (repr) from recursing.
-MAX_DEPTH = 16
+PREV_SUFFIX = ".prev"
+CORRUPT_SUFFIX = ".corrupt"
+RETRY_INTERVAL = 5.0          # seconds between writes while the file cannot be written
 # A temp file of a process that is still running is left alone unless it is this old (seconds):
 # an in-flight save lasts as long as a write and two fsyncs.
 STALE_TEMP_AGE = 3600.0
 
-Tables = dict[str, Service]
-
-
-class _Unusable(Exception):
-    """A file that cannot be used; the text says why (internal to this module)."""
-
-
-# -- format ---------------------------------------------------------------------------------------
-
-def encode(registry: Mapping[str, Service], cfg: Mapping[str, Service]) -> bytes:
-    """The version-2 bytes of a state file."""
-    body: bytes = msgpack.packb({"registry": [config.service_to_dict(s) for s in registry.values()],
-                                 "config": [config.service_to_dict(s) for s in cfg.values()]},
-                                use_bin_type=True)
-    head = _HEAD.pack(MAGIC, VERSION, len(body))
-    digest = hashlib.sha256(head)
-    digest.update(body)
-    return head + digest.digest() + body
-
-
-def _limits(size: int) -> Limits:
-    # No array, map or string can hold more elements or bytes than the body has bytes (each
-    # element takes at least one), so these refuse only headers that cannot be true; with them
-    # an array header is refused before msgpack preallocates for it, which keeps the decoder
-    # under 8x the file.
-    return Limits(max_buffer=size, max_array=size, max_map=size, max_str=size, max_bin=size,
-                  max_ext=size, max_depth=MAX_DEPTH)
-
-
-def _unpack(body: bytes) -> object:
-    lim = _limits(max(len(body), 1))
-    try:
-        doc = lim.unpackb(body)
-    except Exception as exc:  # noqa: BLE001 - msgpack raises several unrelated types for bad input
-        words = limit_error(exc) or f"{type(exc).__name__}: {exc}"
-        raise _Unusable(f"not valid msgpack ({words})") from None
-    if depth(doc, MAX_DEPTH) > MAX_DEPTH:
-        raise _Unusable(f"corrupt: values nested deeper than {MAX_DEPTH}")
-    return doc
-
-
-def decode(raw: bytes) -> tuple[Tables, Tables]:
-    """(registry, config) from the bytes of a state file of version 1 or 2; raises _Unusable."""
-    if not raw:
-        raise _Unusable("it is empty (0 bytes): torn")
-    if raw.startswith(MAGIC[:1]):
-        if len(raw) < HEADER_SIZE:
-            raise _Unusable(f"torn: {len(raw)} bytes, shorter than the {HEADER_SIZE}-byte header")
-        magic, version, length = _HEAD.unpack_from(raw)
-        if magic != MAGIC:
-            raise _Unusable("corrupt: its header does not start with the fastlb-state magic")
-        if len(raw) != HEADER_SIZE + length:
-            raise _Unusable(f"torn or corrupt: its header announces {length} bytes of data, the file "
-                            f"holds {len(raw) - HEADER_SIZE}")
-        digest = hashlib.sha256(raw[:_HEAD.size])
-        digest.update(memoryview(raw)[HEADER_SIZE:])
-        if digest.digest() != raw[_HEAD.size:HEADER_SIZE]:
-            raise _Unusable("corrupt: its SHA-256 checksum does not match its contents")
-        if version != VERSION:
-            raise _Unusable(f"version {version}, which this fastlb does not read (it reads 1 and "
-                            f"{VERSION}): a newer fastlb wrote it")
-        doc = _unpack(raw[HEADER_SIZE:])
-        if not isinstance(doc, dict):
-            raise _Unusable("corrupt: its body is not a map")
-    else:                                               # version 1: a bare msgpack map
-        doc = _unpack(raw)
-        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-            raise _Unusable("not a fastlb state file (no fastlb-state header, and not a "
-                            "version-1 map with \"format\": \"fastlb-state\")")
-        if doc.get("version") != 1:
-            raise _Unusable(f"unknown version {doc.get('version')!r} (this fastlb reads version "
-                            f"1 and {VERSION})")
-    out = []
-    for part in ("registry", "config"):
-        tables = doc.get(part)
-        if not isinstance(tables, list):
-            raise _Unusable(f"\"{part}\" is not a list")
-        services: Tables = {}
-        for i, table in enumerate(tables):
-            try:
-                svc = config.service_from_dict(table, f"{part}[{i}]")
-            except ConfigError as exc:
-                raise _Unusable(str(exc)) from None
-            services[svc.name] = svc
-        out.append(services)
-    return out[0], out[1]
+# The format (fastlb.stateformat), re-exported: encode/decode are part of this module's API.
+Tables = stateformat.Tables
+Unusable = stateformat.Unusable
+FORMAT, VERSION, MAGIC, HEADER_SIZE = (stateformat.FORMAT, stateformat.VERSION, stateformat.MAGIC,
+                                       stateformat.HEADER_SIZE)
+encode, decode = stateformat.encode, stateformat.decode
 
 
 # -- errors in words --------------------------------------------------------------------------------
@@ -243,30 +151,30 @@ def _read_words(exc: OSError) -> str:
 # -- file operations ---------------------------------------------------------------------------------
 
 def _read(path: str) -> bytes | None:
-    """The file's bytes; None when it does not exist; raises _Unusable when it cannot be read."""
+    """The file's bytes; None when it does not exist; raises Unusable when it cannot be read."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except (FileNotFoundError, NotADirectoryError):
         return None
     except OSError as exc:
-        raise _Unusable(_read_words(exc)) from None
+        raise Unusable(_read_words(exc)) from None
     try:
         st = os.fstat(fd)
         if stat.S_ISDIR(st.st_mode):
-            raise _Unusable("it is a directory, not a file")
+            raise Unusable("it is a directory, not a file")
         if not stat.S_ISREG(st.st_mode):
-            raise _Unusable("not a regular file")
+            raise Unusable("not a regular file")
         if st.st_size > MAX_FILE:
-            raise _Unusable(f"{st.st_size} bytes, more than the {MAX_FILE >> 20} MiB a state "
+            raise Unusable(f"{st.st_size} bytes, more than the {MAX_FILE >> 20} MiB a state "
                             f"file can be: not one fastlb wrote")
         chunks = []
         while chunk := os.read(fd, 1 << 20):
             chunks.append(chunk)
             if sum(map(len, chunks)) > MAX_FILE:
-                raise _Unusable(f"more than the {MAX_FILE >> 20} MiB a state file can be")
+                raise Unusable(f"more than the {MAX_FILE >> 20} MiB a state file can be")
         return b"".join(chunks)
     except OSError as exc:
-        raise _Unusable(_read_words(exc)) from None
+        raise Unusable(_read_words(exc)) from None
     finally:
         os.close(fd)
 
@@ -333,7 +241,7 @@ class StateStore:
                 self._current = raw
                 return loaded
             missing, problem = True, "it is missing"
-        except _Unusable as exc:
+        except Unusable as exc:
             problem = str(exc)
         try:
             prev = _read(self.prev_path)
@@ -343,7 +251,7 @@ class StateStore:
                 raise StateFileError(self.path, f"{problem}; there is no previous generation "
                                                 f"({self.prev_path}) to fall back on")
             loaded = decode(prev)
-        except _Unusable as exc:
+        except Unusable as exc:
             raise StateFileError(self.path, f"{problem}; its previous generation {self.prev_path} "
                                             f"is unusable too: {exc}") from None
         aside = "" if missing else f"; the unusable file is set aside as {self.corrupt_path} " \
@@ -364,7 +272,7 @@ class StateStore:
                 decode(raw)
                 return None, None
             missing, problem = True, "it is missing"
-        except (_Unusable, StateFileError) as exc:
+        except (Unusable, StateFileError) as exc:
             missing, problem = False, str(exc)
         try:
             prev = _read(self.prev_path)
@@ -375,7 +283,7 @@ class StateStore:
                         f"({self.prev_path}) to fall back on; fix or move it away, or start with "
                         f"--ignore-state to start from the config alone"), None
             decode(prev)
-        except (_Unusable, StateFileError) as exc:
+        except (Unusable, StateFileError) as exc:
             return (f"state file {self.path}: {problem}; its previous generation "
                     f"{self.prev_path} is unusable too: {exc}; start with --ignore-state to "
                     f"start from the config alone"), None
@@ -524,7 +432,7 @@ class StateStore:
             try:
                 raw = _read(self.path)
                 self._current = raw if raw is not None and decode(raw) else None
-            except _Unusable:
+            except Unusable:
                 self._current = None
             self._current_known = True
         if self._current is None:

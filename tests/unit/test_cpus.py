@@ -4,7 +4,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from fastlb import config
+from fastlb import cpus
 
 
 def _cgroup(tmp_path, lines: str, quotas: dict[str, str]):
@@ -19,31 +19,31 @@ def _cgroup(tmp_path, lines: str, quotas: dict[str, str]):
 
 def test_affinity_is_the_count_without_a_quota(tmp_path):
     paths = _cgroup(tmp_path, "0::/app\n", {"": "max 100000\n", "app": "max 100000\n"})
-    assert config.usable_cpus(affinity={0, 1, 2, 3}, **paths) == 4
+    assert cpus.usable(affinity={0, 1, 2, 3}, **paths) == 4
 
 
 def test_quota_lowers_the_count_rounded_up(tmp_path):
     paths = _cgroup(tmp_path, "0::/system.slice/fastlb.service\n",
                     {"system.slice/fastlb.service": "150000 100000\n"})
-    assert config.usable_cpus(affinity=set(range(8)), **paths) == 2
+    assert cpus.usable(affinity=set(range(8)), **paths) == 2
 
 
 def test_the_tightest_quota_of_any_parent_wins(tmp_path):
     paths = _cgroup(tmp_path, "0::/a/b\n", {"a": "100000 100000\n", "a/b": "400000 100000\n"})
-    assert config.usable_cpus(affinity=set(range(8)), **paths) == 1
+    assert cpus.usable(affinity=set(range(8)), **paths) == 1
 
 
 def test_quota_never_raises_the_count_nor_goes_below_one(tmp_path):
     paths = _cgroup(tmp_path, "0::/x\n", {"x": "800000 100000\n"})
-    assert config.usable_cpus(affinity={0, 1}, **paths) == 2
+    assert cpus.usable(affinity={0, 1}, **paths) == 2
     paths = _cgroup(tmp_path, "0::/x\n", {"x": "1000 100000\n"})
-    assert config.usable_cpus(affinity={0, 1}, **paths) == 1
+    assert cpus.usable(affinity={0, 1}, **paths) == 1
 
 
 def test_cgroup_v1_or_no_cgroup_file_means_no_quota(tmp_path):
     paths = _cgroup(tmp_path, "4:memory:/x\n1:cpu:/\n", {})
-    assert config.usable_cpus(affinity={0, 1, 2}, **paths) == 3
-    assert config.usable_cpus(affinity={0, 1, 2}, cgroup_root=str(tmp_path),
+    assert cpus.usable(affinity={0, 1, 2}, **paths) == 3
+    assert cpus.usable(affinity={0, 1, 2}, cgroup_root=str(tmp_path),
                               proc_cgroup=str(tmp_path / "missing")) == 3
 
 

@@ -257,7 +257,16 @@ def measure(stack: Stack, peer: str, backend: int, load: str, duration: float, c
         if load in ("keepalive", "close"):
             res = run_wrk(port, load == "close", duration, conns)
         else:
-            res = run_iperf(port, load == "bulk_down", duration)
+            try:
+                res = run_iperf(port, load == "bulk_down", duration)
+            except RuntimeError as exc:
+                # iperf3's one-test-at-a-time server now and then drops a control connection
+                # right after the previous peer's test (seen for every proxy): try once more,
+                # and say so; a second failure stops the run.
+                print(f"  {peer} {load}: iperf3: {exc}; retrying once", flush=True)
+                time.sleep(1.0)
+                cpu0, t0 = (tree_cpu_seconds(proc.pid) if proc else 0.0), time.monotonic()
+                res = run_iperf(port, load == "bulk_down", duration)
         wall = time.monotonic() - t0
         res["cpu_pct"] = 100 * (tree_cpu_seconds(proc.pid) - cpu0) / wall if proc else None
         return res

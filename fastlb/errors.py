@@ -98,3 +98,19 @@ class RegistryError(FastLBError):
         self.code = code
         self.message = message
         super().__init__(message)
+
+
+class StateUnusable(FastLBError):
+    """The bytes of a state file (or of its previous generation) cannot be used: torn, corrupt,
+    of an unknown version. The text says why; fastlb.statefile turns it into a StateFileError
+    naming the file and the remedy, or falls back to the previous generation."""
+
+
+class HTTPError(FastLBError):
+    """A request to the metrics port answered with an error status, and the connection closed
+    (fastlb.httpapi). ``status`` is the HTTP status code."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message

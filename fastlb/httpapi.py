@@ -26,6 +26,7 @@ from importlib import resources
 from typing import Any
 
 from fastlb import observe, promex
+from fastlb.errors import HTTPError
 
 log = logging.getLogger("fastlb")
 
@@ -40,15 +41,6 @@ WRITE_TIMEOUT = 10.0
 MAX_CONNECTIONS = 64
 KEEPALIVE_REQUESTS = 100
 ROUTES = ("/", "/metrics", "/healthz", "/api/stats", "/api/services")
-
-
-class HTTPError(Exception):
-    """A request we answer with an error status and close."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,7 +16,7 @@ import msgpack
 
 from fastlb import config
 from fastlb.config import Service
-from fastlb.errors import ConfigError
+from fastlb.errors import ConfigError, StateUnusable
 from fastlb.unpacking import Limits, depth, limit_error
 
 FORMAT = "fastlb-state"       # version 1's "format" value
@@ -31,8 +31,7 @@ MAX_DEPTH = 16
 Tables = dict[str, Service]
 
 
-class Unusable(Exception):
-    """A file that cannot be used; the text says why (internal to the state file modules)."""
+Unusable = StateUnusable          # the name both state file modules use
 
 
 def encode(registry: Mapping[str, Service], cfg: Mapping[str, Service]) -> bytes:

@@ -171,7 +171,8 @@ def test_metrics_parse_and_match_a_known_workload(procs, tmp_path):
     seen = collections.Counter(asyncio.run(_burst(port, 100, b"y" * 500)))
     time.sleep(0.3)
     with socket.create_connection(("127.0.0.1", mport), timeout=5) as s:
-        s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        # HTTP/1.1 keeps the connection alive unless asked: ask, then read to EOF
+        s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         raw = b""
         while data := s.recv(65536):
             raw += data

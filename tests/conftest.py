@@ -31,3 +31,19 @@ def procs():
     yield started
     for p in started:
         p.stop()
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 256 KiB tmpfs: a real filesystem to fill (root only; skipped where mounting is not
+    allowed). Unmounted lazily at teardown, even if a process still has a file open there."""
+    import subprocess
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)],
+                       capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+

@@ -145,3 +145,34 @@ def recv_all(sock: socket.socket, limit: float = 30.0) -> bytes:
     while data := sock.recv(262144):
         chunks.append(data)
     return b"".join(chunks)
+
+
+def admin_client(tmp_path):
+    """A client of the admin socket that the tests' configs put at tmp_path/admin.sock."""
+    from fastlb.admin.client import AdminClient
+    return AdminClient(socket_path=f"{tmp_path}/admin.sock", timeout=20)
+
+
+def names_of(port: int, count: int) -> list[str]:
+    """The names announced by the backends of ``count`` new connections to ``port``."""
+    out = []
+    for _ in range(count):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            out.append(s.recv(100).decode().strip())
+    return out
+
+
+def fill(directory) -> None:
+    """Fill the filesystem of ``directory`` to its last byte (with a file named filler)."""
+    import errno
+    fd = os.open(os.path.join(directory, "filler"), os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        for size in (65536, 4096, 512, 1):
+            try:
+                while True:
+                    os.write(fd, b"\0" * size)
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+

@@ -13,7 +13,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from fastlb import config
 from fastlb.admin.client import AdminClient, AdminError
 from fastlb.registry import Registry
-from helpers import Proc, PY, service, start_backend, start_fastlb
+from helpers import Proc, PY, names_of, service, start_backend, start_fastlb
+from helpers import admin_client as client
 
 
 def admin_config(tmp_path, body, state=True, extra=""):
@@ -21,18 +22,6 @@ def admin_config(tmp_path, body, state=True, extra=""):
     if state:
         g += f'state_file = "{tmp_path}/state.msgpack"\n'
     return g + extra + body
-
-
-def client(tmp_path):
-    return AdminClient(socket_path=f"{tmp_path}/admin.sock", timeout=20)
-
-
-def names_of(port, count):
-    out = []
-    for _ in range(count):
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-            out.append(s.recv(100).decode().strip())
-    return out
 
 
 @pytest.fixture

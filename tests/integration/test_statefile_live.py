@@ -1,34 +1,21 @@
 """The state file through `fastlb run`: start when it cannot be written, fall back to the
 previous generation, refuse when none is usable, upgrade a version-1 file."""
 import os
-import socket
-import subprocess
 import time
 
 import msgpack
 import pytest
-from helpers import PY, Proc, service, start_backend, start_fastlb
+from helpers import PY, Proc, fill, names_of, service, start_backend, start_fastlb
+from helpers import admin_client as client
 
 from fastlb import config, statefile
-from fastlb.admin.client import AdminClient, AdminError
+from fastlb.admin.client import AdminError
 from fastlb.statefile import MAGIC, StateStore
 
 
 def conf(tmp_path, state_file, body):
     return (f'[global]\nadmin = "unix:{tmp_path}/admin.sock"\nstate_file = "{state_file}"\n'
             + body)
-
-
-def client(tmp_path):
-    return AdminClient(socket_path=f"{tmp_path}/admin.sock", timeout=20)
-
-
-def names_of(port, count):
-    out = []
-    for _ in range(count):
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-            out.append(s.recv(100).decode().strip())
-    return out
 
 
 def wait_for(predicate, timeout):
@@ -85,30 +72,17 @@ def test_starts_serves_and_retries_while_the_state_directory_is_missing(procs, t
                            lambda: d.mkdir(parents=True))
 
 
-def test_starts_serves_and_retries_on_a_full_disk(procs, tmp_path):
+def test_starts_serves_and_retries_on_a_full_disk(procs, tmp_path, small_tmpfs):
     """A real full filesystem: a 256 KiB tmpfs filled to the last byte (root only)."""
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)],
-                       capture_output=True, text=True)
-    if r.returncode:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    mnt = small_tmpfs
     try:
-        fd = os.open(mnt / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
-        for size in (65536, 4096, 512, 1):
-            try:
-                while True:
-                    os.write(fd, b"\0" * size)
-            except OSError:
-                pass
-        os.close(fd)
+        fill(mnt)
         check_unwritable_start(procs, tmp_path, str(mnt / "state.msgpack"),
                                [f"no space left on the device of {mnt}", "free disk space"],
                                lambda: os.unlink(mnt / "filler"))
     finally:
         for p in procs:
             p.stop()
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 # -- fallback to the previous generation ------------------------------------------------------------
@@ -183,13 +157,8 @@ def test_a_version_1_file_is_read_and_rewritten_as_version_2(procs, tmp_path):
     assert statefile.load(path)[0]["web"].backends[0].weight == 6
 
 
-def test_a_disk_that_fills_while_running_refuses_changes_until_freed(procs, tmp_path):
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)],
-                       capture_output=True, text=True)
-    if r.returncode:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+def test_a_disk_that_fills_while_running_refuses_changes_until_freed(procs, tmp_path, small_tmpfs):
+    mnt = small_tmpfs
     try:
         _, pa = start_backend(procs, "announce", name="a")
         path = str(mnt / "state.msgpack")
@@ -197,14 +166,7 @@ def test_a_disk_that_fills_while_running_refuses_changes_until_freed(procs, tmp_
         addr = f"127.0.0.1:{pa}"
         with client(tmp_path) as c:
             c.call("set_weight", service="web", address=addr, weight=2)
-            fd = os.open(mnt / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
-            for size in (65536, 4096, 512, 1):
-                try:
-                    while True:
-                        os.write(fd, b"\0" * size)
-                except OSError:
-                    pass
-            os.close(fd)
+            fill(mnt)
             for w in (3, 4):                                     # two refusals, one log line
                 with pytest.raises(AdminError) as info:
                     c.call("set_weight", service="web", address=addr, weight=w)
@@ -222,4 +184,3 @@ def test_a_disk_that_fills_while_running_refuses_changes_until_freed(procs, tmp_
     finally:
         for p in procs:
             p.stop()
-        subprocess.run(["umount", "-l", str(mnt)], check=False)

@@ -9,20 +9,9 @@ import time
 import pytest
 
 from fastlb import statefile
-from fastlb.admin.client import AdminClient, AdminError
-from helpers import Proc, PY, recv_all, service, start_backend, start_fastlb
-
-
-def client(tmp_path):
-    return AdminClient(socket_path=f"{tmp_path}/admin.sock", timeout=20)
-
-
-def names_of(port, count):
-    out = []
-    for _ in range(count):
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-            out.append(s.recv(100).decode().strip())
-    return out
+from fastlb.admin.client import AdminError
+from helpers import Proc, PY, names_of, recv_all, service, start_backend, start_fastlb
+from helpers import admin_client as client
 
 
 def taken_port():

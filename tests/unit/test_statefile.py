@@ -13,6 +13,8 @@ import time
 import msgpack
 import pytest
 
+from helpers import fill
+
 from fastlb import config, statefile
 from fastlb.errors import StateFileError, StateWriteError
 from fastlb.statefile import HEADER_SIZE, MAGIC, MAX_FILE, StateStore
@@ -278,33 +280,6 @@ def test_state_file_path_is_a_directory(tmp_path):
         StateStore(path).save(services(), services())
     assert_words(info.value, path, f"{path} is a directory", "path of a file")
     assert os.listdir(tmp_path) == ["state.msgpack"]             # no temp file left behind
-
-
-@pytest.fixture
-def small_tmpfs(tmp_path):
-    """A 256 KiB tmpfs (root only; skipped where mounting is not allowed)."""
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)],
-                       capture_output=True, text=True)
-    if r.returncode:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
-def fill(directory):
-    """Fill a filesystem up to its last byte."""
-    fd = os.open(directory / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        for size in (65536, 4096, 512, 1):
-            try:
-                while True:
-                    os.write(fd, b"\0" * size)
-            except OSError as exc:
-                assert exc.errno == errno.ENOSPC
-    finally:
-        os.close(fd)
 
 
 def test_full_disk_changes_nothing_on_disk(small_tmpfs):

@@ -327,7 +327,8 @@ def test_retry_logs_once_and_writes_when_the_directory_appears(tmp_path, caplog)
         task = asyncio.create_task(s.retry(lambda: (current["v"], current["v"]), interval=0.01))
         await asyncio.sleep(0.2)                                  # ~20 failed tries
         assert not task.done() and s.writable is False
-        current["v"] = services(6)
+        async with s._order:            # as an admin change would: no attempt in flight that
+            current["v"] = services(6)  # read the old state (retry reads current() under it)
         (tmp_path / "later").mkdir()
         await asyncio.wait_for(task, 5)
 

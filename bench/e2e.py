@@ -227,7 +227,10 @@ def run_wrk(port: int, close: bool, duration: float, conns: int) -> dict:
     if close:
         cmd[6:6] = ["-H", "Connection: close"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 30).stdout
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    found = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if found is None:
+        raise RuntimeError(f"wrk reported no rate: {out.strip()[-200:]!r}")
+    rps = float(found.group(1))
     p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
     errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
@@ -314,7 +317,11 @@ def main() -> int:
             for load in loads:
                 backend = http_port if load in ("keepalive", "close") else iperf_port
                 for peer in peers:
-                    r = measure(stack, peer, backend, load, a.duration, a.connections)
+                    try:
+                        r = measure(stack, peer, backend, load, a.duration, a.connections)
+                    except RuntimeError as exc:   # a failed sample is reported, not a dead run
+                        print(f"run {run + 1}/{a.runs} {load:<10} {peer:<17} FAILED: {exc}", flush=True)
+                        continue
                     samples.setdefault((load, peer), []).append(r)
                     print(f"run {run + 1}/{a.runs} {load:<10} {peer:<17} {r['value']:>12.2f}"
                           + (f"  p99 {r['p99_ms']:.2f} ms" if r["p99_ms"] is not None else "")
@@ -335,7 +342,10 @@ def main() -> int:
         base = med.get((load, "haproxy"))
         cells = []
         for peer in peers:
-            m = med[(load, peer)]
+            m = med.get((load, peer))
+            if m is None:                         # every sample of it failed
+                cells.append("failed")
+                continue
             cell = f"{m['value']:,.0f}" if units[load] != "Gbit/s" else f"{m['value']:.2f}"
             if base and peer != "haproxy":
                 cell += f" ({m['value'] / base['value']:.2f}x)"

@@ -131,7 +131,7 @@ def _request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         return "set_weight", {**fields, "weight": args.weight}
     if v == "drain":
         return "set_state", {**fields, "state": "drain",
-                             **({"timeout": args.timeout} if args.timeout else {})}
+                             **({"timeout": args.timeout} if args.timeout is not None else {})}
     if v == "maint":
         return "set_state", {**fields, "state": "maint", **({"close": True} if args.close else {})}
     if v == "ready":

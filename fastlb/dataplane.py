@@ -121,7 +121,6 @@ class DataService:
             self.was_up[slot] = up
         if plan == old:
             return
-        self.plan = plan
         st = self.state
         st.retries = plan.retries
         st.connect_timeout = plan.connect_timeout
@@ -142,6 +141,7 @@ class DataService:
         st.set_backends(build_policy(plan, bitmap, self.counters),
                         {b.slot: (b.host, b.port) for b in plan.backends})
         self.listen(set(plan.listen))
+        self.plan = plan          # last: a plan that failed half-way is tried again next push
 
     def listen(self, want: set[tuple[str, int]]) -> None:
         for key in list(self.listeners):
@@ -149,7 +149,11 @@ class DataService:
                 self.engine.unlisten(self.listeners.pop(key))
         for key in sorted(want - self.listeners.keys()):
             sock = self.socket_for(key)
-            self.listeners[key] = self.engine.listen(sock, self.state, self.shared_listeners)
+            try:
+                self.listeners[key] = self.engine.listen(sock, self.state, self.shared_listeners)
+            except BaseException:
+                sock.close()                # our duplicate; the supervisor keeps the socket
+                raise
 
     def stop_accepting(self) -> None:
         self.listen(set())

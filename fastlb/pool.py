@@ -171,8 +171,8 @@ class WorkerPool:
         self.loop.call_later(delay, self._respawn)
 
     def _respawn(self) -> None:
-        if self.closing:
-            return
+        if self.closing or len([w for w in self.workers if not w.stopping]) >= self.size:
+            return                  # stopping, or a resize or restart has filled the pool since
         try:
             self.spawn()
         except (RegistryError, OSError) as exc:
@@ -282,6 +282,8 @@ class WorkerPool:
         try:
             w.sock.send(msgpack.packb({"stop": mode}))
         except OSError:
+            if w.proc.poll() is not None:
+                return              # already gone
             w.proc.send_signal(signal.SIGTERM if mode == "term" else signal.SIGINT)
 
     async def resize(self, n: int) -> bool:
@@ -293,21 +295,33 @@ class WorkerPool:
             log.warning("reload: at most %d workers without a restart", self.counters.nblocks // 2)
             return False
         async with self._operation("a worker resize"):
-            self.size = n
             live = [w for w in self.workers if not w.stopping]
             for _ in range(n - len(live)):
-                await self.wait_acked(self.spawn())
+                new = self.spawn()
+                if not await self.wait_acked(new):
+                    self._stop_one(new, "int")
+                    self.size = len([w for w in self.workers if not w.stopping])
+                    log.error("worker %d did not start serving (see above); the pool stays at %d "
+                              "worker(s)", new.index, self.size)
+                    return False
+            self.size = n
             for w in live[n:]:
                 self._stop_one(w, "term")
         return True
 
     async def restart(self) -> int:
-        """Replace every worker: a new one is serving before an old one stops accepting."""
+        """Replace every worker: a new one is serving before an old one stops accepting. A new
+        one that does not come up (refused by the version check, dead, no ack in time) is
+        stopped, and the old ones not yet replaced keep serving: RegistryError("failed")."""
         async with self._operation("restart-workers"):
             old = [w for w in self.workers if not w.stopping]
-            for w in old:
+            for done, w in enumerate(old):
                 new = self.spawn()
-                await self.wait_acked(new)
+                if not await self.wait_acked(new):
+                    self._stop_one(new, "int")
+                    raise RegistryError("failed", f"worker {new.index} did not start serving (see "
+                                                  f"fastlb's log); {done} of {len(old)} worker(s) "
+                                                  f"replaced, the others keep serving")
                 self._stop_one(w, "term")
             return len(old)
 

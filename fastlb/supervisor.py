@@ -131,6 +131,8 @@ class Supervisor:
         self._mode = "term"
         self._stopping = False
         self._tasks: list[asyncio.Task[None]] = []
+        self._ready = False                       # signals before it are queued in _early
+        self._early: list[int] = []
 
     @property
     def snapshot(self) -> Mapping[str, Service]:
@@ -168,9 +170,6 @@ class Supervisor:
         """Prepare, persist, commit, apply. Caller holds self._mutation."""
         new = self._prepare(nxt)
         try:
-            if workers is not None and await self.datapath.resize(workers):
-                g = dataclasses.replace(self.cfg.global_, workers=workers)
-                self.cfg = dataclasses.replace(self.cfg, global_=g)
             if self.state is not None:
                 try:    # in a thread (fsync), in call order with the start-up retry
                     await self.state.save_async(
@@ -184,8 +183,21 @@ class Supervisor:
         if cfg_services is not None:
             self.cfg_services = dict(cfg_services)
         self._apply(nxt, new)
+        if workers is not None:
+            # After the commit, best effort: starting or stopping processes cannot be undone,
+            # so it must not run before a step that can still refuse the change. The worker
+            # count is not in the state file; the next reload tries again.
+            try:
+                if await self.datapath.resize(workers):
+                    g = dataclasses.replace(self.cfg.global_, workers=workers)
+                    self.cfg = dataclasses.replace(self.cfg, global_=g)
+            except (FastLBError, OSError) as exc:
+                log.error("reload: workers = %d not applied (the services were): %s", workers, exc)
 
     def _apply(self, snapshot: Mapping[str, Service], new: Mapping[ListenKey, socket.socket]) -> None:
+        if self._stopping:            # a change that was persisting when SIGTERM came: no new
+            self.listeners.discard(new)   # listener may open once the others are shut
+            new = {}
         try:
             for name in list(self.runtimes):
                 if name not in snapshot:
@@ -360,8 +372,12 @@ class Supervisor:
             except FastLBError as exc:
                 log.error("SIGHUP: %s", exc)
                 why = f"reload failed, previous config serving: {exc}"
-            sdnotify.ready(f"{why}; {self._status_line()}")
-        self.loop.create_task(run())
+            except Exception as exc:  # noqa: BLE001 - a bug: say so; the supervisor goes on
+                log.exception("SIGHUP: reload failed")
+                why = f"reload failed (a bug, logged): {type(exc).__name__}"
+            finally:
+                sdnotify.ready(f"{why}; {self._status_line()}")
+        self._tasks.append(self.loop.create_task(run()))     # referenced until shutdown
 
     def _status_line(self) -> str:
         """sd_notify's STATUS= (systemctl status shows it)."""
@@ -369,6 +385,9 @@ class Supervisor:
                 f"worker(s), {self.datapath.connections()} connection(s) open")
 
     def _on_signal(self, sig: int) -> None:
+        if not self._ready:
+            self._early.append(sig)       # acted on once ready (after READY=1), in order
+            return
         if sig == signal.SIGHUP:
             self._on_hup()
         else:
@@ -400,9 +419,13 @@ class Supervisor:
         log.info("fastlb ready: %d service(s), %d worker(s), pid %d", len(self.runtimes),
                  g.workers, os.getpid())
         sdnotify.ready(self._status_line())
-        for signum in early:
+        self._ready = True
+        # Signals received while starting, before the loop took them (signals.take) and after
+        # (queued by _on_signal until ready): acted on now, in order.
+        for signum in early + self._early:
             log.info("%s received while starting: acting on it now", signal.Signals(signum).name)
             self._on_signal(signum)
+        self._early.clear()
         await self._stop.wait()
         how = (f"SIGTERM, up to {self.cfg.global_.grace:g}s grace" if self._mode == "term"
                else "at once")

@@ -77,7 +77,13 @@ class WorkerProcess:
             return
         msg = msgpack.unpackb(data, raw=False)
         if "gen" in msg:
-            self.apply(Snapshot.from_wire(msg), fds)
+            try:
+                self.apply(Snapshot.from_wire(msg), fds)
+            except Exception:  # noqa: BLE001 - a bug: a worker that cannot take a snapshot
+                # would never ack it, and its slots would never be freed: exit, be replaced
+                log.exception("worker %d: applying snapshot %s failed; exiting to be replaced",
+                              self.args.index, msg.get("gen"))
+                self.stop("int")
             return
         for fd in fds:
             os.close(fd)

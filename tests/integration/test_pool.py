@@ -3,6 +3,7 @@ pool operations run one at a time, a worker slow to exit blocks nothing. Faults 
 from outside with a sitecustomize module on PYTHONPATH (the workers inherit it)."""
 import os
 import re
+import socket
 import threading
 import time
 
@@ -79,6 +80,35 @@ def test_concurrent_restart_workers_one_runs_the_other_is_refused(procs, tmp_pat
     time.sleep(1.0)
     with admin(tmp_path) as c:
         assert len([w for w in c.call("workers") if not w["stopping"]]) == 2
+
+
+def test_restart_after_an_upgrade_keeps_the_old_workers_serving(procs, tmp_path):
+    """fastlb upgraded under a running supervisor, then restart-workers: the new workers are of
+    another version and refused. The old ones must keep serving (before the fix each old worker
+    was stopped anyway, and nothing served)."""
+    _, be = start_backend(procs, "echo")
+    marker = tmp_path / "upgraded"
+    env = inject(tmp_path, ["import os",
+                            f"if os.path.exists({str(marker)!r}):",
+                            "    os.environ['FASTLB_TEST_WORKER_TOKEN'] = 'fastlb 9.9 wire 0 layout 0'"])
+    lb, (port,) = start_fastlb(procs, head(tmp_path) + service("web", [(be, 1)]), env=env)
+    with admin(tmp_path) as c:
+        before = sorted(w["pid"] for w in c.call("workers") if not w["stopping"])
+        assert len(before) == 2
+        marker.write_text("")
+        try:
+            c.call("restart_workers")
+            raise AssertionError("restart_workers succeeded with refused workers")
+        except AdminError as exc:
+            assert exc.code == "failed" and "0 of 2 worker(s) replaced" in exc.message
+        time.sleep(1.0)                                      # a respawn must not add a worker
+        serving = sorted(w["pid"] for w in c.call("workers") if not w["stopping"])
+    assert serving == before
+    lb.wait_line(r"refused: it runs 'fastlb 9.9 wire 0 layout 0'")
+    for _ in range(20):                                      # and they still serve
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(b"ping")
+            assert s.recv(4) == b"ping"
 
 
 def test_a_worker_slow_to_exit_does_not_block_the_supervisor(procs, tmp_path):

@@ -9,10 +9,11 @@ chosen once, in ``make_datapath``; nothing else here asks. Admin ops are fastlb.
 A change (admin mutation, reload) follows STYLE.md point 9, strictly:
   1. validate: Registry.plan / reconcile (in a thread: it may resolve host names);
   2. prepare: everything that can fail, before anything is kept: free slots, binding new
-     listeners, packing addresses and building policies (DataPath.check), a pool resize;
+     listeners, packing addresses and building policies (DataPath.check);
      a failure replies with its error and changes nothing, anywhere;
-  3. persist (statefile.save, fsynced, in a thread so the data path keeps running);
-  4. commit (one assignment), apply (to the data path: for the next connection), reply.
+  3. persist (StateStore.save_async, fsynced, in a thread so the data path keeps running);
+  4. commit (one assignment), apply (to the data path: for the next connection), then a
+     reload's pool resize (best effort: processes started cannot be un-started), reply.
 Applying is not expected to fail; if it does (a bug), the error is logged and the data path
 keeps its previous snapshot: the supervisor goes on serving every other request.
 SIGTERM stops accepting in every mode at once (the listening sockets are shut), lets open

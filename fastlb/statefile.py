@@ -58,6 +58,7 @@ state (failing, failing differently, written again), not per try.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -422,9 +423,19 @@ class StateStore:
         except BaseException:
             _unlink_quietly(tmp)
             raise
-        # If this fsync fails the new file is in place but maybe not durable: the caller reports
-        # a failure (nothing acknowledged) and the next save writes a complete state again.
-        _fsync_dir(self.directory)
+        try:
+            _fsync_dir(self.directory)
+        except OSError:
+            # The new file is in place but not known to be durable, and the caller will reply
+            # that nothing changed: make that true, so that a restart cannot load the refused
+            # change. Put the last acknowledged generation back (prev holds it when current was
+            # valid), or, with none, remove the new file (load then finds what it found before).
+            with contextlib.suppress(OSError):
+                if self._current is not None:
+                    os.replace(self.prev_path, self.path)
+                else:
+                    os.unlink(self.path)
+            raise
 
     def _keep_previous(self) -> None:
         """Make prev the generation current holds now, if current is valid (step 2)."""

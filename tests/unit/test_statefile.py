@@ -391,3 +391,36 @@ def test_kill_9_during_saves_leaves_the_last_acknowledged_generation(tmp_path):
         got = weight_of(StateStore(path).load())                 # (removes the crash's temps)
         assert got in (acked, acked + 1), (round_, got, acked)   # acked, or the one in flight
         assert sorted(os.listdir(tmp_path)) == ["state.msgpack", "state.msgpack.prev"]
+
+
+@pytest.mark.parametrize("had_state", [True, False])
+def test_a_failed_directory_fsync_after_the_rename_leaves_nothing_changed(tmp_path, monkeypatch,
+                                                                          had_state):
+    """An I/O error on the fsync of the directory, after the new file was renamed in: the save
+    is reported failed ("nothing changed"), so what loads afterwards must be what loaded before
+    (before the fix, the refused change was in place and a restart loaded it)."""
+    path = str(tmp_path / "state.msgpack")
+    if had_state:
+        StateStore(path).save(services(2), services(2))
+    s = StateStore(path)
+    before = s.load()
+    real = statefile._fsync_dir
+    calls = []
+
+    def failing_after_the_rename(directory):
+        calls.append(directory)
+        # a save fsyncs the directory after keeping prev (if current was valid), then after
+        # the rename: fail the last one
+        if len(calls) == (2 if had_state else 1):
+            raise OSError(errno.EIO, "Input/output error")
+        real(directory)
+
+    monkeypatch.setattr(statefile, "_fsync_dir", failing_after_the_rename)
+    with pytest.raises(StateWriteError):
+        s.save(services(7), services(7))
+    monkeypatch.setattr(statefile, "_fsync_dir", real)
+    after = StateStore(path).load()
+    if had_state:
+        assert weight_of(after) == weight_of(before) == 2
+    else:
+        assert before is None and after is None

@@ -24,16 +24,22 @@ def taken_port():
 HEALTH = 'health = { interval = "100ms", timeout = "80ms", rise = 1, fall = 1, jitter = 0 }\n'
 
 
+
+def run_config(procs, tmp_path, text):
+    """``fastlb run`` on ``text`` written to tmp_path/f.toml (kept, for a later reload): the
+    process, the config's path, the first listening port."""
+    cfg = tmp_path / "f.toml"
+    cfg.write_text(text)
+    lb = Proc([PY, "-m", "fastlb", "run", "-c", str(cfg)], procs)
+    lb.wait_line("fastlb ready")
+    return lb, cfg, int(lb.wait_line(r"listening on \S+:(\d+)").group(1))
+
 def test_add_service_on_a_port_in_use_changes_nothing_and_poisons_nothing(procs, tmp_path):
     backs = {n: start_backend(procs, "announce", name=n) for n in "ab"}
     addr = {n: f"127.0.0.1:{p}" for n, (_, p) in backs.items()}
     text = (f'[global]\nadmin = "unix:{tmp_path}/admin.sock"\nstate_file = "{tmp_path}/state.msgpack"\n'
             + service("web", [(p, 1) for _, p in backs.values()]) + HEALTH)
-    cfg = tmp_path / "f.toml"
-    cfg.write_text(text)
-    lb = Proc([PY, "-m", "fastlb", "run", "-c", str(cfg)], procs)
-    lb.wait_line("fastlb ready")
-    port = int(lb.wait_line(r"listening on \S+:(\d+)").group(1))
+    lb, cfg, port = run_config(procs, tmp_path, text)
     taken, tport = taken_port()
     with client(tmp_path) as c:
         with pytest.raises(AdminError) as err:
@@ -149,11 +155,7 @@ def test_sigterm_while_starting_stops_gracefully(procs, tmp_path):
 def test_reload_with_a_listener_that_cannot_bind_is_refused_whole(procs, tmp_path):
     _, be = start_backend(procs, "announce", name="a")
     text = f'[global]\nadmin = "unix:{tmp_path}/admin.sock"\n' + service("web", [(be, 1)])
-    cfg = tmp_path / "f.toml"
-    cfg.write_text(text)
-    lb = Proc([PY, "-m", "fastlb", "run", "-c", str(cfg)], procs)
-    lb.wait_line("fastlb ready")
-    port = int(lb.wait_line(r"listening on \S+:(\d+)").group(1))
+    lb, cfg, port = run_config(procs, tmp_path, text)
     taken, tport = taken_port()
     cfg.write_text(text.replace("weight = 1 } ]", "weight = 2 } ]")
                    + service("api", [(be, 1)], listen=f"127.0.0.1:{tport}"))

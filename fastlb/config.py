@@ -129,6 +129,11 @@ class GlobalConfig:
     state_file: str | None = None          # where acknowledged admin changes are kept
     log_format: str = "text"               # [obs] "text" or "json" (fastlb/logs.py)
     log_level: str = "info"                # [obs] debug | info | warning | error
+    # [admin] the admin socket's defences (_admin_keys; docs/config.md, "The admin socket")
+    admin_max_connections: int = 64
+    admin_idle_timeout: float = 60.0
+    admin_frame_timeout: float = 10.0
+    admin_allow_remote: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -301,12 +306,54 @@ def loads(text: str, source: str = "config", *, resolve: bool = True) -> Config:
     return from_dict(doc, source=source, text=text, resolve=resolve)
 
 
+ADMIN_KEYS = {"admin_max_connections", "admin_idle_timeout", "admin_frame_timeout",
+              "admin_allow_remote"}
+
+
+def _admin_keys(c: _Checker, g: dict) -> dict[str, Any]:
+    """[global] admin_*: the admin socket's defences (fastlb.admin.server), and the rule that a
+    TCP admin listens on loopback unless admin_allow_remote says otherwise. Defaults and why:
+    docs/config.md, "The admin socket"."""
+    d = GlobalConfig()
+    out: dict[str, Any] = {
+        "admin_max_connections": c.integer(g.get("admin_max_connections", d.admin_max_connections),
+                                           "global.admin_max_connections", 1, 65536),
+        "admin_idle_timeout": c.duration(g.get("admin_idle_timeout", d.admin_idle_timeout),
+                                         "global.admin_idle_timeout", lo=0.01),
+        "admin_frame_timeout": c.duration(g.get("admin_frame_timeout", d.admin_frame_timeout),
+                                          "global.admin_frame_timeout", lo=0.01, hi=3600.0),
+    }
+    remote = g.get("admin_allow_remote", False)
+    if not isinstance(remote, bool):
+        raise c.fail("global.admin_allow_remote", f"expected true or false, got {_kind(remote)}")
+    out["admin_allow_remote"] = remote
+    admin = g.get("admin")
+    if isinstance(admin, str) and admin.startswith("tcp:"):
+        addr = c.address(admin[4:], "global.admin", resolve=True)
+        hosts, name = {addr.host}, admin[4:].rpartition(":")[0].strip("[]")
+        if name != addr.host:     # a name: the server binds every address it resolves to
+            try:
+                hosts |= {str(i[4][0]) for i in socket.getaddrinfo(name, addr.port,
+                                                                   type=socket.SOCK_STREAM)}
+            except OSError:
+                pass
+        outside = sorted(h for h in hosts if not ipaddress.ip_address(h).is_loopback)
+        if outside and not remote:
+            raise c.fail("global.admin", f"tcp:{addr.text}: {', '.join(outside)} is not a loopback "
+                         f"address, and the admin protocol has no encryption yet: the token and "
+                         f"every change would cross the network in clear. Listen on 127.0.0.1 or "
+                         f"[::1] (reach it through ssh), or set [global] admin_allow_remote = true "
+                         f"to accept that risk until TLS protects the admin")
+    return out
+
+
 def from_dict(doc: dict, *, source: str = "config", text: str = "", resolve: bool = True) -> Config:
     c = _Checker(text, source)
     c.table(doc, "", {"global", "service"})
     g = c.table(doc.get("global", {}), "global",
                 {"workers", "grace", "admin", "admin_token_file", "state_file", "metrics",
-                 "log_format", "log_level"})                                  # [obs] logs
+                 "log_format", "log_level"}                                   # [obs] logs
+                | ADMIN_KEYS)                                                     # [admin]
     workers = g.get("workers", DEFAULTS["workers"])
     if workers == "auto":
         workers = min(cpus.usable(), MAX_WORKERS)
@@ -337,7 +384,8 @@ def from_dict(doc: dict, *, source: str = "config", text: str = "", resolve: boo
                         log_format=c.choice(g.get("log_format", "text"), "global.log_format",   # [obs]
                                             ("text", "json")),                                  # [obs]
                         log_level=c.choice(g.get("log_level", "info"), "global.log_level",      # [obs]
-                                           ("debug", "info", "warning", "error")))              # [obs]
+                                           ("debug", "info", "warning", "error")),              # [obs]
+                        **_admin_keys(c, g))                                                    # [admin]
     services_raw = doc.get("service", [])
     if not isinstance(services_raw, list):
         raise c.fail("service", "expected an array of tables ([[service]])")

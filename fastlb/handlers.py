@@ -4,10 +4,15 @@ Owner: what each admin op does and the shape of its result. Reads are pure funct
 registry snapshot and a ``StatsView`` (slots, health bits, counters, check states), so
 ``stats`` (and /metrics, which renders it) is testable without a running balancer. Changes go
 through the supervisor (``Context.mutate / reload``), which runs the two-phase pipeline.
-``dispatch`` is the admin server's handler (fastlb.admin.server.AdminServer).
+``dispatch`` is the admin server's handler (fastlb.admin.server.AdminServer); it writes the
+audit trail: one line per change (mutations, reload, restart_workers) on the ``fastlb.audit``
+logger, saying who (the connection: "unix uid=N pid=M" or "tcp HOST:PORT"), what (the op and
+its arguments, summarized; the token is never part of them) and the result (ok or the error
+code). Reads are logged at debug. The supervisor writes the same line for a SIGHUP reload.
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Awaitable, Callable, Mapping, Protocol
 
 from fastlb import __version__, _core
@@ -18,6 +23,10 @@ from fastlb.errors import RegistryError
 from fastlb.plan import DataPath
 
 COUNTER_FIELDS = _core.COUNTER_FIELDS
+log = logging.getLogger("fastlb.admin")
+audit_log = logging.getLogger("fastlb.audit")
+# The trail is kept whatever [global] log_level says: a change is never below the threshold.
+audit_log.setLevel(logging.INFO)
 
 
 class StatsView(Protocol):
@@ -121,10 +130,65 @@ HANDLERS: dict[str, Handler] = {
 }
 
 
-async def dispatch(ctx: Context, req: Request) -> Any:
+# -- the audit trail ------------------------------------------------------------------------------
+AUDIT_TEXT = 120           # a string argument longer than this is cut (a service map is summed up)
+
+
+def _text(value: Any) -> str:
+    """One argument, for a log line: short, on one line, never a control character (a name
+    sent by a client cannot forge a line)."""
+    if isinstance(value, dict):
+        name = value.get("name")
+        backends = value.get("backends")
+        n = len(backends) if isinstance(backends, list) else "?"
+        return f"{{name={_text(name)}, {n} backends}}"
+    if isinstance(value, list):
+        return f"[{len(value)} items]"
+    text = value if isinstance(value, str) else repr(value)
+    if len(text) > AUDIT_TEXT:
+        text = text[:AUDIT_TEXT] + f"...({len(text)} chars)"
+    if isinstance(value, str) and (not text or not all(c.isprintable() and c not in " \"'=" for c in text)):
+        text = repr(text)
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def summarize(op: str, args: Mapping[str, Any]) -> str:
+    """``op key=value ...``: what a request asks, in one bounded line."""
+    return " ".join([op] + [f"{k}={_text(v)}" for k, v in args.items()])
+
+
+def audit(who: str, op: str, args: Mapping[str, Any], result: Any = None,
+          error: BaseException | None = None) -> None:
+    """Log one change: who, what, and ok (with the generation it made) or the error code."""
+    if error is None:
+        gen = result.get("generation") if isinstance(result, dict) else None
+        outcome = "ok" + (f" generation={gen}" if gen is not None else "")
+        audit_log.info("audit: %s: %s -> %s", who or "?", summarize(op, args), outcome)
+    else:
+        code = getattr(error, "code", None) or type(error).__name__
+        message = getattr(error, "message", None) or str(error)
+        audit_log.info("audit: %s: %s -> error %s: %s", who or "?", summarize(op, args), code,
+                       "".join(c if c.isprintable() else repr(c)[1:-1] for c in message[:300]))
+
+
+async def _run(ctx: Context, req: Request) -> Any:
     if req.op in protocol.MUTATIONS:
         return await ctx.mutate(req.op, req.args)
     handler = HANDLERS.get(req.op)
     if handler is None:
         raise AdminProtocolError("unknown_op", f"op {req.op!r} is not served here", id=req.id)
     return await handler(ctx, req.args)
+
+
+async def dispatch(ctx: Context, req: Request) -> Any:
+    if req.op not in protocol.CHANGES:
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("admin: %s: %s", req.who or "?", summarize(req.op, req.args))
+        return await _run(ctx, req)
+    try:
+        result = await _run(ctx, req)
+    except Exception as exc:          # AdminProtocolError, RegistryError..., or a bug
+        audit(req.who, req.op, req.args, error=exc)
+        raise
+    audit(req.who, req.op, req.args, result)
+    return result

@@ -79,21 +79,13 @@ def problems(cfg: Config, *, mode: Mode = "check", bind: bool = True,
 
 
 def _check_token_file(path: str, fail: Report) -> None:
-    key = "global.admin_token_file"
+    """Exists, is readable, is open to nobody else (no group/other bits), and holds a token of
+    at least 32 characters (fastlb.admin.guard.read_token: the same rules at start and reload)."""
+    from fastlb.admin.guard import TokenFileError, read_token
     try:
-        with open(path) as f:
-            token = f.read().strip()
-    except FileNotFoundError:
-        fail(key, f"the token file {path} does not exist; create it with the token that admin "
-                  f"clients send (e.g. `head -c 32 /dev/urandom | base64 > {path}; "
-                  f"chmod 600 {path}`)")
-        return
-    except OSError as exc:
-        fail(key, f"cannot read the token file {path}: {exc.strerror}; make it readable by "
-                  f"the user fastlb runs as (and by nobody else: chmod 600)")
-        return
-    if not token:
-        fail(key, f"the token file {path} is empty; write the token into it")
+        read_token(path)
+    except TokenFileError as exc:
+        fail("global.admin_token_file", str(exc))
 
 
 def _check_state_file(path: str, fail: Report, warn: Report, *, writable: bool, load: bool) -> None:

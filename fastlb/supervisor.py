@@ -34,11 +34,11 @@ from typing import Any, Mapping
 
 from fastlb import config, sdnotify, signals, statefile
 from fastlb.admin.protocol import Request
-from fastlb.admin.server import AdminServer, clear_stale_socket
+from fastlb.admin.server import AdminServer, admin_token, clear_stale_socket
 from fastlb.config import Config, Service
 from fastlb.dataplane import LocalDataPath
 from fastlb.errors import ConfigError, FastLBError, RegistryError, StateFileError
-from fastlb.handlers import dispatch, stats
+from fastlb.handlers import audit, dispatch, stats
 from fastlb.health import HealthChecker
 from fastlb.listeners import Listeners, fmt
 from fastlb.plan import DataPath, ListenKey, Snapshot
@@ -279,16 +279,33 @@ class Supervisor:
                 new_cfg = await asyncio.to_thread(config.load, self.config_path)
             except ConfigError as exc:
                 raise RegistryError("invalid", f"reload refused, nothing changed: {exc}") from None
+            token = self._reload_token(new_cfg)                   # [admin] before any change
             new_services = {s.name: s for s in new_cfg.services}
             nxt = reconcile(self.registry.snapshot, self.cfg_services, new_services)
             g_old, g_new = self.cfg.global_, new_cfg.global_
             if dataclasses.replace(g_new, workers=0) != dataclasses.replace(g_old, workers=0):
                 log.warning("reload: [global] changes other than workers take effect at the next start")
             await self._change(nxt, new_services, g_new.workers if g_new.workers != g_old.workers else None)
+            if token is not None and self.admin_server is not None:   # [admin] rotated
+                self.admin_server.token = token
             ev = {"op": "reload", "generation": self.registry.generation, "services": sorted(nxt)}
             self.publish(ev)
             log.info("reloaded %s: %d service(s)", self.config_path, len(nxt))
             return ev
+
+    def _reload_token(self, new_cfg: Config) -> str | None:
+        """[admin] A reload re-reads the token file (with the rules of fastlb check): a bad one
+        refuses the reload, a good one replaces the token once the reload is applied (rotation
+        without a restart). None when the running admin is not TCP or its address changes (a
+        [global] change, for the next start)."""
+        if self.admin_server is None or self.admin_server.token is None \
+                or new_cfg.global_.admin != self.cfg.global_.admin:
+            return None
+        try:
+            return admin_token(new_cfg)
+        except FastLBError as exc:
+            raise RegistryError("invalid", f"reload refused, nothing changed: "
+                                           f"global.admin_token_file: {exc}") from None
 
     def publish(self, ev: dict[str, Any]) -> None:
         if self.admin_server is not None:
@@ -369,11 +386,13 @@ class Supervisor:
             sdnotify.reloading()                  # the service manager waits for READY=1
             why = "reloaded"
             try:
-                await self.reload()
+                audit("signal SIGHUP", "reload", {}, await self.reload())    # [admin] audit
             except FastLBError as exc:
+                audit("signal SIGHUP", "reload", {}, error=exc)             # [admin] audit
                 log.error("SIGHUP: %s", exc)
                 why = f"reload failed, previous config serving: {exc}"
             except Exception as exc:  # noqa: BLE001 - a bug: say so; the supervisor goes on
+                audit("signal SIGHUP", "reload", {}, error=exc)             # [admin] audit
                 log.exception("SIGHUP: reload failed")
                 why = f"reload failed (a bug, logged): {type(exc).__name__}"
             finally:
@@ -404,13 +423,10 @@ class Supervisor:
         await self.datapath.start()
         g = self.cfg.global_
         if g.admin:
-            token = None
-            if g.admin.startswith("tcp:"):
-                with open(g.admin_token_file or "") as f:
-                    token = f.read().strip()
-                if not token:
-                    raise FastLBError(f"admin token file {g.admin_token_file} is empty")
-            self.admin_server = AdminServer(g.admin, self.admin, token=token)
+            self.admin_server = AdminServer(               # [admin] its defences: config keys
+                g.admin, self.admin, token=admin_token(self.cfg),
+                max_connections=g.admin_max_connections, idle_timeout=g.admin_idle_timeout,
+                frame_timeout=g.admin_frame_timeout)
             await self.admin_server.start()
         if g.metrics:   # the metrics port: Prometheus, JSON API, status page (fastlb.httpapi)
             from fastlb import httpapi, observe

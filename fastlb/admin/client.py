@@ -3,10 +3,16 @@
     from fastlb.admin.client import AdminClient
     with AdminClient(socket_path="/run/fastlb/admin.sock") as c:
         c.call("set_weight", service="web", address="10.0.0.2:80", weight=3)
+
+Over TCP the connection authenticates once, with its first message: the client sends a ``ping``
+carrying the token in front of its first request (pipelined: no extra round trip). A connection
+the server closed while it was idle ([global] admin_idle_timeout) is opened again, and
+authenticated again, before the next request.
 """
 from __future__ import annotations
 
 import itertools
+import select
 import socket
 from typing import Any, Iterator
 
@@ -21,17 +27,47 @@ class AdminClient:
                  token: str | None = None, timeout: float = 30.0) -> None:
         if (socket_path is None) == (tcp is None):
             raise ValueError("give exactly one of socket_path and tcp")
-        if socket_path is not None:
-            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self.sock.settimeout(timeout)
-            self.sock.connect(socket_path)
-        else:
-            assert tcp is not None      # exactly one of the two, checked above
-            self.sock = socket.create_connection(tcp, timeout=timeout)
+        self.socket_path, self.tcp, self.timeout = socket_path, tcp, timeout
         self.token = token
+        self.ids = itertools.count(1)
+        self._open()
+
+    def _open(self) -> None:
+        if self.socket_path is not None:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(self.timeout)
+            try:
+                self.sock.connect(self.socket_path)
+            except OSError:
+                self.sock.close()
+                raise
+        else:
+            assert self.tcp is not None      # exactly one of the two, checked in __init__
+            self.sock = socket.create_connection(self.tcp, timeout=self.timeout)
         self.decoder = protocol.Decoder(protocol.REPLY_LIMITS.max_buffer, protocol.REPLY_LIMITS)
         self.pending: list[Any] = []
-        self.ids = itertools.count(1)
+        self.authenticated = self.token is None
+        self.used = False                    # a request was sent on this connection
+
+    def _closed_by_server(self) -> bool:
+        """True when the server has closed this connection (idle timeout): EOF, or only an
+        error with a nil id (its notice) before it. Looks without waiting."""
+        try:
+            readable, _, _ = select.select([self.sock], [], [], 0)
+            if not readable:
+                return False
+            data = self.sock.recv(65536, socket.MSG_PEEK)
+        except OSError:
+            return True
+        if not data:
+            return True
+        try:
+            notices = protocol.Decoder(protocol.REPLY_LIMITS.max_buffer, protocol.REPLY_LIMITS
+                                       ).feed(data)
+        except protocol.AdminProtocolError:
+            return False
+        return bool(notices) and all(isinstance(m, dict) and m.get("id") is None
+                                     and m.get("ok") is False for m in notices)
 
     def close(self) -> None:
         self.sock.close()
@@ -52,14 +88,31 @@ class AdminClient:
 
     def request(self, op: str, **fields: Any) -> dict[str, Any]:
         """Send one request, return the raw reply map."""
+        if self.used and not self.pending and self._closed_by_server():
+            self.sock.close()
+            self._open()
+        self.used = True
+        hello_id = None
+        data = b""
+        if not self.authenticated:
+            # The first message of a TCP connection must carry the token and be small (the
+            # server reads at most 4 KiB before authentication): a ping, then the request.
+            hello_id = next(self.ids)
+            data = protocol.encode({"id": hello_id, "op": "ping", "token": self.token})
         rid = next(self.ids)
         msg = {"id": rid, "op": op, **fields}
-        if self.token is not None:
-            msg["token"] = self.token
-        self.sock.sendall(protocol.encode(msg))
+        self.sock.sendall(data + protocol.encode(msg))
         while True:
             reply = self._next_message()
-            if isinstance(reply, dict) and reply.get("id") in (rid, None) and "event" not in reply:
+            if not isinstance(reply, dict) or "event" in reply:
+                continue
+            if hello_id is not None and reply.get("id") in (hello_id, None):
+                if not reply.get("ok"):
+                    return reply                 # unauthorized, backoff, busy: the reason
+                self.authenticated = True
+                hello_id = None
+                continue
+            if reply.get("id") in (rid, None):
                 return reply
 
     def call(self, op: str, **fields: Any) -> Any:

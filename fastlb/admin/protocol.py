@@ -13,6 +13,8 @@ Owner: the wire format and the shape of every request. Rules:
     (including one nested deeper than REQUEST_LIMITS.max_depth): an error reply, and the
     stream goes on.
   - Unknown fields are errors (a typo must not be ignored), as in the config.
+  - TCP: the first message of a connection authenticates it ("token"), within PRE_AUTH_LIMITS
+    (the server's glue enforces it: fastlb.admin.server).
 The one error type at this boundary is AdminProtocolError; anything else escaping is a bug.
 """
 from __future__ import annotations
@@ -64,6 +66,14 @@ REQUEST_LIMITS = Limits(
     # A request nests 5 deep at most (request > service > backends > backend > health).
     max_depth=16,
 )
+# The first message of a TCP connection, before it is authenticated: a request with a token
+# (the client sends {"id", "op": "ping", "token"}: about 60 bytes with a 44-character token).
+# Small enough that an unauthenticated peer costs little: 4 KiB of buffer, and at most
+# 1024 x 16 x 8 = 128 KiB of preallocated (mostly not resident) arrays.
+PRE_AUTH_MAX = 4096
+TOKEN_MAX = 1024                 # characters in a token (fastlb.admin.guard.read_token)
+PRE_AUTH_LIMITS = Limits(max_buffer=PRE_AUTH_MAX, max_array=16, max_map=16, max_str=TOKEN_MAX,
+                         max_bin=16, max_ext=16, max_depth=16)
 # What a reply may hold (fastlb.admin.client): the client trusts the server it chose, but a
 # stats reply lists every backend of a service (up to the slot table, which grows with the
 # config), so its bounds are wide; they still stop a runaway header.
@@ -93,6 +103,8 @@ OPS: dict[str, dict[str, tuple[Any, bool]]] = {
 }
 MUTATIONS = frozenset({"add_backend", "remove_backend", "set_weight", "set_state",
                        "add_service", "remove_service"})
+# What the audit trail logs (fastlb.handlers.dispatch): every op that changes something.
+CHANGES = MUTATIONS | {"reload", "restart_workers"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +113,9 @@ class Request:
     op: str
     args: dict[str, Any] = field(default_factory=dict)
     token: str | None = None
+    # Who sent it, for the audit trail: "unix uid=N pid=M" or "tcp HOST:PORT" (set by the
+    # server's glue, never by the client).
+    who: str = ""
 
 
 class Decoder:
@@ -112,6 +127,18 @@ class Decoder:
         self.max_size = max_size
         self.limits = limits
         self._unpacker = dataclasses.replace(limits, max_buffer=max_size).unpacker()
+        self.fed = 0                 # bytes pushed so far
+
+    @property
+    def consumed(self) -> int:
+        """Bytes of the stream taken by the values returned so far."""
+        n: int = self._unpacker.tell()
+        return n
+
+    @property
+    def pending(self) -> int:
+        """Bytes buffered that are not yet a whole value (a message under way)."""
+        return self.fed - self.consumed
 
     def _too_large(self) -> AdminProtocolError:
         return AdminProtocolError("too_large", f"a message is larger than the "
@@ -123,6 +150,7 @@ class Decoder:
             self._unpacker.feed(data)
         except msgpack.BufferFull:
             raise self._too_large() from None
+        self.fed += len(data)
 
     def __iter__(self) -> "Decoder":
         return self

@@ -1,24 +1,42 @@
 """The admin socket server: thin glue between a stream and the protocol codec.
 
 Owner: listening (a Unix socket created with mode 0600, or TCP with a token compared in constant
-time), reading, one reply per request in order, subscriptions. What a request does is the
-``handler``'s business (fastlb.handlers.dispatch, through the supervisor). Nothing a client
-sends can stop the server: protocol errors get error replies, a broken stream is closed, a
-handler failure is logged and answered as an internal error.
+time), reading, one reply per request in order, subscriptions, and the defences of the socket
+(their rules are in fastlb.admin.guard, sans-IO). What a request does is the ``handler``'s
+business (fastlb.handlers.dispatch, through the supervisor, which writes the audit trail).
+Nothing a client sends can stop the server: protocol errors get error replies, a broken stream
+is closed, a handler failure is logged and answered as an internal error.
+
+Defences (docs/admin-protocol.md, "Connections"):
+  - TCP: a connection authenticates once, with its first message (at most PRE_AUTH_MAX bytes,
+    within ``frame_timeout`` of the connect). A missing or wrong token, or anything else as the
+    first message, gets one error reply and the connection is closed: one guess per connection.
+    The failure counts against the peer's address (guard.Backoff): a source with too many is
+    refused at once, for a penalty that grows.
+  - Every connection: a message begun must be whole within ``frame_timeout``; a connection with
+    no message under way is closed after ``idle_timeout`` (subscribers excepted: they wait for
+    events); at most ``max_connections`` at once, others are closed at once.
+  - Refusals are logged at most once per LOG_INTERVAL per kind, with the count of the others
+    (guard.LogLimiter): a flood of bad connections writes a few lines, not one each.
+The unix socket (mode 0600: its owner only) needs no token, as the file's mode is the check.
 """
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
+import hashlib
 import hmac
 import logging
 import os
 import socket
 import stat
+import struct
 from typing import Any, Awaitable, Callable
 
-from fastlb.admin import protocol
+from fastlb.admin import guard, protocol
 from fastlb.admin.protocol import Request
+from fastlb.config import Config, GlobalConfig
 from fastlb.errors import AdminProtocolError, FastLBError
 
 log = logging.getLogger("fastlb.admin")
@@ -29,6 +47,23 @@ SUBSCRIBER_BACKLOG = 4 << 20
 # How long the probe of an existing admin socket waits: a live fastlb accepts at once (the
 # kernel completes a unix connect while the listener's backlog has room).
 STALE_PROBE_TIMEOUT = 2.0
+
+# Defaults: those of the [global] admin_* keys (fastlb.config.GlobalConfig; why: docs/config.md,
+# "The admin socket"): 64 connections (HAProxy's stats socket: maxconn 10; here ctl, top and a
+# few programs), 60 s idle (nginx keepalive_timeout 75 s, HAProxy's stats timeout 10 s), 10 s for
+# a message (at most 1 MiB, sent by a program: whole in well under a second; sshd's
+# LoginGraceTime is 120 s, for people typing).
+_DEFAULTS = GlobalConfig()
+MAX_CONNECTIONS = _DEFAULTS.admin_max_connections
+IDLE_TIMEOUT = _DEFAULTS.admin_idle_timeout
+FRAME_TIMEOUT = _DEFAULTS.admin_frame_timeout
+# After a refusal (a bad first message, a broken stream): the reply, our FIN, then the peer's
+# further bytes are read and dropped for up to this long (and this many bytes) before the
+# close, so the reply is not lost to a reset (nginx's lingering_close, lingering_time).
+LINGER = 0.5
+LINGER_BYTES = 4 << 20          # a whole 1 MiB message and more; 1-2 ms of copying
+# Refusal log lines: at most one per this many seconds per kind, then a count.
+LOG_INTERVAL = 10.0
 
 
 def admin_socket_problem(address: str) -> tuple[str | None, bool]:
@@ -91,15 +126,48 @@ def clear_stale_socket(address: str) -> None:
         log.info("admin socket %s: removed the stale socket of a previous run", address[5:])
 
 
+def admin_token(cfg: Config) -> str | None:
+    """The token of a TCP admin (None for a unix one), read with guard.read_token's rules.
+    Raises FastLBError naming the key and the file."""
+    g = cfg.global_
+    if not g.admin or not g.admin.startswith("tcp:"):
+        return None
+    try:
+        return guard.read_token(g.admin_token_file or "")
+    except guard.TokenFileError as exc:
+        raise FastLBError(f"[global] admin_token_file: {exc}") from None
+
+
 class AdminServer:
     def __init__(self, address: str, handler: Handler, *, token: str | None = None,
-                 max_size: int = protocol.MAX_MESSAGE) -> None:
+                 max_size: int = protocol.MAX_MESSAGE, max_connections: int = MAX_CONNECTIONS,
+                 idle_timeout: float = IDLE_TIMEOUT, frame_timeout: float = FRAME_TIMEOUT) -> None:
         self.address = address
         self.handler = handler
         self.token = token
         self.max_size = max_size
+        self.max_connections = max_connections
+        self.idle_timeout = idle_timeout
+        self.frame_timeout = frame_timeout
         self.server: asyncio.AbstractServer | None = None
         self.subscribers: dict[asyncio.StreamWriter, int] = {}
+        self.connections = 0
+        # Connections refused or closed by the server since start, by reason.
+        self.counts: dict[str, int] = dict.fromkeys(
+            ("over_cap", "backoff", "unauthorized", "timeout", "idle"), 0)
+        self.backoff = guard.Backoff()
+        self._limiters: dict[str, guard.LogLimiter] = {}
+        self._flush_timers: dict[str, asyncio.TimerHandle] = {}
+
+    @property
+    def token(self) -> str | None:
+        return self._token
+
+    @token.setter
+    def token(self, value: str | None) -> None:
+        """Set (or rotate, at a reload) the token; compared as digests, in constant time."""
+        self._token = value
+        self._digest = hashlib.sha256(value.encode()).digest() if value is not None else b""
 
     async def start(self) -> None:
         try:
@@ -141,6 +209,8 @@ class AdminServer:
             self.server.close()
         for w in list(self.subscribers):
             w.close()
+        for t in self._flush_timers.values():
+            t.cancel()
         if self.address.startswith("unix:"):
             try:
                 os.unlink(self.address[5:])
@@ -156,34 +226,191 @@ class AdminServer:
                 continue
             w.write(protocol.event(rid, ev))
 
+    # -- refusals: counted, logged rate-limited ---------------------------------------------------
+    def _refuse(self, reason: str, text: str) -> None:
+        """Count a refusal; log it, or count it into the next summary line of its kind."""
+        self.counts[reason] += 1
+        loop = asyncio.get_running_loop()
+        lim = self._limiters.setdefault(reason, guard.LogLimiter(LOG_INTERVAL))
+        if lim.hit(loop.time(), text):
+            log.warning("admin: %s", text)
+        elif lim.suppressed == 1:                # the first one held back: report at window end
+            self._flush_timers[reason] = loop.call_at(lim.window_end, self._flush, reason)
+
+    def _flush(self, reason: str) -> None:
+        self._flush_timers.pop(reason, None)
+        lim = self._limiters[reason]
+        n, last = lim.flush(asyncio.get_running_loop().time())
+        if n:
+            log.warning("admin: %d more %s in the last %g s (the last: %s)", n,
+                        _PLURAL[reason], lim.interval, last)
+
+    # -- one connection ---------------------------------------------------------------------------
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        decoder = protocol.Decoder(self.max_size)
+        tcp = self.token is not None
+        who, source = _who(writer, tcp)
+        loop = asyncio.get_running_loop()
+        if tcp and (left := self.backoff.blocked(source, loop.time())):
+            self._refuse("backoff", f"connection from {who} refused: too many failed "
+                                    f"authentications from {source}, {left:.0f} s of backoff left")
+            writer.write(protocol.error(None, "backoff", f"too many failed authentications from "
+                                                         f"{source}; retry in {left:.0f} s"))
+            writer.close()
+            return
+        if self.connections >= self.max_connections:
+            self._refuse("over_cap", f"connection from {who} refused: {self.connections} admin "
+                                     f"connections open, the cap ([global] admin_max_connections)")
+            writer.write(protocol.error(None, "busy", f"{self.connections} admin connections are "
+                                                      f"open, the cap; retry later"))
+            writer.close()
+            return
+        self.connections += 1
         try:
-            while data := await reader.read(65536):
-                try:
-                    decoder.push(data)
-                    for obj in decoder:              # requests before a bad value are answered
-                        writer.write(await self._one(obj, writer))
-                except AdminProtocolError as exc:
-                    writer.write(protocol.error(None, exc.code, exc.message))
-                    break                            # the stream's framing is lost
-                await writer.drain()
+            rest = b""
+            if tcp:
+                first = await self._authenticate(reader, writer, who, source)
+                if first is None:
+                    return
+                rest = first
+            await self._serve(reader, writer, who, rest)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
+            self.connections -= 1
             self.subscribers.pop(writer, None)
             writer.close()
 
-    async def _one(self, obj: Any, writer: asyncio.StreamWriter) -> bytes:
+    async def _authenticate(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                            who: str, source: str) -> bytes | None:
+        """Read the first message (bounded in size and time) and check its token. Returns the
+        bytes that followed it (requests pipelined behind it), or None when the connection was
+        refused (replied to, counted, closed) or closed by the peer before a first message."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.frame_timeout
+        decoder = protocol.Decoder(protocol.PRE_AUTH_MAX, protocol.PRE_AUTH_LIMITS)
+        buf = bytearray()
+        code, why, rid = "unauthorized", "", None
+        while True:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    data = await reader.read(protocol.PRE_AUTH_MAX - len(buf))
+            except TimeoutError:
+                code, why = "timeout", (f"no whole first message within {self.frame_timeout:g} s "
+                                        f"([global] admin_frame_timeout)")
+                break
+            if not data:
+                return None                      # closed before a word: nothing to count
+            buf += data
+            try:
+                decoder.push(data)
+                obj = next(decoder)
+            except StopIteration:
+                if len(buf) < protocol.PRE_AUTH_MAX:
+                    continue
+                why = (f"the first message is larger than {protocol.PRE_AUTH_MAX} bytes (it must "
+                       f"authenticate: send a ping with the token first)")
+                break
+            except AdminProtocolError as exc:
+                why = f"the first message is not a request ({exc.message})"
+                break
+            token = obj.get("token") if isinstance(obj, dict) else None
+            rid = obj.get("id") if isinstance(obj, dict) else None
+            rid = rid if isinstance(rid, int) and not isinstance(rid, bool) else None
+            if isinstance(token, str) and hmac.compare_digest(
+                    hashlib.sha256(token.encode()).digest(), self._digest):
+                self.backoff.success(source)
+                log.debug("admin: %s authenticated", who)
+                # the first message is served as any other: it is put back in front of the rest
+                return bytes(buf)
+            why = "wrong token" if isinstance(token, str) else "missing token"
+            break
+        penalty = self.backoff.failure(source, loop.time())
+        then = f"; {source} is refused for {penalty:g} s" if penalty else ""
+        self._refuse("timeout" if code == "timeout" else "unauthorized",
+                     f"connection from {who} refused: {why}{then}")
+        message = (why if code == "timeout" else
+                   f"authentication failed: {why}; the first message of a TCP admin connection "
+                   f"must carry the token (at most {protocol.PRE_AUTH_MAX} bytes)")
+        await self._linger(reader, writer, protocol.error(rid, code, message))
+        return None
+
+    async def _linger(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                      reply: bytes) -> None:
+        """Send a last reply and close, reading what the peer still sends (and dropping it) for
+        a short, bounded while, so the reply reaches it rather than a reset."""
+        try:
+            writer.write(reply)
+            if writer.can_write_eof():
+                writer.write_eof()
+            dropped = 0
+            async with asyncio.timeout(LINGER):
+                while dropped < LINGER_BYTES and (data := await reader.read(65536)):
+                    dropped += len(data)
+        except (TimeoutError, ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     who: str, data: bytes) -> None:
+        """Requests until the peer closes, its stream breaks or a deadline passes."""
+        loop = asyncio.get_running_loop()
+        decoder = protocol.Decoder(self.max_size)
+        deadline = 0.0                           # of the message under way, if any
+        while True:
+            if data:
+                taken = decoder.consumed
+                try:
+                    decoder.push(data)
+                    for obj in decoder:          # requests before a bad value are answered
+                        writer.write(await self._one(obj, writer, who))
+                except AdminProtocolError as exc:
+                    await self._linger(reader, writer, protocol.error(None, exc.code, exc.message))
+                    return                       # the stream's framing is lost
+                try:
+                    async with asyncio.timeout(self.idle_timeout):
+                        await writer.drain()     # a peer that does not read its replies
+                except TimeoutError:
+                    self._refuse("timeout", f"{who}: closed, it read no reply for "
+                                            f"{self.idle_timeout:g} s")
+                    writer.transport.abort()
+                    return
+                if decoder.pending and (decoder.consumed != taken or not deadline):
+                    deadline = loop.time() + self.frame_timeout   # a new message began
+                elif not decoder.pending:
+                    deadline = 0.0
+            if deadline:
+                when: float | None = deadline
+            elif writer in self.subscribers:
+                when = None                      # waits for events; read only to see it close
+            else:
+                when = loop.time() + self.idle_timeout
+            try:
+                async with asyncio.timeout_at(when):
+                    data = await reader.read(65536)
+            except TimeoutError:
+                if deadline:
+                    self._refuse("timeout", f"{who}: closed, a message of {decoder.pending} bytes "
+                                            f"was not whole within {self.frame_timeout:g} s")
+                    writer.write(protocol.error(None, "timeout", f"a message was not whole "
+                                                f"within {self.frame_timeout:g} s ([global] "
+                                                f"admin_frame_timeout); closing"))
+                else:
+                    self.counts["idle"] += 1
+                    log.debug("admin: %s: closed after %g s idle", who, self.idle_timeout)
+                    writer.write(protocol.error(None, "idle_timeout", f"no request for "
+                                                f"{self.idle_timeout:g} s ([global] "
+                                                f"admin_idle_timeout); closing"))
+                return
+            if not data:
+                return
+
+    async def _one(self, obj: Any, writer: asyncio.StreamWriter, who: str) -> bytes:
         try:
             req = protocol.parse_request(obj)
         except AdminProtocolError as exc:
             return protocol.error(exc.id, exc.code, exc.message)
-        if self.token is not None and not hmac.compare_digest(
-                (req.token or "").encode(), self.token.encode()):
-            peer = writer.get_extra_info("peername")
-            log.warning("admin: request %s from %s refused: missing or wrong token", req.op, peer)
-            return protocol.error(req.id, "unauthorized", "missing or wrong token")
+        req = dataclasses.replace(req, who=who)
         if req.op == "subscribe":
             self.subscribers[writer] = req.id
             return protocol.ok(req.id, {"subscribed": True})
@@ -196,3 +423,26 @@ class AdminServer:
         except Exception as exc:                     # a bug: say so, keep serving
             log.exception("admin: %s failed", req.op)
             return protocol.error(req.id, "internal", f"{type(exc).__name__}: {exc}")
+
+
+_PLURAL = {"over_cap": "connections refused over the cap", "backoff": "connections refused "
+           "during a backoff", "unauthorized": "connections refused: failed authentication",
+           "timeout": "connections closed at a deadline", "idle": "idle connections closed"}
+_PEERCRED = struct.Struct("3i")          # struct ucred: pid, uid, gid
+
+
+def _who(writer: asyncio.StreamWriter, tcp: bool) -> tuple[str, str]:
+    """(who, source) of a connection: "unix uid=N pid=M" (SO_PEERCRED: the kernel's word, not
+    the client's) or "tcp HOST:PORT"; source: the backoff table's key (guard.source_key)."""
+    if not tcp:
+        sock = writer.get_extra_info("socket")
+        try:
+            pid, uid, _ = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                           _PEERCRED.size))
+        except (OSError, AttributeError, struct.error):
+            return "unix", "unix"
+        return f"unix uid={uid} pid={pid}", "unix"
+    peer = writer.get_extra_info("peername")
+    host, port = (str(peer[0]), peer[1]) if isinstance(peer, tuple) and len(peer) >= 2 else ("?", 0)
+    text = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return f"tcp {text}", guard.source_key(host)

@@ -453,21 +453,23 @@ def test_corrupt_state_file_refuses_to_start_unless_told(procs, tmp_path):
 
 def test_tcp_admin_needs_the_token(procs, tmp_path):
     _, be = start_backend(procs, "echo")
-    (tmp_path / "token").write_text("s3cret\n")
+    secret = "s3cret-" + "x" * 32                 # at least 32 characters, owner-only file
+    (tmp_path / "token").write_text(secret + "\n")
+    (tmp_path / "token").chmod(0o600)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         aport = probe.getsockname()[1]
     text = (f'[global]\nadmin = "tcp:127.0.0.1:{aport}"\nadmin_token_file = "{tmp_path}/token"\n'
             + service("web", [(be, 1)]))
     lb, _ = start_fastlb(procs, text)
-    with AdminClient(tcp=("127.0.0.1", aport), token="s3cret") as c:
+    with AdminClient(tcp=("127.0.0.1", aport), token=secret) as c:
         assert c.call("ping") == "pong"
     for token in (None, "wrong"):
         with AdminClient(tcp=("127.0.0.1", aport), token=token) as c:
             with pytest.raises(AdminError, match="unauthorized"):
                 c.call("set_weight", service="web", address=f"127.0.0.1:{be}", weight=5)
-    lb.wait_line("refused: missing or wrong token")
-    with AdminClient(tcp=("127.0.0.1", aport), token="s3cret") as c:
+    lb.wait_line("refused: missing token")
+    with AdminClient(tcp=("127.0.0.1", aport), token=secret) as c:
         assert c.call("backends", service="web")[0]["weight"] == 1
 
 

@@ -128,12 +128,9 @@ class Decoder:
         self.limits = limits
         self._unpacker = dataclasses.replace(limits, max_buffer=max_size).unpacker()
         self.fed = 0                 # bytes pushed so far
-
-    @property
-    def consumed(self) -> int:
-        """Bytes of the stream taken by the values returned so far."""
-        n: int = self._unpacker.tell()
-        return n
+        # Bytes of the stream taken by the values returned so far (msgpack's tell() also counts
+        # the part of a value it has parsed ahead, so it is read only after a whole value).
+        self.consumed = 0
 
     @property
     def pending(self) -> int:
@@ -159,7 +156,9 @@ class Decoder:
         """The next whole value, StopIteration when the buffer holds none yet, or a fatal
         AdminProtocolError when the next value is bad (the values before it came out first)."""
         try:
-            return next(self._unpacker)
+            value = next(self._unpacker)
+            self.consumed = self._unpacker.tell()
+            return value
         except StopIteration:
             raise
         except msgpack.BufferFull:

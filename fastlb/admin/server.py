@@ -27,6 +27,7 @@ import dataclasses
 import errno
 import hashlib
 import hmac
+import ipaddress
 import logging
 import os
 import socket
@@ -202,6 +203,12 @@ class AdminServer:
         else:
             host, _, port = self.address[4:].rpartition(":")
             self.server = await asyncio.start_server(self._client, host.strip("[]"), int(port))
+            bound = [str(s.getsockname()[0]) for s in self.server.sockets]
+            if any(not ipaddress.ip_address(h.partition("%")[0]).is_loopback for h in bound):
+                # only with [global] admin_allow_remote = true (fastlb.config refuses it else)
+                log.warning("admin socket %s is reachable from other machines and not encrypted "
+                            "(admin_allow_remote = true): the token and every change cross the "
+                            "network in clear", self.address)
         log.info("admin socket on %s", self.address)
 
     def close(self) -> None:

@@ -16,6 +16,7 @@ import time
 
 import msgpack
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from fastlb.admin.client import AdminClient, AdminError
 from helpers import PY, Proc, closed_port, service, start_backend, start_fastlb
@@ -435,3 +436,42 @@ def test_a_hammered_tcp_admin_keeps_serving_and_logs_a_few_lines(tcp_lb):
     assert any("refused: wrong token" in line for line in new)
     with AdminClient(tcp=("127.0.0.1", aport), token=TOKEN) as c:   # 127.0.0.1: not backed off
         assert c.call("backends", service="web")[0]["weight"] == 1
+
+
+# -- fuzz: whatever an unauthenticated peer sends --------------------------------------------------
+@pytest.fixture(scope="module")
+def fuzz_tcp(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fuzz-tcp")
+    procs: list = []
+    _, be = start_backend(procs, "echo")
+    aport = free_port()
+    start_fastlb(procs, tcp_config(tmp, be, aport))
+    yield aport
+    for p in procs:
+        p.stop()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.integers(2, 250), st.one_of(
+    st.binary(max_size=6000),
+    st.builds(lambda m: msgpack.packb(m), st.dictionaries(
+        st.sampled_from(["id", "op", "token", "service", "address", "weight", "zz"]),
+        st.one_of(st.integers(-5, 10**7), st.text(max_size=40), st.none(), st.booleans(),
+                  st.sampled_from(["ping", "set_weight", "web", TOKEN[:-1], TOKEN + "x"])),
+        max_size=6))))
+def test_fuzz_an_unauthenticated_peer_gets_at_most_one_reply_and_is_closed(fuzz_tcp, source, data):
+    s = connect(fuzz_tcp, f"127.0.1.{source}")
+    try:
+        try:
+            s.sendall(data + data)                       # twice: a second request, pipelined
+            s.shutdown(socket.SHUT_WR)                   # and no more (else: the 10 s deadline)
+        except OSError:
+            pass
+        replies = replies_until_closed(s, limit=15)
+    finally:
+        s.close()
+    assert len(replies) <= 1
+    for r in replies:
+        assert r["ok"] is False and r["error"]["code"] in ("unauthorized", "backoff", "timeout")
+    with AdminClient(tcp=("127.0.0.1", fuzz_tcp), token=TOKEN) as c:
+        assert c.call("ping") == "pong"

@@ -29,6 +29,7 @@ import hashlib
 import hmac
 import ipaddress
 import logging
+import math
 import os
 import socket
 import stat
@@ -257,11 +258,11 @@ class AdminServer:
         tcp = self.token is not None
         who, source = _who(writer, tcp)
         loop = asyncio.get_running_loop()
-        if tcp and (left := self.backoff.blocked(source, loop.time())):
+        if tcp and (left := math.ceil(self.backoff.blocked(source, loop.time()))):
             self._refuse("backoff", f"connection from {who} refused: too many failed "
-                                    f"authentications from {source}, {left:.0f} s of backoff left")
+                                    f"authentications from {source}, {left} s of backoff left")
             writer.write(protocol.error(None, "backoff", f"too many failed authentications from "
-                                                         f"{source}; retry in {left:.0f} s"))
+                                                         f"{source}; retry in {left} s"))
             writer.close()
             return
         if self.connections >= self.max_connections:
@@ -290,8 +291,9 @@ class AdminServer:
     async def _authenticate(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                             who: str, source: str) -> bytes | None:
         """Read the first message (bounded in size and time) and check its token. Returns the
-        bytes that followed it (requests pipelined behind it), or None when the connection was
-        refused (replied to, counted, closed) or closed by the peer before a first message."""
+        bytes read: the first message and what followed it (requests pipelined behind it), to be
+        served as the rest; or None when the connection was refused (replied to, counted,
+        closed) or closed by the peer before a whole first message."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.frame_timeout
         decoder = protocol.Decoder(protocol.PRE_AUTH_MAX, protocol.PRE_AUTH_LIMITS)

@@ -58,6 +58,7 @@ class Plan:
     backends: tuple[PlanBackend, ...]               # ready ones, for new connections
     names: tuple[tuple[int, str], ...]              # every backend (slot, address), for logs
     options: tuple[tuple[str, int], ...] = ()       # policy options (fastlb.runtime.policy_options)
+    row: int = -1                                   # the service's Gauges row (fastlb.shm)
 
     def to_wire(self) -> dict[str, Any]:
         return {"name": self.name, "listen": [list(a) for a in self.listen],
@@ -66,7 +67,7 @@ class Plan:
                 "fall_passive": self.fall_passive, "panic": self.panic,
                 "backends": [b.to_wire() for b in self.backends],
                 "names": [list(n) for n in self.names],
-                "options": [list(o) for o in self.options]}
+                "options": [list(o) for o in self.options], "row": self.row}
 
     @classmethod
     def from_wire(cls, w: Mapping[str, Any]) -> Plan:
@@ -78,7 +79,8 @@ class Plan:
                    panic=bool(w["panic"]),
                    backends=tuple(PlanBackend.from_wire(b) for b in w["backends"]),
                    names=tuple((int(s), str(a)) for s, a in w["names"]),
-                   options=tuple((str(k), int(v)) for k, v in w.get("options", ())))
+                   options=tuple((str(k), int(v)) for k, v in w.get("options", ())),
+                   row=int(w.get("row", -1)))
 
 
 @dataclass(frozen=True, slots=True)

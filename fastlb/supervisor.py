@@ -304,8 +304,7 @@ class Supervisor:
         try:
             return admin_token(new_cfg)
         except FastLBError as exc:
-            raise RegistryError("invalid", f"reload refused, nothing changed: "
-                                           f"global.admin_token_file: {exc}") from None
+            raise RegistryError("invalid", f"reload refused, nothing changed: {exc}") from None
 
     def publish(self, ev: dict[str, Any]) -> None:
         if self.admin_server is not None:

@@ -318,7 +318,7 @@ def test_reload_rereads_the_token_file_with_the_same_rules(tcp_lb, tmp_path):
     path.chmod(0o644)
     with AdminClient(tcp=("127.0.0.1", aport), token=TOKEN) as c:
         with pytest.raises(AdminError, match=r"invalid: reload refused, nothing changed: "
-                                             r"global.admin_token_file: .* has mode 0644"):
+                                             r"\[global\] admin_token_file: the token file .* has mode 0644"):
             c.call("reload")
     new = "n3w-" + "n" * 40
     write_token(tmp_path, new)

@@ -1,1 +1,2 @@
-"""The admin socket: protocol (sans-IO codec), server (glue), client (for ctl and programs)."""
+"""The admin socket: protocol (sans-IO codec), guard (sans-IO defences: token file, backoff,
+rate-limited lines), server (glue), client (for ctl and programs)."""

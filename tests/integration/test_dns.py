@@ -168,6 +168,13 @@ def test_members_appear_change_and_the_leaver_drains(procs, tmp_path, workers):
             (f"127.0.0.3:{p}", 3, "up"), (f"[::1]:{p}", 3, "up")]
         assert b["members"][0]["id"] == f"app.test:{p}={b['members'][0]['address']}"
         assert b["total"] == sum(m["total"] for m in b["members"]) > 0
+        out = subprocess.run(spawn.command("fastlb", "ctl", "stats", "--socket",
+                                           f"{tmp_path}/admin.sock"),
+                             env=spawn.environment(), capture_output=True, text=True, timeout=30)
+        rows = [ln.split() for ln in out.stdout.splitlines()]
+        assert ["web", f"app.test:{p}", "ready", "up", "(DNS", "resolved)", "3"] == rows[1][:7]
+        assert [r[:5] for r in rows[2:]] == [["web", f"127.0.0.3:{p}", "member", "up", "3"],
+                                              ["web", f"[::1]:{p}", "member", "up", "3"]]
         # an admin weight on the entry applies to every member; the entry is the admin id
         with client(tmp_path) as c:
             c.call("set_weight", service="web", address=f"app.test:{p}", weight=5)

@@ -10,7 +10,7 @@ written) stays the backend's id for the registry, the admin and the state file; 
 derived state, never persisted (a restart asks DNS again), and the supervisor applies their
 changes through its change lock, like any change (fastlb.supervisor._on_members).
 
-Pure parts (no I/O; tests/unit/test_dns.py): ``Member``, ``member_id``, ``follows``,
+Pure parts (no I/O; tests/unit/test_dns_members.py): ``Member``, ``member_id``, ``follows``,
 ``targets`` (a service's slot-table ids), ``member_weight``, ``active_group`` (SRV priorities),
 ``diff`` and ``Answer.after`` (what an answer does to the last members), ``entry_info`` (stats).
 The I/O: ``Resolver`` (one resolution of a name: /etc/hosts first, then DNS with dnspython's
@@ -278,7 +278,7 @@ class Watcher:
     async def prime(self, services: Mapping[str, Service]) -> None:
         """Resolve every followed entry once, at once (before serving): members known at start."""
         wanted = self.entries(services)
-        answers = await asyncio.gather(*(self.resolver.resolve(b) for b, _ in wanted.values()))
+        answers = await asyncio.gather(*(self._resolve(b) for b, _ in wanted.values()))
         for (key, (_, refresh)), answer in zip(wanted.items(), answers, strict=True):
             self._take(key, answer, refresh)
 
@@ -291,7 +291,8 @@ class Watcher:
             self.status.pop(key, None)
         for key in list(self.tasks):
             task, b, refresh = self.tasks[key]
-            if key not in wanted or wanted[key] != (b, refresh):
+            # what is resolved and how often; a new weight or state of the entry is no reason
+            if key not in wanted or (wanted[key][0].srv, wanted[key][1]) != (b.srv, refresh):
                 task.cancel()
                 del self.tasks[key]
                 if key not in wanted:
@@ -312,7 +313,7 @@ class Watcher:
         if resolved:                       # primed (or followed before a reload): wait first
             await asyncio.sleep(refresh)
         while True:
-            new = self._take(key, await self.resolver.resolve(b), refresh)
+            new = self._take(key, await self._resolve(b), refresh)
             if new != applied:
                 try:
                     if await self.on_change(key[0], key[1], new):
@@ -320,6 +321,15 @@ class Watcher:
                 except Exception:  # noqa: BLE001 - a bug there must not end the following
                     log.exception("service %s: backend %s: applying DNS members failed", *key)
             await asyncio.sleep(refresh)
+
+    async def _resolve(self, b: Backend) -> Answer:
+        """The resolver's answer; an unexpected error (a bug, or one dnspython does not wrap)
+        is logged with its traceback and counts as no answer: the last members stay."""
+        try:
+            return await self.resolver.resolve(b)
+        except Exception as exc:  # noqa: BLE001 - following must go on; said loudly
+            log.exception("resolving %s failed unexpectedly", b.address.text)
+            return Answer(None, f"resolver error: {type(exc).__name__}")
 
     def _take(self, key: Key, answer: Answer, refresh: float) -> Members:
         """Record an answer; log once per change of outcome. Returns the members now."""

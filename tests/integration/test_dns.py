@@ -179,6 +179,14 @@ def test_members_appear_change_and_the_leaver_drains(procs, tmp_path, workers):
         with client(tmp_path) as c:
             c.call("set_weight", service="web", address=f"app.test:{p}", weight=5)
         assert {m["weight"] for m in entry(tmp_path, f"app.test:{p}")["members"]} == {5}
+        # maint with close closes the connections of every member of the entry
+        held = socket.create_connection(("127.0.0.1", port), timeout=10)
+        assert held.recv(100) in (b"b\n", b"v6\n")
+        with client(tmp_path) as c:
+            c.call("set_state", service="web", address=f"app.test:{p}", state="maint", close=True)
+        held.settimeout(10)
+        assert held.recv(100) == b""
+        held.close()
 
 
 def test_a_name_that_disappears_takes_its_members_and_a_silent_server_keeps_them(procs, tmp_path):
@@ -223,6 +231,15 @@ def test_unresolvable_at_start_is_pending_then_serves(procs, tmp_path):
         dns.set("late.test", A=["127.0.0.2"])
         lb.wait_line(rf"backend late.test:{p} resolved: 127.0.0.2:{p}")
         assert "a" in {name_of(port) for _ in range(6)}
+        # a host name added through the admin is followed too
+        _, pb = start_backend(procs, "announce", name="b", host="127.0.0.3")
+        dns.set("added.test", A=["127.0.0.3"])
+        with client(tmp_path) as c:
+            c.call("set_state", service="web", address=f"127.0.0.1:{pc}", state="maint")
+            c.call("set_state", service="web", address=f"late.test:{p}", state="maint")
+            c.call("add_backend", service="web", address=f"added.test:{pb}")
+        lb.wait_line(rf"backend added.test:{pb} resolved: 127.0.0.3:{pb}")
+        assert {name_of(port) for _ in range(4)} == {"b"}
 
 
 def test_srv_priorities_fail_over_to_the_next_group(procs, tmp_path):

@@ -17,7 +17,7 @@ from types import MappingProxyType
 from typing import Callable, Mapping
 
 from fastlb import _core, dns
-from fastlb.config import MAX_WEIGHT, Service
+from fastlb.config import MAX_WEIGHT, Backend, Service
 from fastlb.health import HealthChecker
 from fastlb.plan import Plan, PlanBackend
 from fastlb.shm import SERVICE_ROW, SharedState
@@ -55,22 +55,23 @@ def compute_plan(svc: Service, slot_of: Callable[[str], int], is_up: Callable[[i
     h = svc.health
     slowstart = h.slowstart if h is not None else 0.0
     live = {a: since for a, since in ramps.items() if slowstart > 0 and now - since < slowstart}
-    chosen: list[tuple[str, int, str, int]] = []       # (id, weight, host, port)
+    # (id, weight, host, port, its entry): an IP-literal backend, or each member of a followed one
+    chosen: list[tuple[str, int, str, int, Backend]] = []
     for b in svc.backends:
         if b.state != "ready":                          # drain/maint: no new connection
             continue
         if not dns.follows(b):
-            chosen.append((b.address.text, b.weight, b.address.host, b.address.port))
+            chosen.append((b.address.text, b.weight, b.address.host, b.address.port, b))
             continue
         text = b.address.text
 
         def member_up(m: dns.Member, text: str = text) -> bool:
             return is_up(slot_of(dns.member_id(text, m)))
         group = dns.active_group(members.get(text, ()), member_up)
-        chosen += [(dns.member_id(text, m), dns.member_weight(b, m), m.host, m.port) for m in group]
-    scale = RAMP_SCALE if live and all(w * RAMP_SCALE <= MAX_WEIGHT for _, w, _, _ in chosen) else 1
+        chosen += [(dns.member_id(text, m), dns.member_weight(b, m), m.host, m.port, b) for m in group]
+    scale = RAMP_SCALE if live and all(c[1] * RAMP_SCALE <= MAX_WEIGHT for c in chosen) else 1
     backends = []
-    for key, weight, host, port in chosen:
+    for key, weight, host, port, _entry in chosen:
         w = weight * scale
         since = live.get(key)
         if since is not None:

@@ -176,7 +176,8 @@ class Supervisor:
             plans.append(compute_plan(svc, functools.partial(_slot_or_none, slots, svc.name),
                                       lambda slot: slot >= 0 and bool(health.is_up(slot)),
                                       rt.ramp if rt else {}, now,
-                                      (members or {}).get(svc.name) or self._members(svc.name)))
+                                      members[svc.name] if members and svc.name in members
+                                      else self._members(svc.name)))
         return Snapshot(self.gen + 1, tuple(plans), tuple(sorted(wanted_listeners(services))))
 
     def _need(self, svc: Service, members: Mapping[str, dns.Members]) -> int:

@@ -2,6 +2,7 @@
 compute_plan over members, the log said once per change), and the resolver against a DNS server
 on loopback (tests/dnsserver.py)."""
 import asyncio
+import dataclasses
 import logging
 
 import pytest
@@ -186,3 +187,40 @@ def test_followed_entries_never_reach_the_data_path_as_names(text):
                        f'backends=[{{ {key} = "{text}" }}]').services[0]
     p = compute_plan(svc, lambda a: 0, lambda s: True, {}, 0.0)
     assert p.backends == () and p.names == ()
+
+
+def test_the_watcher_offers_a_refused_change_again_and_stops_following_removed_entries():
+    """A change the supervisor refuses (no free slot) is offered again at the next refresh,
+    though DNS answers the same; an entry removed from the services is no longer resolved."""
+    answers = [Answer(A, "resolved")] * 3 + [Answer(A[:1], "resolved")] * 100
+
+    class Scripted:
+        calls = 0
+
+        async def resolve(self, b):
+            Scripted.calls += 1
+            return answers[min(Scripted.calls - 1, len(answers) - 1)]
+
+    offered = []
+
+    async def on_change(service, entry, members):
+        offered.append(members)
+        return len(offered) > 1                 # the first offer is refused
+
+    async def main():
+        w = dns.Watcher(config.DnsConfig(refresh=0.01), on_change, resolver=Scripted())
+        w.sync({"web": dataclasses.replace(SVC, backends=(IP, HOST))})
+        for _ in range(400):
+            await asyncio.sleep(0.01)
+            if len(offered) >= 3:
+                break
+        assert offered[:3] == [A, A, A[:1]]     # refused, offered again, then the change
+        assert set(w.tasks) == {("web", "app.test:9000")}
+        w.sync({"web": dataclasses.replace(SVC, backends=(IP,))})
+        assert w.tasks == {} and w.members == {}
+        before = Scripted.calls
+        await asyncio.sleep(0.05)
+        assert Scripted.calls == before
+        w.stop()
+
+    asyncio.run(asyncio.wait_for(main(), 20))

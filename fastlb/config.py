@@ -471,7 +471,9 @@ def _health(c: _Checker, raw: Any, path: str, keys: set[str], base: HealthConfig
 
 def service_from_dict(raw: Any, path: str, c: _Checker | None = None, *,
                       resolve: bool = True) -> Service:
-    """One ``[[service]]`` table -> Service (also used for services added at run time)."""
+    """One ``[[service]]`` table -> Service (also used for services added at run time).
+    ``resolve`` is kept for its callers: backend host names are never resolved here (fastlb.dns
+    follows them), listen addresses always are."""
     c = c or _Checker("", "request")
     c.table(raw, path, SERVICE_KEYS, {"name", "listen"})
     name = raw["name"]

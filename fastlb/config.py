@@ -3,7 +3,9 @@
 Owner: the meaning of every config key, its default and its validation. Nothing else reads TOML.
 Rules: unknown keys are errors (a typo must not be ignored); every error is one ConfigError that
 names the key path (``service[1].backends[0].weight``), the line when it can be found, what was
-wrong and what is expected. Host names are resolved here, once, so the data path only sees IPs.
+wrong and what is expected. Host names of listeners, admin and metrics are resolved here, once;
+a backend's host name (or SRV name) is kept as written: fastlb.dns resolves it in the background,
+again and again, and the data path only ever sees the IPs of its members.
 """
 from __future__ import annotations
 
@@ -61,7 +63,7 @@ _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 @dataclass(frozen=True, slots=True)
 class Address:
-    host: str            # an IP literal after resolution
+    host: str            # an IP literal, or a backend's host name (or SRV name), as written
     port: int
     text: str            # as written, "host:port" (the backend's stable id)
 
@@ -102,6 +104,15 @@ class Backend:
     weight: int = 1
     state: str = "ready"      # ready | drain (no new connections) | maint (none, maybe closed)
     health: HealthConfig | None = None   # the effective check config (service's + overrides)
+    srv: bool = False         # [dns] address.text is an SRV name (`srv = "..."`), port 0
+
+
+@dataclass(frozen=True, slots=True)
+class DnsConfig:
+    """[dns] How backends given by host name or SRV record are re-resolved (fastlb.dns)."""
+    refresh: float = 10.0                           # seconds between resolutions of a name
+    nameservers: tuple[tuple[str, int], ...] = ()   # (IP, port); () = /etc/resolv.conf's
+    timeout: float = 2.0                            # for one resolution, all tries included
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +128,7 @@ class Service:
     connect_timeout: float = DEFAULTS["connect"]
     idle_timeout: float = DEFAULTS["idle"]
     health: HealthConfig | None = None   # None: no active checks, backends stay up
+    dns_refresh: float | None = None     # [dns] `dns = { refresh = "10s" }`; None: [global]'s
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +146,7 @@ class GlobalConfig:
     admin_idle_timeout: float = 60.0
     admin_frame_timeout: float = 10.0
     admin_allow_remote: bool = False
+    dns: DnsConfig = DnsConfig()           # [dns] `[global] dns = { refresh, nameservers, timeout }`
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,8 +203,8 @@ class _Checker:
                 return start + 1 if line == start else line + 1
             line = found
             if idx and name == "backends":
-                # the idx-th "address" after the backends key (one backend per inline table)
-                hits = [i for i in range(line, end) if "address" in self.lines[i]]
+                # the idx-th "address" (or "srv") after the backends key (one per inline table)
+                hits = [i for i in range(line, end) if re.search(r"\b(address|srv)\s*=", self.lines[i])]
                 if int(idx) < len(hits):
                     line = hits[int(idx)]
         return line + 1
@@ -272,6 +285,9 @@ def parse_address(text: str, *, resolve: bool = True) -> Address:
     try:
         ipaddress.ip_address(host)
     except ValueError:
+        if not _HOSTNAME.fullmatch(host):
+            raise ValueError(f"{host!r} in {text!r} is neither an IP address nor a host name "
+                             f"(letters, digits, '-', '_', dot-separated labels)") from None
         if not resolve:
             return Address(host, port, text)
         try:
@@ -280,6 +296,12 @@ def parse_address(text: str, *, resolve: bool = True) -> Address:
             raise ValueError(f"cannot resolve host {host!r}: {exc.strerror}") from None
         host = str(infos[0][4][0])    # an IPv4 or IPv6 sockaddr: its host is a str
     return Address(host, port, text)
+
+
+# A host name: dot-separated labels of letters, digits, '-' and '_' (SRV names start with '_'),
+# at most 253 characters, an optional final dot.
+_HOSTNAME = re.compile(r"(?=.{1,254}$)([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\.)*"
+                       r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\.?")
 
 
 def load(path: str) -> Config:
@@ -352,7 +374,8 @@ def from_dict(doc: dict, *, source: str = "config", text: str = "", resolve: boo
     c.table(doc, "", {"global", "service"})
     g = c.table(doc.get("global", {}), "global",
                 {"workers", "grace", "admin", "admin_token_file", "state_file", "metrics",
-                 "log_format", "log_level"}                                   # [obs] logs
+                 "log_format", "log_level",                                   # [obs] logs
+                 "dns"}                                                       # [dns]
                 | ADMIN_KEYS)                                                     # [admin]
     workers = g.get("workers", DEFAULTS["workers"])
     if workers == "auto":
@@ -385,6 +408,7 @@ def from_dict(doc: dict, *, source: str = "config", text: str = "", resolve: boo
                                             ("text", "json")),                                  # [obs]
                         log_level=c.choice(g.get("log_level", "info"), "global.log_level",      # [obs]
                                            ("debug", "info", "warning", "error")),              # [obs]
+                        dns=_dns(c, g.get("dns", {}), "global.dns", DnsConfig(), top=True),       # [dns]
                         **_admin_keys(c, g))                                                    # [admin]
     services_raw = doc.get("service", [])
     if not isinstance(services_raw, list):
@@ -409,6 +433,43 @@ def from_dict(doc: dict, *, source: str = "config", text: str = "", resolve: boo
 
 SERVICE_KEYS = {"name", "listen", "policy", "hash_key", "hash_balance_factor", "max_fails", "retries",
                 "timeouts", "backends", "health"}
+SERVICE_KEYS |= {"dns"}                                                        # [dns]
+
+
+def _dns(c: _Checker, raw: Any, path: str, base: DnsConfig, *, top: bool) -> DnsConfig:
+    """[dns] ``dns = { refresh = "10s" }`` of a service, or ``[global] dns = { refresh,
+    nameservers = ["127.0.0.1:53", ...], timeout }`` (top). Every DNS key is read here."""
+    c.table(raw, path, {"refresh", "nameservers", "timeout"} if top else {"refresh"})
+    kw: dict[str, Any] = {}
+    if "refresh" in raw:
+        kw["refresh"] = c.duration(raw["refresh"], f"{path}.refresh", lo=0.1, hi=86400)
+    if "timeout" in raw:
+        kw["timeout"] = c.duration(raw["timeout"], f"{path}.timeout", lo=0.01, hi=60)
+    if "nameservers" in raw:
+        ns = raw["nameservers"]
+        if not isinstance(ns, list) or not ns:
+            raise c.fail(f"{path}.nameservers", "expected a non-empty array of \"IP:port\" or \"IP\" "
+                                               "(port 53), e.g. [\"127.0.0.1:53\", \"[::1]:5353\"]")
+        servers = []
+        for j, text in enumerate(ns):
+            p = f"{path}.nameservers[{j}]"
+            if not isinstance(text, str):
+                raise c.fail(p, f"expected \"IP:port\", got {_kind(text)}")
+            if _is_ip(text.strip("[]")):                         # a bare IP: port 53
+                servers.append((text.strip("[]"), 53))
+                continue
+            try:
+                a = parse_address(text, resolve=False)
+            except ValueError:
+                a = None
+            if a is None or not _is_ip(a.host):
+                raise c.fail(p, f"{text!r}: expected an IP address with an optional port, "
+                                f"like \"127.0.0.1:53\" or \"[::1]:5353\" (no host names)")
+            if a.port == 0:
+                raise c.fail(p, "a nameserver needs a port from 1 to 65535")
+            servers.append((a.host, a.port))
+        kw["nameservers"] = tuple(servers)
+    return dataclasses.replace(base, **kw)
 
 
 def _health(c: _Checker, raw: Any, path: str, keys: set[str], base: HealthConfig) -> HealthConfig:
@@ -458,7 +519,9 @@ def _health(c: _Checker, raw: Any, path: str, keys: set[str], base: HealthConfig
 
 def service_from_dict(raw: Any, path: str, c: _Checker | None = None, *,
                       resolve: bool = True) -> Service:
-    """One ``[[service]]`` table -> Service (also used for services added at run time)."""
+    """One ``[[service]]`` table -> Service (also used for services added at run time).
+    ``resolve`` is kept for its callers: backend host names are never resolved here (fastlb.dns
+    follows them), listen addresses always are."""
     c = c or _Checker("", "request")
     c.table(raw, path, SERVICE_KEYS, {"name", "listen"})
     name = raw["name"]
@@ -493,18 +556,19 @@ def service_from_dict(raw: Any, path: str, c: _Checker | None = None, *,
     health = None
     if "health" in raw:
         health = _health(c, raw["health"], f"{path}.health", HEALTH_SERVICE_KEYS, HealthConfig())
+    dns_refresh = _dns(c, raw["dns"], f"{path}.dns", DnsConfig(), top=False).refresh \
+        if "dns" in raw else None                                              # [dns]
     backends_raw = raw.get("backends", [])
     if not isinstance(backends_raw, list):
-        raise c.fail(f"{path}.backends", "expected an array of { address = \"host:port\", weight = N }")
+        raise c.fail(f"{path}.backends", "expected an array of { address = \"host:port\", weight = N }"
+                                         " or { srv = \"_service._tcp.name\" }")
     backends, seen = [], set()
     for j, b in enumerate(backends_raw):
         bp = f"{path}.backends[{j}]"
-        c.table(b, bp, {"address", "weight", "state", "health"}, {"address"})
-        addr = c.address(b["address"], f"{bp}.address", resolve=resolve)
-        if addr.port == 0:
-            raise c.fail(f"{bp}.address", "a backend needs a port from 1 to 65535")
+        c.table(b, bp, {"address", "srv", "weight", "state", "health"})
+        addr, key = _backend_address(c, b, bp)                                 # [dns]
         if addr.text in seen:
-            raise c.fail(f"{bp}.address", f"duplicate backend {addr.text}")
+            raise c.fail(f"{bp}.{key}", f"duplicate backend {addr.text}")
         seen.add(addr.text)
         bhealth = health
         if "health" in b:
@@ -515,10 +579,37 @@ def service_from_dict(raw: Any, path: str, c: _Checker | None = None, *,
         backends.append(Backend(addr, c.integer(b.get("weight", DEFAULTS["weight"]),
                                                 f"{bp}.weight", 1, MAX_WEIGHT),
                                 c.choice(b.get("state", "ready"), f"{bp}.state", STATES),
-                                bhealth))
+                                bhealth, srv=key == "srv"))
     return Service(name=name, listen=listen, backends=tuple(backends), policy=policy,
                    hash_key=hash_key, hash_balance_factor=balance, max_fails=max_fails,
-                   retries=retries, connect_timeout=connect, idle_timeout=idle, health=health)
+                   retries=retries, connect_timeout=connect, idle_timeout=idle, health=health,
+                   dns_refresh=dns_refresh)
+
+
+def _backend_address(c: _Checker, b: dict, bp: str) -> tuple[Address, str]:
+    """[dns] A backend entry's ``address = "host:port"`` (an IP, or a host name kept as written:
+    never resolved here) or ``srv = "_service._proto.name"`` (port 0). Returns it and its key."""
+    if ("address" in b) == ("srv" in b):
+        raise c.fail(f"{bp}.address", "give address = \"host:port\" or srv = \"_service._tcp.name\""
+                                      + (", not both" if "address" in b else ""))
+    if "address" in b:
+        addr = c.address(b["address"], f"{bp}.address", resolve=False)
+        if addr.port == 0:
+            raise c.fail(f"{bp}.address", "a backend needs a port from 1 to 65535")
+        return addr, "address"
+    name = b["srv"]
+    if not isinstance(name, str) or not _HOSTNAME.fullmatch(name) or _is_ip(name):
+        raise c.fail(f"{bp}.srv", f"expected an SRV name like \"_app._tcp.example.internal\", "
+                                  f"got {_kind(name)}")
+    return Address(name, 0, name), "srv"
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _health_to_dict(h: HealthConfig, keys: set[str], base: HealthConfig | None = None) -> dict:
@@ -538,7 +629,8 @@ def service_to_dict(svc: Service) -> dict:
     """The ``[[service]]`` table of a Service (service_from_dict's inverse), msgpack-ready."""
     backends = []
     for b in svc.backends:
-        bd: dict[str, Any] = {"address": b.address.text, "weight": b.weight, "state": b.state}
+        bd: dict[str, Any] = {"srv" if b.srv else "address": b.address.text, "weight": b.weight,
+                              "state": b.state}
         if b.health is not None and svc.health is not None and b.health != svc.health:
             bd["health"] = _health_to_dict(b.health, HEALTH_CHECK_KEYS, svc.health)
         backends.append(bd)
@@ -554,6 +646,8 @@ def service_to_dict(svc: Service) -> dict:
         d["max_fails"] = svc.max_fails
     if svc.health is not None:
         d["health"] = _health_to_dict(svc.health, HEALTH_SERVICE_KEYS)
+    if svc.dns_refresh is not None:
+        d["dns"] = {"refresh": svc.dns_refresh}                                # [dns]
     return d
 
 
@@ -574,7 +668,11 @@ def summary(cfg: Config) -> str:
         out.append(f"  service {s.name}: listen {', '.join(a.text for a in s.listen)}; "
                    f"policy {s.policy}" + _policy_options(s)
                    + f"; retries {s.retries}; connect {s.connect_timeout:g}s; idle {s.idle_timeout:g}s")
+        refresh = s.dns_refresh or cfg.global_.dns.refresh
         for b in s.backends:
             out.append(f"    backend {b.address.text} weight {b.weight}"
-                       + (f" ({b.state})" if b.state != "ready" else ""))
+                       + (f" ({b.state})" if b.state != "ready" else "")
+                       + (f" (SRV, resolved every {refresh:g}s)" if b.srv else              # [dns]
+                          f" (host name, resolved every {refresh:g}s)" if not _is_ip(b.address.host)
+                          else ""))
     return "\n".join(out)

@@ -149,16 +149,26 @@ def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _with_members(backends: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """[dns] A backend given by host name or SRV record, then its members (indented; their
+    state is the entry's), each with its own health and counters."""
+    out = []
+    for b in backends:
+        out.append(b if "members" not in b else {**b, "health": f"{b['health']} (DNS {b['dns']})"})
+        out += [{**m, "address": f"  {m['address']}", "state": "member"} for m in b.get("members", ())]
+    return out
+
+
 def _show(verb: str, result: Any) -> str:
     if verb == "services":
         return _table([{**r, "listen": ",".join(r["listen"])} for r in result],
                       ["name", "listen", "policy", "backends"])
     if verb == "backends":
-        return _table(result, ["address", "weight", "state", "health"])
+        return _table(_with_members(result), ["address", "weight", "state", "health"])
     if verb == "workers":
         return _table(result, ["index", "pid", "generation", "connections", "stopping"])
     if verb == "stats":
-        rows = [{"service": s["service"], **b} for s in result for b in s["backends"]]
+        rows = [{"service": s["service"], **b} for s in result for b in _with_members(s["backends"])]
         return _table(rows, ["service", "address", "state", "health", "weight", "active", "total",
                              "bytes_in", "bytes_out", "connect_failures", "check_failures"])
     if isinstance(result, dict):

@@ -66,6 +66,9 @@ def services(snapshot: Mapping[str, Service]) -> list[dict[str, Any]]:
 
 
 def backend_info(view: StatsView, svc: Service, b: Backend, stats: bool = False) -> dict[str, Any]:
+    followed = getattr(view, "dns_entry", None)   # [dns] a host name / SRV entry: members under it
+    if followed is not None and (entry := followed(svc.name, b, stats)) is not None:
+        return dict(entry)
     slot = view.slot(svc.name, b.address.text)
     info: dict[str, Any] = {"address": b.address.text, "weight": b.weight, "state": b.state,
                             "health": "up" if slot is not None and view.is_up(slot) else "down"}

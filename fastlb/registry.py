@@ -6,7 +6,9 @@ event, changing nothing; the caller persists the snapshot, then ``commit``s it a
 the data path. A snapshot is an immutable mapping name -> config.Service (frozen dataclasses), so
 readers can hold one while the next is built.
 
-Backends are identified within their service by their address text ("host:port", as given).
+Backends are identified within their service by their address text ("host:port", as given; an
+SRV entry by its name), never by an IP a host name resolves to: the registry and the state file
+hold no DNS answer (fastlb.dns keeps those, as derived state).
 """
 from __future__ import annotations
 
@@ -84,7 +86,8 @@ class Registry:
             if any(b.address.text == address for b in backends):
                 raise RegistryError("exists", f"service {svc.name!r} already has backend {address!r}")
             try:
-                addr = config.parse_address(address, resolve=resolve)
+                # [dns] a host name is kept as written (fastlb.dns follows it), never resolved
+                addr = config.parse_address(address, resolve=False)
             except ValueError as exc:
                 raise RegistryError("invalid", f"address: {exc}") from None
             if addr.port == 0:

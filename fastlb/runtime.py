@@ -2,18 +2,22 @@
 
 Owner: each service's slots and health tracking (``ServiceRuntime.configure/remove``), its
 slow-start ramps and its last logged panic state. ``compute_plan`` is a pure function of (the
-service's config, its slots, the up slots, its ramps, now): same inputs, same Plan, nothing
-changed. Time moves in ``tick`` (ramp expiry, panic transitions logged once), called by the
-supervisor's ramp loop and after each change, never while a plan is computed.
+service's config, its slots, the up slots, its ramps, now, and the members of its entries given
+by host name or SRV record: fastlb.dns): same inputs, same Plan, nothing changed. A slot, a
+health check and a ramp belong to a *target*: an IP-literal backend (keyed by its text) or a
+member of a followed entry (keyed by its member id, ``"entry=ip:port"``). Time moves in
+``tick`` (ramp expiry, panic transitions logged once), called by the supervisor's ramp loop and
+after each change, never while a plan is computed.
 """
 from __future__ import annotations
 
 import logging
 import time
+from types import MappingProxyType
 from typing import Callable, Mapping
 
-from fastlb import _core
-from fastlb.config import MAX_WEIGHT, Service
+from fastlb import _core, dns
+from fastlb.config import MAX_WEIGHT, Backend, Service
 from fastlb.health import HealthChecker
 from fastlb.plan import Plan, PlanBackend
 from fastlb.shm import SERVICE_ROW, SharedState
@@ -36,24 +40,43 @@ def policy_options(svc: Service) -> tuple[tuple[str, int], ...]:
     return ()
 
 
+NO_MEMBERS: Mapping[str, dns.Members] = MappingProxyType({})
+
+
 def compute_plan(svc: Service, slot_of: Callable[[str], int], is_up: Callable[[int], bool],
-                 ramps: Mapping[str, float], now: float) -> Plan:
+                 ramps: Mapping[str, float], now: float,
+                 members: Mapping[str, dns.Members] = NO_MEMBERS) -> Plan:
     """The data path's view of ``svc`` at ``now``: ready backends with their effective weights
-    (a ramp started at ``ramps[address]`` eases a backend in over health.slowstart), and panic
-    mode (fewer than panic_threshold % of the ready backends up: all count as up). Pure."""
+    (a ramp started at ``ramps[id]`` eases a backend in over health.slowstart), and panic
+    mode (fewer than panic_threshold % of the ready backends up: all count as up). A ready
+    entry given by host name or SRV stands for its ``members[entry text]`` (none: pending),
+    each with its own slot; of an SRV entry only the active priority group
+    (dns.active_group: the lowest with a member up). Pure."""
     h = svc.health
     slowstart = h.slowstart if h is not None else 0.0
     live = {a: since for a, since in ramps.items() if slowstart > 0 and now - since < slowstart}
-    ready = [b for b in svc.backends if b.state == "ready"]   # drain/maint: no new connection
-    scale = RAMP_SCALE if live and all(b.weight * RAMP_SCALE <= MAX_WEIGHT for b in ready) else 1
+    # (id, weight, host, port, its entry): an IP-literal backend, or each member of a followed one
+    chosen: list[tuple[str, int, str, int, Backend]] = []
+    for b in svc.backends:
+        if b.state != "ready":                          # drain/maint: no new connection
+            continue
+        if not dns.follows(b):
+            chosen.append((b.address.text, b.weight, b.address.host, b.address.port, b))
+            continue
+        text = b.address.text
+
+        def member_up(m: dns.Member, text: str = text) -> bool:
+            return is_up(slot_of(dns.member_id(text, m)))
+        group = dns.active_group(members.get(text, ()), member_up)
+        chosen += [(dns.member_id(text, m), dns.member_weight(b, m), m.host, m.port, b) for m in group]
+    scale = RAMP_SCALE if live and all(c[1] * RAMP_SCALE <= MAX_WEIGHT for c in chosen) else 1
     backends = []
-    for b in ready:
-        w = b.weight * scale
-        since = live.get(b.address.text)
+    for key, weight, host, port, _entry in chosen:
+        w = weight * scale
+        since = live.get(key)
         if since is not None:
             w = max(1, int(w * (now - since) / slowstart))
-        backends.append(PlanBackend(slot_of(b.address.text), w, b.address.text, b.address.host,
-                                    b.address.port))
+        backends.append(PlanBackend(slot_of(key), w, key, host, port))
     up = sum(1 for b in backends if is_up(b.slot))
     panic = bool(h and h.panic_threshold > 0 and backends
                  and 100 * up / len(backends) < h.panic_threshold)
@@ -64,7 +87,7 @@ def compute_plan(svc: Service, slot_of: Callable[[str], int], is_up: Callable[[i
                 retries=svc.retries, connect_timeout=svc.connect_timeout,
                 idle_timeout=svc.idle_timeout, fall_passive=h.fall_passive if h else 0,
                 panic=panic, backends=tuple(backends),
-                names=tuple((slot_of(b.address.text), b.address.text) for b in svc.backends),
+                names=tuple((slot_of(t.id), t.id) for t in dns.targets(svc, members)),
                 options=policy_options(svc))
 
 
@@ -72,13 +95,15 @@ class ServiceRuntime:
     """One running service: its config, slots, health tracking, ramps and panic state."""
 
     def __init__(self, svc: Service, shared: SharedState, health: HealthChecker,
-                 generation: Callable[[], int]) -> None:
+                 generation: Callable[[], int], members: Mapping[str, dns.Members] = NO_MEMBERS) -> None:
         self.shared = shared
         self.health = health
         self.generation = generation
         self.config: Service | None = None
-        self.ramp: dict[str, float] = {}          # address -> when its slow start began
+        self.ramp: dict[str, float] = {}          # target id -> when its slow start began
         self.panic = False                        # as last logged
+        self.members: dict[str, dns.Members] = dict(members)   # followed entry -> its members
+        self.targets: dict[str, dns.Target] = {}              # id -> target, as configured
         self.configure(svc)
 
     @property
@@ -86,31 +111,44 @@ class ServiceRuntime:
         assert self.config is not None
         return self.config
 
-    def configure(self, svc: Service) -> None:
-        """Take a new config of this service: release the slots of removed backends, take
-        slots for added ones (the prepare step checked there are enough), track health."""
+    def configure(self, svc: Service, members: Mapping[str, dns.Members] | None = None) -> None:
+        """Take a new config of this service (and, given, new members of its followed entries):
+        release the slots of removed targets (a backend removed, a DNS member gone: both drain
+        the same way), take slots for added ones (the caller checked there are enough), track
+        health."""
         old = self.config
         self.config = svc
-        if old is not None:
-            keep = {x.address.text for x in svc.backends}
-            for b in old.backends:
-                if b.address.text not in keep:
-                    self.health.untrack(svc.name, b.address.text)
-                    self.ramp.pop(b.address.text, None)
-                    self.shared.release(svc.name, b.address.text, self.generation())
+        if members is not None:
+            self.members = dict(members)
+        followed = {b.address.text for b in svc.backends if dns.follows(b)}
+        self.members = {e: m for e, m in self.members.items() if e in followed}
+        new = {t.id: t for t in dns.targets(svc, self.members)}
+        for key in self.targets.keys() - new.keys():
+            self.health.untrack(svc.name, key)
+            self.ramp.pop(key, None)
+            self.shared.release(svc.name, key, self.generation())
         self.shared.slot_for(svc.name, SERVICE_ROW)        # the service's own Gauges row
         slowstart = svc.health.slowstart if svc.health else 0.0
-        old_addresses = {b.address.text for b in old.backends} if old else set()
-        for b in svc.backends:
-            slot = self.shared.slot_for(svc.name, b.address.text)
-            if old is not None and b.address.text not in old_addresses and slowstart > 0:
-                self.ramp[b.address.text] = time.monotonic()       # added: eased in
-            self.health.track(svc.name, b.address.text, slot, b.address.host, b.address.port, b.health)
+        for key, t in new.items():
+            slot = self.shared.slot_for(svc.name, key)
+            if old is not None and key not in self.targets and slowstart > 0:
+                self.ramp[key] = time.monotonic()           # added: eased in
+            self.health.track(svc.name, key, slot, t.host, t.port, t.backend.health)
+        self.targets = new
+
+    def set_members(self, entry: str, members: dns.Members) -> None:
+        """A followed entry's members changed (fastlb.dns): leavers drain, newcomers get slots."""
+        self.configure(self.svc, {**self.members, entry: members})
+
+    def ids_of(self, entry: str) -> list[str]:
+        """The slot-table ids of a backend entry: itself, or its members."""
+        return [key for key, t in self.targets.items() if t.backend.address.text == entry]
 
     def remove(self) -> None:
-        for b in self.svc.backends:
-            self.health.untrack(self.svc.name, b.address.text)
-            self.shared.release(self.svc.name, b.address.text, self.generation())
+        for key in self.targets:
+            self.health.untrack(self.svc.name, key)
+            self.shared.release(self.svc.name, key, self.generation())
+        self.targets = {}
         self.shared.release(self.svc.name, SERVICE_ROW, self.generation())
 
     def health_changed(self, address: str, up: bool) -> None:
@@ -124,7 +162,7 @@ class ServiceRuntime:
         slots = self.shared.slots
         name = self.svc.name
         return compute_plan(self.svc, lambda a: slots.get((name, a), -1), self.shared.health.is_up,
-                            self.ramp, now)
+                            self.ramp, now, self.members)
 
     def tick(self, plan: Plan, now: float) -> None:
         """Time moves: forget finished ramps; log a panic transition once."""

@@ -19,6 +19,9 @@ keeps its previous snapshot: the supervisor goes on serving every other request.
 SIGTERM stops accepting in every mode at once (the listening sockets are shut), lets open
 connections finish for ``grace`` seconds, then closes them; SIGINT closes everything at once;
 SIGHUP reloads the config. Signals received while starting are acted on once started.
+Backends given by host name or SRV record are followed by fastlb.dns (a Watcher, primed before
+the services start): their members are derived state, applied under the same lock as a change
+(``_on_members``: prepare, apply; never persisted: a restart asks DNS again).
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ import socket
 import time
 from typing import Any, Mapping
 
-from fastlb import config, sdnotify, signals, statefile
+from fastlb import _core, config, dns, sdnotify, signals, statefile
 from fastlb.admin.protocol import Request
 from fastlb.admin.server import AdminServer, admin_token, clear_stale_socket
 from fastlb.config import Config, Service
@@ -85,8 +88,23 @@ def make_datapath(cfg: Config, loop: asyncio.AbstractEventLoop, shared: SharedSt
 class View:
     """The handlers' read-only view of slots, health and counters (handlers.StatsView)."""
 
-    def __init__(self, shared: SharedState, health: HealthChecker) -> None:
+    def __init__(self, shared: SharedState, health: HealthChecker,
+                 runtimes: Mapping[str, ServiceRuntime] | None = None,
+                 watcher: dns.Watcher | None = None) -> None:
         self.shared, self.health = shared, health
+        self.runtimes = runtimes if runtimes is not None else {}
+        self.watcher = watcher
+
+    def dns_entry(self, service: str, b: config.Backend, stats: bool) -> dict[str, Any] | None:
+        """[dns] A backend given by host name or SRV: the entry with its members under it
+        (handlers.backend_info asks; None for an IP-literal backend)."""
+        if not dns.follows(b):
+            return None
+        rt = self.runtimes.get(service)
+        members = rt.members.get(b.address.text, ()) if rt else ()
+        status = (self.watcher.status.get((service, b.address.text), "not resolved yet")
+                  if self.watcher else "not followed")
+        return dns.entry_info(self, service, b, members, status, stats, _core.COUNTER_FIELDS)
 
     def slot(self, service: str, address: str) -> int | None:
         return self.shared.slots.get((service, address))
@@ -118,8 +136,9 @@ class Supervisor:
         total = sum(1 + len(s.backends) for s in self.registry.snapshot.values())   # + its row
         self.shared = SharedState(max(cfg.max_backends, 2 * total), blocks_for(cfg.global_.workers))
         self.health = HealthChecker(self.shared.health, self._on_health)
-        self.view = View(self.shared, self.health)
         self.runtimes: dict[str, ServiceRuntime] = {}
+        self.dns = dns.Watcher(cfg.global_.dns, self._on_members)   # host names and SRV entries
+        self.view = View(self.shared, self.health, self.runtimes, self.dns)
         self.listeners = Listeners()
         self.gen = 0                               # of the last snapshot pushed
         self.datapath = make_datapath(cfg, loop, self.shared, self._on_passive, log_level)
@@ -140,8 +159,15 @@ class Supervisor:
         return self.registry.snapshot
 
     # -- the change pipeline --------------------------------------------------------------------
-    def _trial(self, services: Mapping[str, Service]) -> Snapshot:
-        """The snapshot ``services`` would give (new backends without a slot yet: -1)."""
+    def _members(self, name: str) -> Mapping[str, dns.Members]:
+        """[dns] The members of a service's followed entries: its runtime's, else the watcher's."""
+        rt = self.runtimes.get(name)
+        return rt.members if rt is not None else self.dns.of(name)
+
+    def _trial(self, services: Mapping[str, Service],
+               members: Mapping[str, Mapping[str, dns.Members]] | None = None) -> Snapshot:
+        """The snapshot ``services`` would give (new backends without a slot yet: -1), with
+        ``members[service]`` instead of the members a service has now, when given."""
         now = time.monotonic()
         plans = []
         slots, health = self.shared.slots, self.shared.health
@@ -149,14 +175,20 @@ class Supervisor:
             rt = self.runtimes.get(svc.name)
             plans.append(compute_plan(svc, functools.partial(_slot_or_none, slots, svc.name),
                                       lambda slot: slot >= 0 and bool(health.is_up(slot)),
-                                      rt.ramp if rt else {}, now))
+                                      rt.ramp if rt else {}, now,
+                                      members[svc.name] if members and svc.name in members
+                                      else self._members(svc.name)))
         return Snapshot(self.gen + 1, tuple(plans), tuple(sorted(wanted_listeners(services))))
+
+    def _need(self, svc: Service, members: Mapping[str, dns.Members]) -> int:
+        """Slots ``svc`` with ``members`` would take that it has not now."""
+        keys = [SERVICE_ROW, *(t.id for t in dns.targets(svc, members))]
+        return sum(1 for key in keys if (svc.name, key) not in self.shared.slots)
 
     def _prepare(self, nxt: Mapping[str, Service]) -> dict[ListenKey, socket.socket]:
         """Everything that can fail, before anything is kept. Returns the new listening
         sockets (to adopt on commit, or discard). Raises FastLBError: nothing changed."""
-        need = sum(1 for s in nxt.values() for key in [SERVICE_ROW, *(b.address.text for b in s.backends)]
-                   if (s.name, key) not in self.shared.slots)
+        need = sum(self._need(s, self._members(s.name)) for s in nxt.values())
         self.shared.can_take(need)
         new = self.listeners.bind(wanted_listeners(nxt))
         try:
@@ -207,9 +239,11 @@ class Supervisor:
             for name, svc in snapshot.items():
                 rt = self.runtimes.get(name)
                 if rt is None:
-                    self.runtimes[name] = ServiceRuntime(svc, self.shared, self.health, lambda: self.gen + 1)
+                    self.runtimes[name] = ServiceRuntime(svc, self.shared, self.health, lambda: self.gen + 1,
+                                                         self.dns.of(name))
                 elif rt.config != svc:
                     rt.configure(svc)
+            self.dns.sync(snapshot)                   # follow added entries, forget removed ones
             self.listeners.adopt(new)
             for key, sock in sorted(new.items()):
                 svc = snapshot[key[0]]
@@ -266,9 +300,35 @@ class Supervisor:
             self._close_backend(service, address, "drain timeout")
 
     def _close_backend(self, service: str, address: str, why: str) -> None:
-        slot = self.shared.slots.get((service, address))
-        if slot is not None:
-            self.datapath.close_backend(service, slot, why)   # each data path logs its count
+        rt = self.runtimes.get(service)
+        for key in rt.ids_of(address) if rt is not None else [address]:   # [dns] its members
+            slot = self.shared.slots.get((service, key))
+            if slot is not None:
+                self.datapath.close_backend(service, slot, why)   # each data path logs its count
+
+    async def _on_members(self, service: str, entry: str, members: dns.Members) -> bool:
+        """[dns] A followed entry's members changed. Derived state, so not persisted and no
+        registry generation: prepared (slots, the data path's check) and applied under the
+        change lock, like a change. Leavers drain as a removed backend does. Returns False
+        when refused (logged; the watcher offers them again at its next refresh)."""
+        async with self._mutation:
+            rt = self.runtimes.get(service)
+            if self._stopping or rt is None or not any(
+                    b.address.text == entry and dns.follows(b) for b in rt.svc.backends):
+                return True                            # gone meanwhile: nothing to apply
+            nxt = {**rt.members, entry: members}
+            try:
+                self.shared.can_take(self._need(rt.svc, nxt))
+                self.datapath.check(self._trial(self.registry.snapshot, {service: nxt}))
+            except FastLBError as exc:
+                log.error("service %s: backend %s: DNS members %s not applied: %s", service, entry,
+                          ", ".join(m.hostport for m in members), getattr(exc, "message", exc))
+                return False
+            rt.set_members(entry, members)
+            self.push()
+            self.publish({"op": "dns", "service": service, "address": entry,
+                          "members": [m.hostport for m in members]})
+            return True
 
     async def reload(self) -> dict[str, Any]:
         """Re-read the config file and apply what changed in it (see registry.reconcile)."""
@@ -418,6 +478,7 @@ class Supervisor:
         early = signals.take()                # received while starting: acted on once started
         if self.cfg.global_.admin:
             clear_stale_socket(self.cfg.global_.admin)   # a live one: refuse before touching state
+        await self.dns.prime(self.registry.snapshot)   # host names' members before serving
         self.start()
         await self.datapath.start()
         g = self.cfg.global_
@@ -461,6 +522,7 @@ class Supervisor:
                  else "SIGINT", self.datapath.connections(),
                  f", waiting up to {grace:g}s" if grace else "")
         await self.datapath.finish(self._mode, grace)
+        self.dns.stop()
         self.health.stop()
         for t in self._tasks:
             t.cancel()

@@ -35,7 +35,7 @@ def test_good_config_becomes_frozen_typed_objects():
     assert (svc.policy, svc.hash_key, svc.retries) == ("maglev", "source_ip_port", 3)
     assert (svc.connect_timeout, svc.idle_timeout) == (0.5, 120.0)
     assert [(b.address.text, b.address.host, b.weight) for b in svc.backends] == [
-        ("127.0.0.1:9001", "127.0.0.1", 5), ("localhost:9002", "127.0.0.1", 1)]
+        ("127.0.0.1:9001", "127.0.0.1", 5), ("localhost:9002", "localhost", 1)]   # kept: fastlb.dns
     with pytest.raises(AttributeError):
         svc.retries = 5
 
@@ -103,10 +103,65 @@ def test_bad_configs_name_the_key_line_and_expectation(text, line, path, message
         assert str(err).startswith(f"bad.toml:{line}: ")
 
 
-def test_unresolvable_backend_host():
-    with pytest.raises(ConfigError, match=r"backends\[0\].address: cannot resolve host"):
-        config.loads("[[service]]\nname='a'\nlisten='127.0.0.1:1'\n"
-                     "backends=[{address='no-such-host.invalid:80'}]")
+def test_a_backend_host_name_is_kept_as_written_never_resolved_here():
+    """fastlb.dns follows it (issue 13): `check` and `run` accept a name that does not resolve."""
+    svc = config.loads("[[service]]\nname='a'\nlisten='127.0.0.1:1'\n"
+                       "backends=[{address='no-such-host.invalid:80'}]").services[0]
+    assert svc.backends[0].address == config.Address("no-such-host.invalid", 80, "no-such-host.invalid:80")
+
+
+DNS_BAD = [
+    ("backends=[{address='bad host!:80'}]", "service[0].backends[0].address",
+     "'bad host!' in 'bad host!:80' is neither an IP address nor a host name"),
+    ("backends=[{srv='_a._tcp.x', address='a.x:1'}]", "service[0].backends[0].address",
+     "give address = \"host:port\" or srv = \"_service._tcp.name\", not both"),
+    ("backends=[{weight=2}]", "service[0].backends[0].address", "give address"),
+    ("backends=[{srv=5}]", "service[0].backends[0].srv", "expected an SRV name"),
+    ("backends=[{srv='10.0.0.1'}]", "service[0].backends[0].srv", "expected an SRV name"),
+    ("backends=[{srv='_a._tcp.x'}, {srv='_a._tcp.x'}]", "service[0].backends[1].srv",
+     "duplicate backend _a._tcp.x"),
+    ("dns={refresh='0s'}", "service[0].dns.refresh", "out of range"),
+    ("dns={timeout='1s'}", "service[0].dns.timeout", "unknown key"),
+    ("[global]\ndns={nameservers=['dns.example:53']}", "global.dns.nameservers[0]",
+     "expected an IP address with an optional port"),
+    ("[global]\ndns={nameservers=[]}", "global.dns.nameservers", "expected a non-empty array"),
+    ("[global]\ndns={nameservers=['127.0.0.1:0']}", "global.dns.nameservers[0]",
+     "a nameserver needs a port"),
+    ("[global]\ndns={refesh='1s'}", "global.dns.refesh", "did you mean 'refresh'?"),
+    ("[global]\ndns={timeout='2m'}", "global.dns.timeout", "out of range"),
+]
+
+
+@pytest.mark.parametrize("extra,path,message", DNS_BAD)
+def test_bad_dns_keys_name_the_key_path(extra, path, message):
+    svc = "[[service]]\nname='a'\nlisten='127.0.0.1:1'\n"
+    text = extra + "\n" + svc if extra.startswith("[global]") else svc + extra
+    with pytest.raises(ConfigError) as info:
+        config.loads(text)
+    assert info.value.path == path, str(info.value)
+    assert message in str(info.value)
+
+
+def test_dns_keys_and_srv_entries():
+    cfg = config.loads("[global]\ndns = { refresh = '3s', timeout = '500ms', nameservers = "
+                       "['127.0.0.1:5353', '10.0.0.1', '[::1]:53', '::2'] }\n"
+                       "[[service]]\nname='a'\nlisten='127.0.0.1:1'\ndns = { refresh = '200ms' }\n"
+                       "backends=[{srv='_app._tcp.example.internal', weight=2}, {address='app.x:9'}]\n"
+                       "[[service]]\nname='b'\nlisten='127.0.0.1:2'\n")
+    assert cfg.global_.dns == config.DnsConfig(3.0, (("127.0.0.1", 5353), ("10.0.0.1", 53),
+                                                     ("::1", 53), ("::2", 53)), 0.5)
+    a, b = cfg.services
+    assert (a.dns_refresh, b.dns_refresh) == (0.2, None)
+    srv, host = a.backends
+    assert srv.srv and srv.address == config.Address("_app._tcp.example.internal", 0,
+                                                     "_app._tcp.example.internal")
+    assert srv.weight == 2 and not host.srv
+    assert config.loads("[[service]]\nname='a'\nlisten='127.0.0.1:1'\n").global_.dns == config.DnsConfig()
+    # the state file's form and back (srv entries written as srv, the refresh kept)
+    assert config.service_from_dict(config.service_to_dict(a), "s") == a
+    summary = config.summary(cfg)
+    assert "backend _app._tcp.example.internal weight 2 (SRV, resolved every 0.2s)" in summary
+    assert "backend app.x:9 weight 1 (host name, resolved every 0.2s)" in summary
 
 
 @pytest.mark.parametrize("text,message", [(t, m) for t, _, _, m in BAD[:6]])

@@ -102,6 +102,7 @@ class Backend:
     weight: int = 1
     state: str = "ready"      # ready | drain (no new connections) | maint (none, maybe closed)
     health: HealthConfig | None = None   # the effective check config (service's + overrides)
+    max_conns: int = 0        # [limits] connections at once over every worker (0: no cap)
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +118,10 @@ class Service:
     connect_timeout: float = DEFAULTS["connect"]
     idle_timeout: float = DEFAULTS["idle"]
     health: HealthConfig | None = None   # None: no active checks, backends stay up
+    # [limits] connection limits and the queue (docs/config.md, "Connection limits and queues")
+    maxconn: int = 0                     # connections at once over every worker (0: none)
+    queue_size: int = 0                  # clients waiting for a backend place (0: no queue)
+    queue_timeout: float | None = None   # how long one may wait (None: the connect timeout)
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +134,7 @@ class GlobalConfig:
     state_file: str | None = None          # where acknowledged admin changes are kept
     log_format: str = "text"               # [obs] "text" or "json" (fastlb/logs.py)
     log_level: str = "info"                # [obs] debug | info | warning | error
+    maxconn: int = 0                       # [limits] 0: derived from RLIMIT_NOFILE (preflight)
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,7 +312,8 @@ def from_dict(doc: dict, *, source: str = "config", text: str = "", resolve: boo
     c.table(doc, "", {"global", "service"})
     g = c.table(doc.get("global", {}), "global",
                 {"workers", "grace", "admin", "admin_token_file", "state_file", "metrics",
-                 "log_format", "log_level"})                                  # [obs] logs
+                 "log_format", "log_level"}
+                | {"maxconn"})                                                # [obs] logs; [limits]
     workers = g.get("workers", DEFAULTS["workers"])
     if workers == "auto":
         workers = min(cpus.usable(), MAX_WORKERS)
@@ -337,7 +344,8 @@ def from_dict(doc: dict, *, source: str = "config", text: str = "", resolve: boo
                         log_format=c.choice(g.get("log_format", "text"), "global.log_format",   # [obs]
                                             ("text", "json")),                                  # [obs]
                         log_level=c.choice(g.get("log_level", "info"), "global.log_level",      # [obs]
-                                           ("debug", "info", "warning", "error")))              # [obs]
+                                           ("debug", "info", "warning", "error")),              # [obs]
+                        **_global_limits(c, g))                                                 # [limits]
     services_raw = doc.get("service", [])
     if not isinstance(services_raw, list):
         raise c.fail("service", "expected an array of tables ([[service]])")
@@ -361,6 +369,9 @@ def from_dict(doc: dict, *, source: str = "config", text: str = "", resolve: boo
 
 SERVICE_KEYS = {"name", "listen", "policy", "hash_key", "hash_balance_factor", "max_fails", "retries",
                 "timeouts", "backends", "health"}
+SERVICE_KEYS |= {"maxconn", "queue"}                                           # [limits]
+BACKEND_KEYS = {"address", "weight", "state", "health"}
+BACKEND_KEYS |= {"max_conns"}                                                  # [limits]
 
 
 def _health(c: _Checker, raw: Any, path: str, keys: set[str], base: HealthConfig) -> HealthConfig:
@@ -451,7 +462,7 @@ def service_from_dict(raw: Any, path: str, c: _Checker | None = None, *,
     backends, seen = [], set()
     for j, b in enumerate(backends_raw):
         bp = f"{path}.backends[{j}]"
-        c.table(b, bp, {"address", "weight", "state", "health"}, {"address"})
+        c.table(b, bp, BACKEND_KEYS, {"address"})
         addr = c.address(b["address"], f"{bp}.address", resolve=resolve)
         if addr.port == 0:
             raise c.fail(f"{bp}.address", "a backend needs a port from 1 to 65535")
@@ -467,10 +478,56 @@ def service_from_dict(raw: Any, path: str, c: _Checker | None = None, *,
         backends.append(Backend(addr, c.integer(b.get("weight", DEFAULTS["weight"]),
                                                 f"{bp}.weight", 1, MAX_WEIGHT),
                                 c.choice(b.get("state", "ready"), f"{bp}.state", STATES),
-                                bhealth))
+                                bhealth, **_backend_limits(c, b, bp)))
     return Service(name=name, listen=listen, backends=tuple(backends), policy=policy,
                    hash_key=hash_key, hash_balance_factor=balance, max_fails=max_fails,
-                   retries=retries, connect_timeout=connect, idle_timeout=idle, health=health)
+                   retries=retries, connect_timeout=connect, idle_timeout=idle, health=health,
+                   **_limits(c, raw, path))
+
+
+# -- [limits] connection limits and queues (docs/config.md) -------------------------------------
+MAX_CONN = 1 << 24          # 16 Mi connections: far above what any fd limit allows
+MAX_QUEUE = 1 << 20
+
+
+def _global_limits(c: _Checker, g: dict) -> dict[str, Any]:
+    """[global] maxconn (0 or absent: derived from the fd limit, fastlb.preflight)."""
+    if "maxconn" not in g:
+        return {}
+    return {"maxconn": c.integer(g["maxconn"], "global.maxconn", 1, MAX_CONN)}
+
+
+def _backend_limits(c: _Checker, b: dict, path: str) -> dict[str, Any]:
+    """backends[].max_conns."""
+    if "max_conns" not in b:
+        return {}
+    return {"max_conns": c.integer(b["max_conns"], f"{path}.max_conns", 1, MAX_CONN)}
+
+
+def _limits(c: _Checker, raw: dict, path: str) -> dict[str, Any]:
+    """service.maxconn and service.queue = { size = N, timeout = "5s" }."""
+    out: dict[str, Any] = {}
+    if "maxconn" in raw:
+        out["maxconn"] = c.integer(raw["maxconn"], f"{path}.maxconn", 1, MAX_CONN)
+    if "queue" in raw:
+        q = c.table(raw["queue"], f"{path}.queue", {"size", "timeout"}, {"size"})
+        out["queue_size"] = c.integer(q["size"], f"{path}.queue.size", 0, MAX_QUEUE)
+        if "timeout" in q:
+            out["queue_timeout"] = c.duration(q["timeout"], f"{path}.queue.timeout")
+    return out
+
+
+def _limits_to_dict(svc: Service, d: dict[str, Any]) -> None:
+    """The [limits] keys of ``svc`` that differ from their defaults, into its table ``d``."""
+    if svc.maxconn:
+        d["maxconn"] = svc.maxconn
+    if svc.queue_size or svc.queue_timeout is not None:
+        d["queue"] = {"size": svc.queue_size}
+        if svc.queue_timeout is not None:
+            d["queue"]["timeout"] = svc.queue_timeout
+    for b, bd in zip(svc.backends, d["backends"], strict=True):
+        if b.max_conns:
+            bd["max_conns"] = b.max_conns
 
 
 def _health_to_dict(h: HealthConfig, keys: set[str], base: HealthConfig | None = None) -> dict:
@@ -506,6 +563,7 @@ def service_to_dict(svc: Service) -> dict:
         d["max_fails"] = svc.max_fails
     if svc.health is not None:
         d["health"] = _health_to_dict(svc.health, HEALTH_SERVICE_KEYS)
+    _limits_to_dict(svc, d)                                                     # [limits]
     return d
 
 
@@ -521,7 +579,7 @@ def _policy_options(s: Service) -> str:
 def summary(cfg: Config) -> str:
     """A human summary for ``fastlb check``."""
     out = [f"{cfg.source}: OK, {len(cfg.services)} service(s), workers={cfg.global_.workers}, "
-           f"grace={cfg.global_.grace:g}s"]
+           f"grace={cfg.global_.grace:g}s, maxconn={cfg.global_.maxconn or 'auto'}"]
     for s in cfg.services:
         out.append(f"  service {s.name}: listen {', '.join(a.text for a in s.listen)}; "
                    f"policy {s.policy}" + _policy_options(s)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 from fastlb import _core
 from fastlb.config import MAX_WEIGHT, Service
@@ -64,7 +64,17 @@ def compute_plan(svc: Service, slot_of: Callable[[str], int], is_up: Callable[[i
                 idle_timeout=svc.idle_timeout, fall_passive=h.fall_passive if h else 0,
                 panic=panic, backends=tuple(backends),
                 names=tuple((slot_of(b.address.text), b.address.text) for b in svc.backends),
-                options=policy_options(svc))
+                options=policy_options(svc),
+                **limits_fields(svc, slot_of))                                   # [limits]
+
+
+def limits_fields(svc: Service, slot_of: Callable[[str], int]) -> dict[str, Any]:
+    """[limits] The plan's connection limits: service.maxconn, the queue (its timeout
+    defaults to the connect timeout, as HAProxy's `timeout queue` does), backends' max_conns."""
+    timeout = svc.queue_timeout if svc.queue_timeout is not None else svc.connect_timeout
+    return {"maxconn": svc.maxconn, "queue_size": svc.queue_size, "queue_timeout": timeout,
+            "max_conns": tuple(sorted((slot_of(b.address.text), b.max_conns)
+                                      for b in svc.backends if b.max_conns))}
 
 
 class ServiceRuntime:

@@ -150,7 +150,8 @@ class Supervisor:
             plans.append(compute_plan(svc, functools.partial(_slot_or_none, slots, svc.name),
                                       lambda slot: slot >= 0 and bool(health.is_up(slot)),
                                       rt.ramp if rt else {}, now))
-        return Snapshot(self.gen + 1, tuple(plans), tuple(sorted(wanted_listeners(services))))
+        return Snapshot(self.gen + 1, tuple(plans), tuple(sorted(wanted_listeners(services))),
+                        maxconn=preflight.maxconn(self.cfg))                    # [limits]
 
     def _prepare(self, nxt: Mapping[str, Service]) -> dict[ListenKey, socket.socket]:
         """Everything that can fail, before anything is kept. Returns the new listening
@@ -232,7 +233,9 @@ class Supervisor:
                 plans.append(plan)
             wanted = wanted_listeners({name: rt.svc for name, rt in self.runtimes.items()})
             self.gen += 1
-            self.datapath.apply(Snapshot(self.gen, tuple(plans), tuple(sorted(wanted))), self.listeners.socks)
+            self.datapath.apply(Snapshot(self.gen, tuple(plans), tuple(sorted(wanted)),
+                                         maxconn=preflight.maxconn(self.cfg)),  # [limits]
+                                self.listeners.socks)
             self.listeners.close_unwanted(wanted)
         except Exception:  # noqa: BLE001 - a bug: the data path keeps its previous snapshot
             log.exception("pushing a snapshot to the data path failed (a bug)")

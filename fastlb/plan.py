@@ -58,6 +58,7 @@ class Plan:
     backends: tuple[PlanBackend, ...]               # ready ones, for new connections
     names: tuple[tuple[int, str], ...]              # every backend (slot, address), for logs
     options: tuple[tuple[str, int], ...] = ()       # policy options (fastlb.runtime.policy_options)
+    row: int = -1                                   # the service's Gauges row (fastlb.shm)
     # [limits] service.maxconn, service.queue, backends[].max_conns as (slot, cap) of capped ones
     maxconn: int = 0
     queue_size: int = 0
@@ -71,7 +72,7 @@ class Plan:
                 "fall_passive": self.fall_passive, "panic": self.panic,
                 "backends": [b.to_wire() for b in self.backends],
                 "names": [list(n) for n in self.names],
-                "options": [list(o) for o in self.options],
+                "options": [list(o) for o in self.options], "row": self.row,
                 "maxconn": self.maxconn, "queue_size": self.queue_size,             # [limits]
                 "queue_timeout": self.queue_timeout,
                 "max_conns": [list(m) for m in self.max_conns]}
@@ -87,6 +88,7 @@ class Plan:
                    backends=tuple(PlanBackend.from_wire(b) for b in w["backends"]),
                    names=tuple((int(s), str(a)) for s, a in w["names"]),
                    options=tuple((str(k), int(v)) for k, v in w.get("options", ())),
+                   row=int(w.get("row", -1)),
                    maxconn=int(w.get("maxconn", 0)), queue_size=int(w.get("queue_size", 0)),
                    queue_timeout=float(w.get("queue_timeout", 0.0)),
                    max_conns=tuple((int(s), int(n)) for s, n in w.get("max_conns", ())))

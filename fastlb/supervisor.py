@@ -32,7 +32,7 @@ import socket
 import time
 from typing import Any, Mapping
 
-from fastlb import config, preflight, sdnotify, signals, statefile
+from fastlb import _core, config, preflight, sdnotify, signals, statefile
 from fastlb.admin.protocol import Request
 from fastlb.admin.server import AdminServer, clear_stale_socket
 from fastlb.config import Config, Service
@@ -84,6 +84,7 @@ def make_datapath(cfg: Config, loop: asyncio.AbstractEventLoop, shared: SharedSt
 
 class View:
     """The handlers' read-only view of slots, health and counters (handlers.StatsView)."""
+    maxconn = 0           # [limits] [global] maxconn as resolved (fastlb.preflight.maxconn)
 
     def __init__(self, shared: SharedState, health: HealthChecker) -> None:
         self.shared, self.health = shared, health
@@ -100,6 +101,13 @@ class View:
     def check(self, service: str, address: str) -> tuple[int, str] | None:
         hs = self.health.state(service, address)
         return (hs.check_failures, hs.reason) if hs else None
+
+    def gauges(self, service: str | None, address: str = SERVICE_ROW) -> dict[str, int]:
+        """[limits] The Gauges row of a backend, of a service (address SERVICE_ROW) or, with
+        service None, of the whole balancer."""
+        g = self.shared.gauges
+        row = g.nrows - 1 if service is None else self.shared.slots.get((service, address))
+        return g.row(row) if row is not None else dict.fromkeys(_core.GAUGE_FIELDS, 0)
 
 
 class Supervisor:
@@ -119,6 +127,7 @@ class Supervisor:
         self.shared = SharedState(max(cfg.max_backends, 2 * total), blocks_for(cfg.global_.workers))
         self.health = HealthChecker(self.shared.health, self._on_health)
         self.view = View(self.shared, self.health)
+        self.view.maxconn = preflight.maxconn(cfg)                              # [limits]
         self.runtimes: dict[str, ServiceRuntime] = {}
         self.listeners = Listeners()
         self.gen = 0                               # of the last snapshot pushed
@@ -151,7 +160,7 @@ class Supervisor:
                                       lambda slot: slot >= 0 and bool(health.is_up(slot)),
                                       rt.ramp if rt else {}, now))
         return Snapshot(self.gen + 1, tuple(plans), tuple(sorted(wanted_listeners(services))),
-                        maxconn=preflight.maxconn(self.cfg))                    # [limits]
+                        maxconn=self.view.maxconn)                              # [limits]
 
     def _prepare(self, nxt: Mapping[str, Service]) -> dict[ListenKey, socket.socket]:
         """Everything that can fail, before anything is kept. Returns the new listening
@@ -234,7 +243,7 @@ class Supervisor:
             wanted = wanted_listeners({name: rt.svc for name, rt in self.runtimes.items()})
             self.gen += 1
             self.datapath.apply(Snapshot(self.gen, tuple(plans), tuple(sorted(wanted)),
-                                         maxconn=preflight.maxconn(self.cfg)),  # [limits]
+                                         maxconn=self.view.maxconn),            # [limits]
                                 self.listeners.socks)
             self.listeners.close_unwanted(wanted)
         except Exception:  # noqa: BLE001 - a bug: the data path keeps its previous snapshot

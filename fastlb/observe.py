@@ -80,6 +80,6 @@ def snapshot(src: Sources) -> dict[str, Any]:
             "backends": backends,
             "limits": svc.get("limits", {}),                                    # [limits]
         })
-    glob = next((s["global"] for s in rows if "global" in s), {})               # [limits]
+    glob: dict[str, Any] = next((s["global"] for s in rows if "global" in s), {})   # [limits]
     return {"version": __version__, "pid": src.pid, "started": src.started, "now": now,
             "services": services, "global": glob}

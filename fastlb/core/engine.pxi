@@ -415,14 +415,13 @@ cdef class Engine:
             if fd < 0:
                 err = errno
                 lim_unadmit(self, svc)          # [limits] the place goes back
-                errno = err
-                if errno == EINTR or errno == ECONNABORTED:
+                if err == EINTR or err == ECONNABORTED:
                     continue
-                if lim_accept_failed(self, lst, errno):   # [limits] out of fds: paused
+                if lim_accept_failed(self, lst, err):     # [limits] out of fds: paused
                     return
-                if errno != EAGAIN and self.on_accept_error is not None:
+                if err != EAGAIN and self.on_accept_error is not None:
                     self._callback(svc, "on_accept_error", self.on_accept_error,
-                                   (OSError(errno, strerror(errno).decode()),))
+                                   (OSError(err, strerror(err).decode()),))
                 return
             flb_dbg_add(FLB_DBG_FDS, 1)
             setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(int))

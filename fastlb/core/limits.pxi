@@ -229,6 +229,8 @@ cdef bint lim_queue(Session s) noexcept:
     cdef Engine eng = s.eng
     if s.capmask == 0:
         return False
+    if s.attempts > 0:
+        s.attempts -= 1                     # the pick that found nothing was no attempt
     if s.inqueue:                           # a retry from the queue: still no place
         s.state = S_QUEUED
         return True

@@ -203,7 +203,7 @@ class DataPlane:
         self.engine = _core.Engine(loop, counters, block, gauges)
         self.engine.on_accept_error = self._on_accept_error
         self.engine.on_local_error = self._on_local_error                       # [limits]
-        self._local_log = (0.0, 0)                                              # [limits]
+        self._local_log: dict[str, tuple[float, int]] = {}                      # [limits]
         self._limits = loop.create_task(limits_forever(self.engine))            # [limits]
         self.services: dict[str, DataService] = {}
         self.sockets: Mapping[ListenKey, socket.socket] = {}
@@ -275,12 +275,12 @@ class DataPlane:
         """[limits] accept4/socket/connect ran out of fds, memory or local ports (the core
         calls this at most once a second): one line per ERROR_LOG_INTERVAL, with the count."""
         now = time.monotonic()
-        last, pending = self._local_log
+        last, pending = self._local_log.get(what, (-ERROR_LOG_INTERVAL, 0))
         pending += count
         if now - last < ERROR_LOG_INTERVAL:
-            self._local_log = (last, pending)
+            self._local_log[what] = (last, pending)
             return
-        self._local_log = (now, 0)
+        self._local_log[what] = (now, 0)
         remedy = (" (raise the fd limit: LimitNOFILE=, ulimit -n; or lower [global] maxconn)"
                   if exc.errno in (errno.EMFILE, errno.ENFILE) else "")
         log.error("local error on %s: %s: %d connection(s) refused or closed since the last "

@@ -169,8 +169,8 @@ cdef class Engine:
     cdef int npaused                     # len(paused): one C test per session close
     cdef set queued                      # ServiceStates with clients in their queue
     cdef public object on_local_error    # callable(what, OSError, count) or None
-    cdef long long local_unreported      # local errors since the last report
-    cdef double local_reported_at
+    cdef long long local_unreported[2]   # local errors since the last report: accept, connect
+    cdef double local_reported_at[2]
 
     def __cinit__(self):
         self.epfd = -1

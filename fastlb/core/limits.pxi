@@ -44,7 +44,7 @@ cdef void lim_init(Engine eng) noexcept:
         raise MemoryError()
     eng.paused = []
     eng.queued = set()
-    eng.local_reported_at = -1e9
+    eng.local_reported_at[0] = eng.local_reported_at[1] = -1e9
 
 
 cdef inline int lim_global(Engine eng) noexcept:
@@ -134,18 +134,20 @@ cdef inline bint lim_out_of_resources(int err) noexcept:
     return err == EMFILE or err == ENFILE or err == ENOBUFS or err == ENOMEM
 
 
-cdef void lim_report(Engine eng, ServiceState svc, str what, int err) noexcept:
-    """A local error: count it, and tell Python at most once per LOCAL_ERROR_REPORT."""
+cdef void lim_report(Engine eng, ServiceState svc, int where, int err) noexcept:
+    """A local error of accept4 (``where`` 0) or of the backend's socket()/connect() (1):
+    count it, and tell Python at most once per LOCAL_ERROR_REPORT for each place."""
     cdef long long n
     lim_count(eng, svc, G_LOCAL_ERRORS)
-    eng.local_unreported += 1
-    if eng.on_local_error is None or eng.now - eng.local_reported_at < LOCAL_ERROR_REPORT:
+    eng.local_unreported[where] += 1
+    if (eng.on_local_error is None
+            or eng.now - eng.local_reported_at[where] < LOCAL_ERROR_REPORT):
         return
-    eng.local_reported_at = eng.now
-    n = eng.local_unreported
-    eng.local_unreported = 0
+    eng.local_reported_at[where] = eng.now
+    n = eng.local_unreported[where]
+    eng.local_unreported[where] = 0
     eng._callback(svc, "on_local_error", eng.on_local_error,
-                  (what, OSError(err, strerror(err).decode()), n))
+                  ("connect" if where else "accept", OSError(err, strerror(err).decode()), n))
 
 
 cdef bint lim_accept_failed(Engine eng, Listener lst, int err) noexcept:
@@ -153,7 +155,7 @@ cdef bint lim_accept_failed(Engine eng, Listener lst, int err) noexcept:
     if not lim_out_of_resources(err):
         return False
     lim_pause(eng, lst, PAUSE_FDS)
-    lim_report(eng, lst.svc, "accept", err)
+    lim_report(eng, lst.svc, 0, err)
     return True
 
 
@@ -197,7 +199,7 @@ cdef bint lim_local_error(Session s, int err) noexcept:
         return False
     if lim_out_of_resources(err):
         lim_pause_all(eng, PAUSE_FDS)
-    lim_report(eng, s.svc, "connect", err)
+    lim_report(eng, s.svc, 1, err)
     s._close()
     return True
 

@@ -19,6 +19,10 @@ from fastlb import spawn
 from helpers import PY, Proc, admin_client, start_fastlb
 
 HZ = os.sysconf("SC_CLK_TCK")
+# A fault check, not a speed test: a paused listener costs about 1% of a core here; the old
+# spinning engine took all the CPU it could get (36-43% of a core on this 2-core machine
+# shared with other builds, 94-100% on an idle one).
+IDLE_CPU = 0.15
 
 
 class CountingBackend:
@@ -131,6 +135,12 @@ def cpu_seconds(pids: list[int]) -> float:
 
 
 def busiest_cpu(pids: list[int], seconds: float = 2.0) -> float:
+    out = _busiest_cpu(pids, seconds)
+    print(f"busiest CPU share over {seconds}s: {out:.3f}")
+    return out
+
+
+def _busiest_cpu(pids: list[int], seconds: float = 2.0) -> float:
     """The CPU share (of one core) of the busiest of ``pids`` over ``seconds``."""
     before = [cpu_seconds([p]) for p in pids]
     time.sleep(seconds)
@@ -185,15 +195,17 @@ def test_fd_limit_64_with_200_clients_stays_idle_blames_nobody_and_recovers(proc
     try:
         wait_for(lambda: backend.cur >= 1, what="first sessions")
         time.sleep(0.5)
-        assert busiest_cpu([p.pid]) < 0.3
+        cpu = busiest_cpu([p.pid])
         held = backend.cur
         (web,) = stats_of(tmp_path)
+        assert web["backends"][0]["health"] == "up"
+        assert web["backends"][0]["connect_failures"] == 0
+        assert "DOWN" not in p.output
+        assert cpu < IDLE_CPU
         limit = web["global"]["limit"]
         assert 1 <= held <= limit < 32                   # (64 - reserve) // 2
         assert web["global"]["cur"] == held
         assert web["global"]["maxconn_reached"] >= 1
-        assert web["backends"][0]["health"] == "up"
-        assert web["backends"][0]["connect_failures"] == 0
     finally:
         for s in cs:
             s.close()
@@ -212,37 +224,49 @@ def _workers_of(tmp_path) -> list[int]:
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_fd_exhaustion_pauses_the_listener_and_blames_no_backend(procs, tmp_path, backend, workers):
-    """The fd limit lowered under a running fastlb (maxconn no longer fits): accept4 and the
-    backend socket() hit EMFILE. The listener is paused (no spin), the failed socket() is a
-    local error (client closed, counted, logged once; the backend is not failed nor marked
-    DOWN), and once fds are back new clients are served. With workers, the worker's log line
-    reaches fastlb's stderr."""
-    text = config(tmp_path, svc("web", [backend.port], CHECKED), workers=workers, maxconn=5000)
-    p, (port,) = start_fastlb(procs, text)
+    """The fd limit lowered under a running fastlb, below what its maxconn needs. With no fd
+    left, accept4 fails with EMFILE: the listener is paused and retried every 100 ms (old code:
+    the level-triggered listener spun at 100% CPU). With one fd left, accept4 succeeds and the
+    backend's socket() fails: a local error, the client is closed and counted, one log line
+    (from the worker too: workers log to fastlb's stderr), and the backend is neither failed
+    nor marked DOWN (old code: a connect failure, then DOWN "too many open files"). Once fds
+    are back, new clients are served."""
+    passive = 'health = { interval = "60s", fall_passive = 1 }'      # checks out of the way
+    p, (port,) = start_fastlb(procs, config(tmp_path, svc("web", [backend.port], passive),
+                                            workers=workers))
     pids = [p.pid] if workers == 1 else _workers_of(tmp_path)
     limits = {pid: resource.prlimit(pid, resource.RLIMIT_NOFILE) for pid in pids}
-    for pid in pids:
-        nfds = len(os.listdir(f"/proc/{pid}/fd"))
-        resource.prlimit(pid, resource.RLIMIT_NOFILE, (nfds + 3, limits[pid][1]))
-    cs = clients(port, 200)
+    nfds = {pid: len(os.listdir(f"/proc/{pid}/fd")) for pid in pids}
+    cs = []
     try:
-        p.wait_line(r"local error on (connect|accept): Too many open files", timeout=10)
-        time.sleep(0.3)
-        assert busiest_cpu(pids) < 0.3
+        for pid in pids:                                 # not one fd left
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, (nfds[pid], limits[pid][1]))
+        cs += clients(port, 50)
+        time.sleep(0.5)
+        assert busiest_cpu(pids) < IDLE_CPU
+        for pid in pids:                                 # one fd: accept4 works, socket() not
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, (nfds[pid] + 1, limits[pid][1]))
+        cs += clients(port, 50)
+        p.wait_line(r"local error on connect: Too many open files", timeout=10)
+        time.sleep(0.5)
+        assert busiest_cpu(pids) < IDLE_CPU
+    finally:
+        for pid, lim in limits.items():
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, lim)
+    try:
         (web,) = stats_of(tmp_path)
         assert web["backends"][0]["health"] == "up"
         assert web["backends"][0]["connect_failures"] == 0
+        assert "DOWN" not in p.output
         assert web["limits"]["local_errors"] >= 1 and web["global"]["local_errors"] >= 1
     finally:
         for s in cs:
             s.close()
-        for pid, lim in limits.items():
-            resource.prlimit(pid, resource.RLIMIT_NOFILE, lim)
     wait_for(lambda: backend.cur == 0, what="the sessions to end")
     for _ in range(3):
         with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
             assert greeting(s, 5).startswith("b ")
-    assert "DOWN" not in p.output and "marked down" not in p.output.lower()
+    assert "DOWN" not in p.output
 
 
 # -- maxconn ---------------------------------------------------------------------------------

@@ -113,7 +113,7 @@ class FastLBCollector(Collector):
                                       labels=["proxy"])
         queue = GaugeMetricFamily("fastlb_backend_current_queue", "Number of clients waiting "
                                   "in the service's queue for a server place.", labels=["proxy"])
-        qsize = GaugeMetricFamily("fastlb_backend_limit_queue", "Configured queue size "
+        qsize = GaugeMetricFamily("fastlb_backend_queue_limit", "Configured queue size "
                                   "(service.queue.size; 0: no queue).", labels=["proxy"])
         for s in services:
             lim = s["limits"]

@@ -197,10 +197,10 @@ cdef bint lim_local_error(Session s, int err) noexcept:
     cdef Engine eng = s.eng
     if not (lim_out_of_resources(err) or err == EADDRNOTAVAIL or err == EAGAIN):
         return False
-    if lim_out_of_resources(err):
-        lim_pause_all(eng, PAUSE_FDS)
     lim_report(eng, s.svc, 1, err)
     s._close()
+    if lim_out_of_resources(err):           # after the close, whose re-arm would undo it
+        lim_pause_all(eng, PAUSE_FDS)
     return True
 
 
@@ -349,9 +349,16 @@ def set_max_conns(Engine eng, int slot, int64_t cap):
 
 
 def limits_info(Engine eng):
-    """This engine's view of its limits: paused listeners by reason, queued clients, local
-    errors not yet reported (for tests and the workers' info)."""
+    """This engine's view of its limits: paused listeners by reason, queued clients (for
+    tests and introspection)."""
     cdef Listener lst
-    return {"paused_limit": sum(1 for lst in eng.paused if lst.paused == PAUSE_LIMIT),
-            "paused_fds": sum(1 for lst in eng.paused if lst.paused == PAUSE_FDS),
-            "queued": sum((<ServiceState>svc).qlen for svc in eng.queued)}
+    cdef ServiceState svc
+    cdef int limit = 0, fds = 0, queued = 0
+    for lst in eng.paused:
+        if lst.paused == PAUSE_LIMIT:
+            limit += 1
+        elif lst.paused == PAUSE_FDS:
+            fds += 1
+    for svc in eng.queued:
+        queued += svc.qlen
+    return {"paused_limit": limit, "paused_fds": fds, "queued": queued}

@@ -517,6 +517,23 @@ def _limits(c: _Checker, raw: dict, path: str) -> dict[str, Any]:
     return out
 
 
+def _maxconn_summary(cfg: Config) -> str:
+    """[global] maxconn as `fastlb run` will use it (derived: from this machine's fd limit)."""
+    if cfg.global_.maxconn:
+        return str(cfg.global_.maxconn)
+    from fastlb import preflight           # it imports this module
+    return f"{preflight.maxconn(cfg)} (from the fd limit {preflight.fd_limit()})"
+
+
+def _limits_summary(svc: Service) -> str:
+    """The [limits] part of a service's line in ``fastlb check``'s summary."""
+    out = f"; maxconn {svc.maxconn}" if svc.maxconn else ""
+    if svc.queue_size:
+        timeout = svc.queue_timeout if svc.queue_timeout is not None else svc.connect_timeout
+        out += f"; queue {svc.queue_size} for {timeout:g}s"
+    return out
+
+
 def _limits_to_dict(svc: Service, d: dict[str, Any]) -> None:
     """The [limits] keys of ``svc`` that differ from their defaults, into its table ``d``."""
     if svc.maxconn:
@@ -579,12 +596,14 @@ def _policy_options(s: Service) -> str:
 def summary(cfg: Config) -> str:
     """A human summary for ``fastlb check``."""
     out = [f"{cfg.source}: OK, {len(cfg.services)} service(s), workers={cfg.global_.workers}, "
-           f"grace={cfg.global_.grace:g}s, maxconn={cfg.global_.maxconn or 'auto'}"]
+           f"grace={cfg.global_.grace:g}s, maxconn={_maxconn_summary(cfg)}"]
     for s in cfg.services:
         out.append(f"  service {s.name}: listen {', '.join(a.text for a in s.listen)}; "
                    f"policy {s.policy}" + _policy_options(s)
-                   + f"; retries {s.retries}; connect {s.connect_timeout:g}s; idle {s.idle_timeout:g}s")
+                   + f"; retries {s.retries}; connect {s.connect_timeout:g}s; idle {s.idle_timeout:g}s"
+                   + _limits_summary(s))                                        # [limits]
         for b in s.backends:
             out.append(f"    backend {b.address.text} weight {b.weight}"
+                       + (f" max_conns {b.max_conns}" if b.max_conns else "")   # [limits]
                        + (f" ({b.state})" if b.state != "ready" else ""))
     return "\n".join(out)

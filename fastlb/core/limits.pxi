@@ -106,11 +106,11 @@ cdef bint lim_admit(Engine eng, Listener lst) noexcept:
     """Take a place for the next accept4 in the global and the service row. At a limit:
     pause ``lst``, count G_MAXCONN_REACHED on the row whose limit it is, and return False."""
     cdef ServiceState svc = lst.svc
-    if not eng.gauges.take(lim_global(eng), eng.maxconn):
+    if not eng.gauges.take_field(lim_global(eng), G_CUR, eng.maxconn):
         eng.gauges.add(lim_global(eng), G_MAXCONN_REACHED, 1)
         lim_pause(eng, lst, PAUSE_LIMIT)
         return False
-    if not eng.gauges.take(svc.row, svc.maxconn):
+    if not eng.gauges.take_field(svc.row, G_CUR, svc.maxconn):
         eng.gauges.give(lim_global(eng))
         eng.gauges.add(svc.row, G_MAXCONN_REACHED, 1)
         lim_pause(eng, lst, PAUSE_LIMIT)
@@ -124,10 +124,29 @@ cdef inline void lim_unadmit(Engine eng, ServiceState svc) noexcept:
     eng.gauges.give(lim_global(eng))
 
 
+cdef inline void lim_note_max(Gauges g, int row) noexcept:
+    """Raise G_MAX of ``row`` to its G_CUR, as Gauges.take does. (Added here, not in
+    gauges.pxi: the admission takes its places with take_field before accept4 and notes the
+    peak only once a client was accepted, so a place given back on EAGAIN leaves no false
+    peak in `max`.)"""
+    cdef int64_t *base
+    cdef int64_t cur, m
+    if row < 0:
+        return
+    base = g.rows + <Py_ssize_t>row * GAUGE_LINE
+    cur = flb_load_relaxed_i64(base + G_CUR)
+    m = flb_load_relaxed_i64(base + G_MAX)
+    while cur > m:
+        if _cas_i64(base + G_MAX, &m, cur):
+            break
+
+
 cdef inline void lim_admitted(Engine eng, Session s) noexcept:
     s.admitted = True
     s.srow = s.svc.row
     lim_count(eng, s.svc, G_TOTAL)
+    lim_note_max(eng.gauges, s.srow)
+    lim_note_max(eng.gauges, lim_global(eng))
 
 
 cdef inline bint lim_out_of_resources(int err) noexcept:

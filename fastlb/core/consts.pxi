@@ -52,7 +52,8 @@ cdef enum:
     S_CONNECTING = 0
     S_OPEN = 1
     S_CLOSED = 2
-    S_QUEUED = 3            # [limits] waiting in its service's queue for a backend place
+    S_QUEUED = 4            # [limits] waiting in its service's queue for a backend place
+                            # (3 is `access`'s S_WAITING, core/admission.pxi)
 
 # Connection limits (core/limits.pxi): why a listener is out of the epoll set.
 cdef enum:

@@ -114,7 +114,7 @@ cdef class Session:
             return
         if not self.c_eof and self.c2b.end == 0:
             cw |= EPOLLIN                       # c2b empty: read the client
-        elif (not self.c_eof and self.state != S_OPEN
+        elif (not self.c_eof and (self.state == S_CONNECTING or self.state == S_QUEUED)
                 and self.c2b.end < ENGINE_BUFSIZE):
             cw |= EPOLLIN                       # before connect (or queued): fill c2b
         if self.b2c.end > self.b2c.start:

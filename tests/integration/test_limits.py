@@ -115,6 +115,18 @@ def greeting(s: socket.socket, timeout: float) -> str | None:
     return data.decode()
 
 
+def read_until(s: socket.socket, end: bytes, timeout: float) -> bytes:
+    """Bytes from ``s`` up to and including ``end`` (read one at a time)."""
+    s.settimeout(timeout)
+    out = b""
+    while not out.endswith(end):
+        byte = s.recv(1)
+        if not byte:
+            break
+        out += byte
+    return out
+
+
 def closed_by_peer(s: socket.socket, timeout: float) -> bool:
     s.settimeout(timeout)
     try:
@@ -336,12 +348,14 @@ def test_max_conns_queue_serves_in_order_and_refuses_when_full(procs, tmp_path, 
         assert closed_by_peer(extra, 5)                  # the queue is full: closed at once
         assert all(greeting(s, 0.3) is None for s in queued)
         assert backend.max == 2
+        queued[2].sendall(b"ping")                       # kept while it waits, sent once served
         (web,) = stats_of(tmp_path)
         assert web["limits"]["queued"] == 3 and web["limits"]["queue_full"] == 1
         assert web["backends"][0]["cur"] == 2 and web["backends"][0]["limit"] == 2
         for i, s in enumerate(queued):                   # each place freed serves the next one
             first[i % 2].close() if i < 2 else queued[0].close()
-            assert greeting(s, 5) == f"b {3 + i}\n"
+            assert read_until(s, b"\n", 5) == f"b {3 + i}\n".encode()
+        assert read_until(queued[2], b"ping", 5) == b"ping"
         assert backend.max == 2
         (web,) = stats_of(tmp_path)
         assert web["limits"]["queued"] == 0

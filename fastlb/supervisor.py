@@ -128,6 +128,8 @@ class Supervisor:
         self.health = HealthChecker(self.shared.health, self._on_health)
         self.view = View(self.shared, self.health)
         self.view.maxconn = preflight.maxconn(cfg)                              # [limits]
+        log.info("maxconn %d%s", self.view.maxconn, "" if cfg.global_.maxconn else
+                 f" (derived from the fd limit {preflight.fd_limit()})")
         self.runtimes: dict[str, ServiceRuntime] = {}
         self.listeners = Listeners()
         self.gen = 0                               # of the last snapshot pushed

@@ -365,6 +365,36 @@ def test_max_conns_queue_serves_in_order_and_refuses_when_full(procs, tmp_path, 
             s.close()
 
 
+def test_queue_size_and_max_conns_hold_across_two_workers(procs, tmp_path, backend):
+    """The queue's size and a backend's cap are shared by the workers (the gauges): a place
+    freed in one worker reaches a client queued in the other within the 100 ms sweep."""
+    text = config(tmp_path, svc("web", [backend.port], 'queue = { size = 2, timeout = "20s" }',
+                                ", max_conns = 1"), workers=2)
+    p, (port,) = start_fastlb(procs, text)
+    first = socket.create_connection(("127.0.0.1", port), timeout=5)
+    assert greeting(first, 5) == "b 1\n"
+    queued = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(2)]
+    time.sleep(0.3)
+    extra = socket.create_connection(("127.0.0.1", port), timeout=5)
+    try:
+        assert closed_by_peer(extra, 5)                  # 2 queued over both workers: full
+        (web,) = stats_of(tmp_path)
+        assert web["limits"]["queued"] == 2 and web["limits"]["queue_full"] == 1
+        first.close()
+        served = None
+        deadline = time.monotonic() + 5
+        while served is None and time.monotonic() < deadline:
+            served = next((s for s in queued if greeting(s, 0.1)), None)
+        assert served is not None
+        served.close()
+        (rest,) = [s for s in queued if s is not served]
+        assert greeting(rest, 5).startswith("b ")
+        assert backend.max == 1 and backend.accepted == 3
+    finally:
+        for s in [first, extra, *queued]:
+            s.close()
+
+
 def test_queue_timeout_closes_and_counts(procs, tmp_path, backend):
     text = config(tmp_path, svc("web", [backend.port], 'queue = { size = 5, timeout = "500ms" }',
                                 ", max_conns = 1"))

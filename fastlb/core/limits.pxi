@@ -52,9 +52,9 @@ cdef inline int lim_global(Engine eng) noexcept:
     return eng.gauges.nrows - 1
 
 
-cdef inline void lim_count(Engine eng, ServiceState svc, int field) noexcept:
-    """Count one event of ``field`` for the service and for the whole balancer."""
-    eng.gauges.add(svc.row, field, 1)
+cdef inline void lim_count(Engine eng, int row, int field) noexcept:
+    """Count one event of ``field`` in a service's ``row`` and for the whole balancer."""
+    eng.gauges.add(row, field, 1)
     eng.gauges.add(lim_global(eng), field, 1)
 
 
@@ -105,14 +105,13 @@ cdef void lim_resume(Engine eng, bint closed) noexcept:
 cdef bint lim_admit(Engine eng, Listener lst) noexcept:
     """Take a place for the next accept4 in the global and the service row. At a limit:
     pause ``lst``, count G_MAXCONN_REACHED on the row whose limit it is, and return False."""
-    cdef ServiceState svc = lst.svc
     if not eng.gauges.take_field(lim_global(eng), G_CUR, eng.maxconn):
         eng.gauges.add(lim_global(eng), G_MAXCONN_REACHED, 1)
         lim_pause(eng, lst, PAUSE_LIMIT)
         return False
-    if not eng.gauges.take_field(svc.row, G_CUR, svc.maxconn):
+    if not eng.gauges.take_field(lst.svc.row, G_CUR, lst.svc.maxconn):
         eng.gauges.give(lim_global(eng))
-        eng.gauges.add(svc.row, G_MAXCONN_REACHED, 1)
+        eng.gauges.add(lst.svc.row, G_MAXCONN_REACHED, 1)
         lim_pause(eng, lst, PAUSE_LIMIT)
         return False
     return True
@@ -124,7 +123,7 @@ cdef inline void lim_unadmit(Engine eng, ServiceState svc) noexcept:
     eng.gauges.give(lim_global(eng))
 
 
-cdef inline void lim_note_max(Gauges g, int row) noexcept:
+cdef inline void lim_note_max(Engine eng, int row) noexcept:
     """Raise G_MAX of ``row`` to its G_CUR, as Gauges.take does. (Added here, not in
     gauges.pxi: the admission takes its places with take_field before accept4 and notes the
     peak only once a client was accepted, so a place given back on EAGAIN leaves no false
@@ -133,7 +132,7 @@ cdef inline void lim_note_max(Gauges g, int row) noexcept:
     cdef int64_t cur, m
     if row < 0:
         return
-    base = g.rows + <Py_ssize_t>row * GAUGE_LINE
+    base = eng.gauges.rows + <Py_ssize_t>row * GAUGE_LINE
     cur = flb_load_relaxed_i64(base + G_CUR)
     m = flb_load_relaxed_i64(base + G_MAX)
     while cur > m:
@@ -144,9 +143,9 @@ cdef inline void lim_note_max(Gauges g, int row) noexcept:
 cdef inline void lim_admitted(Engine eng, Session s) noexcept:
     s.admitted = True
     s.srow = s.svc.row
-    lim_count(eng, s.svc, G_TOTAL)
-    lim_note_max(eng.gauges, s.srow)
-    lim_note_max(eng.gauges, lim_global(eng))
+    lim_count(eng, s.srow, G_TOTAL)
+    lim_note_max(eng, s.srow)
+    lim_note_max(eng, lim_global(eng))
 
 
 cdef inline bint lim_out_of_resources(int err) noexcept:
@@ -157,7 +156,7 @@ cdef void lim_report(Engine eng, ServiceState svc, int where, int err) noexcept:
     """A local error of accept4 (``where`` 0) or of the backend's socket()/connect() (1):
     count it, and tell Python at most once per LOCAL_ERROR_REPORT for each place."""
     cdef long long n
-    lim_count(eng, svc, G_LOCAL_ERRORS)
+    lim_count(eng, svc.row, G_LOCAL_ERRORS)
     eng.local_unreported[where] += 1
     if (eng.on_local_error is None
             or eng.now - eng.local_reported_at[where] < LOCAL_ERROR_REPORT):
@@ -189,8 +188,7 @@ cdef int lim_take_backend(Session s, int slot) noexcept:
     """Take a place at backend ``slot`` (its max_conns over every worker). 1: taken; 0: at
     its cap, remembered as tried for this pick (no failure counted), pick again; -1: at its
     cap and the tried list is full (stop picking)."""
-    cdef Engine eng = s.eng
-    if eng.gauges.take(slot, eng.slot_cap[slot]):
+    if s.eng.gauges.take(slot, s.eng.slot_cap[slot]):
         s.slot_taken = True
         return 1
     if s.ntried >= MAX_TRIED:
@@ -257,7 +255,7 @@ cdef bint lim_queue(Session s) noexcept:
         return True
     if (svc.queue_size <= 0 or svc.qlen >= svc.queue_size
             or not eng.gauges.take_field(svc.row, G_QUEUED, svc.queue_size)):
-        lim_count(eng, svc, G_QUEUE_FULL)
+        lim_count(eng, svc.row, G_QUEUE_FULL)
         s._close()
         return True
     s.inqueue = True
@@ -307,14 +305,14 @@ cdef void lim_dequeue(ServiceState svc) noexcept:
 cdef bint lim_release(Session s) noexcept:
     """At close: leave the queue, give every place back. True when a backend place was freed
     (the service's queue may move)."""
-    cdef Engine eng = s.eng
     cdef bint freed = s.slot_taken
-    lim_unlink(s)
+    if s.inqueue:
+        lim_unlink(s)
     lim_give_backend(s)
     if s.admitted:
         s.admitted = False
-        eng.gauges.give(s.srow)
-        eng.gauges.give(lim_global(eng))
+        s.eng.gauges.give(s.srow)
+        s.eng.gauges.give(s.eng.gauges.nrows - 1)    # the global row
     return freed
 
 
@@ -341,7 +339,7 @@ cdef void lim_sweep(Engine eng) noexcept:
         while s is not None:
             nxt = s.qnext
             if eng.now >= s.qdeadline:
-                lim_count(eng, svc, G_QUEUE_TIMEOUT)
+                lim_count(eng, svc.row, G_QUEUE_TIMEOUT)
                 s._close()
             s = nxt
         if svc.qhead is not None:

@@ -324,7 +324,7 @@ cdef class Session:
     cdef void _give_up(self) noexcept:
         if lim_queue(self):                     # [limits] every usable backend at its cap
             return
-        lim_count(self.eng, self.svc, G_NO_BACKEND)
+        lim_count(self.eng, self.svc.row, G_NO_BACKEND)
         if self.svc.on_no_backend is not None:
             self.eng._callback(self.svc, "on_no_backend", self.svc.on_no_backend, ())
         self._close()

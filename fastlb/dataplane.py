@@ -133,7 +133,7 @@ class DataService:
                 if slot not in self.names:
                     self.engine.reset_passive(slot)
         self.was_up = {s: u for s, u in self.was_up.items() if s in self.names}
-        apply_limits(self.engine, st, plan, old)                                # [limits]
+        apply_limits(self.engine, st, plan)                                # [limits]
         bitmap = self.health
         if plan.panic:                          # every ready backend counts as up
             for b in plan.backends:
@@ -296,7 +296,7 @@ class DataPlane:
             log.error("accept failed: %s (connections wait in the backlog)", exc)
 
 
-def apply_limits(engine: _core.Engine, st: _core.ServiceState, plan: Plan, old: Plan | None) -> None:
+def apply_limits(engine: _core.Engine, st: _core.ServiceState, plan: Plan) -> None:
     """[limits] A plan's connection limits into the service's state and the engine's caps."""
     st.maxconn = plan.maxconn
     st.queue_size = plan.queue_size

@@ -143,6 +143,11 @@ class ServiceState:
     fall_passive: int
     on_passive_down: Callable[[int, int, str], None] | None
     row: int
+    # [limits] connection limits and the queue (core/limits.pxi)
+    maxconn: int
+    queue_size: int
+    queue_timeout: float
+    qlen: int
     def __init__(self, name: str) -> None: ...
     def set_backends(self, policy: Policy | None, addrs: dict[int, tuple[str, int]]) -> None: ...
 
@@ -157,6 +162,9 @@ class Engine:
     on_accept_error: Callable[[OSError], None] | None
     epoll_errors: int
     gauges: Gauges
+    # [limits] [global] maxconn; local errors (what, error, count since the last call)
+    maxconn: int
+    on_local_error: Callable[[str, OSError, int], None] | None
     def __init__(self, loop: Any, counters: Counters, block: int = 0,
                  gauges: Gauges | None = None) -> None: ...
     @property
@@ -169,6 +177,11 @@ class Engine:
     def close_backend(self, svc: ServiceState, slot: int) -> int: ...
     def close(self) -> None: ...
 
+# [limits] core/limits.pxi
+LIMITS_RETRY: float
+def limits_sweep(eng: Engine) -> None: ...
+def set_max_conns(eng: Engine, slot: int, cap: int) -> None: ...
+def limits_info(eng: Engine) -> dict[str, int]: ...
 def abort_where(eng: Engine, svc: ServiceState, slot: int) -> int: ...   # = eng.close_backend
 def debug_counts() -> dict[str, int] | None: ...
 def _debug_fail_epoll(n: int) -> None: ...

@@ -40,3 +40,4 @@ include "core/maglev.pxi"
 include "core/policy_table.pxi"
 include "core/engine.pxi"
 include "core/session.pxi"
+include "core/limits.pxi"      # connection limits, queues, local errors

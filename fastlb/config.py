@@ -105,6 +105,7 @@ class Backend:
     state: str = "ready"      # ready | drain (no new connections) | maint (none, maybe closed)
     health: HealthConfig | None = None   # the effective check config (service's + overrides)
     srv: bool = False         # [dns] address.text is an SRV name (`srv = "..."`), port 0
+    max_conns: int = 0        # [limits] connections at once over every worker (0: no cap)
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +130,10 @@ class Service:
     idle_timeout: float = DEFAULTS["idle"]
     health: HealthConfig | None = None   # None: no active checks, backends stay up
     dns_refresh: float | None = None     # [dns] `dns = { refresh = "10s" }`; None: [global]'s
+    # [limits] connection limits and the queue (docs/config.md, "Connection limits and queues")
+    maxconn: int = 0                     # connections at once over every worker (0: none)
+    queue_size: int = 0                  # clients waiting for a backend place (0: no queue)
+    queue_timeout: float | None = None   # how long one may wait (None: the connect timeout)
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +152,7 @@ class GlobalConfig:
     admin_frame_timeout: float = 10.0
     admin_allow_remote: bool = False
     dns: DnsConfig = DnsConfig()           # [dns] `[global] dns = { refresh, nameservers, timeout }`
+    maxconn: int = 0                       # [limits] 0: derived from RLIMIT_NOFILE (preflight)
 
 
 @dataclass(frozen=True, slots=True)
@@ -375,7 +381,7 @@ def from_dict(doc: dict, *, source: str = "config", text: str = "", resolve: boo
     g = c.table(doc.get("global", {}), "global",
                 {"workers", "grace", "admin", "admin_token_file", "state_file", "metrics",
                  "log_format", "log_level",                                   # [obs] logs
-                 "dns"}                                                       # [dns]
+                 "dns", "maxconn"}                                            # [dns] [limits]
                 | ADMIN_KEYS)                                                     # [admin]
     workers = g.get("workers", DEFAULTS["workers"])
     if workers == "auto":
@@ -409,7 +415,8 @@ def from_dict(doc: dict, *, source: str = "config", text: str = "", resolve: boo
                         log_level=c.choice(g.get("log_level", "info"), "global.log_level",      # [obs]
                                            ("debug", "info", "warning", "error")),              # [obs]
                         dns=_dns(c, g.get("dns", {}), "global.dns", DnsConfig(), top=True),       # [dns]
-                        **_admin_keys(c, g))                                                    # [admin]
+                        **_admin_keys(c, g),                                                    # [admin]
+                        **_global_limits(c, g))                                                 # [limits]
     services_raw = doc.get("service", [])
     if not isinstance(services_raw, list):
         raise c.fail("service", "expected an array of tables ([[service]])")
@@ -434,6 +441,9 @@ def from_dict(doc: dict, *, source: str = "config", text: str = "", resolve: boo
 SERVICE_KEYS = {"name", "listen", "policy", "hash_key", "hash_balance_factor", "max_fails", "retries",
                 "timeouts", "backends", "health"}
 SERVICE_KEYS |= {"dns"}                                                        # [dns]
+SERVICE_KEYS |= {"maxconn", "queue"}                                           # [limits]
+BACKEND_KEYS = {"address", "srv", "weight", "state", "health"}
+BACKEND_KEYS |= {"max_conns"}                                                  # [limits]
 
 
 def _dns(c: _Checker, raw: Any, path: str, base: DnsConfig, *, top: bool) -> DnsConfig:
@@ -565,7 +575,7 @@ def service_from_dict(raw: Any, path: str, c: _Checker | None = None, *,
     backends, seen = [], set()
     for j, b in enumerate(backends_raw):
         bp = f"{path}.backends[{j}]"
-        c.table(b, bp, {"address", "srv", "weight", "state", "health"})
+        c.table(b, bp, BACKEND_KEYS)
         addr, key = _backend_address(c, b, bp)                                 # [dns]
         if addr.text in seen:
             raise c.fail(f"{bp}.{key}", f"duplicate backend {addr.text}")
@@ -579,11 +589,11 @@ def service_from_dict(raw: Any, path: str, c: _Checker | None = None, *,
         backends.append(Backend(addr, c.integer(b.get("weight", DEFAULTS["weight"]),
                                                 f"{bp}.weight", 1, MAX_WEIGHT),
                                 c.choice(b.get("state", "ready"), f"{bp}.state", STATES),
-                                bhealth, srv=key == "srv"))
+                                bhealth, srv=key == "srv", **_backend_limits(c, b, bp)))
     return Service(name=name, listen=listen, backends=tuple(backends), policy=policy,
                    hash_key=hash_key, hash_balance_factor=balance, max_fails=max_fails,
                    retries=retries, connect_timeout=connect, idle_timeout=idle, health=health,
-                   dns_refresh=dns_refresh)
+                   dns_refresh=dns_refresh, **_limits(c, raw, path))
 
 
 def _backend_address(c: _Checker, b: dict, bp: str) -> tuple[Address, str]:
@@ -610,6 +620,68 @@ def _is_ip(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+# -- [limits] connection limits and queues (docs/config.md) -------------------------------------
+MAX_CONN = 1 << 24          # 16 Mi connections: far above what any fd limit allows
+MAX_QUEUE = 1 << 20
+
+
+def _global_limits(c: _Checker, g: dict) -> dict[str, Any]:
+    """[global] maxconn (0 or absent: derived from the fd limit, fastlb.preflight)."""
+    if "maxconn" not in g:
+        return {}
+    return {"maxconn": c.integer(g["maxconn"], "global.maxconn", 1, MAX_CONN)}
+
+
+def _backend_limits(c: _Checker, b: dict, path: str) -> dict[str, Any]:
+    """backends[].max_conns."""
+    if "max_conns" not in b:
+        return {}
+    return {"max_conns": c.integer(b["max_conns"], f"{path}.max_conns", 1, MAX_CONN)}
+
+
+def _limits(c: _Checker, raw: dict, path: str) -> dict[str, Any]:
+    """service.maxconn and service.queue = { size = N, timeout = "5s" }."""
+    out: dict[str, Any] = {}
+    if "maxconn" in raw:
+        out["maxconn"] = c.integer(raw["maxconn"], f"{path}.maxconn", 1, MAX_CONN)
+    if "queue" in raw:
+        q = c.table(raw["queue"], f"{path}.queue", {"size", "timeout"}, {"size"})
+        out["queue_size"] = c.integer(q["size"], f"{path}.queue.size", 0, MAX_QUEUE)
+        if "timeout" in q:
+            out["queue_timeout"] = c.duration(q["timeout"], f"{path}.queue.timeout")
+    return out
+
+
+def _maxconn_summary(cfg: Config) -> str:
+    """[global] maxconn as `fastlb run` will use it (derived: from this machine's fd limit)."""
+    if cfg.global_.maxconn:
+        return str(cfg.global_.maxconn)
+    from fastlb import preflight           # it imports this module
+    return f"{preflight.maxconn(cfg)} (from the fd limit {preflight.fd_limit()})"
+
+
+def _limits_summary(svc: Service) -> str:
+    """The [limits] part of a service's line in ``fastlb check``'s summary."""
+    out = f"; maxconn {svc.maxconn}" if svc.maxconn else ""
+    if svc.queue_size:
+        timeout = svc.queue_timeout if svc.queue_timeout is not None else svc.connect_timeout
+        out += f"; queue {svc.queue_size} for {timeout:g}s"
+    return out
+
+
+def _limits_to_dict(svc: Service, d: dict[str, Any]) -> None:
+    """The [limits] keys of ``svc`` that differ from their defaults, into its table ``d``."""
+    if svc.maxconn:
+        d["maxconn"] = svc.maxconn
+    if svc.queue_size or svc.queue_timeout is not None:
+        d["queue"] = {"size": svc.queue_size}
+        if svc.queue_timeout is not None:
+            d["queue"]["timeout"] = svc.queue_timeout
+    for b, bd in zip(svc.backends, d["backends"], strict=True):
+        if b.max_conns:
+            bd["max_conns"] = b.max_conns
 
 
 def _health_to_dict(h: HealthConfig, keys: set[str], base: HealthConfig | None = None) -> dict:
@@ -648,6 +720,7 @@ def service_to_dict(svc: Service) -> dict:
         d["health"] = _health_to_dict(svc.health, HEALTH_SERVICE_KEYS)
     if svc.dns_refresh is not None:
         d["dns"] = {"refresh": svc.dns_refresh}                                # [dns]
+    _limits_to_dict(svc, d)                                                     # [limits]
     return d
 
 
@@ -663,14 +736,16 @@ def _policy_options(s: Service) -> str:
 def summary(cfg: Config) -> str:
     """A human summary for ``fastlb check``."""
     out = [f"{cfg.source}: OK, {len(cfg.services)} service(s), workers={cfg.global_.workers}, "
-           f"grace={cfg.global_.grace:g}s"]
+           f"grace={cfg.global_.grace:g}s, maxconn={_maxconn_summary(cfg)}"]
     for s in cfg.services:
         out.append(f"  service {s.name}: listen {', '.join(a.text for a in s.listen)}; "
                    f"policy {s.policy}" + _policy_options(s)
-                   + f"; retries {s.retries}; connect {s.connect_timeout:g}s; idle {s.idle_timeout:g}s")
+                   + f"; retries {s.retries}; connect {s.connect_timeout:g}s; idle {s.idle_timeout:g}s"
+                   + _limits_summary(s))                                        # [limits]
         refresh = s.dns_refresh or cfg.global_.dns.refresh
         for b in s.backends:
             out.append(f"    backend {b.address.text} weight {b.weight}"
+                       + (f" max_conns {b.max_conns}" if b.max_conns else "")   # [limits]
                        + (f" ({b.state})" if b.state != "ready" else "")
                        + (f" (SRV, resolved every {refresh:g}s)" if b.srv else              # [dns]
                           f" (host name, resolved every {refresh:g}s)" if not _is_ip(b.address.host)

@@ -13,6 +13,7 @@ import sys
 import tomllib
 from typing import Any
 
+from fastlb import _core
 from fastlb.admin.client import AdminClient, AdminError
 from fastlb.config import parse_address
 
@@ -159,6 +160,17 @@ def _with_members(backends: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _limits_table(result: list[dict[str, Any]]) -> str:
+    """[limits] Per service, then the whole balancer (\"*\"): connections now, the highest,
+    the limit (0: none), queued, and every refusal count (docs/metrics.md)."""
+    if not result or "limits" not in result[0]:
+        return ""
+    rows = [{"service": s["service"], **s["limits"]} for s in result]
+    rows.append({"service": "*", **result[0]["global"]})
+    fields = [f for f in _core.GAUGE_FIELDS if f not in ("cur", "max", "queued", "total")]
+    return _table(rows, ["service", "cur", "max", "limit", "queued", "queue_size", "total", *fields])
+
+
 def _show(verb: str, result: Any) -> str:
     if verb == "services":
         return _table([{**r, "listen": ",".join(r["listen"])} for r in result],
@@ -169,8 +181,10 @@ def _show(verb: str, result: Any) -> str:
         return _table(result, ["index", "pid", "generation", "connections", "stopping"])
     if verb == "stats":
         rows = [{"service": s["service"], **b} for s in result for b in _with_members(s["backends"])]
-        return _table(rows, ["service", "address", "state", "health", "weight", "active", "total",
-                             "bytes_in", "bytes_out", "connect_failures", "check_failures"])
+        return (_table(rows, ["service", "address", "state", "health", "weight", "active", "total",
+                              "bytes_in", "bytes_out", "connect_failures", "check_failures",
+                              "max", "limit"])
+                + "\n\n" + _limits_table(result))
     if isinstance(result, dict):
         return " ".join(f"{k}={v}" for k, v in result.items())
     return str(result)

@@ -133,6 +133,7 @@ class DataService:
                 if slot not in self.names:
                     self.engine.reset_passive(slot)
         self.was_up = {s: u for s, u in self.was_up.items() if s in self.names}
+        apply_limits(self.engine, st, plan)                                # [limits]
         bitmap = self.health
         if plan.panic:                          # every ready backend counts as up
             for b in plan.backends:
@@ -201,6 +202,9 @@ class DataPlane:
         self.shared_listeners = shared_listeners
         self.engine = _core.Engine(loop, counters, block, gauges)
         self.engine.on_accept_error = self._on_accept_error
+        self.engine.on_local_error = self._on_local_error                       # [limits]
+        self._local_log: dict[str, tuple[float, int]] = {}                      # [limits]
+        self._limits = loop.create_task(limits_forever(self.engine))            # [limits]
         self.services: dict[str, DataService] = {}
         self.sockets: Mapping[ListenKey, socket.socket] = {}
         self.gen = 0
@@ -213,6 +217,7 @@ class DataPlane:
         if self.stopping:
             return
         self.sockets = sockets
+        self.engine.maxconn = snapshot.maxconn                                  # [limits]
         plans = {p.name: p for p in snapshot.plans}
         for name in list(self.services):
             if name not in plans:
@@ -264,6 +269,23 @@ class DataPlane:
     def close(self) -> None:
         self.engine.close()
         self._sweeper.cancel()
+        self._limits.cancel()                                                   # [limits]
+
+    def _on_local_error(self, what: str, exc: OSError, count: int) -> None:
+        """[limits] accept4/socket/connect ran out of fds, memory or local ports (the core
+        calls this at most once a second): one line per ERROR_LOG_INTERVAL, with the count."""
+        now = time.monotonic()
+        last, pending = self._local_log.get(what, (-ERROR_LOG_INTERVAL, 0))
+        pending += count
+        if now - last < ERROR_LOG_INTERVAL:
+            self._local_log[what] = (last, pending)
+            return
+        self._local_log[what] = (now, 0)
+        remedy = (" (raise the fd limit: LimitNOFILE=, ulimit -n; or lower [global] maxconn)"
+                  if exc.errno in (errno.EMFILE, errno.ENFILE) else "")
+        log.error("local error on %s: %s: %d connection(s) refused or closed since the last "
+                  "report, no backend blamed; listeners paused %gs%s", what, exc.strerror or exc,
+                  pending, _core.LIMITS_RETRY, remedy)
 
     def _on_accept_error(self, exc: OSError) -> None:
         if exc.errno == errno.EINVAL:            # the listener was shut (stopping): not an error
@@ -272,6 +294,25 @@ class DataPlane:
         if now - self._last_accept_error >= ERROR_LOG_INTERVAL:
             self._last_accept_error = now
             log.error("accept failed: %s (connections wait in the backlog)", exc)
+
+
+def apply_limits(engine: _core.Engine, st: _core.ServiceState, plan: Plan) -> None:
+    """[limits] A plan's connection limits into the service's state and the engine's caps."""
+    st.maxconn = plan.maxconn
+    st.queue_size = plan.queue_size
+    st.queue_timeout = plan.queue_timeout
+    caps = {s: n for s, n in plan.max_conns if s >= 0}
+    for slot, _ in plan.names:
+        if slot >= 0:
+            _core.set_max_conns(engine, slot, caps.get(slot, 0))
+
+
+async def limits_forever(engine: _core.Engine) -> None:
+    """[limits] Every LIMITS_RETRY: re-arm paused listeners (a place freed in another worker,
+    fds back), expire queued clients and retry queue heads (core/limits.pxi)."""
+    while True:
+        await asyncio.sleep(_core.LIMITS_RETRY)
+        _core.limits_sweep(engine)
 
 
 async def sweep_forever(engine: _core.Engine, timeouts: Callable[[], list[tuple[float, float]]]) -> None:

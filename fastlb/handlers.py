@@ -36,6 +36,9 @@ class StatsView(Protocol):
     def is_up(self, slot: int) -> bool: ...
     def counters(self, slot: int) -> dict[str, int]: ...
     def check(self, service: str, address: str) -> tuple[int, str] | None: ...   # failures, reason
+    # [limits] a Gauges row: a backend's, a service's (address ""), the balancer's (service None)
+    def gauges(self, service: str | None, address: str = "") -> dict[str, int]: ...
+    maxconn: int                                  # [limits] [global] maxconn as resolved
 
 
 class Context(Protocol):
@@ -74,6 +77,8 @@ def backend_info(view: StatsView, svc: Service, b: Backend, stats: bool = False)
                             "health": "up" if slot is not None and view.is_up(slot) else "down"}
     if stats:
         info.update(view.counters(slot) if slot is not None else dict.fromkeys(COUNTER_FIELDS, 0))
+        g = view.gauges(svc.name, b.address.text)                               # [limits]
+        info.update(cur=g["cur"], max=g["max"], limit=b.max_conns)
         check = view.check(svc.name, b.address.text)
         info["check_failures"] = check[0] if check else 0
         info["health_reason"] = check[1] if check else "no checks"
@@ -87,8 +92,17 @@ def backends(snapshot: Mapping[str, Service], view: StatsView, name: str) -> lis
 
 def stats(snapshot: Mapping[str, Service], view: StatsView) -> list[dict[str, Any]]:
     """Per service, per backend: counters summed over workers, health, weight, state."""
-    return [{"service": s.name, "backends": [backend_info(view, s, b, stats=True) for b in s.backends]}
+    glob = limits_of(view.gauges(None), view.maxconn)
+    return [{"service": s.name, "backends": [backend_info(view, s, b, stats=True) for b in s.backends],
+             "limits": limits_of(view.gauges(s.name), s.maxconn, s.queue_size),     # [limits]
+             "global": glob}
             for s in snapshot.values()]
+
+
+def limits_of(gauges: dict[str, int], limit: int, queue_size: int = 0) -> dict[str, int]:
+    """[limits] A Gauges row with its limits: current, max, limit, queued, queue size,
+    admitted total and every refusal count (the fields of _core.GAUGE_FIELDS)."""
+    return {**gauges, "limit": limit, "queue_size": queue_size}
 
 
 # -- the table -----------------------------------------------------------------------------------

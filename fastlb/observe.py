@@ -55,7 +55,8 @@ def snapshot(src: Sources) -> dict[str, Any]:
     now = time.time()
     registry = src.services()
     services = []
-    for svc in src.stats():
+    rows = src.stats()
+    for svc in rows:
         cfg = registry.get(svc["service"])
         backends = []
         for b in svc["backends"]:
@@ -77,6 +78,8 @@ def snapshot(src: Sources) -> dict[str, Any]:
             "active_servers": len(usable),
             "weight": sum(b["weight"] for b in usable),
             "backends": backends,
+            "limits": svc.get("limits", {}),                                    # [limits]
         })
+    glob: dict[str, Any] = next((s["global"] for s in rows if "global" in s), {})   # [limits]
     return {"version": __version__, "pid": src.pid, "started": src.started, "now": now,
-            "services": services}
+            "services": services, "global": glob}

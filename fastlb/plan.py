@@ -59,6 +59,11 @@ class Plan:
     names: tuple[tuple[int, str], ...]              # every backend (slot, address), for logs
     options: tuple[tuple[str, int], ...] = ()       # policy options (fastlb.runtime.policy_options)
     row: int = -1                                   # the service's Gauges row (fastlb.shm)
+    # [limits] service.maxconn, service.queue, backends[].max_conns as (slot, cap) of capped ones
+    maxconn: int = 0
+    queue_size: int = 0
+    queue_timeout: float = 0.0
+    max_conns: tuple[tuple[int, int], ...] = ()
 
     def to_wire(self) -> dict[str, Any]:
         return {"name": self.name, "listen": [list(a) for a in self.listen],
@@ -67,7 +72,10 @@ class Plan:
                 "fall_passive": self.fall_passive, "panic": self.panic,
                 "backends": [b.to_wire() for b in self.backends],
                 "names": [list(n) for n in self.names],
-                "options": [list(o) for o in self.options], "row": self.row}
+                "options": [list(o) for o in self.options], "row": self.row,
+                "maxconn": self.maxconn, "queue_size": self.queue_size,             # [limits]
+                "queue_timeout": self.queue_timeout,
+                "max_conns": [list(m) for m in self.max_conns]}
 
     @classmethod
     def from_wire(cls, w: Mapping[str, Any]) -> Plan:
@@ -80,7 +88,10 @@ class Plan:
                    backends=tuple(PlanBackend.from_wire(b) for b in w["backends"]),
                    names=tuple((int(s), str(a)) for s, a in w["names"]),
                    options=tuple((str(k), int(v)) for k, v in w.get("options", ())),
-                   row=int(w.get("row", -1)))
+                   row=int(w.get("row", -1)),
+                   maxconn=int(w.get("maxconn", 0)), queue_size=int(w.get("queue_size", 0)),
+                   queue_timeout=float(w.get("queue_timeout", 0.0)),
+                   max_conns=tuple((int(s), int(n)) for s, n in w.get("max_conns", ())))
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,15 +101,17 @@ class Snapshot:
     gen: int
     plans: tuple[Plan, ...]
     listen: tuple[ListenKey, ...]
+    maxconn: int = 0          # [limits] [global] maxconn as resolved (fastlb.preflight); 0: none
 
     def to_wire(self) -> dict[str, Any]:
         return {"gen": self.gen, "plans": [p.to_wire() for p in self.plans],
-                "listen": [list(k) for k in self.listen]}
+                "listen": [list(k) for k in self.listen], "maxconn": self.maxconn}
 
     @classmethod
     def from_wire(cls, w: Mapping[str, Any]) -> Snapshot:
         return cls(gen=int(w["gen"]), plans=tuple(Plan.from_wire(p) for p in w["plans"]),
-                   listen=tuple((str(s), str(h), int(p)) for s, h, p in w["listen"]))
+                   listen=tuple((str(s), str(h), int(p)) for s, h, p in w["listen"]),
+                   maxconn=int(w.get("maxconn", 0)))
 
 
 class DataPath(Protocol):

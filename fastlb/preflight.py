@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import os
+import resource
 import socket
 import stat
 import tempfile
@@ -59,6 +60,7 @@ def problems(cfg: Config, *, mode: Mode = "check", bind: bool = True,
             warnings.append(error_at(cfg.source, text, key, message))
 
     g = cfg.global_
+    _check_maxconn(cfg, fail)                                                   # [limits]
     if g.admin and g.admin.startswith("tcp:") and g.admin_token_file:
         _check_token_file(g.admin_token_file, fail)
     if g.state_file and mode == "check":     # run starts anyway, and retries the writes
@@ -76,6 +78,71 @@ def problems(cfg: Config, *, mode: Mode = "check", bind: bool = True,
                 for j, addr in enumerate(svc.listen):
                     _check_bind(addr, f"service[{i}].listen[{j}]", fail)
     return out
+
+
+# -- [limits] the fd budget: [global] maxconn and RLIMIT_NOFILE ---------------------------------
+# fastlb raises its soft RLIMIT_NOFILE to the hard limit at start (HAProxy does the same; nginx's
+# worker_rlimit_nofile), so the hard limit is the budget. Every process must fit it on its own:
+# with workers, one worker may hold every session (the kernel wakes whichever worker is idle).
+#
+#     reserve = FD_BASE + listeners + backends + 2 x workers + FD_METRICS (if metrics)
+#               + FD_ADMIN (if an admin socket)
+#     maxconn = (RLIMIT_NOFILE - reserve) // 2          (a session holds 2 fds: client, backend)
+#
+# FD_BASE covers stdio, the engine's and uvloop's epoll fds, uvloop's signal and wake-up fds,
+# the shared-memory memfd, a worker's control channel and the log; each backend may have one
+# health-check socket open; the supervisor holds a channel and a pidfd per worker; the metrics
+# port serves up to httpapi.MAX_CONNECTIONS (64) clients but rarely more than a few at once,
+# and the admin socket a few. HAProxy computes maxsock the same way (2 per connection plus the
+# listeners, checks and its own fds) and refuses to start when setrlimit cannot give it.
+FD_BASE = 32
+FD_METRICS = 16
+FD_ADMIN = 16
+# With no fd limit at all (RLIM_INFINITY) the kernel still caps a process at fs.nr_open.
+FD_UNLIMITED = 1 << 20
+
+
+def fd_limit() -> int:
+    """The open-files limit fastlb runs with: the hard RLIMIT_NOFILE (the soft one is raised
+    to it at start)."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    return FD_UNLIMITED if hard == resource.RLIM_INFINITY else min(hard, FD_UNLIMITED)
+
+
+def fd_reserve(cfg: Config) -> int:
+    """The fds a process needs besides its sessions (the formula above)."""
+    g = cfg.global_
+    return (FD_BASE + sum(len(s.listen) for s in cfg.services)
+            + sum(len(s.backends) for s in cfg.services) + 2 * g.workers
+            + (FD_METRICS if g.metrics else 0) + (FD_ADMIN if g.admin else 0))
+
+
+def maxconn(cfg: Config, nofile: int | None = None) -> int:
+    """[global] maxconn as fastlb runs it: the configured value, or what the fd limit holds
+    (at least 1; _check_maxconn refuses a limit too low for any session)."""
+    if cfg.global_.maxconn:
+        return cfg.global_.maxconn
+    nofile = fd_limit() if nofile is None else nofile
+    return max(1, (nofile - fd_reserve(cfg)) // 2)
+
+
+def _check_maxconn(cfg: Config, fail: Report) -> None:
+    """A maxconn the fd limit cannot hold is an error, not a warning: past it accept4 and
+    socket() fail with EMFILE under load, which is what maxconn exists to prevent. (HAProxy
+    refuses to start in that case too since 2.3, where `strict-limits` became the default.)"""
+    nofile, reserve = fd_limit(), fd_reserve(cfg)
+    fits = (nofile - reserve) // 2
+    if cfg.global_.maxconn and cfg.global_.maxconn > fits:
+        fail("global.maxconn",
+             f"{cfg.global_.maxconn} connections need {2 * cfg.global_.maxconn + reserve} open "
+             f"files (2 per connection + {reserve} reserved for listeners, health checks, "
+             f"workers, admin and metrics), but the fd limit is {nofile}; raise the hard "
+             f"limit (systemd: LimitNOFILE=; ulimit -Hn) or set maxconn to at most "
+             f"{max(fits, 0)}")
+    elif fits < 1:
+        fail("global", f"the fd limit {nofile} leaves no room for a connection after the "
+                       f"{reserve} fds reserved for listeners, health checks, workers, admin "
+                       f"and metrics; raise the hard limit (systemd: LimitNOFILE=; ulimit -Hn)")
 
 
 def _check_token_file(path: str, fail: Report) -> None:

@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry, ProcessCollector, generate_late
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from fastlb import observe
+from fastlb import _core, observe
 
 # The exposition format prometheus_client writes (the classic text format); scrapers of every
 # Prometheus version accept this content type.
@@ -46,6 +46,30 @@ SERVER = [
 # Per service pool (HAProxy's backend metrics): sums over its servers.
 BACKEND_SUMS = SERVER[:5]
 
+# [limits] Per server, from the shared gauges (HAProxy's names): (name, help, field).
+SERVER_LIMITS = [
+    ("max_sessions", "Maximum observed number of sessions (connecting or open) on the server.",
+     "max"),
+    ("limit_sessions", "Configured session limit of the server (max_conns; 0: none).", "limit"),
+]
+# [limits] Per service's listeners (HAProxy's frontend metrics): (name, kind, help, field).
+FRONTEND = [
+    ("current_sessions", "gauge", "Number of current sessions (admitted under maxconn).", "cur"),
+    ("max_sessions", "gauge", "Maximum observed number of current sessions.", "max"),
+    ("limit_sessions", "gauge", "Configured session limit (service.maxconn; 0: none).", "limit"),
+    ("sessions_total", "counter", "Total number of sessions admitted.", "total"),
+]
+# HAProxy's denied_connections: refused by a connection rule (here the ACL and per-source
+# limits). Every refusal reason is also in fastlb_*_refused_connections_total{reason}.
+DENIED = ("denied_acl", "denied_src_conns", "denied_src_rate", "denied_src_table")
+REFUSALS = [f for f in _core.GAUGE_FIELDS
+            if f not in ("cur", "max", "queued", "total", "maxconn_reached")]
+
+
+def reason_of(field: str) -> str:
+    """The ``reason`` label of a refusal count: its gauge field without "denied_"."""
+    return field.removeprefix("denied_")
+
 
 def _family(name: str, kind: str, help_: str, labels: list[str]) -> GaugeMetricFamily | CounterMetricFamily:
     if kind == "counter":
@@ -65,8 +89,59 @@ class FastLBCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         snap = observe.snapshot(self.sources)
         yield from self._process(snap)
+        yield from self._limits(snap)
         yield from self._backends(snap["services"])
         yield from self._servers(snap["services"], snap["now"])
+
+    def _limits(self, snap: dict[str, Any]) -> Iterator[Metric]:
+        """[limits] Connection limits, queues and refusals: per service (HAProxy's frontend
+        and backend names) and for the whole process ([global] maxconn)."""
+        services = snap["services"]
+        for suffix, kind, help_, field in FRONTEND:
+            fam = _family(f"fastlb_frontend_{suffix}", kind, help_, ["proxy"])
+            for s in services:
+                fam.add_metric([s["name"]], s["limits"].get(field, 0))
+            yield fam
+        denied = CounterMetricFamily("fastlb_frontend_denied_connections", "Total number of "
+                                     "connections refused by the ACL or per-source limits.",
+                                     labels=["proxy"])
+        refused = CounterMetricFamily("fastlb_frontend_refused_connections", "Total number of "
+                                      "clients refused or closed before a backend took them, "
+                                      "per reason.", labels=["proxy", "reason"])
+        reached = CounterMetricFamily("fastlb_frontend_maxconn_reached", "Times a listener of "
+                                      "the service stopped accepting at service.maxconn.",
+                                      labels=["proxy"])
+        queue = GaugeMetricFamily("fastlb_backend_current_queue", "Number of clients waiting "
+                                  "in the service's queue for a server place.", labels=["proxy"])
+        qsize = GaugeMetricFamily("fastlb_backend_queue_limit", "Configured queue size "
+                                  "(service.queue.size; 0: no queue).", labels=["proxy"])
+        for s in services:
+            lim = s["limits"]
+            denied.add_metric([s["name"]], sum(lim.get(f, 0) for f in DENIED))
+            for f in REFUSALS:
+                refused.add_metric([s["name"], reason_of(f)], lim.get(f, 0))
+            reached.add_metric([s["name"]], lim.get("maxconn_reached", 0))
+            queue.add_metric([s["name"]], lim.get("queued", 0))
+            qsize.add_metric([s["name"]], lim.get("queue_size", 0))
+        yield from (denied, refused, reached, queue, qsize)
+        glob = snap.get("global") or {}
+        for name, help_, value in [
+            ("max_connections", "Maximum number of concurrent connections ([global] maxconn).",
+             glob.get("limit", 0)),
+            ("current_sessions", "Number of current sessions over every service and worker "
+             "(connecting, queued or open).", glob.get("cur", 0)),
+            ("max_sessions", "Maximum observed number of current sessions.", glob.get("max", 0)),
+        ]:
+            yield GaugeMetricFamily(f"fastlb_process_{name}", help_, value=value)
+        reached_g = CounterMetricFamily("fastlb_process_maxconn_reached", "Times a listener "
+                                        "stopped accepting at [global] maxconn.",
+                                        value=glob.get("maxconn_reached", 0))
+        refused_g = CounterMetricFamily("fastlb_process_refused_connections", "Total number of "
+                                        "clients refused or closed before a backend took them, "
+                                        "per reason, over every service.", labels=["reason"])
+        for f in REFUSALS:
+            refused_g.add_metric([reason_of(f)], glob.get(f, 0))
+        yield from (reached_g, refused_g)
 
     def _process(self, snap: dict[str, Any]) -> Iterator[Metric]:
         info = GaugeMetricFamily("fastlb_process_build_info", "Build info.", labels=["version"])
@@ -112,6 +187,12 @@ class FastLBCollector(Collector):
             for s in services:
                 for b in s["backends"]:
                     fam.add_metric([s["name"], b["address"]], b[field])
+            yield fam
+        for suffix, help_, field in SERVER_LIMITS:                              # [limits]
+            fam = GaugeMetricFamily(f"fastlb_server_{suffix}", help_, labels=labels)
+            for s in services:
+                for b in s["backends"]:
+                    fam.add_metric([s["name"], b["address"]], b.get(field, 0))
             yield fam
         status = GaugeMetricFamily("fastlb_server_status", "Current status of the server, per "
                                    "state label value.", labels=labels + ["state"])

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from types import MappingProxyType
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 from fastlb import _core, dns
 from fastlb.config import MAX_WEIGHT, Backend, Service
@@ -88,7 +88,19 @@ def compute_plan(svc: Service, slot_of: Callable[[str], int], is_up: Callable[[i
                 idle_timeout=svc.idle_timeout, fall_passive=h.fall_passive if h else 0,
                 panic=panic, backends=tuple(backends),
                 names=tuple((slot_of(t.id), t.id) for t in dns.targets(svc, members)),
-                options=policy_options(svc))
+                options=policy_options(svc),
+                **limits_fields(svc, slot_of, members))                          # [limits]
+
+
+def limits_fields(svc: Service, slot_of: Callable[[str], int],
+                  members: Mapping[str, dns.Members] = NO_MEMBERS) -> dict[str, Any]:
+    """[limits] The plan's connection limits: service.maxconn, the queue (its timeout
+    defaults to the connect timeout, as HAProxy's `timeout queue` does), backends' max_conns
+    (an entry followed through DNS gives its cap to each of its members)."""
+    timeout = svc.queue_timeout if svc.queue_timeout is not None else svc.connect_timeout
+    return {"maxconn": svc.maxconn, "queue_size": svc.queue_size, "queue_timeout": timeout,
+            "max_conns": tuple(sorted((slot_of(t.id), t.backend.max_conns)
+                                      for t in dns.targets(svc, members) if t.backend.max_conns))}
 
 
 class ServiceRuntime:

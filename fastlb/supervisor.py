@@ -35,7 +35,7 @@ import socket
 import time
 from typing import Any, Mapping
 
-from fastlb import _core, config, dns, sdnotify, signals, statefile
+from fastlb import _core, config, dns, preflight, sdnotify, signals, statefile
 from fastlb.admin.protocol import Request
 from fastlb.admin.server import AdminServer, admin_token, clear_stale_socket
 from fastlb.config import Config, Service
@@ -87,6 +87,7 @@ def make_datapath(cfg: Config, loop: asyncio.AbstractEventLoop, shared: SharedSt
 
 class View:
     """The handlers' read-only view of slots, health and counters (handlers.StatsView)."""
+    maxconn = 0           # [limits] [global] maxconn as resolved (fastlb.preflight.maxconn)
 
     def __init__(self, shared: SharedState, health: HealthChecker,
                  runtimes: Mapping[str, ServiceRuntime] | None = None,
@@ -119,6 +120,13 @@ class View:
         hs = self.health.state(service, address)
         return (hs.check_failures, hs.reason) if hs else None
 
+    def gauges(self, service: str | None, address: str = SERVICE_ROW) -> dict[str, int]:
+        """[limits] The Gauges row of a backend, of a service (address SERVICE_ROW) or, with
+        service None, of the whole balancer."""
+        g = self.shared.gauges
+        row = g.nrows - 1 if service is None else self.shared.slots.get((service, address))
+        return g.row(row) if row is not None else dict.fromkeys(_core.GAUGE_FIELDS, 0)
+
 
 class Supervisor:
     """``run()`` returns the process exit code."""
@@ -139,6 +147,9 @@ class Supervisor:
         self.runtimes: dict[str, ServiceRuntime] = {}
         self.dns = dns.Watcher(cfg.global_.dns, self._on_members)   # host names and SRV entries
         self.view = View(self.shared, self.health, self.runtimes, self.dns)
+        self.view.maxconn = preflight.maxconn(cfg)                              # [limits]
+        log.info("maxconn %d%s", self.view.maxconn, "" if cfg.global_.maxconn else
+                 f" (derived from the fd limit {preflight.fd_limit()})")
         self.listeners = Listeners()
         self.gen = 0                               # of the last snapshot pushed
         self.datapath = make_datapath(cfg, loop, self.shared, self._on_passive, log_level)
@@ -178,7 +189,8 @@ class Supervisor:
                                       rt.ramp if rt else {}, now,
                                       members[svc.name] if members and svc.name in members
                                       else self._members(svc.name)))
-        return Snapshot(self.gen + 1, tuple(plans), tuple(sorted(wanted_listeners(services))))
+        return Snapshot(self.gen + 1, tuple(plans), tuple(sorted(wanted_listeners(services))),
+                        maxconn=self.view.maxconn)                              # [limits]
 
     def _need(self, svc: Service, members: Mapping[str, dns.Members]) -> int:
         """Slots ``svc`` with ``members`` would take that it has not now."""
@@ -266,7 +278,9 @@ class Supervisor:
                 plans.append(plan)
             wanted = wanted_listeners({name: rt.svc for name, rt in self.runtimes.items()})
             self.gen += 1
-            self.datapath.apply(Snapshot(self.gen, tuple(plans), tuple(sorted(wanted))), self.listeners.socks)
+            self.datapath.apply(Snapshot(self.gen, tuple(plans), tuple(sorted(wanted)),
+                                         maxconn=self.view.maxconn),            # [limits]
+                                self.listeners.socks)
             self.listeners.close_unwanted(wanted)
         except Exception:  # noqa: BLE001 - a bug: the data path keeps its previous snapshot
             log.exception("pushing a snapshot to the data path failed (a bug)")

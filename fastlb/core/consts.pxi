@@ -52,6 +52,25 @@ cdef enum:
     S_CONNECTING = 0
     S_OPEN = 1
     S_CLOSED = 2
+    S_QUEUED = 4            # [limits] waiting in its service's queue for a backend place
+                            # (3 is `access`'s S_WAITING, core/admission.pxi)
+
+# Connection limits (core/limits.pxi): why a listener is out of the epoll set.
+cdef enum:
+    PAUSE_NONE = 0
+    PAUSE_LIMIT = 1         # [global] maxconn or service.maxconn reached (HAProxy's limit_listener)
+    PAUSE_FDS = 2           # accept4/socket failed for lack of fds or memory (EMFILE, ENFILE...)
+
+# Connection limits: how long a listener paused for lack of fds stays out of the epoll set, and
+# the period of the limits sweep (resume paused listeners, expire and retry queued clients).
+# HAProxy retries a listener limited by a resource after 100 ms (its `limit_listener` timer when
+# no session is known to close soon); nginx re-enables accept events after 500 ms
+# (ngx_event_accept: NGX_ACCEPT_DISABLED's timer). 100 ms keeps waiting clients' delay small and
+# costs at most ten failed accept4 calls a second.
+cdef double LIMITS_RETRY = 0.1
+# Local errors (socket()/connect()/accept4 out of fds, memory or ports) reach Python at most once
+# per this many seconds, with the count since the last report.
+cdef double LOCAL_ERROR_REPORT = 1.0
 
 # How a session's consistent-hashing key is made from the client address (Maglev only).
 cdef enum:
@@ -67,7 +86,7 @@ HASH_MODES = {"source_ip": HASH_SOURCE_IP, "source_ip_port": HASH_SOURCE_IP_PORT
 globals().update(
     MAX_SLOTS=int(MAX_SLOTS), MAX_TRIED=int(MAX_TRIED), MAX_RETRIES=int(MAX_RETRIES),
     MAX_WEIGHT=int(MAX_WEIGHT), MAX_BALANCE_FACTOR=int(MAX_BALANCE_FACTOR),
-    MAX_FAILS=int(MAX_FAILS),
+    MAX_FAILS=int(MAX_FAILS), LIMITS_RETRY=LIMITS_RETRY,
     CTR_ACTIVE=int(CTR_ACTIVE), CTR_TOTAL=int(CTR_TOTAL), CTR_BYTES_IN=int(CTR_BYTES_IN),
     CTR_BYTES_OUT=int(CTR_BYTES_OUT), CTR_CONNECT_FAILURES=int(CTR_CONNECT_FAILURES),
 )

@@ -87,6 +87,14 @@ cdef class ServiceState:
     cdef public int fall_passive         # consecutive failures that mark a backend down (0: off)
     cdef public str name
     cdef public int row                  # the service's Gauges row (-1: none)
+    # -- connection limits and queues (issue 11, `limits`: core/limits.pxi) --
+    cdef public int64_t maxconn          # service.maxconn over all workers (0: none)
+    cdef public int queue_size           # service.queue.size over all workers (0: no queue)
+    cdef public double queue_timeout     # service.queue.timeout, seconds
+    cdef Session qhead                   # this worker's FIFO of clients waiting for a place
+    cdef Session qtail
+    cdef readonly int qlen
+    cdef bint dequeuing                  # lim_dequeue is running (no re-entry)
 
     def __init__(self, str name):
         self.name = name
@@ -125,6 +133,9 @@ cdef class Listener:
     cdef ServiceState svc
     cdef object sock                     # the socket.socket, kept open while listening
     cdef bint registered
+    cdef uint32_t events                 # [limits] its epoll interest, to re-arm it after a pause
+    cdef int paused                      # [limits] PAUSE_*: out of the epoll set (0: armed)
+    cdef double paused_at                # [limits] coarse clock of the pause
 
 
 @cython.final
@@ -151,6 +162,15 @@ cdef class Engine:
     cdef double epoll_reported_at        # coarse clock of the last report
     cdef bint alive                   # between __init__ and close()
     cdef bint in_batch                   # inside _on_ready: keep the graveyard
+    # -- connection limits and queues (issue 11, `limits`: core/limits.pxi) --
+    cdef public int64_t maxconn          # [global] maxconn over all workers (0: none)
+    cdef int64_t *slot_cap               # per slot: backends[].max_conns (0: no cap)
+    cdef list paused                     # Listeners out of the epoll set, to re-arm
+    cdef int npaused                     # len(paused): one C test per session close
+    cdef set queued                      # ServiceStates with clients in their queue
+    cdef public object on_local_error    # callable(what, OSError, count) or None
+    cdef long long local_unreported[2]   # local errors since the last report: accept, connect
+    cdef double local_reported_at[2]
 
     def __cinit__(self):
         self.epfd = -1
@@ -183,6 +203,7 @@ cdef class Engine:
         self.consec = <int *>calloc(counters.nslots, sizeof(int))
         if self.pool == NULL or self.consec == NULL:
             raise MemoryError()
+        lim_init(self)                    # [limits]
         self.npool = 0
         self.now = _coarse_now()
         self.epoll_reported_at = -1e9
@@ -192,6 +213,7 @@ cdef class Engine:
 
     def __dealloc__(self):
         free(self.consec)
+        free(self.slot_cap)               # [limits]
         self._free_pool()
         if self.epfd >= 0:
             _close_fd(self.epfd)
@@ -330,6 +352,7 @@ cdef class Engine:
         if epoll_ctl(self.epfd, EPOLL_CTL_ADD, lst.fd, &ev) < 0:
             raise OSError(errno, f"epoll_ctl(ADD) of listener fd {lst.fd}: {strerror(errno).decode()}")
         lst.registered = True
+        lst.events = ev.events            # [limits] to re-arm it after a pause
         self.listeners[lst.fd] = lst
         return lst
 
@@ -377,22 +400,28 @@ cdef class Engine:
         self._bury()
 
     cdef void _accept(self, Listener lst) noexcept:
-        cdef int i, fd, one = 1
+        cdef int i, fd, err, one = 1
         cdef sockaddr_storage ss
         cdef socklen_t sslen
         cdef Session s
         cdef ServiceState svc = lst.svc
         for i in range(ACCEPT_BATCH):
-            if not lst.registered:              # a callback of this batch stopped it
+            if not lst.registered or lst.paused:  # a callback of this batch stopped it
+                return
+            if not lim_admit(self, lst):        # [limits] a place under maxconn, or paused
                 return
             sslen = sizeof(ss)
             fd = accept4(lst.fd, <sockaddr *>&ss, &sslen, SOCK_NONBLOCK | SOCK_CLOEXEC)
             if fd < 0:
-                if errno == EINTR or errno == ECONNABORTED:
+                err = errno
+                lim_unadmit(self, svc)          # [limits] the place goes back
+                if err == EINTR or err == ECONNABORTED:
                     continue
-                if errno != EAGAIN and self.on_accept_error is not None:
+                if lim_accept_failed(self, lst, err):     # [limits] out of fds: paused
+                    return
+                if err != EAGAIN and self.on_accept_error is not None:
                     self._callback(svc, "on_accept_error", self.on_accept_error,
-                                   (OSError(errno, strerror(errno).decode()),))
+                                   (OSError(err, strerror(err).decode()),))
                 return
             flb_dbg_add(FLB_DBG_FDS, 1)
             setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(int))
@@ -401,6 +430,7 @@ cdef class Engine:
             s.svc = svc
             s.cfd = fd
             s.last = self.now
+            lim_admitted(self, s)               # [limits] the session holds its place
             if svc.hash_mode != HASH_NONE:
                 s.key = _hash_peer(&ss, svc.hash_mode)
             self.sessions.add(s)

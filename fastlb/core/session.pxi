@@ -61,6 +61,15 @@ cdef class Session:
     cdef double deadline                 # connect deadline (coarse clock)
     cdef double last                     # last activity (coarse clock)
     cdef bint counted                    # counted in CTR_ACTIVE of self.slot
+    # -- connection limits and queues (issue 11, `limits`: core/limits.pxi) --
+    cdef bint admitted                   # holds a place in the global and service G_CUR
+    cdef int srow                        # the service row it holds that place in
+    cdef bint slot_taken                 # holds a place in G_CUR of self.slot's row
+    cdef uint32_t capmask                # bit i: tried[i] was skipped at its cap, not failed
+    cdef bint inqueue                    # linked in svc's queue (qprev/qnext)
+    cdef Session qprev
+    cdef Session qnext
+    cdef double qdeadline                # leave the queue by then (coarse clock)
 
     def __cinit__(self):
         # Every Session starts owning nothing, even one made by Session.__new__ from Python,
@@ -105,9 +114,9 @@ cdef class Session:
             return
         if not self.c_eof and self.c2b.end == 0:
             cw |= EPOLLIN                       # c2b empty: read the client
-        elif (not self.c_eof and self.state == S_CONNECTING
+        elif (not self.c_eof and (self.state == S_CONNECTING or self.state == S_QUEUED)
                 and self.c2b.end < ENGINE_BUFSIZE):
-            cw |= EPOLLIN                       # before connect: fill c2b
+            cw |= EPOLLIN                       # before connect (or queued): fill c2b
         if self.b2c.end > self.b2c.start:
             cw |= EPOLLOUT                      # unsent bytes for the client
         if self.state == S_CONNECTING:
@@ -243,7 +252,7 @@ cdef class Session:
         """Connect to the next pick; on immediate failure try the next; none left: close.
         A callback run on a failure may have closed the session (the loop stops then)."""
         cdef ServiceState svc = self.svc
-        cdef int slot, fd, one = 1
+        cdef int slot, fd, r, one = 1
         cdef bytes sa
         cdef const char *sap
         while self.state != S_CLOSED and self.attempts <= svc.retries and svc.policy is not None:
@@ -253,6 +262,11 @@ cdef class Session:
                 break
             sa = svc.sockaddrs.get(slot)
             if sa is None:
+                break
+            r = lim_take_backend(self, slot)    # [limits] backends[].max_conns
+            if r == 0:
+                continue                        # at its cap: skipped for this pick
+            if r < 0:
                 break
             sap = PyBytes_AS_STRING(sa)
             self.slot = slot
@@ -282,10 +296,13 @@ cdef class Session:
         and the orchestration, remember the slot as tried."""
         cdef ServiceState svc = self.svc
         cdef int slot = self.slot
+        if lim_local_error(self, err):          # [limits] ours, not the backend's: closed
+            return
         if self.bfd >= 0:
             _close_fd(self.bfd)        # also leaves the epoll set
             self.bfd = -1
             self.bev = 0
+        lim_give_backend(self)                  # [limits] its place at that backend
         self.eng.counters.add_c(self.eng.block, slot, CTR_CONNECT_FAILURES, 1)
         if self.ntried < MAX_TRIED:
             self.tried[self.ntried] = slot
@@ -305,6 +322,9 @@ cdef class Session:
         self._connect()
 
     cdef void _give_up(self) noexcept:
+        if lim_queue(self):                     # [limits] every usable backend at its cap
+            return
+        lim_count(self.eng, self.svc.row, G_NO_BACKEND)
         if self.svc.on_no_backend is not None:
             self.eng._callback(self.svc, "on_no_backend", self.svc.on_no_backend, ())
         self._close()
@@ -330,6 +350,7 @@ cdef class Session:
         cdef Engine eng = self.eng
         if self.state == S_CONNECTING:
             eng.connecting.discard(self)
+        cdef bint freed = lim_release(self)     # [limits] queue, backend and service places
         self.state = S_CLOSED
         eng.graveyard.append(self)              # alive until this batch of events is done
         eng.sessions.discard(self)
@@ -346,6 +367,7 @@ cdef class Session:
         eng._give_buffer(self.b2c.data)
         self.c2b.data = NULL
         self.b2c.data = NULL
+        lim_closed(eng, self.svc, freed)        # [limits] re-arm listeners, serve the queue
 
     def __dealloc__(self):
         # Only a session never closed (its engine freed without close()) still owns anything.

@@ -6,6 +6,7 @@ fastlb/_core.c and .so stay the optimised ones) and driven in a subprocess throu
 scenario on 127.0.0.1: echoed connections, a half-close, a refused backend, a client reset, two
 epoll_ctl failures injected by the debug build's hook, and sessions still open at close().
 """
+import errno
 import json
 import os
 import shutil
@@ -19,7 +20,7 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 SCENARIO = textwrap.dedent('''
-    import asyncio, gc, json, socket, struct, sys, threading
+    import asyncio, gc, json, os, resource, socket, struct, sys, threading
     import uvloop
     from fastlb import _core
 
@@ -56,9 +57,14 @@ SCENARIO = textwrap.dedent('''
         engine = _core.Engine(loop, counters, 0)
         ports = {}
         for name, backends, retries in (("echo", {0: echo_server()}, 2),
-                                        ("refused", {1: closed_port()}, 0)):
+                                        ("refused", {1: closed_port()}, 0),
+                                        ("capped", {2: echo_server()}, 0)):
             svc = _core.ServiceState(name)
             svc.retries = retries
+            if name == "capped":
+                _core.set_max_conns(engine, 2, 1)
+                svc.row, svc.queue_size, svc.queue_timeout = 3, 2, 30.0
+                capped_svc = svc
             svc.set_backends(_core.make_policy("round_robin", list(backends), [1] * len(backends),
                                                health), {s: ("127.0.0.1", p) for s, p in backends.items()})
             lsock = socket.socket(); lsock.bind(("127.0.0.1", 0)); lsock.listen(128)
@@ -99,6 +105,48 @@ SCENARIO = textwrap.dedent('''
         assert await asyncio.wait_for(r.read(), 2) == b""
         w.close()
         out["epoll_errors"] = engine.epoll_errors
+        # [limits] a backend capped at 1 with a queue of 2: one served, two queued, one refused
+        r1, w1 = await conn("capped")
+        w1.write(b"a"); assert await r1.readexactly(1) == b"a"
+        queued = [await conn("capped") for _ in range(2)]
+        await asyncio.sleep(0.05)
+        r4, w4 = await conn("capped")
+        assert await asyncio.wait_for(r4.read(), 2) == b""       # the queue is full
+        w4.close()
+        w1.close()                                               # its place goes to the head
+        r2, w2 = queued[0]
+        w2.write(b"b"); assert await asyncio.wait_for(r2.readexactly(1), 2) == b"b"
+        w2.write_eof(); assert await r2.read() == b""; w2.close()
+        await asyncio.sleep(0.05)
+        out["capped"] = capped_svc.qlen                          # the last one: connected now
+        queued.append(await conn("capped"))                      # queued at close()
+        await asyncio.sleep(0.05)
+        # [limits] a local error: accept4 takes the last fd, the backend's socket() fails
+        local = []
+        engine.on_local_error = lambda what, exc, n: local.append((what, exc.errno, n))
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        client = socket.socket(); client.setblocking(False)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(map(int, os.listdir("/proc/self/fd"))) + 1, hard))
+        fillers = []
+        try:
+            while True:
+                fillers.append(os.open("/dev/null", os.O_RDONLY))
+        except OSError:
+            pass
+        os.close(fillers.pop())                                  # one fd left
+        client.connect_ex(("127.0.0.1", ports["echo"]))
+        await asyncio.sleep(0.2)
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        client.setblocking(True); client.settimeout(2)
+        assert client.recv(1) == b""                             # closed, not served
+        client.close()
+        out["local"] = local
+        out["paused"] = _core.limits_info(engine)["paused_fds"]  # every listener, for 100 ms
+        await asyncio.sleep(0.15)
+        _core.limits_sweep(engine)                               # the data plane's 100 ms tick
+        out["resumed"] = _core.limits_info(engine)
         # sessions still open at close()
         held = [await conn("echo") for _ in range(5)]
         for r, w in held:
@@ -106,7 +154,7 @@ SCENARIO = textwrap.dedent('''
         await asyncio.sleep(0.1)
         out["open"] = _core.debug_counts()
         engine.close()                 # a debug build raises AssertionError if anything leaked
-        for r, w in held:
+        for r, w in held + queued[1:]:
             assert await r.read() == b""
             w.close()
         del engine
@@ -151,4 +199,7 @@ def test_every_resource_is_released_at_engine_teardown(debug_build):
     assert got["epoll_errors"] == 2
     assert got["errors"] == ["fastlb core: epoll_ctl failed: 1 session(s) closed"], got["errors"]
     assert got["totals"]["active"] == 0 and got["totals"]["total"] >= 27
+    assert got["capped"] == 0 and got["local"] == [["connect", errno.EMFILE, 1]]
+    assert got["paused"] == 3
+    assert got["resumed"] == {"paused_limit": 0, "paused_fds": 0, "queued": 1}
     print(f"debug build: {seconds:.1f}s to compile")

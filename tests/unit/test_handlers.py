@@ -3,7 +3,7 @@ import asyncio
 
 import pytest
 
-from fastlb import config, handlers
+from fastlb import _core, config, handlers
 from fastlb.admin.protocol import AdminProtocolError, OPS, MUTATIONS, Request
 from fastlb.errors import RegistryError
 
@@ -28,6 +28,14 @@ class View:
     def check(self, service, address):
         return (3, "3 checks failed (refused)") if address == "10.0.0.2:80" else None
 
+    maxconn = 100
+
+    def gauges(self, service, address=""):
+        row = dict.fromkeys(_core.GAUGE_FIELDS, 0)
+        row["cur"] = 7 if service is None else 5 if address == "" else 2
+        row["queue_full"] = 3 if service is not None and address == "" else 0
+        return row
+
 
 def test_reads_are_functions_of_snapshot_and_view():
     assert handlers.services(SNAP) == [{"name": "web", "listen": ["127.0.0.1:8080"],
@@ -40,6 +48,11 @@ def test_reads_are_functions_of_snapshot_and_view():
     assert (a["total"], a["check_failures"], a["health_reason"]) == (9, 0, "no checks")
     assert (b["total"], b["check_failures"], b["health_reason"]) == (0, 3, "3 checks failed (refused)")
     assert handlers.stats(SNAP, View()) == handlers.stats(SNAP, View())
+    # [limits] the gauges: per backend (cur, max, limit), per service and the whole balancer
+    assert (a["cur"], a["limit"]) == (2, 0)
+    assert (web["limits"]["cur"], web["limits"]["queue_full"], web["limits"]["limit"]) == (5, 3, 0)
+    assert (web["global"]["cur"], web["global"]["limit"]) == (7, 100)
+    assert set(_core.GAUGE_FIELDS) <= set(web["limits"]) and set(_core.GAUGE_FIELDS) <= set(web["global"])
     with pytest.raises(RegistryError, match="no service 'nope'; services: web"):
         handlers.backends(SNAP, View(), "nope")
 

@@ -171,7 +171,8 @@ def test_members_appear_change_and_the_leaver_drains(procs, tmp_path, workers):
         out = subprocess.run(spawn.command("fastlb", "ctl", "stats", "--socket",
                                            f"{tmp_path}/admin.sock"),
                              env=spawn.environment(), capture_output=True, text=True, timeout=30)
-        rows = [ln.split() for ln in out.stdout.splitlines()]
+        backends_table = out.stdout.split("\n\n")[0]          # the limits table follows
+        rows = [ln.split() for ln in backends_table.splitlines()]
         assert ["web", f"app.test:{p}", "ready", "up", "(DNS", "resolved)", "3"] == rows[1][:7]
         assert [r[:5] for r in rows[2:]] == [["web", f"127.0.0.3:{p}", "member", "up", "3"],
                                               ["web", f"[::1]:{p}", "member", "up", "3"]]

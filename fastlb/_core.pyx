@@ -24,6 +24,7 @@ from fastlb.errors import CoreArgumentError, CoreTypeError
 include "core/consts.pxi"
 include "core/hash.pxi"
 include "core/shm.pxi"
+include "core/gauges.pxi"
 # the access pieces (before the engine, which will use their cdef APIs)
 include "core/addr.pxi"
 include "core/crc32c.pxi"
@@ -39,3 +40,4 @@ include "core/maglev.pxi"
 include "core/policy_table.pxi"
 include "core/engine.pxi"
 include "core/session.pxi"
+include "core/admission.pxi"         # [access] ACL, source limits, PROXY, client_first_byte

@@ -58,6 +58,22 @@ class Plan:
     backends: tuple[PlanBackend, ...]               # ready ones, for new connections
     names: tuple[tuple[int, str], ...]              # every backend (slot, address), for logs
     options: tuple[tuple[str, int], ...] = ()       # policy options (fastlb.runtime.policy_options)
+    # [access] ACL, per-source limits, PROXY protocol, client_first_byte (config.Access); the
+    # data path builds the service's _core.Admission from them when they change.
+    acl_allow: tuple[str, ...] = ()                 # CIDRs
+    acl_deny: tuple[str, ...] = ()
+    src_conns: int = 0                              # per_source_conns (0: none)
+    src_rate: int = 0                               # per_source_rate, per second (0: none)
+    src_burst: int = 0
+    pp_accept_from: tuple[str, ...] = ()            # CIDRs that must send a PROXY header
+    pp_timeout: float = 3.0
+    client_first_byte: float = 0.0                  # seconds (0: off)
+    pp_send: tuple[tuple[int, int], ...] = ()       # (slot, 1 | 2): PROXY v1/v2 to that backend
+
+    def access_key(self) -> tuple[Any, ...]:
+        """[access] What the service's Admission is built from (rebuilt only when it changes)."""
+        return (self.acl_allow, self.acl_deny, self.src_conns, self.src_rate, self.src_burst,
+                self.pp_accept_from, self.pp_timeout, self.client_first_byte, self.pp_send)
 
     def to_wire(self) -> dict[str, Any]:
         return {"name": self.name, "listen": [list(a) for a in self.listen],
@@ -66,7 +82,11 @@ class Plan:
                 "fall_passive": self.fall_passive, "panic": self.panic,
                 "backends": [b.to_wire() for b in self.backends],
                 "names": [list(n) for n in self.names],
-                "options": [list(o) for o in self.options]}
+                "options": [list(o) for o in self.options],
+                "access": [list(self.acl_allow), list(self.acl_deny), self.src_conns,     # [access]
+                           self.src_rate, self.src_burst, list(self.pp_accept_from),
+                           self.pp_timeout, self.client_first_byte,
+                           [list(x) for x in self.pp_send]]}
 
     @classmethod
     def from_wire(cls, w: Mapping[str, Any]) -> Plan:
@@ -78,7 +98,20 @@ class Plan:
                    panic=bool(w["panic"]),
                    backends=tuple(PlanBackend.from_wire(b) for b in w["backends"]),
                    names=tuple((int(s), str(a)) for s, a in w["names"]),
-                   options=tuple((str(k), int(v)) for k, v in w.get("options", ())))
+                   options=tuple((str(k), int(v)) for k, v in w.get("options", ())),
+                   **_access_from_wire(w.get("access")))                            # [access]
+
+
+def _access_from_wire(a: Sequence[Any] | None) -> dict[str, Any]:
+    """[access] Plan's access fields from their wire list (absent: the defaults)."""
+    if not a:
+        return {}
+    allow, deny, conns, rate, burst, pp_from, pp_timeout, first_byte, pp_send = a
+    return {"acl_allow": tuple(str(x) for x in allow), "acl_deny": tuple(str(x) for x in deny),
+            "src_conns": int(conns), "src_rate": int(rate), "src_burst": int(burst),
+            "pp_accept_from": tuple(str(x) for x in pp_from), "pp_timeout": float(pp_timeout),
+            "client_first_byte": float(first_byte),
+            "pp_send": tuple((int(s), int(v)) for s, v in pp_send)}
 
 
 @dataclass(frozen=True, slots=True)

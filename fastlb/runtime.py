@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 from fastlb import _core
 from fastlb.config import MAX_WEIGHT, Service
@@ -64,7 +64,24 @@ def compute_plan(svc: Service, slot_of: Callable[[str], int], is_up: Callable[[i
                 idle_timeout=svc.idle_timeout, fall_passive=h.fall_passive if h else 0,
                 panic=panic, backends=tuple(backends),
                 names=tuple((slot_of(b.address.text), b.address.text) for b in svc.backends),
-                options=policy_options(svc))
+                options=policy_options(svc), **access_fields(svc, slot_of))
+
+
+def access_fields(svc: Service, slot_of: Callable[[str], int]) -> dict[str, Any]:
+    """[access] The plan's access fields of ``svc`` (config.Access): each backend's PROXY
+    version (its own key, else the service's proxy_protocol.send) by slot."""
+    a = svc.access
+    versions = {"v1": 1, "v2": 2}
+    send = []
+    for b in svc.backends:
+        v = b.proxy_protocol or a.pp_send
+        if v:
+            send.append((slot_of(b.address.text), versions[v]))
+    return {"acl_allow": a.acl_allow, "acl_deny": a.acl_deny, "src_conns": a.per_source_conns,
+            "src_rate": a.per_source_rate,
+            "src_burst": (a.burst or a.per_source_rate) if a.per_source_rate else 0,
+            "pp_accept_from": a.pp_accept_from, "pp_timeout": a.pp_timeout,
+            "client_first_byte": a.client_first_byte, "pp_send": tuple(sorted(send))}
 
 
 class ServiceRuntime:

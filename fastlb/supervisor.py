@@ -75,7 +75,8 @@ def make_datapath(cfg: Config, loop: asyncio.AbstractEventLoop, shared: SharedSt
                   on_passive: Any, log_level: str) -> DataPath:
     """The one place that looks at the mode."""
     if cfg.global_.workers == 1:
-        return LocalDataPath(loop, shared.health, shared.counters, on_passive)
+        return LocalDataPath(loop, shared.health, shared.counters, on_passive,
+                             sources=shared.sources)                                  # [access]
     from fastlb.pool import WorkerPool
     return WorkerPool(loop, shared.fd, shared.size, shared.max_backends, shared.counters,
                       workers=cfg.global_.workers, grace=cfg.global_.grace, log_level=log_level,
@@ -116,7 +117,8 @@ class Supervisor:
         self.state = statefile.StateStore(cfg.global_.state_file) if cfg.global_.state_file else None
         self.registry = Registry(initial_registry(cfg, ignore_state, self.state))
         total = sum(len(s.backends) for s in self.registry.snapshot.values())
-        self.shared = SharedState(max(cfg.max_backends, 2 * total), blocks_for(cfg.global_.workers))
+        self.shared = SharedState(max(cfg.max_backends, 2 * total), blocks_for(cfg.global_.workers),
+                                  cfg.global_.source_table_size)                      # [access]
         self.health = HealthChecker(self.shared.health, self._on_health)
         self.view = View(self.shared, self.health)
         self.runtimes: dict[str, ServiceRuntime] = {}

@@ -86,6 +86,7 @@ cdef class ServiceState:
     cdef public object on_passive_down   # callable(slot, failures, reason) or None
     cdef public int fall_passive         # consecutive failures that mark a backend down (0: off)
     cdef public str name
+    cdef public Admission adm            # [access] ACL, source limits, PROXY (None: none)
 
     def __init__(self, str name):
         self.name = name
@@ -386,6 +387,8 @@ cdef class Engine:
             if svc.hash_mode != HASH_NONE:
                 s.key = _hash_peer(&ss, svc.hash_mode)
             self.sessions.add(s)
+            if svc.adm is not None and adm_accept(s, &ss) != ADM_GO:    # [access]
+                continue                        # refused (closed, counted), or waiting
             s._update()                         # read what the client sends while we connect
             if s.state != S_CLOSED:
                 s._connect()
@@ -401,6 +404,8 @@ cdef class Engine:
         for s in list(self.connecting):
             if s.state == S_CONNECTING and now >= s.deadline:
                 s._connect_failed(0)
+            elif s.state == S_WAITING and now >= s.deadline:     # [access] before connect
+                adm_expired(s)
         if idle:
             for s in list(self.sessions):
                 if s.state == S_OPEN and now - s.last >= s.svc.idle_timeout:

@@ -24,7 +24,6 @@ from fastlb.errors import CoreArgumentError, CoreTypeError
 include "core/consts.pxi"
 include "core/hash.pxi"
 include "core/shm.pxi"
-include "core/gauges.pxi"
 # the access pieces (before the engine, which will use their cdef APIs)
 include "core/addr.pxi"
 include "core/crc32c.pxi"
@@ -32,6 +31,7 @@ include "core/proxyproto.pxi"
 include "core/proxyproto_build.pxi"
 include "core/acl.pxi"
 include "core/srclimit.pxi"
+include "core/gauges.pxi"
 # the policies: the interface first, one file per policy, the name -> class table last
 include "core/policy.pxi"
 include "core/round_robin.pxi"

@@ -503,7 +503,7 @@ def _access_to_dict(svc: Service, d: dict[str, Any], backends: list[dict[str, An
         d["proxy_protocol"] = pp
     if a.client_first_byte:
         d["timeouts"]["client_first_byte"] = a.client_first_byte
-    for bd, b in zip(backends, svc.backends):
+    for bd, b in zip(backends, svc.backends, strict=True):
         if b.proxy_protocol:
             bd["proxy_protocol"] = b.proxy_protocol
 

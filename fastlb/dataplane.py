@@ -14,6 +14,7 @@ The places that will use the core's new API after the merge are one function eac
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import functools
 import logging
@@ -47,7 +48,7 @@ def build_policy(plan: Plan, bitmap: _core.HealthBitmap, counters: _core.Counter
                              options=dict(plan.options))
 
 
-def build_admission(plan: Plan, sources: _core.SourceTable | None, gauges: Any, row: int,
+def build_admission(plan: Plan, sources: _core.SourceTable | None,
                     acls: dict[tuple[Any, ...], Any] | None = None) -> Any:
     """[access] The service's _core.Admission from its plan (None: no access rule, the data
     path runs as without one). Built when the plan's access fields change, never per
@@ -68,7 +69,7 @@ def build_admission(plan: Plan, sources: _core.SourceTable | None, gauges: Any, 
         pp_from=acl(plan.pp_accept_from, ()) if plan.pp_accept_from else None,
         pp_timeout=plan.pp_timeout, first_byte=plan.client_first_byte,
         srctab=sources if plan.src_conns or plan.src_rate else None,
-        conns=plan.src_conns, rate=plan.src_rate, burst=plan.src_burst, row=row, gauges=gauges,
+        conns=plan.src_conns, rate=plan.src_rate, burst=plan.src_burst, row=plan.row,
         pp_send={slot: v for slot, v in plan.pp_send if slot >= 0})
 
 
@@ -91,18 +92,15 @@ def check_plan(plan: Plan) -> None:
     if plan.backends:
         n = len(plan.backends)
         scratch = _core.HealthBitmap(bytearray(_core.HealthBitmap.size_for(n)), n)
-        dry = Plan(plan.name, plan.listen, plan.policy, plan.hash_mode, plan.retries,
-                   plan.connect_timeout, plan.idle_timeout, plan.fall_passive, plan.panic,
-                   tuple(type(b)(i, b.weight, b.address, b.host, b.port)
-                         for i, b in enumerate(plan.backends)), plan.names, plan.options)
+        dry = dataclasses.replace(plan, backends=tuple(dataclasses.replace(b, slot=i)
+                                                       for i, b in enumerate(plan.backends)))
         counters = _core.Counters(bytearray(_core.Counters.size_for(n)), n)
         try:
             build_policy(dry, scratch, counters)
         except (ValueError, TypeError) as exc:
             raise RegistryError("invalid", f"service {plan.name}: policy {plan.policy}: {exc}") from None
     try:                                                                       # [access]
-        build_admission(plan, _core.SourceTable(bytearray(_core.SourceTable.size_for(16)), 16),
-                        None, -1)
+        build_admission(plan, _core.SourceTable(bytearray(_core.SourceTable.size_for(16)), 16))
     except (ValueError, TypeError) as exc:
         raise RegistryError("invalid", f"service {plan.name}: {exc}") from None
 
@@ -120,8 +118,8 @@ class DataService:
 
     def __init__(self, name: str, engine: _core.Engine, health: _core.HealthBitmap,
                  counters: _core.Counters, socket_for: SocketFor, on_passive: PassiveReport,
-                 *, shared_listeners: bool = False, sources: _core.SourceTable | None = None,
-                 gauges: Any = None) -> None:
+                 *, shared_listeners: bool = False,
+                 sources: _core.SourceTable | None = None) -> None:
         self.name = name
         self.engine = engine
         self.health = health
@@ -140,7 +138,7 @@ class DataService:
         self._last_log: dict[object, tuple[float, int]] = {}
         self.plan: Plan | None = None
         self.was_up: dict[int, bool] = {}       # slot -> health seen at the last plan
-        self.sources, self.gauges = sources, gauges                            # [access]
+        self.sources = sources                                                 # [access]
         self.access: tuple[Any, ...] | None = None    # what state.adm was built from
         self.acls: dict[tuple[Any, ...], Any] = {}
 
@@ -161,6 +159,7 @@ class DataService:
         st.idle_timeout = plan.idle_timeout
         st.hash_mode = plan.hash_mode
         st.fall_passive = plan.fall_passive
+        st.row = plan.row
         self.apply_access(plan)                                                 # [access]
         self.names = dict(plan.names)
         if old is not None:
@@ -180,12 +179,11 @@ class DataService:
 
     def apply_access(self, plan: Plan) -> None:
         """[access] Rebuild the service's Admission only when its fields (or row) changed."""
-        row = getattr(plan, "row", -1)
-        key = (plan.access_key(), row)
+        key = (plan.access_key(), plan.row)
         if key != self.access:
             acls = {k: v for k, v in self.acls.items()
                     if k in ((plan.acl_allow, plan.acl_deny), (plan.pp_accept_from, ()))}
-            self.state.adm = build_admission(plan, self.sources, self.gauges, row, acls)
+            self.state.adm = build_admission(plan, self.sources, acls)
             self.acls, self.access = acls, key
 
     def waits(self) -> list[float]:
@@ -246,15 +244,15 @@ class DataPlane:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, health: _core.HealthBitmap,
                  counters: _core.Counters, block: int, on_passive: PassiveReport, *,
-                 shared_listeners: bool, sources: _core.SourceTable | None = None) -> None:
+                 shared_listeners: bool, gauges: _core.Gauges | None = None,
+                 sources: _core.SourceTable | None = None) -> None:
         self.loop = loop
         self.sources = sources                                                  # [access]
-        self.gauges: Any = None
         self.health = health
         self.counters = counters
         self.on_passive = on_passive
         self.shared_listeners = shared_listeners
-        self.engine = _core.Engine(loop, counters, block)
+        self.engine = _core.Engine(loop, counters, block, gauges)
         self.engine.on_accept_error = self._on_accept_error
         self.services: dict[str, DataService] = {}
         self.sockets: Mapping[ListenKey, socket.socket] = {}
@@ -278,8 +276,7 @@ class DataPlane:
                 ds = self.services[name] = DataService(
                     name, self.engine, self.health, self.counters,
                     functools.partial(self._socket_for, name), self.on_passive,
-                    shared_listeners=self.shared_listeners, sources=self.sources,
-                    gauges=self.gauges)
+                    shared_listeners=self.shared_listeners, sources=self.sources)
             ds.apply(plan)
         self.gen = snapshot.gen
 
@@ -356,10 +353,11 @@ class LocalDataPath:
     """The DataPath of ``workers = 1``: a DataPlane in the supervisor's own process."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, health: _core.HealthBitmap,
-                 counters: _core.Counters, on_passive: PassiveReport, *,
+                 counters: _core.Counters, on_passive: PassiveReport,
+                 gauges: _core.Gauges | None = None, *,
                  sources: _core.SourceTable | None = None) -> None:
         self.plane = DataPlane(loop, health, counters, 0, on_passive, shared_listeners=False,
-                               sources=sources)
+                               gauges=gauges, sources=sources)
         self._now = False
 
     def check(self, snapshot: Snapshot) -> None:

@@ -58,6 +58,7 @@ class Plan:
     backends: tuple[PlanBackend, ...]               # ready ones, for new connections
     names: tuple[tuple[int, str], ...]              # every backend (slot, address), for logs
     options: tuple[tuple[str, int], ...] = ()       # policy options (fastlb.runtime.policy_options)
+    row: int = -1                                   # the service's Gauges row (fastlb.shm)
     # [access] ACL, per-source limits, PROXY protocol, client_first_byte (config.Access); the
     # data path builds the service's _core.Admission from them when they change.
     acl_allow: tuple[str, ...] = ()                 # CIDRs
@@ -82,7 +83,7 @@ class Plan:
                 "fall_passive": self.fall_passive, "panic": self.panic,
                 "backends": [b.to_wire() for b in self.backends],
                 "names": [list(n) for n in self.names],
-                "options": [list(o) for o in self.options],
+                "options": [list(o) for o in self.options], "row": self.row,
                 "access": [list(self.acl_allow), list(self.acl_deny), self.src_conns,     # [access]
                            self.src_rate, self.src_burst, list(self.pp_accept_from),
                            self.pp_timeout, self.client_first_byte,
@@ -99,6 +100,7 @@ class Plan:
                    backends=tuple(PlanBackend.from_wire(b) for b in w["backends"]),
                    names=tuple((int(s), str(a)) for s, a in w["names"]),
                    options=tuple((str(k), int(v)) for k, v in w.get("options", ())),
+                   row=int(w.get("row", -1)),
                    **_access_from_wire(w.get("access")))                            # [access]
 
 

@@ -64,16 +64,12 @@ cdef class Admission:
     cdef readonly uint32_t src_conns     # per_source_conns (0: none)
     cdef readonly uint32_t src_rate      # per_source_rate, per second (0: none)
     cdef readonly uint32_t src_burst
-    cdef readonly uint64_t salt          # the service's row, mixed into the source hash
-    cdef readonly object gauges          # the Gauges refusals are counted in (None: not counted)
-    cdef readonly int row                # the service's Gauges row (-1: none)
+    cdef readonly uint64_t salt          # the service's row + 1, mixed into the source hash
     cdef bytes pp_send                   # byte [slot]: 0 none, 1 v1, 2 v2 (PROXY send)
-    cdef Gauges _g
 
     def __init__(self, *, Acl acl=None, Acl pp_from=None, double pp_timeout=3.0,
                  double first_byte=0.0, SourceTable srctab=None, uint32_t conns=0,
-                 uint32_t rate=0, uint32_t burst=0, int row=-1, Gauges gauges=None,
-                 dict pp_send=None):
+                 uint32_t rate=0, uint32_t burst=0, int row=-1, dict pp_send=None):
         if pp_timeout <= 0 or first_byte < 0:
             raise CoreArgumentError("pp_timeout must be > 0 and first_byte >= 0 (seconds)")
         if (conns or rate) and srctab is None:
@@ -88,10 +84,7 @@ cdef class Admission:
         self.src_conns = conns
         self.src_rate = rate
         self.src_burst = burst if burst else 1
-        self.row = row
         self.salt = <uint64_t>(row + 1)
-        self.gauges = gauges
-        self._g = gauges
         sends = pp_send or {}
         top = max(sends, default=-1)
         table = bytearray(top + 1)
@@ -113,9 +106,9 @@ cdef inline int _adm_pp_version(Admission adm, int slot) noexcept:
     return (<const unsigned char *>PyBytes_AS_STRING(adm.pp_send))[slot]
 
 
-cdef inline void _adm_count(Admission adm, int field) noexcept:
-    if adm._g is not None:
-        adm._g.add(adm.row, field, 1)
+cdef inline void _adm_count(Session s, int field) noexcept:
+    """A refusal, in the service's Gauges row (ServiceState.row; -1: not counted)."""
+    s.eng.gauges.add(s.svc.row, field, 1)
 
 
 cdef uint64_t _hash_addr(const flb_addr *a, int mode) noexcept:
@@ -139,14 +132,14 @@ cdef int _adm_check(Session s, Admission adm) noexcept:
     cdef int r
     cdef Py_ssize_t e
     if adm.acl is not None and not adm.acl.admits_c(&s.client):
-        _adm_count(adm, G_DENY_ACL)
+        _adm_count(s, G_DENY_ACL)
         s._close()
         return -1
     if adm.srctab is not None:
         r = adm.srctab.acquire_salted(&s.client, <int64_t>(s.eng.now * 1000.0), adm.src_conns,
                                       adm.src_rate, adm.src_burst, adm.salt, &e)
         if r != SRC_ADMIT:
-            _adm_count(adm, G_DENY_SRC_CONNS if r == SRC_REFUSED_CONNS else
+            _adm_count(s, G_DENY_SRC_CONNS if r == SRC_REFUSED_CONNS else
                        (G_DENY_SRC_RATE if r == SRC_REFUSED_RATE else G_DENY_SRC_TABLE))
             s._close()
             return -1
@@ -221,7 +214,7 @@ cdef void _adm_header_done(Session s, pp_header *h) noexcept:
 
 
 cdef void _adm_refuse(Session s, int field) noexcept:
-    _adm_count(s.svc.adm, field)
+    _adm_count(s, field)
     s._close()
 
 

@@ -137,6 +137,35 @@ def recorder():
         r.close()
 
 
+def refusals(proc, workers=1):
+    """The refusal counts of the running fastlb ``proc``, summed over the Gauges rows, read from
+    its shared memory (the memfd named fastlb-shm, mapped through /proc/PID/fd, the layout of
+    fastlb.shm). The service rows are the only ones refusals are counted in."""
+    import mmap
+    import os
+    from fastlb import shm
+    fd_dir = f"/proc/{proc.pid}/fd"
+    for name in os.listdir(fd_dir):
+        try:
+            target = os.readlink(f"{fd_dir}/{name}")
+        except OSError:
+            continue
+        if target.startswith("/memfd:fastlb-shm"):
+            break
+    else:
+        raise AssertionError("no fastlb-shm memfd in the fastlb process")
+    with open(f"{fd_dir}/{name}", "r+b") as f:
+        m = mmap.mmap(f.fileno(), 0)
+    nblocks = shm.blocks_for(workers)
+    _, _, gauges = shm.views(m, 1024, nblocks)       # Config.max_backends: 1024 by default
+    fields = {f: getattr(_core, f"G_{f.upper()}") for f in
+              ("deny_acl", "deny_src_conns", "deny_src_rate", "deny_src_table", "proxy_errors",
+               "client_silent")}
+    out = {f: sum(gauges.get(r, i) for r in range(gauges.nrows)) for f, i in fields.items()}
+    del gauges
+    return out
+
+
 def wait_until(pred, timeout=10.0, what="condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -152,12 +181,13 @@ def test_acl_allow_and_deny_ipv4_deny_wins_outsider_refused(procs):
     _, be = start_backend(procs, "echo")
     cfg = svc("web", [("127.0.0.1", be)],
               extra='acl = { allow = ["127.0.0.0/29"], deny = ["127.0.0.3/32"] }')
-    _, (port,) = start_fastlb(procs, cfg)
+    lb, (port,) = start_fastlb(procs, cfg)
     assert served(port, "127.0.0.1")
     assert served(port, "127.0.0.2")
     assert refused_at_once(port, "127.0.0.3")           # allowed by the /29, denied: deny wins
     assert refused_at_once(port, "127.0.0.9")           # outside the allow list
     assert served(port, "127.0.0.2")                    # nothing sticky
+    assert refusals(lb)["deny_acl"] == 2
 
 
 def test_acl_ipv6_loopback(procs):
@@ -168,9 +198,10 @@ def test_acl_ipv6_loopback(procs):
                extra='acl = { allow = ["::1/128"] }')
            + svc("six-deny", [("127.0.0.1", be)], listen="[::1]:0",
                  extra='acl = { deny = ["::/0"] }'))
-    _, (p_allow, p_deny) = start_fastlb(procs, cfg)
+    lb, (p_allow, p_deny) = start_fastlb(procs, cfg)
     assert served(p_allow, "::1", "::1")
     assert refused_at_once(p_deny, "::1", "::1")
+    assert refusals(lb)["deny_acl"] == 1
 
 
 def test_acl_of_a_thousand_cidrs(procs):
@@ -180,10 +211,11 @@ def test_acl_of_a_thousand_cidrs(procs):
     deny = [f"192.168.{i}.0/24" for i in range(200)]
     acl = "acl = { allow = [" + ", ".join(f'"{c}"' for c in allow) + "], deny = [" + \
         ", ".join(f'"{c}"' for c in deny) + "] }"
-    _, (port,) = start_fastlb(procs, svc("big", [("127.0.0.1", be)], extra=acl))
+    lb, (port,) = start_fastlb(procs, svc("big", [("127.0.0.1", be)], extra=acl))
     assert served(port, "127.0.0.2")
     assert refused_at_once(port, "127.0.0.1")
     assert refused_at_once(port, "127.0.0.3")
+    assert refusals(lb)["deny_acl"] == 2
 
 
 # -- per-source limits ------------------------------------------------------------------------------
@@ -203,7 +235,7 @@ def test_per_source_conns_hold_across_two_workers_other_sources_unaffected(procs
     _, be = start_backend(procs, "echo")
     cfg = "[global]\nworkers = 2\n" + svc("web", [("127.0.0.1", be)],
                                            extra="limits = { per_source_conns = 3 }")
-    _, (port,) = start_fastlb(procs, cfg)
+    lb, (port,) = start_fastlb(procs, cfg)
     held = hold(port, "127.0.0.2", 3)
     try:
         # many tries, so both workers take some: every one is refused while 3 are open
@@ -220,19 +252,25 @@ def test_per_source_conns_hold_across_two_workers_other_sources_unaffected(procs
     again = hold(port, "127.0.0.2", 3)
     for s in again:
         s.close()
+    counts = refusals(lb, workers=2)
+    assert counts["deny_src_conns"] == 12
+    assert counts["deny_src_rate"] == counts["deny_src_table"] == counts["deny_acl"] == 0
 
 
 def test_per_source_rate_across_two_workers(procs):
     _, be = start_backend(procs, "echo")
     cfg = "[global]\nworkers = 2\n" + svc(
         "web", [("127.0.0.1", be)], extra='limits = { per_source_rate = "1/s", burst = 4 }')
-    _, (port,) = start_fastlb(procs, cfg)
+    lb, (port,) = start_fastlb(procs, cfg)
     t0 = time.monotonic()
     results = [served(port, "127.0.0.2") for _ in range(10)]
     elapsed = time.monotonic() - t0
     # a bucket of 4, refilled at 1/s: at most 4 + elapsed admitted, over both workers
     assert 4 <= sum(results) <= 4 + int(elapsed) + 1, (results, elapsed)
     assert served(port, "127.0.0.3")                   # another source: a bucket of its own
+    counts = refusals(lb, workers=2)
+    assert counts["deny_src_rate"] == results.count(False)
+    assert counts["deny_src_conns"] == 0
 
 
 def test_per_source_limits_of_two_services_are_counted_apart(procs):
@@ -320,7 +358,7 @@ def test_proxy_accept_header_address_is_the_client_for_the_acl(procs):
     _, be = start_backend(procs, "echo")
     cfg = pp_config(be, acl='acl = { allow = ["127.0.0.5/32", "192.0.2.0/24"], '
                             'deny = ["192.0.2.66/32"] }\n')
-    _, (port,) = start_fastlb(procs, cfg)
+    lb, (port,) = start_fastlb(procs, cfg)
 
     def via_header(src_ip):
         s = client(port, "127.0.0.5")
@@ -335,6 +373,7 @@ def test_proxy_accept_header_address_is_the_client_for_the_acl(procs):
     assert via_header("192.0.2.1")           # allowed by the header's address
     assert not via_header("192.0.2.66")      # denied by it, although the real peer is allowed
     assert not via_header("203.0.113.9")     # not in the allow list, real peer is
+    assert refusals(lb) == dict(refusals(lb), deny_acl=2, proxy_errors=0)
 
 
 def test_proxy_accept_header_address_is_the_maglev_key(procs):
@@ -371,7 +410,7 @@ def test_proxy_accept_header_address_is_the_maglev_key(procs):
 def test_proxy_accept_missing_malformed_slow_header_closed_without_backend(procs, recorder,
                                                                           data, why):
     rec = recorder()
-    _, (port,) = start_fastlb(procs, pp_config(rec.port))
+    lb, (port,) = start_fastlb(procs, pp_config(rec.port))
     s = client(port, "127.0.0.5", timeout=5.0)
     t0 = time.monotonic()
     if data:
@@ -386,11 +425,12 @@ def test_proxy_accept_missing_malformed_slow_header_closed_without_backend(procs
         assert 0.8 <= took < 4.0, took           # the 1s timeout, swept
     time.sleep(0.2)
     assert rec.accepted == 0                     # no backend connection at all
+    assert refusals(lb)["proxy_errors"] == 1
 
 
 def test_proxy_from_an_untrusted_source_is_taken_as_is(procs, recorder):
     rec = recorder()
-    _, (port,) = start_fastlb(procs, pp_config(rec.port))
+    lb, (port,) = start_fastlb(procs, pp_config(rec.port))
     header = ref.build_v1(("192.0.2.7", 4321), ("198.51.100.1", 443))
     s = client(port, "127.0.0.6")
     s.sendall(header + b"rest")
@@ -399,20 +439,26 @@ def test_proxy_from_an_untrusted_source_is_taken_as_is(procs, recorder):
     s.close()
     (got,) = rec.wait(1)
     assert got == header + b"rest"              # payload, not a header: passed on untouched
+    assert refusals(lb)["proxy_errors"] == 0
 
 
 # -- client_first_byte ------------------------------------------------------------------------------
 
 def _fd_budget():
+    """This test process's fd limit, raised to the hard limit (at most 4096) for the clients."""
     import resource
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = min(hard if hard != resource.RLIM_INFINITY else 4096, 4096)
+    if soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        soft = want
     return soft
 
 
 def test_slowloris_silent_clients_open_no_backend_connection(procs, recorder):
     rec = recorder()
     cfg = svc("web", [("127.0.0.1", rec.port)], extra='timeouts = { client_first_byte = "1s" }')
-    _, (port,) = start_fastlb(procs, cfg)
+    lb, (port,) = start_fastlb(procs, cfg)
     # 2,000 silent clients, or what this process's fd limit allows (fastlb raises its own)
     n = min(2000, _fd_budget() - 200)
     assert n >= 200
@@ -447,6 +493,7 @@ def test_slowloris_silent_clients_open_no_backend_connection(procs, recorder):
         s.close()
     assert open_left == 0
     assert rec.accepted == 1                          # ... and none reached the backend
+    assert refusals(lb)["client_silent"] == n
 
 
 def test_client_first_byte_off_by_default_server_speaks_first(procs):

@@ -137,10 +137,9 @@ def recorder():
         r.close()
 
 
-def refusals(proc, workers=1):
-    """The refusal counts of the running fastlb ``proc``, summed over the Gauges rows, read from
-    its shared memory (the memfd named fastlb-shm, mapped through /proc/PID/fd, the layout of
-    fastlb.shm). The service rows are the only ones refusals are counted in."""
+def shared_memory(proc, workers=1):
+    """The running fastlb ``proc``'s shared mapping, through /proc/PID/fd (the memfd named
+    fastlb-shm), and its layout arguments (fastlb.shm)."""
     import mmap
     import os
     from fastlb import shm
@@ -156,8 +155,21 @@ def refusals(proc, workers=1):
         raise AssertionError("no fastlb-shm memfd in the fastlb process")
     with open(f"{fd_dir}/{name}", "r+b") as f:
         m = mmap.mmap(f.fileno(), 0)
-    nblocks = shm.blocks_for(workers)
-    _, _, gauges = shm.views(m, 1024, nblocks)       # Config.max_backends: 1024 by default
+    return m, 1024, shm.blocks_for(workers)           # Config.max_backends: 1024 by default
+
+
+def source_conns(proc, workers=1):
+    """Connections counted now in the balancer's per-source table (every service, source)."""
+    from fastlb import shm
+    return shm.source_table(*shared_memory(proc, workers)).total_conns()
+
+
+def refusals(proc, workers=1):
+    """The refusal counts of the running fastlb ``proc``, summed over the Gauges rows, read from
+    its shared memory (the memfd named fastlb-shm, mapped through /proc/PID/fd, the layout of
+    fastlb.shm). The service rows are the only ones refusals are counted in."""
+    from fastlb import shm
+    _, _, gauges = shm.views(*shared_memory(proc, workers))
     fields = {f: getattr(_core, f"G_{f.upper()}") for f in
               ("deny_acl", "deny_src_conns", "deny_src_rate", "deny_src_table", "proxy_errors",
                "client_silent")}
@@ -287,6 +299,36 @@ def test_per_source_limits_of_two_services_are_counted_apart(procs):
             s.close()
 
 
+def test_per_source_entry_released_exactly_once_on_every_close_path(procs):
+    from helpers import closed_port
+    _, be = start_backend(procs, "echo")
+    dead = closed_port()
+    limits = 'limits = { per_source_conns = 5, per_source_rate = "1000/s" }\n'
+    cfg = (svc("a-live", [("127.0.0.1", be)],
+               extra=limits + 'timeouts = { client_first_byte = "500ms" }')
+           + svc("b-dead", [("127.0.0.1", dead)], extra=limits + "retries = 0"))   # sorted by name
+    lb, (live, gone) = start_fastlb(procs, cfg)
+    held = hold(live, "127.0.0.2", 2)
+    silent = client(live, "127.0.0.2")                 # closed by client_first_byte
+    reset = client(live, "127.0.0.2")                  # the client resets after its first byte
+    reset.sendall(MARK)
+    assert reset.recv(100) == MARK
+    wait_until(lambda: source_conns(lb) == 4, what="4 connections counted")
+    reset.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+    reset.close()
+    for _ in range(3):                                 # no backend: closed by fastlb
+        assert not served(gone, "127.0.0.2")
+    assert silent.recv(10) == b""
+    silent.close()
+    wait_until(lambda: source_conns(lb) == 2, what="the closed ones released")
+    for s in held:
+        s.close()
+    wait_until(lambda: source_conns(lb) == 0, what="every entry released")
+    time.sleep(0.3)
+    assert source_conns(lb) == 0                       # not below: released once, not twice
+    assert refusals(lb)["client_silent"] == 1
+
+
 # -- PROXY send ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("version", ["v1", "v2"])
@@ -373,6 +415,10 @@ def test_proxy_accept_header_address_is_the_client_for_the_acl(procs):
     assert via_header("192.0.2.1")           # allowed by the header's address
     assert not via_header("192.0.2.66")      # denied by it, although the real peer is allowed
     assert not via_header("203.0.113.9")     # not in the allow list, real peer is
+    s = client(port, "127.0.0.5")            # LOCAL (a health check): the real peer counts
+    s.sendall(ref.build_v2(None, None, command=ref.LOCAL) + MARK)
+    assert s.recv(100) == MARK
+    s.close()
     assert refusals(lb) == dict(refusals(lb), deny_acl=2, proxy_errors=0)
 
 

@@ -216,6 +216,29 @@ def test_acl_ipv6_loopback(procs):
     assert refusals(lb)["deny_acl"] == 1
 
 
+def test_acl_change_by_reload_takes_effect_for_the_next_connection(procs, tmp_path):
+    import signal
+    from helpers import PY, Proc, closed_port
+    _, be = start_backend(procs, "echo")
+    port = closed_port()
+    path = tmp_path / "f.toml"
+    text = svc("web", [("127.0.0.1", be)], listen=f"127.0.0.1:{port}",
+               extra='acl = { deny = ["127.0.0.2/32"] }')
+    path.write_text(text)
+    lb = Proc([PY, "-m", "fastlb", "run", "-c", str(path)], procs)
+    lb.wait_line("fastlb ready")
+    held = hold(port, "127.0.0.3", 1)
+    assert refused_at_once(port, "127.0.0.2")
+    path.write_text(text.replace('deny = ["127.0.0.2/32"]', 'deny = ["127.0.0.3/32"]'))
+    lb.signal(signal.SIGHUP)
+    lb.wait_line("reloaded")
+    assert served(port, "127.0.0.2")
+    assert refused_at_once(port, "127.0.0.3")
+    held[0].sendall(MARK)                            # an open session is not cut by the reload
+    assert held[0].recv(100) == MARK
+    held[0].close()
+
+
 def test_acl_of_a_thousand_cidrs(procs):
     _, be = start_backend(procs, "echo")
     # 1,000 /32s across 10.0.0.0/8 (not loopback) plus the one source admitted

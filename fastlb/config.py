@@ -479,6 +479,26 @@ def _access(c: _Checker, raw: dict, path: str) -> tuple[Access, list[str | None]
     return Access(**kw), per_backend
 
 
+def _access_summary(s: Service) -> str:
+    """fastlb check's words for the keys of _access ("" when none is set)."""
+    a, out = s.access, []
+    if a.acl_allow or a.acl_deny:
+        out.append(f"acl {len(a.acl_allow)} allow / {len(a.acl_deny)} deny")
+    if a.per_source_conns or a.per_source_rate:
+        out.append("per source " + ", ".join(
+            ([f"{a.per_source_conns} conns"] if a.per_source_conns else [])
+            + ([f"{a.per_source_rate}/s burst {a.burst or a.per_source_rate}"]
+               if a.per_source_rate else [])))
+    if a.pp_accept_from:
+        out.append(f"PROXY from {len(a.pp_accept_from)} CIDR(s) within {a.pp_timeout:g}s")
+    sends = {b.proxy_protocol or a.pp_send for b in s.backends} - {None}
+    if sends:
+        out.append("PROXY " + "/".join(sorted(str(v) for v in sends)) + " to backends")
+    if a.client_first_byte:
+        out.append(f"client_first_byte {a.client_first_byte:g}s")
+    return "; " + "; ".join(out) if out else ""
+
+
 def _access_to_dict(svc: Service, d: dict[str, Any], backends: list[dict[str, Any]]) -> None:
     """service_to_dict's part for the keys of _access (only those set)."""
     a = svc.access
@@ -673,7 +693,8 @@ def summary(cfg: Config) -> str:
     for s in cfg.services:
         out.append(f"  service {s.name}: listen {', '.join(a.text for a in s.listen)}; "
                    f"policy {s.policy}" + _policy_options(s)
-                   + f"; retries {s.retries}; connect {s.connect_timeout:g}s; idle {s.idle_timeout:g}s")
+                   + f"; retries {s.retries}; connect {s.connect_timeout:g}s; idle {s.idle_timeout:g}s"
+                   + _access_summary(s))                                          # [access]
         for b in s.backends:
             out.append(f"    backend {b.address.text} weight {b.weight}"
                        + (f" ({b.state})" if b.state != "ready" else ""))

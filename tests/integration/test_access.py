@@ -565,6 +565,15 @@ def test_slowloris_silent_clients_open_no_backend_connection(procs, recorder):
     assert refusals(lb)["client_silent"] == n
 
 
+def test_without_client_first_byte_silent_clients_are_connected_as_before(procs, recorder):
+    rec = recorder()
+    _, (port,) = start_fastlb(procs, svc("web", [("127.0.0.1", rec.port)]))
+    silent = [client(port, "127.0.0.2") for _ in range(20)]
+    wait_until(lambda: rec.accepted == 20, what="a backend connection per silent client")
+    for s in silent:
+        s.close()
+
+
 def test_client_first_byte_off_by_default_server_speaks_first(procs):
     _, be = start_backend(procs, "announce", name="smtp-like")
     _, (port,) = start_fastlb(procs, svc("web", [("127.0.0.1", be)]))

@@ -32,6 +32,13 @@ def test_every_key_parsed_and_round_tripped_through_service_to_dict():
     assert config.service_from_dict(config.service_to_dict(svc), "x") == svc
 
 
+def test_check_summary_names_the_access_rules():
+    text = config.summary(config.loads(FULL))
+    assert ("acl 2 allow / 1 deny; per source 3 conns, 5/s burst 2; PROXY from 1 CIDR(s) "
+            "within 2s; PROXY v1/v2 to backends; client_first_byte 1.5s") in text
+    assert "acl" not in config.summary(config.loads(HEAD))
+
+
 def test_defaults_change_nothing():
     svc = config.loads(HEAD).services[0]
     assert svc.access == config.Access()

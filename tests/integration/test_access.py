@@ -158,6 +158,15 @@ def shared_memory(proc, workers=1):
     return m, 1024, shm.blocks_for(workers)           # Config.max_backends: 1024 by default
 
 
+def active_by_worker(proc, workers):
+    """Open connections per worker (counter block), over every slot."""
+    from fastlb import shm
+    mapping, max_backends, nblocks = shared_memory(proc, workers)
+    _, counters, _ = shm.views(mapping, max_backends, nblocks)
+    return [sum(counters.get_block(b, s, _core.CTR_ACTIVE) for s in range(8))
+            for b in range(nblocks)]
+
+
 def source_conns(proc, workers=1):
     """Connections counted now in the balancer's per-source table (every service, source)."""
     from fastlb import shm
@@ -272,6 +281,15 @@ def test_per_source_conns_hold_across_two_workers_other_sources_unaffected(procs
                                            extra="limits = { per_source_conns = 3 }")
     lb, (port,) = start_fastlb(procs, cfg)
     held = hold(port, "127.0.0.2", 3)
+    # the 3 places must be held by both workers, so that the cap is shown to hold in total
+    for _ in range(20):
+        if sum(1 for n in active_by_worker(lb, 2) if n) == 2:
+            break
+        held.pop().close()
+        time.sleep(0.1)
+        held += hold(port, "127.0.0.2", 1)
+    assert sorted(active_by_worker(lb, 2), reverse=True)[:2] in ([2, 1], [1, 2]), \
+        active_by_worker(lb, 2)
     try:
         # many tries, so both workers take some: every one is refused while 3 are open
         for _ in range(12):

@@ -20,9 +20,13 @@
 #   - The client of a session (ACL, source limits, Maglev's key, PROXY send) is the real peer,
 #     or the source of an accepted PROXY header (command PROXY, TCP4/TCP6); LOCAL, UNKNOWN and
 #     UNSPEC keep the real peer (the spec's rule for LOCAL; HAProxy does the same for UNKNOWN).
-#   - PROXY accept reads the header into the c2b buffer, at most PP_MAX bytes, so only the
-#     header is consumed: the bytes after it stay in c2b and go to the backend after connect.
-#     epoll is level-triggered, so the header is read (not peeked) to make progress.
+#   - PROXY accept peeks (MSG_PEEK) at most PP_MAX bytes and parses them; once the header is
+#     complete exactly its bytes are read out of the socket, so the payload after it stays in
+#     the kernel and is forwarded as any client byte (no data buffer is taken for the header).
+#     epoll is level-triggered: while the header is incomplete, the bytes seen (all of them a
+#     header prefix, or pp_parse would have refused them) are read out into a PP_MAX scratch
+#     (Session.pp_buf, malloc'ed only then, freed at close) so the socket stops being readable
+#     until more arrives; the spec has senders send the header at once, so this is rare.
 #   - client_first_byte peeks one byte (MSG_PEEK): no buffer is held while a client is silent,
 #     and nothing is consumed. A client that closes without a byte is closed (no backend).
 #   - One deadline for the whole phase (Session.deadline, swept with the connecting sessions):
@@ -36,8 +40,6 @@
 #     hash (SourceTable.acquire's salt), so services never share counts in the one table.
 # The per-event function adm_on_client makes no Python C-API call
 # (tests/unit/test_access_generated_c.py); the transitions it calls are once per connection.
-
-from libc.string cimport memmove
 
 cdef extern from "<sys/socket.h>" nogil:
     int getsockname(int fd, sockaddr *addr, socklen_t *len)
@@ -188,9 +190,9 @@ cdef int adm_accept(Session s, sockaddr_storage *ss) noexcept:
     return ADM_GO
 
 
-cdef void _adm_header_done(Session s, pp_header *h) noexcept:
-    """A PROXY header of h.length bytes is at the start of c2b: take its addresses, keep what
-    follows it, then admit and go on (or wait for the first byte)."""
+cdef void _adm_header_done(Session s, pp_header *h, bint more) noexcept:
+    """A whole PROXY header was taken out of the socket (``more``: payload follows it): take its
+    addresses, then admit and go on (or wait for the first byte)."""
     cdef Admission adm = s.svc.adm
     if h.command == PP_CMD_PROXY and (h.family == PP_FAM_TCP4 or h.family == PP_FAM_TCP6):
         s.client = h.src
@@ -198,19 +200,35 @@ cdef void _adm_header_done(Session s, pp_header *h) noexcept:
         if s.svc.hash_mode != HASH_NONE:
             s.key = _hash_addr(&s.client, s.svc.hash_mode)
     s.pp_wait = False
-    s.c2b.end -= <Py_ssize_t>h.length
-    if s.c2b.end > 0:
-        memmove(s.c2b.data, s.c2b.data + h.length, s.c2b.end)
-    else:
-        s.eng._give_buffer(s.c2b.data)      # a silent client holds no buffer
-        s.c2b.data = NULL
-        s.c2b.end = 0
+    _adm_free_scratch(s)
     if _adm_check(s, adm) < 0:
         return
-    if adm.first_byte > 0 and s.c2b.end == 0 and not s.c_eof:
+    if adm.first_byte > 0 and not more:
         _adm_wait(s, adm.first_byte)
         return
     _adm_go(s)
+
+
+cdef inline void _adm_free_scratch(Session s) noexcept:
+    if s.pp_buf != NULL:
+        free(s.pp_buf)
+        s.pp_buf = NULL
+    s.pp_have = 0
+
+
+cdef bint _adm_take(Session s, unsigned char *dst, size_t n) noexcept:
+    """Read exactly ``n`` bytes the socket is known to hold (they were peeked)."""
+    cdef ssize_t r
+    while n:
+        r = recv(s.cfd, dst, n, 0)
+        if r > 0:
+            dst += r
+            n -= <size_t>r
+        elif r < 0 and errno == EINTR:
+            continue
+        else:
+            return False
+    return True
 
 
 cdef void _adm_refuse(Session s, int field) noexcept:
@@ -224,7 +242,9 @@ cdef void adm_on_client(Session s, uint32_t events) noexcept:
     cdef int rc
     cdef pp_header h
     cdef char one
-    cdef char *data
+    cdef unsigned char peek[PP_MAX]
+    cdef unsigned char *seen                # the header so far: scratch (taken) + socket (peeked)
+    cdef size_t have = <size_t>s.pp_have, need
     if not (events & (EPOLLIN | EPOLLERR | EPOLLHUP)):
         return
     if not s.pp_wait:                       # client_first_byte: is there a byte?
@@ -234,28 +254,32 @@ cdef void adm_on_client(Session s, uint32_t events) noexcept:
         elif r == 0 or (errno != EAGAIN and errno != EINTR):
             s._close()                      # gone without a byte: no backend for it
         return
-    data = s._buf(&s.c2b)
-    if data == NULL:
-        s._close()
+    seen = s.pp_buf if have else peek
+    r = recv(s.cfd, seen + have, PP_MAX - have, MSG_PEEK)
+    if r < 0 and (errno == EAGAIN or errno == EINTR):
         return
-    while True:
-        r = recv(s.cfd, data + s.c2b.end, PP_MAX - s.c2b.end, 0)
-        if r > 0:
-            s.c2b.end += r
-            rc = pp_parse(<const unsigned char *>data, <size_t>s.c2b.end, &h)
-            if rc == PP_DONE:
-                _adm_header_done(s, &h)
-                return
-            if rc != PP_NEED_MORE:
-                _adm_refuse(s, G_PROXY_ERRORS)     # malformed, or no header at all
-                return
-            continue                        # a partial header: read on (EAGAIN ends it)
-        if r < 0 and errno == EINTR:
-            continue
-        if r < 0 and errno == EAGAIN:
-            return
+    if r <= 0:
         _adm_refuse(s, G_PROXY_ERRORS)      # EOF or an error before the header's end
         return
+    rc = pp_parse(seen, have + <size_t>r, &h)
+    if rc == PP_DONE:
+        need = h.length - have              # the header's bytes still in the socket (<= r)
+        if not _adm_take(s, peek, need):
+            _adm_refuse(s, G_PROXY_ERRORS)
+            return
+        _adm_header_done(s, &h, <size_t>r > need)
+    elif rc == PP_NEED_MORE:                # all a header prefix: take it out of the socket
+        if s.pp_buf == NULL:
+            s.pp_buf = <unsigned char *>malloc(PP_MAX)
+            if s.pp_buf == NULL:
+                s._close()
+                return
+        if not _adm_take(s, s.pp_buf + have, <size_t>r):
+            _adm_refuse(s, G_PROXY_ERRORS)
+            return
+        s.pp_have += <int>r
+    else:
+        _adm_refuse(s, G_PROXY_ERRORS)      # malformed, or no header at all
 
 
 cdef void adm_expired(Session s) noexcept:
@@ -303,7 +327,9 @@ cdef int adm_send_header(Session s) noexcept:
 
 
 cdef inline void adm_close(Session s) noexcept:
-    """At close: the source entry back, exactly once (_close runs once per session)."""
+    """At close: the source entry back, exactly once (_close runs once per session); the
+    PROXY scratch freed (Session.__dealloc__ frees it too, for a session never closed)."""
+    _adm_free_scratch(s)
     if s.src_entry >= 0:
         s.srctab.release(s.src_entry)
         s.src_entry = -1

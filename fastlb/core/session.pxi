@@ -67,6 +67,8 @@ cdef class Session:
     cdef flb_addr client
     cdef flb_addr local
     cdef bint pp_wait                    # S_WAITING for a PROXY header
+    cdef unsigned char *pp_buf           # a header's first bytes while incomplete (or NULL)
+    cdef int pp_have                     # bytes in pp_buf
     cdef SourceTable srctab
     cdef Py_ssize_t src_entry            # -1: nothing to release
 
@@ -372,4 +374,5 @@ cdef class Session:
             flb_dbg_add(FLB_DBG_FDS, -1)
         _free_buffer(self.c2b.data, True)
         _free_buffer(self.b2c.data, True)
+        free(self.pp_buf)                       # [access] a PROXY header's scratch
         flb_dbg_add(FLB_DBG_SESSIONS, -1)

@@ -437,6 +437,26 @@ def test_proxy_accept_from_trusted_source_header_consumed_payload_kept(procs, re
     assert got == ref.build_v2(("192.0.2.7", 4321), ("198.51.100.1", 443)) + b"GET / after the header"
 
 
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_proxy_accept_a_header_in_pieces_then_payload(procs, recorder, version):
+    rec = recorder()
+    cfg = svc("edge", [("127.0.0.1", rec.port)],
+              extra='proxy_protocol = { accept_from = ["127.0.0.5/32"], timeout = "2s" }')
+    _, (port,) = start_fastlb(procs, cfg)
+    build = ref.build_v1 if version == "v1" else ref.build_v2
+    header = build(("2001:db8::7", 4321), ("2001:db8::1", 443))
+    s = client(port, "127.0.0.5")
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    for piece in (header[:7], header[7:20], header[20:] + b"after"):
+        s.sendall(piece)
+        time.sleep(0.15)
+    s.sendall(b" more")
+    s.shutdown(socket.SHUT_WR)
+    s.recv(10)
+    s.close()
+    assert rec.wait(1) == [b"after more"]
+
+
 def test_proxy_accept_header_address_is_the_client_for_the_acl(procs):
     _, be = start_backend(procs, "echo")
     cfg = pp_config(be, acl='acl = { allow = ["127.0.0.5/32", "192.0.2.0/24"], '

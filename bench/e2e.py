@@ -12,6 +12,11 @@ runs; runs interleave the peers so that machine noise hits them alike. The balan
 comes from /proc/PID/stat (all its processes), shown as % of one core during the load.
 With --workers 1,2 fastlb is also measured with 2 worker processes ("fastlb-2w"), pinned to
 every CPU: on a 2-core machine its second worker shares CPU 1 with the load generator.
+With --acl, fastlb and HAProxy are also measured with a 1,000-CIDR ACL (the client's 127.0.0.1
+among 999 others, and 200 denied /24s) and per-source limits on every connection, set high
+enough never to refuse the load ("fastlb-acl", "haproxy-acl": HAProxy with `src -f` lists and a
+stick table tracking conn_cur and conn_rate): the cost of the checks, side by side with the
+plain figures of the same run, also per proxy core (the figure / the balancer's CPU share).
 With --baseline PYTHON, a second fastlb ("fastlb-base": the fastlb that interpreter imports,
 e.g. a venv with an older commit installed) runs beside the current one in the same run, for
 a regression check that the machine's noise hits alike.
@@ -178,6 +183,23 @@ backends = [ {{ address = "127.0.0.1:{backend}" }} ]
 """
 
 
+# --acl: 1,000 allowed CIDRs with the client's address among them, 200 denied ones, per-source
+# limits that never refuse this load (one source: the load generator's 127.0.0.1).
+ACL_ALLOW = [f"10.{i // 250}.{i % 250}.0/24" for i in range(999)] + ["127.0.0.1/32"]
+ACL_DENY = [f"192.168.{i}.0/24" for i in range(200)]
+SRC_CONNS, SRC_RATE = 50000, 1000000
+
+FASTLB_ACL = FASTLB + """acl = {{ allow = [{allow}], deny = [{deny}] }}
+limits = {{ per_source_conns = {conns}, per_source_rate = "{rate}/s" }}
+"""
+
+HAPROXY_ACL = HAPROXY.replace("""  default_backend b""", """\
+  stick-table type ip size 100k expire 30s store conn_cur,conn_rate(1s)
+  tcp-request connection reject if !{{ src -f {tmp}/allow.lst }} || {{ src -f {tmp}/deny.lst }}
+  tcp-request connection track-sc0 src
+  tcp-request connection reject if {{ sc0_conn_cur gt {conns} }} || {{ sc0_conn_rate gt {rate} }}
+  default_backend b""")
+
 BASELINE_PYTHON: str | None = None     # --baseline
 
 
@@ -194,7 +216,17 @@ def start_peer(stack: Stack, name: str, backend: int) -> tuple[subprocess.Popen 
         p = stack.start(cmd, CPU_LB)
         wait_port(port)
         return p, port
-    if name == "haproxy":
+    if name == "haproxy-acl":
+        stack.write("allow.lst", "\n".join(ACL_ALLOW) + "\n")
+        stack.write("deny.lst", "\n".join(ACL_DENY) + "\n")
+        cmd = ["haproxy", "-db", "-f", stack.write(
+            "haproxy-acl.cfg", HAPROXY_ACL.format(conns=SRC_CONNS, rate=SRC_RATE, **fmt))]
+    elif name == "fastlb-acl":
+        text = FASTLB_ACL.format(workers=1, allow=", ".join(f'"{c}"' for c in ACL_ALLOW),
+                                 deny=", ".join(f'"{c}"' for c in ACL_DENY), conns=SRC_CONNS,
+                                 rate=SRC_RATE, **fmt)
+        cmd = [sys.executable, "-m", "fastlb", "run", "-c", stack.write("fastlb-acl.toml", text)]
+    elif name == "haproxy":
         cmd = ["haproxy", "-db", "-f", stack.write("haproxy.cfg", HAPROXY.format(**fmt))]
     elif name == "nginx":
         cmd = ["nginx", "-p", stack.tmp, "-g", "daemon off;", "-c",
@@ -289,6 +321,8 @@ def main() -> int:
     ap.add_argument("--loads", default=",".join(LOADS))
     ap.add_argument("--baseline", metavar="PYTHON",
                     help="also run the fastlb this interpreter imports, as peer fastlb-base")
+    ap.add_argument("--acl", action="store_true",
+                    help="also fastlb-acl and haproxy-acl: a 1,000-CIDR ACL and per-source limits")
     ap.add_argument("--json", default=os.path.join(HERE, "results", "e2e.json"))
     a = ap.parse_args()
     peers, loads = a.only.split(","), a.loads.split(",")
@@ -297,6 +331,10 @@ def main() -> int:
         BASELINE_PYTHON = a.baseline
         at = peers.index("fastlb") if "fastlb" in peers else len(peers)
         peers.insert(at, "fastlb-base")
+    if a.acl:
+        for plain in ("haproxy", "fastlb"):
+            if plain in peers:
+                peers.insert(peers.index(plain) + 1, f"{plain}-acl")
     extra = [f"fastlb-{n}w" for n in a.workers.split(",") if n.strip() != "1"]
     if extra:
         at = peers.index("fastlb") + 1 if "fastlb" in peers else len(peers)
@@ -357,6 +395,13 @@ def main() -> int:
                 cell += f", cpu {m['cpu_pct']:.0f}%"
             cells.append(cell)
         print(f"| {load} ({units[load]}) | " + " | ".join(cells) + " |")
+        # per proxy core: the median over runs of (figure / the balancer's CPU share) of each run
+        per_core = []
+        for peer in peers:
+            rs = [r for r in samples.get((load, peer), []) if r["cpu_pct"]]
+            per_core.append(f"{statistics.median(r['value'] * 100 / r['cpu_pct'] for r in rs):,.0f}"
+                            if rs else "-")
+        print("| per core | " + " | ".join(per_core) + " |")
     os.makedirs(os.path.dirname(a.json), exist_ok=True)
     with open(a.json, "w") as f:
         json.dump({"runs": a.runs, "duration": a.duration, "connections": a.connections,

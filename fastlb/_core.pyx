@@ -41,3 +41,5 @@ include "core/policy_table.pxi"
 include "core/engine.pxi"
 include "core/session.pxi"
 include "core/limits.pxi"      # connection limits, queues, local errors
+
+include "core/admission.pxi"         # [access] ACL, source limits, PROXY, client_first_byte

@@ -57,6 +57,11 @@ DEFAULTS: _Defaults = {
     "max_fails": 1,             # round robin: nginx's default
 }
 
+# [access] The per-source table (core/srclimit.pxi): 65536 entries of 16 bytes (1 MiB of shared
+# memory, touched only as sources arrive) serve 16k sources at once at the 1/4 load its
+# probing is sized for.
+DEFAULT_SOURCE_TABLE = 65536
+
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
@@ -106,6 +111,7 @@ class Backend:
     health: HealthConfig | None = None   # the effective check config (service's + overrides)
     srv: bool = False         # [dns] address.text is an SRV name (`srv = "..."`), port 0
     max_conns: int = 0        # [limits] connections at once over every worker (0: no cap)
+    proxy_protocol: str | None = None    # [access] "v1" | "v2": PROXY header sent (None: the service's)
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +120,21 @@ class DnsConfig:
     refresh: float = 10.0                           # seconds between resolutions of a name
     nameservers: tuple[tuple[str, int], ...] = ()   # (IP, port); () = /etc/resolv.conf's
     timeout: float = 2.0                            # for one resolution, all tries included
+
+
+@dataclass(frozen=True, slots=True)
+class Access:
+    """[access] A service's ACL, per-source limits, PROXY protocol and client_first_byte
+    (docs/config.md, "Access control, per-source limits, PROXY protocol")."""
+    acl_allow: tuple[str, ...] = ()         # CIDRs; empty: everyone (not denied)
+    acl_deny: tuple[str, ...] = ()          # CIDRs; deny wins
+    per_source_conns: int = 0               # concurrent connections per source (0: no limit)
+    per_source_rate: int = 0                # new connections per second per source (0: none)
+    burst: int = 0                          # connections at once within the rate (0: = rate)
+    pp_accept_from: tuple[str, ...] = ()    # peers that must send a PROXY header
+    pp_timeout: float = 3.0                 # for the whole header
+    pp_send: str | None = None              # "v1" | "v2": the backends' default
+    client_first_byte: float = 0.0          # wait for the client's first byte (0: off)
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +155,7 @@ class Service:
     maxconn: int = 0                     # connections at once over every worker (0: none)
     queue_size: int = 0                  # clients waiting for a backend place (0: no queue)
     queue_timeout: float | None = None   # how long one may wait (None: the connect timeout)
+    access: Access = Access()            # [access]
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +175,7 @@ class GlobalConfig:
     admin_allow_remote: bool = False
     dns: DnsConfig = DnsConfig()           # [dns] `[global] dns = { refresh, nameservers, timeout }`
     maxconn: int = 0                       # [limits] 0: derived from RLIMIT_NOFILE (preflight)
+    source_table_size: int = DEFAULT_SOURCE_TABLE   # [access] entries of the per-source table
 
 
 @dataclass(frozen=True, slots=True)
@@ -381,7 +404,7 @@ def from_dict(doc: dict, *, source: str = "config", text: str = "", resolve: boo
     g = c.table(doc.get("global", {}), "global",
                 {"workers", "grace", "admin", "admin_token_file", "state_file", "metrics",
                  "log_format", "log_level",                                   # [obs] logs
-                 "dns", "maxconn"}                                            # [dns] [limits]
+                 "dns", "maxconn", "source_table_size"}                       # [dns] [limits] [access]
                 | ADMIN_KEYS)                                                     # [admin]
     workers = g.get("workers", DEFAULTS["workers"])
     if workers == "auto":
@@ -416,7 +439,8 @@ def from_dict(doc: dict, *, source: str = "config", text: str = "", resolve: boo
                                            ("debug", "info", "warning", "error")),              # [obs]
                         dns=_dns(c, g.get("dns", {}), "global.dns", DnsConfig(), top=True),       # [dns]
                         **_admin_keys(c, g),                                                    # [admin]
-                        **_global_limits(c, g))                                                 # [limits]
+                        **_global_limits(c, g),                                                 # [limits]
+                        source_table_size=_source_table_size(c, g))                             # [access]
     services_raw = doc.get("service", [])
     if not isinstance(services_raw, list):
         raise c.fail("service", "expected an array of tables ([[service]])")
@@ -444,6 +468,10 @@ SERVICE_KEYS |= {"dns"}                                                        #
 SERVICE_KEYS |= {"maxconn", "queue"}                                           # [limits]
 BACKEND_KEYS = {"address", "srv", "weight", "state", "health"}
 BACKEND_KEYS |= {"max_conns"}                                                  # [limits]
+SERVICE_KEYS |= {"acl", "limits", "proxy_protocol"}                  # [access]
+TIMEOUT_KEYS = {"connect", "idle"}
+TIMEOUT_KEYS |= {"client_first_byte"}                                # [access]
+BACKEND_KEYS |= {"proxy_protocol"}                                   # [access]
 
 
 def _dns(c: _Checker, raw: Any, path: str, base: DnsConfig, *, top: bool) -> DnsConfig:
@@ -480,6 +508,141 @@ def _dns(c: _Checker, raw: Any, path: str, base: DnsConfig, *, top: bool) -> Dns
             servers.append((a.host, a.port))
         kw["nameservers"] = tuple(servers)
     return dataclasses.replace(base, **kw)
+
+
+# -- [access] ACL, per-source limits, PROXY protocol, client_first_byte --------------------------
+_RATE = re.compile(r"^\s*(\d+)\s*/\s*s\s*$")
+PROXY_VERSIONS = ("v1", "v2")
+
+
+def _source_table_size(c: _Checker, g: dict) -> int:
+    n = g.get("source_table_size", DEFAULT_SOURCE_TABLE)
+    lo, hi = _core.SRC_MIN_ENTRIES, _core.SRC_MAX_ENTRIES
+    if isinstance(n, bool) or not isinstance(n, int) or not lo <= n <= hi or n & (n - 1):
+        raise c.fail("global.source_table_size",
+                     f"{n!r}: expected a power of two from {lo} to {hi} (entries of the "
+                     f"per-source table; 4 x the sources expected at once)")
+    return n
+
+
+def _cidrs(c: _Checker, value: Any, path: str) -> tuple[str, ...]:
+    """A list of CIDR strings (IPv4 or IPv6, host bits zero), as the core's Acl takes them."""
+    if not isinstance(value, list):
+        raise c.fail(path, f"expected an array of CIDRs like [\"10.0.0.0/8\", \"2001:db8::/32\"], "
+                           f"got {_kind(value)}")
+    mapped = ipaddress.IPv6Network("::ffff:0:0/96")
+    out = []
+    for i, entry in enumerate(value):
+        if not isinstance(entry, str):
+            raise c.fail(f"{path}[{i}]", f"expected a CIDR string, got {_kind(entry)}")
+        try:
+            net = ipaddress.ip_network(entry, strict=True)
+        except ValueError as exc:
+            try:
+                hint = f"; did you mean \"{ipaddress.ip_network(entry, strict=False)}\"?"
+            except ValueError:
+                hint = "; expected e.g. \"10.0.0.0/8\", \"192.0.2.7\", \"2001:db8::/32\""
+            raise c.fail(f"{path}[{i}]", f"{entry!r}: {exc}{hint}") from None
+        if net.version == 6 and net.subnet_of(mapped):
+            raise c.fail(f"{path}[{i}]", f"{entry!r}: an IPv4-mapped range; write it as IPv4")
+        out.append(str(net))
+    return tuple(out)
+
+
+def _access(c: _Checker, raw: dict, path: str) -> tuple[Access, list[str | None]]:
+    """The service's access keys, and each backend's proxy_protocol (None: the service's)."""
+    kw: dict[str, Any] = {}
+    if "acl" in raw:
+        acl = c.table(raw["acl"], f"{path}.acl", {"allow", "deny"})
+        kw["acl_allow"] = _cidrs(c, acl.get("allow", []), f"{path}.acl.allow")
+        kw["acl_deny"] = _cidrs(c, acl.get("deny", []), f"{path}.acl.deny")
+    if "limits" in raw:
+        lim = c.table(raw["limits"], f"{path}.limits", {"per_source_conns", "per_source_rate", "burst"})
+        if "per_source_conns" in lim:
+            kw["per_source_conns"] = c.integer(lim["per_source_conns"], f"{path}.limits.per_source_conns",
+                                               1, _core.SRC_MAX_CONNS)
+        if "per_source_rate" in lim:
+            r = lim["per_source_rate"]
+            m = _RATE.match(r) if isinstance(r, str) else None
+            if not m or not 1 <= int(m.group(1)) <= 1_000_000:
+                raise c.fail(f"{path}.limits.per_source_rate",
+                             f"{r!r}: expected new connections per second like \"20/s\" (1 to 1000000)")
+            kw["per_source_rate"] = int(m.group(1))
+        if "burst" in lim:
+            if "per_source_rate" not in lim:
+                raise c.fail(f"{path}.limits.burst", "only meaningful with per_source_rate")
+            kw["burst"] = c.integer(lim["burst"], f"{path}.limits.burst", 1, 1_000_000)
+    if "proxy_protocol" in raw:
+        pp = c.table(raw["proxy_protocol"], f"{path}.proxy_protocol", {"accept_from", "timeout", "send"})
+        if "accept_from" in pp:
+            kw["pp_accept_from"] = _cidrs(c, pp["accept_from"], f"{path}.proxy_protocol.accept_from")
+        if "timeout" in pp:
+            if "accept_from" not in pp:
+                raise c.fail(f"{path}.proxy_protocol.timeout", "only meaningful with accept_from")
+            kw["pp_timeout"] = c.duration(pp["timeout"], f"{path}.proxy_protocol.timeout", hi=3600.0)
+        if "send" in pp:
+            kw["pp_send"] = c.choice(pp["send"], f"{path}.proxy_protocol.send", PROXY_VERSIONS)
+    t = raw.get("timeouts", {})
+    if isinstance(t, dict) and "client_first_byte" in t:
+        kw["client_first_byte"] = c.duration(t["client_first_byte"],
+                                             f"{path}.timeouts.client_first_byte", hi=3600.0)
+    per_backend: list[str | None] = []
+    backends = raw.get("backends", [])
+    for j, b in enumerate(backends if isinstance(backends, list) else []):
+        v = b.get("proxy_protocol") if isinstance(b, dict) else None
+        if v is not None:
+            v = c.choice(v, f"{path}.backends[{j}].proxy_protocol", PROXY_VERSIONS)
+        per_backend.append(v)
+    return Access(**kw), per_backend
+
+
+def _access_summary(s: Service) -> str:
+    """fastlb check's words for the keys of _access ("" when none is set)."""
+    a, out = s.access, []
+    if a.acl_allow or a.acl_deny:
+        out.append(f"acl {len(a.acl_allow)} allow / {len(a.acl_deny)} deny")
+    if a.per_source_conns or a.per_source_rate:
+        out.append("per source " + ", ".join(
+            ([f"{a.per_source_conns} conns"] if a.per_source_conns else [])
+            + ([f"{a.per_source_rate}/s burst {a.burst or a.per_source_rate}"]
+               if a.per_source_rate else [])))
+    if a.pp_accept_from:
+        out.append(f"PROXY from {len(a.pp_accept_from)} CIDR(s) within {a.pp_timeout:g}s")
+    sends = {b.proxy_protocol or a.pp_send for b in s.backends} - {None}
+    if sends:
+        out.append("PROXY " + "/".join(sorted(str(v) for v in sends)) + " to backends")
+    if a.client_first_byte:
+        out.append(f"client_first_byte {a.client_first_byte:g}s")
+    return "; " + "; ".join(out) if out else ""
+
+
+def _access_to_dict(svc: Service, d: dict[str, Any], backends: list[dict[str, Any]]) -> None:
+    """service_to_dict's part for the keys of _access (only those set)."""
+    a = svc.access
+    if a.acl_allow or a.acl_deny:
+        d["acl"] = {"allow": list(a.acl_allow), "deny": list(a.acl_deny)}
+    lim: dict[str, Any] = {}
+    if a.per_source_conns:
+        lim["per_source_conns"] = a.per_source_conns
+    if a.per_source_rate:
+        lim["per_source_rate"] = f"{a.per_source_rate}/s"
+        if a.burst:
+            lim["burst"] = a.burst
+    if lim:
+        d["limits"] = lim
+    pp: dict[str, Any] = {}
+    if a.pp_accept_from:
+        pp["accept_from"] = list(a.pp_accept_from)
+        pp["timeout"] = a.pp_timeout
+    if a.pp_send:
+        pp["send"] = a.pp_send
+    if pp:
+        d["proxy_protocol"] = pp
+    if a.client_first_byte:
+        d["timeouts"]["client_first_byte"] = a.client_first_byte
+    for bd, b in zip(backends, svc.backends, strict=True):
+        if b.proxy_protocol:
+            bd["proxy_protocol"] = b.proxy_protocol
 
 
 def _health(c: _Checker, raw: Any, path: str, keys: set[str], base: HealthConfig) -> HealthConfig:
@@ -560,7 +723,7 @@ def service_from_dict(raw: Any, path: str, c: _Checker | None = None, *,
     if "max_fails" in raw and policy != "round_robin":
         raise c.fail(f"{path}.max_fails", "only meaningful with policy = \"round_robin\"")
     retries = c.integer(raw.get("retries", DEFAULTS["retries"]), f"{path}.retries", 0, MAX_RETRIES)
-    t = c.table(raw.get("timeouts", {}), f"{path}.timeouts", {"connect", "idle"})
+    t = c.table(raw.get("timeouts", {}), f"{path}.timeouts", TIMEOUT_KEYS)
     connect = c.duration(t.get("connect", DEFAULTS["connect"]), f"{path}.timeouts.connect")
     idle = c.duration(t.get("idle", DEFAULTS["idle"]), f"{path}.timeouts.idle")
     health = None
@@ -568,6 +731,7 @@ def service_from_dict(raw: Any, path: str, c: _Checker | None = None, *,
         health = _health(c, raw["health"], f"{path}.health", HEALTH_SERVICE_KEYS, HealthConfig())
     dns_refresh = _dns(c, raw["dns"], f"{path}.dns", DnsConfig(), top=False).refresh \
         if "dns" in raw else None                                              # [dns]
+    access, pp_backends = _access(c, raw, path)                       # [access]
     backends_raw = raw.get("backends", [])
     if not isinstance(backends_raw, list):
         raise c.fail(f"{path}.backends", "expected an array of { address = \"host:port\", weight = N }"
@@ -589,11 +753,12 @@ def service_from_dict(raw: Any, path: str, c: _Checker | None = None, *,
         backends.append(Backend(addr, c.integer(b.get("weight", DEFAULTS["weight"]),
                                                 f"{bp}.weight", 1, MAX_WEIGHT),
                                 c.choice(b.get("state", "ready"), f"{bp}.state", STATES),
-                                bhealth, srv=key == "srv", **_backend_limits(c, b, bp)))
+                                bhealth, srv=key == "srv", proxy_protocol=pp_backends[j],
+                                **_backend_limits(c, b, bp)))
     return Service(name=name, listen=listen, backends=tuple(backends), policy=policy,
                    hash_key=hash_key, hash_balance_factor=balance, max_fails=max_fails,
                    retries=retries, connect_timeout=connect, idle_timeout=idle, health=health,
-                   dns_refresh=dns_refresh, **_limits(c, raw, path))
+                   dns_refresh=dns_refresh, access=access, **_limits(c, raw, path))
 
 
 def _backend_address(c: _Checker, b: dict, bp: str) -> tuple[Address, str]:
@@ -721,6 +886,7 @@ def service_to_dict(svc: Service) -> dict:
     if svc.dns_refresh is not None:
         d["dns"] = {"refresh": svc.dns_refresh}                                # [dns]
     _limits_to_dict(svc, d)                                                     # [limits]
+    _access_to_dict(svc, d, backends)                                 # [access]
     return d
 
 
@@ -741,7 +907,8 @@ def summary(cfg: Config) -> str:
         out.append(f"  service {s.name}: listen {', '.join(a.text for a in s.listen)}; "
                    f"policy {s.policy}" + _policy_options(s)
                    + f"; retries {s.retries}; connect {s.connect_timeout:g}s; idle {s.idle_timeout:g}s"
-                   + _limits_summary(s))                                        # [limits]
+                   + _limits_summary(s)                                         # [limits]
+                   + _access_summary(s))                                        # [access]
         refresh = s.dns_refresh or cfg.global_.dns.refresh
         for b in s.backends:
             out.append(f"    backend {b.address.text} weight {b.weight}"

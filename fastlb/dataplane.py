@@ -48,6 +48,31 @@ def build_policy(plan: Plan, bitmap: _core.HealthBitmap, counters: _core.Counter
                              options=dict(plan.options))
 
 
+def build_admission(plan: Plan, sources: _core.SourceTable | None,
+                    acls: dict[tuple[Any, ...], Any] | None = None) -> Any:
+    """[access] The service's _core.Admission from its plan (None: no access rule, the data
+    path runs as without one). Built when the plan's access fields change, never per
+    connection; ``acls`` caches the Acl objects of the last build (thousands of CIDRs)."""
+    want = (plan.acl_allow or plan.acl_deny or plan.pp_accept_from or plan.src_conns
+            or plan.src_rate or plan.client_first_byte or plan.pp_send)
+    if not want:
+        return None
+    cache = acls if acls is not None else {}
+
+    def acl(allow: tuple[str, ...], deny: tuple[str, ...]) -> Any:
+        key = (allow, deny)
+        if key not in cache:
+            cache[key] = _core.Acl(allow=allow, deny=deny)
+        return cache[key]
+    return _core.Admission(
+        acl=acl(plan.acl_allow, plan.acl_deny) if plan.acl_allow or plan.acl_deny else None,
+        pp_from=acl(plan.pp_accept_from, ()) if plan.pp_accept_from else None,
+        pp_timeout=plan.pp_timeout, first_byte=plan.client_first_byte,
+        srctab=sources if plan.src_conns or plan.src_rate else None,
+        conns=plan.src_conns, rate=plan.src_rate, burst=plan.src_burst, row=plan.row,
+        pp_send={slot: v for slot, v in plan.pp_send if slot >= 0})
+
+
 def abort_backend(engine: _core.Engine, state: _core.ServiceState, slot: int) -> int:
     """Close the open connections of one backend; the count."""
     return int(engine.close_backend(state, slot))
@@ -74,6 +99,10 @@ def check_plan(plan: Plan) -> None:
             build_policy(dry, scratch, counters)
         except (ValueError, TypeError) as exc:
             raise RegistryError("invalid", f"service {plan.name}: policy {plan.policy}: {exc}") from None
+    try:                                                                       # [access]
+        build_admission(plan, _core.SourceTable(bytearray(_core.SourceTable.size_for(16)), 16))
+    except (ValueError, TypeError) as exc:
+        raise RegistryError("invalid", f"service {plan.name}: {exc}") from None
 
 
 def check_plans(snapshot: Snapshot, running: Mapping[str, Plan]) -> None:
@@ -89,7 +118,8 @@ class DataService:
 
     def __init__(self, name: str, engine: _core.Engine, health: _core.HealthBitmap,
                  counters: _core.Counters, socket_for: SocketFor, on_passive: PassiveReport,
-                 *, shared_listeners: bool = False) -> None:
+                 *, shared_listeners: bool = False,
+                 sources: _core.SourceTable | None = None) -> None:
         self.name = name
         self.engine = engine
         self.health = health
@@ -108,6 +138,9 @@ class DataService:
         self._last_log: dict[object, tuple[float, int]] = {}
         self.plan: Plan | None = None
         self.was_up: dict[int, bool] = {}       # slot -> health seen at the last plan
+        self.sources = sources                                                 # [access]
+        self.access: tuple[Any, ...] | None = None    # what state.adm was built from
+        self.acls: dict[tuple[Any, ...], Any] = {}
 
     def apply(self, plan: Plan) -> None:
         """Take a plan. An unchanged plan (the supervisor pushes all services when one changes)
@@ -127,6 +160,7 @@ class DataService:
         st.hash_mode = plan.hash_mode
         st.fall_passive = plan.fall_passive
         st.row = plan.row
+        self.apply_access(plan)                                                 # [access]
         self.names = dict(plan.names)
         if old is not None:
             for slot, _ in old.names:
@@ -143,6 +177,23 @@ class DataService:
                         {b.slot: (b.host, b.port) for b in plan.backends})
         self.listen(set(plan.listen))
         self.plan = plan          # last: a plan that failed half-way is tried again next push
+
+    def apply_access(self, plan: Plan) -> None:
+        """[access] Rebuild the service's Admission only when its fields (or row) changed."""
+        key = (plan.access_key(), plan.row)
+        if key != self.access:
+            acls = {k: v for k, v in self.acls.items()
+                    if k in ((plan.acl_allow, plan.acl_deny), (plan.pp_accept_from, ()))}
+            self.state.adm = build_admission(plan, self.sources, acls)
+            self.acls, self.access = acls, key
+
+    def waits(self) -> list[float]:
+        """[access] The before-connect timeouts the sweep must see (PROXY header, first byte)."""
+        p = self.plan
+        if p is None:
+            return []
+        return ([p.pp_timeout] if p.pp_accept_from else []) + (
+            [p.client_first_byte] if p.client_first_byte else [])
 
     def listen(self, want: set[tuple[str, int]]) -> None:
         for key in list(self.listeners):
@@ -194,8 +245,10 @@ class DataPlane:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, health: _core.HealthBitmap,
                  counters: _core.Counters, block: int, on_passive: PassiveReport, *,
-                 shared_listeners: bool, gauges: _core.Gauges | None = None) -> None:
+                 shared_listeners: bool, gauges: _core.Gauges | None = None,
+                 sources: _core.SourceTable | None = None) -> None:
         self.loop = loop
+        self.sources = sources                                                  # [access]
         self.health = health
         self.counters = counters
         self.on_passive = on_passive
@@ -228,7 +281,7 @@ class DataPlane:
                 ds = self.services[name] = DataService(
                     name, self.engine, self.health, self.counters,
                     functools.partial(self._socket_for, name), self.on_passive,
-                    shared_listeners=self.shared_listeners)
+                    shared_listeners=self.shared_listeners, sources=self.sources)
             ds.apply(plan)
         self.gen = snapshot.gen
 
@@ -248,7 +301,8 @@ class DataPlane:
         return len(self.engine.sessions)
 
     def timeouts(self) -> list[tuple[float, float]]:
-        return [(ds.state.connect_timeout, ds.state.idle_timeout) for ds in self.services.values()]
+        return [(min([ds.state.connect_timeout, *ds.waits()]), ds.state.idle_timeout)   # [access]
+                for ds in self.services.values()]
 
     def stop_accepting(self) -> None:
         self.stopping = True
@@ -341,9 +395,10 @@ class LocalDataPath:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, health: _core.HealthBitmap,
                  counters: _core.Counters, on_passive: PassiveReport,
-                 gauges: _core.Gauges | None = None) -> None:
+                 gauges: _core.Gauges | None = None, *,
+                 sources: _core.SourceTable | None = None) -> None:
         self.plane = DataPlane(loop, health, counters, 0, on_passive, shared_listeners=False,
-                               gauges=gauges)
+                               gauges=gauges, sources=sources)
         self._now = False
 
     def check(self, snapshot: Snapshot) -> None:

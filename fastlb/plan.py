@@ -64,6 +64,22 @@ class Plan:
     queue_size: int = 0
     queue_timeout: float = 0.0
     max_conns: tuple[tuple[int, int], ...] = ()
+    # [access] ACL, per-source limits, PROXY protocol, client_first_byte (config.Access); the
+    # data path builds the service's _core.Admission from them when they change.
+    acl_allow: tuple[str, ...] = ()                 # CIDRs
+    acl_deny: tuple[str, ...] = ()
+    src_conns: int = 0                              # per_source_conns (0: none)
+    src_rate: int = 0                               # per_source_rate, per second (0: none)
+    src_burst: int = 0
+    pp_accept_from: tuple[str, ...] = ()            # CIDRs that must send a PROXY header
+    pp_timeout: float = 3.0
+    client_first_byte: float = 0.0                  # seconds (0: off)
+    pp_send: tuple[tuple[int, int], ...] = ()       # (slot, 1 | 2): PROXY v1/v2 to that backend
+
+    def access_key(self) -> tuple[Any, ...]:
+        """[access] What the service's Admission is built from (rebuilt only when it changes)."""
+        return (self.acl_allow, self.acl_deny, self.src_conns, self.src_rate, self.src_burst,
+                self.pp_accept_from, self.pp_timeout, self.client_first_byte, self.pp_send)
 
     def to_wire(self) -> dict[str, Any]:
         return {"name": self.name, "listen": [list(a) for a in self.listen],
@@ -75,7 +91,11 @@ class Plan:
                 "options": [list(o) for o in self.options], "row": self.row,
                 "maxconn": self.maxconn, "queue_size": self.queue_size,             # [limits]
                 "queue_timeout": self.queue_timeout,
-                "max_conns": [list(m) for m in self.max_conns]}
+                "max_conns": [list(m) for m in self.max_conns],
+                "access": [list(self.acl_allow), list(self.acl_deny), self.src_conns,     # [access]
+                           self.src_rate, self.src_burst, list(self.pp_accept_from),
+                           self.pp_timeout, self.client_first_byte,
+                           [list(x) for x in self.pp_send]]}
 
     @classmethod
     def from_wire(cls, w: Mapping[str, Any]) -> Plan:
@@ -91,7 +111,20 @@ class Plan:
                    row=int(w.get("row", -1)),
                    maxconn=int(w.get("maxconn", 0)), queue_size=int(w.get("queue_size", 0)),
                    queue_timeout=float(w.get("queue_timeout", 0.0)),
-                   max_conns=tuple((int(s), int(n)) for s, n in w.get("max_conns", ())))
+                   max_conns=tuple((int(s), int(n)) for s, n in w.get("max_conns", ())),
+                   **_access_from_wire(w.get("access")))                            # [access]
+
+
+def _access_from_wire(a: Sequence[Any] | None) -> dict[str, Any]:
+    """[access] Plan's access fields from their wire list (absent: the defaults)."""
+    if not a:
+        return {}
+    allow, deny, conns, rate, burst, pp_from, pp_timeout, first_byte, pp_send = a
+    return {"acl_allow": tuple(str(x) for x in allow), "acl_deny": tuple(str(x) for x in deny),
+            "src_conns": int(conns), "src_rate": int(rate), "src_burst": int(burst),
+            "pp_accept_from": tuple(str(x) for x in pp_from), "pp_timeout": float(pp_timeout),
+            "client_first_byte": float(first_byte),
+            "pp_send": tuple((int(s), int(v)) for s, v in pp_send)}
 
 
 @dataclass(frozen=True, slots=True)

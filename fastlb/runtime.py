@@ -89,7 +89,8 @@ def compute_plan(svc: Service, slot_of: Callable[[str], int], is_up: Callable[[i
                 panic=panic, backends=tuple(backends),
                 names=tuple((slot_of(t.id), t.id) for t in dns.targets(svc, members)),
                 options=policy_options(svc),
-                **limits_fields(svc, slot_of, members))                          # [limits]
+                **limits_fields(svc, slot_of, members),                          # [limits]
+                **access_fields(svc, slot_of, members))                          # [access]
 
 
 def limits_fields(svc: Service, slot_of: Callable[[str], int],
@@ -101,6 +102,25 @@ def limits_fields(svc: Service, slot_of: Callable[[str], int],
     return {"maxconn": svc.maxconn, "queue_size": svc.queue_size, "queue_timeout": timeout,
             "max_conns": tuple(sorted((slot_of(t.id), t.backend.max_conns)
                                       for t in dns.targets(svc, members) if t.backend.max_conns))}
+
+
+def access_fields(svc: Service, slot_of: Callable[[str], int],
+                  members: Mapping[str, dns.Members] = NO_MEMBERS) -> dict[str, Any]:
+    """[access] The plan's access fields of ``svc`` (config.Access): each backend's PROXY
+    version (its own key, else the service's proxy_protocol.send) by slot (an entry followed
+    through DNS gives its version to each of its members)."""
+    a = svc.access
+    versions = {"v1": 1, "v2": 2}
+    send = []
+    for t in dns.targets(svc, members):
+        v = t.backend.proxy_protocol or a.pp_send
+        if v:
+            send.append((slot_of(t.id), versions[v]))
+    return {"acl_allow": a.acl_allow, "acl_deny": a.acl_deny, "src_conns": a.per_source_conns,
+            "src_rate": a.per_source_rate,
+            "src_burst": (a.burst or a.per_source_rate) if a.per_source_rate else 0,
+            "pp_accept_from": a.pp_accept_from, "pp_timeout": a.pp_timeout,
+            "client_first_byte": a.client_first_byte, "pp_send": tuple(sorted(send))}
 
 
 class ServiceRuntime:

@@ -16,7 +16,7 @@ from fastlb.errors import RegistryError
 
 # Bump when the mapping's layout (bitmap, counter fields, block size) changes: a worker of
 # another layout is refused (see fastlb.plan, hello).
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 3      # 2: Gauges; 3: [access] the per-source table at the end of the mapping
 
 
 def blocks_for(workers: int) -> int:
@@ -43,6 +43,16 @@ def views(mapping: mmap.mmap, max_backends: int, nblocks: int, block: int = 0) -
     return (_core.HealthBitmap(view[:hsize], max_backends),
             _core.Counters(view[hsize:hsize + csize], max_backends, nblocks),
             _core.Gauges(view[hsize + csize:], max_backends + 1, nblocks, block))
+
+
+def source_table(mapping: mmap.mmap, max_backends: int, nblocks: int) -> _core.SourceTable:
+    """[access] The balancer's one per-source table (core/srclimit.pxi): the region after
+    everything of layout_size, to the end of the mapping (its size tells the entries, so a
+    worker needs no argument for it). Keys are (service row, source): every service's
+    per-source limits count in it, across all workers."""
+    offset = layout_size(max_backends, nblocks)
+    entries = (len(mapping) - offset) // 16
+    return _core.SourceTable(memoryview(mapping)[offset:offset + 16 * entries], entries)
 
 
 def zero_active(counters: _core.Counters, block: int, gauges: _core.Gauges | None = None) -> None:
@@ -75,14 +85,16 @@ class SharedState:
     acknowledged the snapshot generation that removed it: see reap().
     """
 
-    def __init__(self, max_backends: int, nblocks: int = 1) -> None:
+    def __init__(self, max_backends: int, nblocks: int = 1,
+                 source_entries: int = _core.SRC_MIN_ENTRIES) -> None:
         self.max_backends = max_backends
         self.nblocks = nblocks
-        self.size = layout_size(max_backends, nblocks)
+        self.size = layout_size(max_backends, nblocks) + _core.SourceTable.size_for(source_entries)
         self.fd = os.memfd_create("fastlb-shm", os.MFD_CLOEXEC)
         os.ftruncate(self.fd, self.size)
         self.mapping = mmap.mmap(self.fd, self.size, flags=mmap.MAP_SHARED)
         self.health, self.counters, self.gauges = views(self.mapping, max_backends, nblocks)
+        self.sources = source_table(self.mapping, max_backends, nblocks)      # [access]
         self.slots: dict[tuple[str, str], int] = {}   # (service, backend address) -> slot
         self._free = list(range(max_backends - 1, -1, -1))
         self._released: list[tuple[int, int]] = []     # (slot, generation that removed it)

@@ -78,7 +78,8 @@ def make_datapath(cfg: Config, loop: asyncio.AbstractEventLoop, shared: SharedSt
                   on_passive: Any, log_level: str) -> DataPath:
     """The one place that looks at the mode."""
     if cfg.global_.workers == 1:
-        return LocalDataPath(loop, shared.health, shared.counters, on_passive, shared.gauges)
+        return LocalDataPath(loop, shared.health, shared.counters, on_passive, shared.gauges,
+                             sources=shared.sources)                                  # [access]
     from fastlb.pool import WorkerPool
     return WorkerPool(loop, shared.fd, shared.size, shared.max_backends, shared.counters, shared.gauges,
                       workers=cfg.global_.workers, grace=cfg.global_.grace, log_level=log_level,
@@ -142,7 +143,8 @@ class Supervisor:
         self.state = statefile.StateStore(cfg.global_.state_file) if cfg.global_.state_file else None
         self.registry = Registry(initial_registry(cfg, ignore_state, self.state))
         total = sum(1 + len(s.backends) for s in self.registry.snapshot.values())   # + its row
-        self.shared = SharedState(max(cfg.max_backends, 2 * total), blocks_for(cfg.global_.workers))
+        self.shared = SharedState(max(cfg.max_backends, 2 * total), blocks_for(cfg.global_.workers),
+                                  cfg.global_.source_table_size)                      # [access]
         self.health = HealthChecker(self.shared.health, self._on_health)
         self.runtimes: dict[str, ServiceRuntime] = {}
         self.dns = dns.Watcher(cfg.global_.dns, self._on_members)   # host names and SRV entries

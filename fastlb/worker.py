@@ -28,7 +28,7 @@ import msgpack
 from fastlb import __version__
 from fastlb.dataplane import DataPlane
 from fastlb.plan import WIRE_VERSION, ListenKey, Snapshot
-from fastlb.shm import LAYOUT_VERSION, views
+from fastlb.shm import LAYOUT_VERSION, source_table, views
 
 log = logging.getLogger("fastlb")
 CONTROL_BUFFER = 4 << 20      # the largest snapshot packet; SO_SNDBUF/SO_RCVBUF of the channel
@@ -58,7 +58,8 @@ class WorkerProcess:
         self.mapping = mmap.mmap(args.shm, args.shm_size, flags=mmap.MAP_SHARED)
         health, counters, gauges = views(self.mapping, args.max_backends, args.nblocks, args.index)
         self.plane = DataPlane(loop, health, counters, args.index, self.report_passive,
-                               shared_listeners=True, gauges=gauges)
+                               shared_listeners=True, gauges=gauges,
+                               sources=source_table(self.mapping, args.max_backends, args.nblocks))
         self.control = socket.socket(fileno=args.control)
         self.control.setblocking(False)
         self.sockets: dict[ListenKey, socket.socket] = {}

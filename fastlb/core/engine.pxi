@@ -96,6 +96,8 @@ cdef class ServiceState:
     cdef readonly int qlen
     cdef bint dequeuing                  # lim_dequeue is running (no re-entry)
 
+    cdef public Admission adm            # [access] ACL, source limits, PROXY (None: none)
+
     def __init__(self, str name):
         self.name = name
         self.policy = None
@@ -434,6 +436,8 @@ cdef class Engine:
             if svc.hash_mode != HASH_NONE:
                 s.key = _hash_peer(&ss, svc.hash_mode)
             self.sessions.add(s)
+            if svc.adm is not None and adm_accept(s, &ss) != ADM_GO:    # [access]
+                continue                        # refused (closed, counted), or waiting
             s._update()                         # read what the client sends while we connect
             if s.state != S_CLOSED:
                 s._connect()
@@ -449,6 +453,8 @@ cdef class Engine:
         for s in list(self.connecting):
             if s.state == S_CONNECTING and now >= s.deadline:
                 s._connect_failed(0)
+            elif s.state == S_WAITING and now >= s.deadline:     # [access] before connect
+                adm_expired(s)
         if idle:
             for s in list(self.sessions):
                 if s.state == S_OPEN and now - s.last >= s.svc.idle_timeout:

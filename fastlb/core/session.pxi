@@ -71,12 +71,24 @@ cdef class Session:
     cdef Session qnext
     cdef double qdeadline                # leave the queue by then (coarse clock)
 
+    # [access] (core/admission.pxi): the client as ACLs, source limits, Maglev and PROXY send
+    # see it (the real peer, or an accepted PROXY header's source), the header's destination
+    # (UNSPEC: the listener's address), the source entry to release at close.
+    cdef flb_addr client
+    cdef flb_addr local
+    cdef bint pp_wait                    # S_WAITING for a PROXY header
+    cdef unsigned char *pp_buf           # a header's first bytes while incomplete (or NULL)
+    cdef int pp_have                     # bytes in pp_buf
+    cdef SourceTable srctab
+    cdef Py_ssize_t src_entry            # -1: nothing to release
+
     def __cinit__(self):
         # Every Session starts owning nothing, even one made by Session.__new__ from Python,
         # so that freeing it can never close an fd it does not own (fd 0 of a zeroed object).
         self.cfd = -1
         self.bfd = -1
         self.slot = -1
+        self.src_entry = -1
         flb_dbg_add(FLB_DBG_SESSIONS, 1)
 
     def __init__(self):
@@ -204,6 +216,9 @@ cdef class Session:
     # -- events --------------------------------------------------------------------------------
     cdef void on_client(self, uint32_t events) noexcept:
         cdef ssize_t r
+        if self.state == S_WAITING:             # [access] before connect
+            adm_on_client(self, events)
+            return
         if events & (EPOLLOUT | EPOLLERR | EPOLLHUP) and self.b2c.end > self.b2c.start:
             if self._flush(&self.b2c, self.cfd) < 0:
                 return
@@ -335,6 +350,8 @@ cdef class Session:
         self.counted = True
         self.eng.counters.add_c(self.eng.block, self.slot, CTR_ACTIVE, 1)
         self.eng.counters.add_c(self.eng.block, self.slot, CTR_TOTAL, 1)
+        if self.svc.adm is not None and adm_send_header(self) < 0:   # [access] PROXY send
+            return
         if self.c2b.end > 0:                    # what the client sent meanwhile
             self.eng.counters.add_c(self.eng.block, self.slot, CTR_BYTES_IN, self.c2b.end)
             if self._flush(&self.c2b, self.bfd) < 0:
@@ -348,9 +365,11 @@ cdef class Session:
         if self.state == S_CLOSED:
             return
         cdef Engine eng = self.eng
-        if self.state == S_CONNECTING:
+        if self.state == S_CONNECTING or self.state == S_WAITING:
             eng.connecting.discard(self)
         cdef bint freed = lim_release(self)     # [limits] queue, backend and service places
+
+        adm_close(self)                         # [access] the source entry, once
         self.state = S_CLOSED
         eng.graveyard.append(self)              # alive until this batch of events is done
         eng.sessions.discard(self)
@@ -379,4 +398,5 @@ cdef class Session:
             flb_dbg_add(FLB_DBG_FDS, -1)
         _free_buffer(self.c2b.data, True)
         _free_buffer(self.b2c.data, True)
+        free(self.pp_buf)                       # [access] a PROXY header's scratch
         flb_dbg_add(FLB_DBG_SESSIONS, -1)

@@ -71,13 +71,15 @@ cdef uint64_t SRC_SEED = 0x5352434C494D4954   # "SRCLIMIT"
 SOURCE_REASONS = ("admit", "conns", "rate", "table_full")
 
 
-cdef inline uint64_t src_hash(const flb_addr *a) noexcept nogil:
-    """xxh64 of the source: the 16 bytes of an IPv4 (mapped) address, or an IPv6 /64."""
+cdef inline uint64_t src_hash(const flb_addr *a, uint64_t salt) noexcept nogil:
+    """xxh64 of the source: the 16 bytes of an IPv4 (mapped) address, or an IPv6 /64. ``salt``
+    (the engine passes the service's row + 1) is mixed into the seed, so that one table keeps
+    apart the counts of one source in two services; 0 is the plain seed (the twin's)."""
     cdef unsigned char k[16]
     memcpy(k, a.ip, 16)
     if not addr_is_v4(a):
         memset(k + 8, 0, 8)
-    return flb_xxh64(k, 16, SRC_SEED)
+    return flb_xxh64(k, 16, SRC_SEED ^ (salt * <uint64_t>0x9E3779B97F4A7C15))
 
 
 cdef inline uint64_t src_key(uint64_t h) noexcept nogil:
@@ -161,22 +163,28 @@ cdef class SourceTable:
             # reused for another source between our look and our pin: look again
         return -SRC_TABLE_FULL
 
-    cdef int acquire(self, const flb_addr *a, int64_t now_ms, uint32_t max_conns,
-                     uint32_t rate, uint32_t burst, Py_ssize_t *entry) noexcept nogil:
+    cdef inline int acquire(self, const flb_addr *a, int64_t now_ms, uint32_t max_conns,
+                            uint32_t rate, uint32_t burst, Py_ssize_t *entry) noexcept nogil:
+        return self.acquire_salted(a, now_ms, max_conns, rate, burst, 0, entry)
+
+    cdef int acquire_salted(self, const flb_addr *a, int64_t now_ms, uint32_t max_conns,
+                            uint32_t rate, uint32_t burst, uint64_t salt,
+                            Py_ssize_t *entry) noexcept nogil:
         """One new connection from ``a`` at ``now_ms`` (a monotonic ms clock shared by the
         processes, >= 0: CLOCK_MONOTONIC is one clock for the whole machine). ``max_conns``:
         concurrent connections per source (0: no limit, SRC_MAX_CONNS at most); ``rate``:
         new connections per second (0: no limit) with ``burst`` (>= 1) at once. Returns
         SRC_ADMIT with *entry to hand to release() when the connection ends (-1: nothing to
         release), or SRC_REFUSED_CONNS / SRC_REFUSED_RATE / SRC_TABLE_FULL with *entry = -1.
-        A client without an address is admitted, untracked."""
+        A client without an address is admitted, untracked. ``salt``: see src_hash (one
+        table, many services)."""
         cdef uint64_t h, now, t, nt, period, tau
         cdef uint64_t cap = max_conns if 0 < max_conns < SRC_MAX_CONNS else SRC_MAX_CONNS
         cdef Py_ssize_t e
         entry[0] = -1
         if a.family == FLB_FAM_UNSPEC or (max_conns == 0 and rate == 0):
             return SRC_ADMIT
-        h = src_hash(a)
+        h = src_hash(a, salt)
         now = <uint64_t>now_ms * 1000000
         e = self._pin(src_key(h), h & self.mask, now, cap)
         if e < 0:
@@ -204,7 +212,7 @@ cdef class SourceTable:
     # -- Python side (tests, admin display) --------------------------------------------------
 
     def py_acquire(self, str ip, int64_t now_ms, uint32_t max_conns=0, uint32_t rate=0,
-                   uint32_t burst=1):
+                   uint32_t burst=1, uint64_t salt=0):
         """acquire() from Python: ``(reason, entry)``, reason a SRC_* code (SOURCE_REASONS)."""
         cdef flb_addr a
         cdef Py_ssize_t e
@@ -215,7 +223,7 @@ cdef class SourceTable:
         if rate > 1000000000:
             raise CoreArgumentError(f"rate = {rate}: at most 1e9 per second")
         addr_from_text(ip, 0, &a, "SourceTable.acquire")
-        cdef int r = self.acquire(&a, now_ms, max_conns, rate, burst, &e)
+        cdef int r = self.acquire_salted(&a, now_ms, max_conns, rate, burst, salt, &e)
         return r, e
 
     def py_release(self, Py_ssize_t entry):
@@ -229,11 +237,12 @@ cdef class SourceTable:
             raise CoreArgumentError(f"entry {entry} has no connection to release (released twice?)")
         self.release(entry)
 
-    def conns(self, str ip):
-        """Connections counted now for the source of ``ip`` (0 when it has no entry)."""
+    def conns(self, str ip, uint64_t salt=0):
+        """Connections counted now for the source of ``ip`` (0 when it has no entry); ``salt``:
+        the service's (row + 1) for a table the engine fills."""
         cdef flb_addr a
         addr_from_text(ip, 0, &a, "SourceTable.conns")
-        cdef uint64_t h = src_hash(&a), key = src_key(h), s
+        cdef uint64_t h = src_hash(&a, salt), key = src_key(h), s
         cdef int i
         cdef uint64_t total = 0
         for i in range(SRC_PROBE):
@@ -263,7 +272,7 @@ cdef class SourceTable:
         the source's entry exists (one py_acquire made it). ``(reason, entry)``."""
         cdef flb_addr a
         addr_from_text(ip, 0, &a, "SourceTable._racy_acquire")
-        cdef uint64_t h = src_hash(&a), key = src_key(h), s
+        cdef uint64_t h = src_hash(&a, 0), key = src_key(h), s
         cdef Py_ssize_t j
         cdef int i
         for i in range(SRC_PROBE):

@@ -1,0 +1,122 @@
+"""[access] The before-connect phase in the debug build of the core (FASTLB_DEBUG=1): sessions
+refused by the ACL, PROXY headers accepted, malformed or late, silent clients closed by
+client_first_byte, clients still waiting at close(): afterwards no session, buffer or fd is
+left, and every per-source entry is released (the table's count back at 0, not below).
+The build fixture is test_core_debug's (a copy of the package built in a temp dir)."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+from test_core_debug import debug_build  # noqa: F401  (the module-scoped build fixture)
+
+SCENARIO = textwrap.dedent('''
+    import asyncio, gc, json, socket, sys, threading
+    import uvloop
+    from fastlb import _core
+
+    assert _core.__file__.startswith(sys.argv[1]), _core.__file__
+
+    def echo_server():
+        srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen(64)
+        def serve(conn):
+            with conn:
+                while data := conn.recv(65536):
+                    conn.sendall(data)
+        def accept():
+            while True:
+                conn, _ = srv.accept()
+                threading.Thread(target=serve, args=(conn,), daemon=True).start()
+        threading.Thread(target=accept, daemon=True).start()
+        return srv.getsockname()[1]
+
+    def client(port, source, data=b"", shut=False):
+        s = socket.socket(); s.settimeout(5); s.bind((source, 0)); s.connect(("127.0.0.1", port))
+        if data:
+            s.sendall(data)
+        if shut:
+            s.shutdown(socket.SHUT_WR)
+        return s
+
+    def drain(s):
+        out = b""
+        try:
+            while data := s.recv(65536):
+                out += data
+        except ConnectionResetError:
+            pass
+        s.close()
+        return out
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        n = 8
+        counters = _core.Counters(bytearray(_core.Counters.size_for(n)), n)
+        health = _core.HealthBitmap(bytearray(_core.HealthBitmap.size_for(n)), n)
+        health.mark_up(0)
+        engine = _core.Engine(loop, counters, 0)
+        table = _core.SourceTable(bytearray(_core.SourceTable.size_for(64)), 64)
+        svc = _core.ServiceState("edge")
+        svc.row = 1
+        svc.set_backends(_core.make_policy("round_robin", [0], [1], health),
+                         {0: ("127.0.0.1", echo_server())})
+        svc.adm = _core.Admission(acl=_core.Acl(deny=["127.0.0.3/32", "192.0.2.66/32"]),
+                                  pp_from=_core.Acl(allow=["127.0.0.5/32"]), pp_timeout=0.3,
+                                  first_byte=0.3, srctab=table, conns=50, row=1)
+        lsock = socket.socket(); lsock.bind(("127.0.0.1", 0)); lsock.listen(128)
+        port = lsock.getsockname()[1]
+        engine.listen(lsock, svc)
+
+        async def sweeping():
+            while True:
+                await asyncio.sleep(0.03)
+                engine.sweep(False)
+        sweeper = loop.create_task(sweeping())
+        run = lambda f, *a: loop.run_in_executor(None, f, *a)
+        hdr = _core.proxy_build_v1(("192.0.2.7", 1000), ("127.0.0.1", port))
+        bad = _core.proxy_build_v1(("192.0.2.66", 1000), ("127.0.0.1", port))
+        out = {"before": _core.debug_counts()}
+        got = {}
+        got["served"] = await run(lambda: drain(client(port, "127.0.0.2", b"a" * 5000, True)))
+        got["acl"] = await run(lambda: drain(client(port, "127.0.0.3", b"x", True)))
+        got["pp"] = await run(lambda: drain(client(port, "127.0.0.5", hdr + b"payload", True)))
+        got["pp_acl"] = await run(lambda: drain(client(port, "127.0.0.5", bad + b"payload", True)))
+        got["pp_bad"] = await run(lambda: drain(client(port, "127.0.0.5", b"PROXY TCP4 1\\r\\n")))
+        got["pp_slow"] = await run(lambda: drain(client(port, "127.0.0.5", b"PROXY TCP4 ")))
+        got["silent"] = await run(lambda: drain(client(port, "127.0.0.2")))
+        waiting = [await run(client, port, "127.0.0.2") for _ in range(3)]   # still silent
+        waiting += [await run(client, port, "127.0.0.5", hdr[:10]) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        out["open"] = _core.debug_counts()
+        out["conns_open"] = table.total_conns()
+        sweeper.cancel()
+        engine.close()                 # a debug build raises AssertionError if anything leaked
+        for s in waiting:
+            s.close()
+        del engine
+        gc.collect()
+        out["after"] = _core.debug_counts()
+        out["conns_after"] = table.total_conns()
+        out["got"] = {k: v.decode("latin-1") for k, v in got.items()}
+        return out
+
+    print(json.dumps(uvloop.run(main())))
+''')
+
+
+def test_no_resource_left_by_the_before_connect_phase(debug_build):  # noqa: F811
+    root, _ = debug_build
+    (root / "access_scenario.py").write_text(SCENARIO)
+    env = dict(os.environ, PYTHONPATH=str(root))
+    out = subprocess.run([sys.executable, "access_scenario.py", str(root)], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout.splitlines()[-1])
+    got = res["got"]
+    assert got["served"] == "a" * 5000 and got["pp"] == "payload"
+    assert got["acl"] == got["pp_acl"] == got["pp_bad"] == got["pp_slow"] == got["silent"] == ""
+    assert res["open"]["sessions"] >= 5 and res["conns_open"] == 3     # the 3 silent ones
+    assert res["after"] == {"sessions": 0, "buffers": 0, "buffers_in_use": 0, "fds": 0,
+                            "engines": 0}
+    assert res["conns_after"] == 0

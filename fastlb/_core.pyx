@@ -39,3 +39,5 @@ include "core/maglev.pxi"
 include "core/policy_table.pxi"
 include "core/engine.pxi"
 include "core/session.pxi"
+include "core/buffers.pxi"           # [mem] buffers, budget, pool trim
+include "core/timers.pxi"            # [mem] fin/duration/first-byte timeouts, keepalive

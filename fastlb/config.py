@@ -117,6 +117,13 @@ class Service:
     connect_timeout: float = DEFAULTS["connect"]
     idle_timeout: float = DEFAULTS["idle"]
     health: HealthConfig | None = None   # None: no active checks, backends stay up
+    # [mem] timeouts.client_fin/server_fin/max_duration/first_byte (seconds, 0: off) and
+    # tcp_keepalive (idle, interval, count; 0: the kernel's default; None: off): _mem()
+    client_fin: float = 0.0
+    server_fin: float = 0.0
+    max_duration: float = 0.0
+    first_byte: float = 0.0
+    tcp_keepalive: tuple[int, int, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +136,7 @@ class GlobalConfig:
     state_file: str | None = None          # where acknowledged admin changes are kept
     log_format: str = "text"               # [obs] "text" or "json" (fastlb/logs.py)
     log_level: str = "info"                # [obs] debug | info | warning | error
+    buffer_budget: int = 256 << 20         # [mem] bytes of connection buffers, all workers (_mem_global)
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,7 +314,8 @@ def from_dict(doc: dict, *, source: str = "config", text: str = "", resolve: boo
     c.table(doc, "", {"global", "service"})
     g = c.table(doc.get("global", {}), "global",
                 {"workers", "grace", "admin", "admin_token_file", "state_file", "metrics",
-                 "log_format", "log_level"})                                  # [obs] logs
+                 "log_format", "log_level"}
+                | {"buffer_budget"})                                          # [obs] logs; [mem]
     workers = g.get("workers", DEFAULTS["workers"])
     if workers == "auto":
         workers = min(cpus.usable(), MAX_WORKERS)
@@ -337,7 +346,8 @@ def from_dict(doc: dict, *, source: str = "config", text: str = "", resolve: boo
                         log_format=c.choice(g.get("log_format", "text"), "global.log_format",   # [obs]
                                             ("text", "json")),                                  # [obs]
                         log_level=c.choice(g.get("log_level", "info"), "global.log_level",      # [obs]
-                                           ("debug", "info", "warning", "error")))              # [obs]
+                                           ("debug", "info", "warning", "error")),              # [obs]
+                        **_mem_global(c, g, workers))                                           # [mem]
     services_raw = doc.get("service", [])
     if not isinstance(services_raw, list):
         raise c.fail("service", "expected an array of tables ([[service]])")
@@ -361,6 +371,7 @@ def from_dict(doc: dict, *, source: str = "config", text: str = "", resolve: boo
 
 SERVICE_KEYS = {"name", "listen", "policy", "hash_key", "hash_balance_factor", "max_fails", "retries",
                 "timeouts", "backends", "health"}
+SERVICE_KEYS |= {"tcp_keepalive"}                                             # [mem]
 
 
 def _health(c: _Checker, raw: Any, path: str, keys: set[str], base: HealthConfig) -> HealthConfig:
@@ -439,7 +450,7 @@ def service_from_dict(raw: Any, path: str, c: _Checker | None = None, *,
     if "max_fails" in raw and policy != "round_robin":
         raise c.fail(f"{path}.max_fails", "only meaningful with policy = \"round_robin\"")
     retries = c.integer(raw.get("retries", DEFAULTS["retries"]), f"{path}.retries", 0, MAX_RETRIES)
-    t = c.table(raw.get("timeouts", {}), f"{path}.timeouts", {"connect", "idle"})
+    t = c.table(raw.get("timeouts", {}), f"{path}.timeouts", {"connect", "idle"} | MEM_TIMEOUTS)
     connect = c.duration(t.get("connect", DEFAULTS["connect"]), f"{path}.timeouts.connect")
     idle = c.duration(t.get("idle", DEFAULTS["idle"]), f"{path}.timeouts.idle")
     health = None
@@ -470,7 +481,79 @@ def service_from_dict(raw: Any, path: str, c: _Checker | None = None, *,
                                 bhealth))
     return Service(name=name, listen=listen, backends=tuple(backends), policy=policy,
                    hash_key=hash_key, hash_balance_factor=balance, max_fails=max_fails,
-                   retries=retries, connect_timeout=connect, idle_timeout=idle, health=health)
+                   retries=retries, connect_timeout=connect, idle_timeout=idle, health=health,
+                   **_mem(c, raw, path))
+
+
+# -- [mem] memory, timeouts and keepalive (docs/config.md, "Memory, timeouts and keepalive") ------
+MEM_TIMEOUTS = {"client_fin", "server_fin", "max_duration", "first_byte"}
+KEEPALIVE_KEYS = {"idle": 32767, "interval": 32767, "count": 127}      # Linux's maxima
+MIN_BUFFERS_PER_WORKER = 4                  # the core's reserve (2) and two to work with
+_SIZE = re.compile(r"^\s*(\d+)\s*(?:([kmg])(?:i?b)?|b)?\s*$", re.I)
+
+
+def parse_size(value: Any) -> int:
+    """A size: bytes as an integer, or "64m", "256MiB", "1g", "512k" (k/m/g: powers of 1024, as
+    HAProxy and nginx read them). Raises ValueError."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    m = _SIZE.match(value) if isinstance(value, str) else None
+    if not m:
+        raise ValueError(f"expected a size like \"256MiB\", \"64m\", \"512k\" or bytes as an "
+                         f"integer, got {_kind(value)}")
+    return int(m.group(1)) << {None: 0, "k": 10, "m": 20, "g": 30}[(m.group(2) or "").lower() or None]
+
+
+def _mem_global(c: _Checker, g: dict, workers: int) -> dict[str, Any]:
+    """[global] buffer_budget: all connection buffers of the balancer together, split evenly
+    between the workers (each worker's engine caps its own share: no lock between them)."""
+    if "buffer_budget" not in g:
+        return {}
+    try:
+        budget = parse_size(g["buffer_budget"])
+    except ValueError as exc:
+        raise c.fail("global.buffer_budget", str(exc)) from None
+    least = MIN_BUFFERS_PER_WORKER * _core.BUFFER_SIZE * workers
+    if budget < least:
+        raise c.fail("global.buffer_budget",
+                     f"{budget} bytes is less than {MIN_BUFFERS_PER_WORKER} buffers of "
+                     f"{_core.BUFFER_SIZE // 1024} KiB per worker ({workers} worker(s)): expected "
+                     f"at least {least} ({least >> 20} MiB)")
+    return {"buffer_budget": budget}
+
+
+def _mem(c: _Checker, raw: dict, path: str) -> dict[str, Any]:
+    """The [mem] keys of a service: timeouts.client_fin/server_fin/max_duration/first_byte
+    (durations, 0: off, the default: HAProxy and nginx set none of them by default) and
+    tcp_keepalive = { idle, interval, count } (off without the table)."""
+    out: dict[str, Any] = {}
+    t = raw.get("timeouts", {})
+    for k in sorted(MEM_TIMEOUTS & set(t)):
+        out[k] = c.duration(t[k], f"{path}.timeouts.{k}", lo=0.0)
+    if "tcp_keepalive" in raw:
+        ka = c.table(raw["tcp_keepalive"], f"{path}.tcp_keepalive", set(KEEPALIVE_KEYS))
+        vals = []
+        for k, top in KEEPALIVE_KEYS.items():
+            if k not in ka:
+                vals.append(0)                  # the kernel's net.ipv4.tcp_keepalive_* value
+            elif k == "count":
+                vals.append(c.integer(ka[k], f"{path}.tcp_keepalive.count", 1, top))
+            else:
+                secs = c.duration(ka[k], f"{path}.tcp_keepalive.{k}", lo=1.0, hi=float(top))
+                if secs != int(secs):
+                    raise c.fail(f"{path}.tcp_keepalive.{k}", f"{ka[k]!r}: expected whole seconds "
+                                                              f"(TCP counts keepalive in seconds)")
+                vals.append(int(secs))
+        out["tcp_keepalive"] = (vals[0], vals[1], vals[2])
+    return out
+
+
+def _mem_to_dict(svc: Service, d: dict[str, Any]) -> None:
+    for k in sorted(MEM_TIMEOUTS):
+        if getattr(svc, k):
+            d["timeouts"][k] = getattr(svc, k)
+    if svc.tcp_keepalive is not None:
+        d["tcp_keepalive"] = {k: v for k, v in zip(KEEPALIVE_KEYS, svc.tcp_keepalive, strict=True) if v}
 
 
 def _health_to_dict(h: HealthConfig, keys: set[str], base: HealthConfig | None = None) -> dict:
@@ -498,6 +581,7 @@ def service_to_dict(svc: Service) -> dict:
                          "policy": svc.policy, "retries": svc.retries,
                          "timeouts": {"connect": svc.connect_timeout, "idle": svc.idle_timeout},
                          "backends": backends}
+    _mem_to_dict(svc, d)                                                      # [mem]
     if svc.policy == "maglev":
         d["hash_key"] = svc.hash_key
         if svc.hash_balance_factor:

@@ -127,6 +127,7 @@ class DataService:
         st.idle_timeout = plan.idle_timeout
         st.hash_mode = plan.hash_mode
         st.fall_passive = plan.fall_passive
+        apply_mem(self.engine, st, plan)                                    # [mem]
         self.names = dict(plan.names)
         if old is not None:
             for slot, _ in old.names:
@@ -243,7 +244,8 @@ class DataPlane:
         return len(self.engine.sessions)
 
     def timeouts(self) -> list[tuple[float, float]]:
-        return [(ds.state.connect_timeout, ds.state.idle_timeout) for ds in self.services.values()]
+        """(connect, shortest of the timeouts that need a scan of every session) per service."""
+        return [(ds.state.connect_timeout, scan_timeout(ds.state)) for ds in self.services.values()]
 
     def stop_accepting(self) -> None:
         self.stopping = True
@@ -272,6 +274,25 @@ class DataPlane:
         if now - self._last_accept_error >= ERROR_LOG_INTERVAL:
             self._last_accept_error = now
             log.error("accept failed: %s (connections wait in the backlog)", exc)
+
+
+def apply_mem(engine: _core.Engine, st: _core.ServiceState, plan: Plan) -> None:
+    """[mem] A plan's timers, keepalive and buffer budget onto the engine and the service."""
+    st.client_fin, st.server_fin = plan.client_fin, plan.server_fin
+    st.max_duration, st.first_byte = plan.max_duration, plan.first_byte
+    # ka_idle -1: keepalive on with the kernel's idle time
+    st.ka_idle, st.ka_interval, st.ka_count = ((plan.tcp_keepalive[0] or -1, *plan.tcp_keepalive[1:])
+                                               if plan.tcp_keepalive else (0, 0, 0))
+    if plan.buffer_budget != engine.buffer_budget * _core.BUFFER_SIZE:
+        engine.set_buffer_budget(plan.buffer_budget)
+
+
+def scan_timeout(st: _core.ServiceState) -> float:
+    """The shortest timeout the sweep checks by a scan of every session (idle, and the timers
+    of core/timers.pxi that are on)."""
+    return min([st.idle_timeout] + [t for t in (st.client_fin, st.server_fin, st.max_duration,
+                                                st.first_byte) if t > 0])
+
 
 
 async def sweep_forever(engine: _core.Engine, timeouts: Callable[[], list[tuple[float, float]]]) -> None:

@@ -58,6 +58,14 @@ class Plan:
     backends: tuple[PlanBackend, ...]               # ready ones, for new connections
     names: tuple[tuple[int, str], ...]              # every backend (slot, address), for logs
     options: tuple[tuple[str, int], ...] = ()       # policy options (fastlb.runtime.policy_options)
+    # [mem] timers (seconds, 0: off), keepalive (idle, interval, count; 0: kernel default;
+    # None: off) and this data path's share of [global] buffer_budget (bytes; 0: no cap)
+    client_fin: float = 0.0
+    server_fin: float = 0.0
+    max_duration: float = 0.0
+    first_byte: float = 0.0
+    tcp_keepalive: tuple[int, int, int] | None = None
+    buffer_budget: int = 0
 
     def to_wire(self) -> dict[str, Any]:
         return {"name": self.name, "listen": [list(a) for a in self.listen],
@@ -66,7 +74,11 @@ class Plan:
                 "fall_passive": self.fall_passive, "panic": self.panic,
                 "backends": [b.to_wire() for b in self.backends],
                 "names": [list(n) for n in self.names],
-                "options": [list(o) for o in self.options]}
+                "options": [list(o) for o in self.options],
+                "client_fin": self.client_fin, "server_fin": self.server_fin,        # [mem]
+                "max_duration": self.max_duration, "first_byte": self.first_byte,
+                "tcp_keepalive": list(self.tcp_keepalive) if self.tcp_keepalive else None,
+                "buffer_budget": self.buffer_budget}
 
     @classmethod
     def from_wire(cls, w: Mapping[str, Any]) -> Plan:
@@ -78,7 +90,18 @@ class Plan:
                    panic=bool(w["panic"]),
                    backends=tuple(PlanBackend.from_wire(b) for b in w["backends"]),
                    names=tuple((int(s), str(a)) for s, a in w["names"]),
-                   options=tuple((str(k), int(v)) for k, v in w.get("options", ())))
+                   options=tuple((str(k), int(v)) for k, v in w.get("options", ())),
+                   **_mem_from_wire(w))
+
+
+def _mem_from_wire(w: Mapping[str, Any]) -> dict[str, Any]:
+    ka = w.get("tcp_keepalive")
+    return {"client_fin": float(w.get("client_fin", 0.0)),
+            "server_fin": float(w.get("server_fin", 0.0)),
+            "max_duration": float(w.get("max_duration", 0.0)),
+            "first_byte": float(w.get("first_byte", 0.0)),
+            "tcp_keepalive": (int(ka[0]), int(ka[1]), int(ka[2])) if ka else None,
+            "buffer_budget": int(w.get("buffer_budget", 0))}
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,7 +13,7 @@ import time
 from typing import Callable, Mapping
 
 from fastlb import _core
-from fastlb.config import MAX_WEIGHT, Service
+from fastlb.config import MAX_WEIGHT, GlobalConfig, Service
 from fastlb.health import HealthChecker
 from fastlb.plan import Plan, PlanBackend
 from fastlb.shm import SharedState
@@ -36,8 +36,14 @@ def policy_options(svc: Service) -> tuple[tuple[str, int], ...]:
     return ()
 
 
+def budget_per_worker(g: GlobalConfig) -> int:
+    """[mem] Each data path's share of [global] buffer_budget: split evenly between the
+    workers (config checked it leaves each at least 4 buffers)."""
+    return g.buffer_budget // max(1, g.workers)
+
+
 def compute_plan(svc: Service, slot_of: Callable[[str], int], is_up: Callable[[int], bool],
-                 ramps: Mapping[str, float], now: float) -> Plan:
+                 ramps: Mapping[str, float], now: float, buffer_budget: int = 0) -> Plan:
     """The data path's view of ``svc`` at ``now``: ready backends with their effective weights
     (a ramp started at ``ramps[address]`` eases a backend in over health.slowstart), and panic
     mode (fewer than panic_threshold % of the ready backends up: all count as up). Pure."""
@@ -64,15 +70,19 @@ def compute_plan(svc: Service, slot_of: Callable[[str], int], is_up: Callable[[i
                 idle_timeout=svc.idle_timeout, fall_passive=h.fall_passive if h else 0,
                 panic=panic, backends=tuple(backends),
                 names=tuple((slot_of(b.address.text), b.address.text) for b in svc.backends),
-                options=policy_options(svc))
+                options=policy_options(svc),
+                client_fin=svc.client_fin, server_fin=svc.server_fin,          # [mem]
+                max_duration=svc.max_duration, first_byte=svc.first_byte,
+                tcp_keepalive=svc.tcp_keepalive, buffer_budget=buffer_budget)
 
 
 class ServiceRuntime:
     """One running service: its config, slots, health tracking, ramps and panic state."""
 
     def __init__(self, svc: Service, shared: SharedState, health: HealthChecker,
-                 generation: Callable[[], int]) -> None:
+                 generation: Callable[[], int], buffer_budget: int = 0) -> None:
         self.shared = shared
+        self.buffer_budget = buffer_budget        # [mem] budget_per_worker([global])
         self.health = health
         self.generation = generation
         self.config: Service | None = None
@@ -121,7 +131,7 @@ class ServiceRuntime:
         slots = self.shared.slots
         name = self.svc.name
         return compute_plan(self.svc, lambda a: slots.get((name, a), -1), self.shared.health.is_up,
-                            self.ramp, now)
+                            self.ramp, now, self.buffer_budget)
 
     def tick(self, plan: Plan, now: float) -> None:
         """Time moves: forget finished ramps; log a panic transition once."""

@@ -43,7 +43,7 @@ from fastlb.health import HealthChecker
 from fastlb.listeners import Listeners, fmt
 from fastlb.plan import DataPath, ListenKey, Snapshot
 from fastlb.registry import Registry, reconcile
-from fastlb.runtime import ServiceRuntime, compute_plan
+from fastlb.runtime import ServiceRuntime, budget_per_worker, compute_plan
 from fastlb.shm import SharedState, blocks_for
 from fastlb.worker import raise_fd_limit
 
@@ -149,7 +149,8 @@ class Supervisor:
             rt = self.runtimes.get(svc.name)
             plans.append(compute_plan(svc, functools.partial(_slot_or_none, slots, svc.name),
                                       lambda slot: slot >= 0 and bool(health.is_up(slot)),
-                                      rt.ramp if rt else {}, now))
+                                      rt.ramp if rt else {}, now,
+                                      budget_per_worker(self.cfg.global_)))    # [mem]
         return Snapshot(self.gen + 1, tuple(plans), tuple(sorted(wanted_listeners(services))))
 
     def _prepare(self, nxt: Mapping[str, Service]) -> dict[ListenKey, socket.socket]:
@@ -207,7 +208,8 @@ class Supervisor:
             for name, svc in snapshot.items():
                 rt = self.runtimes.get(name)
                 if rt is None:
-                    self.runtimes[name] = ServiceRuntime(svc, self.shared, self.health, lambda: self.gen + 1)
+                    self.runtimes[name] = ServiceRuntime(svc, self.shared, self.health, lambda: self.gen + 1,
+                                                         budget_per_worker(self.cfg.global_))   # [mem]
                 elif rt.config != svc:
                     rt.configure(svc)
             self.listeners.adopt(new)

@@ -44,12 +44,15 @@ cdef void _first_byte_timeout(Session s) noexcept:
     s.eng._passive_failure(s.svc, s.slot, ETIMEDOUT)
 
 
-cdef inline void _keepalive(int fd, ServiceState svc) noexcept:
+cdef void _keepalive(int fd, ServiceState svc) noexcept:
     """SO_KEEPALIVE with the service's idle/interval/count on a client or backend socket."""
     cdef int one = 1
-    if svc.ka_idle <= 0:
+    if svc.ka_idle == 0:                      # off; -1: on, the kernel's idle time
         return
     setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof(int))
-    setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &svc.ka_idle, sizeof(int))
-    setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &svc.ka_interval, sizeof(int))
-    setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &svc.ka_count, sizeof(int))
+    if svc.ka_idle > 0:
+        setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &svc.ka_idle, sizeof(int))
+    if svc.ka_interval > 0:                   # 0: the kernel's (net.ipv4.tcp_keepalive_*)
+        setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &svc.ka_interval, sizeof(int))
+    if svc.ka_count > 0:
+        setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &svc.ka_count, sizeof(int))

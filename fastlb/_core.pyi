@@ -55,6 +55,45 @@ class Counters:
     def slot_stats(self, slot: int) -> dict[str, int]: ...
     def zero(self, block: int, slot: int = -1, fields: Iterable[int] | None = None) -> None: ...
 
+# -- shared gauges (core/gauges.pxi): limits and refusal counts, exact across workers -----------
+GAUGE_FIELDS: tuple[str, ...]
+G_CUR: int
+G_MAX: int
+G_QUEUED: int
+G_TOTAL: int
+G_DENY_ACL: int
+G_DENY_SRC_CONNS: int
+G_DENY_SRC_RATE: int
+G_DENY_SRC_TABLE: int
+G_PROXY_ERRORS: int
+G_QUEUE_FULL: int
+G_QUEUE_TIMEOUT: int
+G_CLIENT_SILENT: int
+G_LOCAL_ERRORS: int
+G_NO_BACKEND: int
+G_MAXCONN_REACHED: int
+G_FIRST_BYTE_TIMEOUT: int
+G_NFIELDS: int
+
+class Gauges:
+    FIELDS: ClassVar[tuple[str, ...]]
+    nrows: int
+    nblocks: int
+    block: int
+    def __init__(self, buffer: WriteableBuffer, nrows: int, nblocks: int = 1, block: int = 0) -> None: ...
+    @staticmethod
+    def size_for(nrows: int, nblocks: int = 1) -> int: ...
+    @property
+    def global_row(self) -> int: ...
+    def get(self, row: int, field: int) -> int: ...
+    def row(self, row: int) -> dict[str, int]: ...
+    def py_take(self, row: int, limit: int = 0, field: int = ...) -> bool: ...
+    def py_give(self, row: int, field: int = ...) -> None: ...
+    def py_add(self, row: int, field: int, v: int) -> None: ...
+    def held_by(self, block: int, row: int) -> tuple[int, int]: ...
+    def reclaim(self, block: int) -> int: ...
+    def zero(self, row: int) -> None: ...
+
 class Policy:
     """One constructor for every policy; each uses what it needs and refuses unknown options."""
     NAME: ClassVar[str | None]
@@ -104,6 +143,7 @@ class ServiceState:
     name: str
     fall_passive: int
     on_passive_down: Callable[[int, int, str], None] | None
+    row: int
     # [mem] core/timers.pxi (seconds, 0: off) and keepalive (ka_idle 0: off, -1: kernel's)
     client_fin: float
     server_fin: float
@@ -125,6 +165,11 @@ class Engine:
     sessions: set[Session]
     on_accept_error: Callable[[OSError], None] | None
     epoll_errors: int
+    gauges: Gauges
+    def __init__(self, loop: Any, counters: Counters, block: int = 0,
+                 gauges: Gauges | None = None) -> None: ...
+    @property
+    def global_row(self) -> int: ...
     # [mem] core/buffers.pxi, core/timers.pxi (read-only)
     buffers_in_use: int
     buffers_peak: int
@@ -135,7 +180,6 @@ class Engine:
     timeouts_duration: int
     timeouts_first_byte: int
     def set_buffer_budget(self, nbytes: int) -> None: ...
-    def __init__(self, loop: Any, counters: Counters, block: int = 0) -> None: ...
     def listen(self, sock: socket.socket, svc: ServiceState, shared: bool = False) -> Listener: ...
     def unlisten(self, lst: Listener) -> None: ...
     def reset_passive(self, slot: int) -> None: ...

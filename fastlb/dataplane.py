@@ -14,6 +14,7 @@ The places that will use the core's new API after the merge are one function eac
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import functools
 import logging
@@ -66,10 +67,8 @@ def check_plan(plan: Plan) -> None:
     if plan.backends:
         n = len(plan.backends)
         scratch = _core.HealthBitmap(bytearray(_core.HealthBitmap.size_for(n)), n)
-        dry = Plan(plan.name, plan.listen, plan.policy, plan.hash_mode, plan.retries,
-                   plan.connect_timeout, plan.idle_timeout, plan.fall_passive, plan.panic,
-                   tuple(type(b)(i, b.weight, b.address, b.host, b.port)
-                         for i, b in enumerate(plan.backends)), plan.names, plan.options)
+        dry = dataclasses.replace(plan, backends=tuple(dataclasses.replace(b, slot=i)
+                                                       for i, b in enumerate(plan.backends)))
         counters = _core.Counters(bytearray(_core.Counters.size_for(n)), n)
         try:
             build_policy(dry, scratch, counters)
@@ -127,6 +126,7 @@ class DataService:
         st.idle_timeout = plan.idle_timeout
         st.hash_mode = plan.hash_mode
         st.fall_passive = plan.fall_passive
+        st.row = plan.row
         apply_mem(self.engine, st, plan)                                    # [mem]
         self.names = dict(plan.names)
         if old is not None:
@@ -194,13 +194,13 @@ class DataPlane:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, health: _core.HealthBitmap,
                  counters: _core.Counters, block: int, on_passive: PassiveReport, *,
-                 shared_listeners: bool) -> None:
+                 shared_listeners: bool, gauges: _core.Gauges | None = None) -> None:
         self.loop = loop
         self.health = health
         self.counters = counters
         self.on_passive = on_passive
         self.shared_listeners = shared_listeners
-        self.engine = _core.Engine(loop, counters, block)
+        self.engine = _core.Engine(loop, counters, block, gauges)
         self.engine.on_accept_error = self._on_accept_error
         self.services: dict[str, DataService] = {}
         self.sockets: Mapping[ListenKey, socket.socket] = {}
@@ -320,8 +320,10 @@ class LocalDataPath:
     """The DataPath of ``workers = 1``: a DataPlane in the supervisor's own process."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, health: _core.HealthBitmap,
-                 counters: _core.Counters, on_passive: PassiveReport) -> None:
-        self.plane = DataPlane(loop, health, counters, 0, on_passive, shared_listeners=False)
+                 counters: _core.Counters, on_passive: PassiveReport,
+                 gauges: _core.Gauges | None = None) -> None:
+        self.plane = DataPlane(loop, health, counters, 0, on_passive, shared_listeners=False,
+                               gauges=gauges)
         self._now = False
 
     def check(self, snapshot: Snapshot) -> None:

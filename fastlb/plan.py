@@ -58,6 +58,7 @@ class Plan:
     backends: tuple[PlanBackend, ...]               # ready ones, for new connections
     names: tuple[tuple[int, str], ...]              # every backend (slot, address), for logs
     options: tuple[tuple[str, int], ...] = ()       # policy options (fastlb.runtime.policy_options)
+    row: int = -1                                   # the service's Gauges row (fastlb.shm)
     # [mem] timers (seconds, 0: off), keepalive (idle, interval, count; 0: kernel default;
     # None: off) and this data path's share of [global] buffer_budget (bytes; 0: no cap)
     client_fin: float = 0.0
@@ -74,7 +75,7 @@ class Plan:
                 "fall_passive": self.fall_passive, "panic": self.panic,
                 "backends": [b.to_wire() for b in self.backends],
                 "names": [list(n) for n in self.names],
-                "options": [list(o) for o in self.options],
+                "options": [list(o) for o in self.options], "row": self.row,
                 "client_fin": self.client_fin, "server_fin": self.server_fin,        # [mem]
                 "max_duration": self.max_duration, "first_byte": self.first_byte,
                 "tcp_keepalive": list(self.tcp_keepalive) if self.tcp_keepalive else None,
@@ -91,7 +92,7 @@ class Plan:
                    backends=tuple(PlanBackend.from_wire(b) for b in w["backends"]),
                    names=tuple((int(s), str(a)) for s, a in w["names"]),
                    options=tuple((str(k), int(v)) for k, v in w.get("options", ())),
-                   **_mem_from_wire(w))
+                   row=int(w.get("row", -1)), **_mem_from_wire(w))
 
 
 def _mem_from_wire(w: Mapping[str, Any]) -> dict[str, Any]:

@@ -66,13 +66,15 @@ class Worker:
 
 class WorkerPool:
     def __init__(self, loop: asyncio.AbstractEventLoop, shm_fd: int, shm_size: int,
-                 max_backends: int, counters: _core.Counters, *, workers: int, grace: float,
+                 max_backends: int, counters: _core.Counters, gauges: _core.Gauges, *,
+                 workers: int, grace: float,
                  log_level: str,
                  on_passive: Callable[[str, str, int, str], None]) -> None:
         self.loop = loop
         self.shm_fd, self.shm_size = shm_fd, shm_size
         self.max_backends = max_backends
         self.counters = counters
+        self.gauges = gauges
         self.grace = grace
         self.log_level = log_level
         self.on_passive = on_passive
@@ -149,7 +151,7 @@ class WorkerPool:
 
     def _reaped(self, w: Worker, code: int | None) -> None:
         self.exiting.remove(w)
-        zero_active(self.counters, w.index)      # its connections are gone; totals stay
+        zero_active(self.counters, w.index, self.gauges)   # its connections are gone; totals stay
         self.free_blocks.append(w.index)
         if not w.exited.done():
             w.exited.set_result(code)

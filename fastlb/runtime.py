@@ -16,7 +16,7 @@ from fastlb import _core
 from fastlb.config import MAX_WEIGHT, GlobalConfig, Service
 from fastlb.health import HealthChecker
 from fastlb.plan import Plan, PlanBackend
-from fastlb.shm import SharedState
+from fastlb.shm import SERVICE_ROW, SharedState
 
 log = logging.getLogger("fastlb")
 
@@ -63,7 +63,8 @@ def compute_plan(svc: Service, slot_of: Callable[[str], int], is_up: Callable[[i
     up = sum(1 for b in backends if is_up(b.slot))
     panic = bool(h and h.panic_threshold > 0 and backends
                  and 100 * up / len(backends) < h.panic_threshold)
-    return Plan(name=svc.name, listen=tuple((a.host, a.port) for a in svc.listen),
+    return Plan(name=svc.name, row=slot_of(SERVICE_ROW),
+                listen=tuple((a.host, a.port) for a in svc.listen),
                 policy=svc.policy,
                 hash_mode=HASH_MODES[svc.hash_key] if svc.policy == "maglev" else 0,
                 retries=svc.retries, connect_timeout=svc.connect_timeout,
@@ -107,6 +108,7 @@ class ServiceRuntime:
                     self.health.untrack(svc.name, b.address.text)
                     self.ramp.pop(b.address.text, None)
                     self.shared.release(svc.name, b.address.text, self.generation())
+        self.shared.slot_for(svc.name, SERVICE_ROW)        # the service's own Gauges row
         slowstart = svc.health.slowstart if svc.health else 0.0
         old_addresses = {b.address.text for b in old.backends} if old else set()
         for b in svc.backends:
@@ -119,6 +121,7 @@ class ServiceRuntime:
         for b in self.svc.backends:
             self.health.untrack(self.svc.name, b.address.text)
             self.shared.release(self.svc.name, b.address.text, self.generation())
+        self.shared.release(self.svc.name, SERVICE_ROW, self.generation())
 
     def health_changed(self, address: str, up: bool) -> None:
         """Slow start begins when a backend comes back up. (Its passive failure streak is reset

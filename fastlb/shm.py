@@ -1,4 +1,4 @@
-"""The shared-memory layout: health bitmap + counters over one memfd mapping, and backend slots.
+"""The shared-memory layout: health bitmap + counters + gauges over one memfd mapping, and slots.
 
 Owner: the layout (``LAYOUT_VERSION``, ``layout_size``, ``views``: the same in every process)
 and, in the supervisor, the slot table (``SharedState``). Workers import this module to map
@@ -16,7 +16,7 @@ from fastlb.errors import RegistryError
 
 # Bump when the mapping's layout (bitmap, counter fields, block size) changes: a worker of
 # another layout is refused (see fastlb.plan, hello).
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 
 
 def blocks_for(workers: int) -> int:
@@ -26,33 +26,51 @@ def blocks_for(workers: int) -> int:
 
 
 def layout_size(max_backends: int, nblocks: int) -> int:
-    return _core.HealthBitmap.size_for(max_backends) + _core.Counters.size_for(max_backends, nblocks)
+    return (_core.HealthBitmap.size_for(max_backends) + _core.Counters.size_for(max_backends, nblocks)
+            + _core.Gauges.size_for(max_backends + 1, nblocks))
 
 
-def views(mapping: mmap.mmap, max_backends: int, nblocks: int) -> tuple[_core.HealthBitmap, _core.Counters]:
-    """The health bitmap and the counters over the shared mapping (same in every process)."""
+Views = tuple[_core.HealthBitmap, _core.Counters, _core.Gauges]
+
+
+def views(mapping: mmap.mmap, max_backends: int, nblocks: int, block: int = 0) -> Views:
+    """The health bitmap, the counters and the gauges over the shared mapping (the same
+    layout in every process). The gauges view mirrors its places in counter block ``block``
+    (the worker's index; the supervisor's is 0), so a dead worker's can be reclaimed."""
     hsize = _core.HealthBitmap.size_for(max_backends)
+    csize = _core.Counters.size_for(max_backends, nblocks)
     view = memoryview(mapping)
     return (_core.HealthBitmap(view[:hsize], max_backends),
-            _core.Counters(view[hsize:], max_backends, nblocks))
+            _core.Counters(view[hsize:hsize + csize], max_backends, nblocks),
+            _core.Gauges(view[hsize + csize:], max_backends + 1, nblocks, block))
 
 
-def zero_active(counters: _core.Counters, block: int) -> None:
-    """A dead worker's connections are gone: clear its active counts (totals stay)."""
+def zero_active(counters: _core.Counters, block: int, gauges: _core.Gauges | None = None) -> None:
+    """A dead worker's connections are gone: clear its active counts (totals stay) and give
+    back the places it held on the gauges (connections and queue places under the limits)."""
     counters.zero(block, fields=(_core.CTR_ACTIVE,))
+    if gauges is not None:
+        gauges.reclaim(block)
 
 
-def zero_slot(counters: _core.Counters, slot: int) -> None:
+def zero_slot(counters: _core.Counters, slot: int, gauges: _core.Gauges | None = None) -> None:
     """A freed slot starts from zero in every block (its totals are not the next backend's)."""
     for block in range(counters.nblocks):
         counters.zero(block, slot)
+    if gauges is not None:
+        gauges.zero(slot)
+
+
+# The slot-table key of a service's own row: no backend address is empty.
+SERVICE_ROW = ""
 
 
 class SharedState:
-    """The shared-memory mapping and the slot table of backends.
+    """The shared-memory mapping and the slot table of backends and services.
 
     The mapping is a memfd, so worker processes started with exec map the same memory. A slot
-    belongs to one (service, backend address). A released slot is reused only once no
+    belongs to one (service, backend address), or to a service itself (its Gauges row: the
+    key (service, SERVICE_ROW), which no backend address can be). A released slot is reused only once no
     connection uses it (its active count is back to zero) and every data path has
     acknowledged the snapshot generation that removed it: see reap().
     """
@@ -64,7 +82,7 @@ class SharedState:
         self.fd = os.memfd_create("fastlb-shm", os.MFD_CLOEXEC)
         os.ftruncate(self.fd, self.size)
         self.mapping = mmap.mmap(self.fd, self.size, flags=mmap.MAP_SHARED)
-        self.health, self.counters = views(self.mapping, max_backends, nblocks)
+        self.health, self.counters, self.gauges = views(self.mapping, max_backends, nblocks)
         self.slots: dict[tuple[str, str], int] = {}   # (service, backend address) -> slot
         self._free = list(range(max_backends - 1, -1, -1))
         self._released: list[tuple[int, int]] = []     # (slot, generation that removed it)
@@ -98,9 +116,10 @@ class SharedState:
         """Free released slots no connection and no data path's snapshot uses any more."""
         busy, acked = [], self.acked()
         for slot, gen in self._released:
-            if self.counters.active(slot) or gen > acked:
+            if (self.counters.active(slot) or self.gauges.get(slot, _core.G_CUR)
+                    or self.gauges.get(slot, _core.G_QUEUED) or gen > acked):
                 busy.append((slot, gen))
                 continue
-            zero_slot(self.counters, slot)
+            zero_slot(self.counters, slot, self.gauges)
             self._free.append(slot)
         self._released = busy

@@ -44,7 +44,7 @@ from fastlb.listeners import Listeners, fmt
 from fastlb.plan import DataPath, ListenKey, Snapshot
 from fastlb.registry import Registry, reconcile
 from fastlb.runtime import ServiceRuntime, budget_per_worker, compute_plan
-from fastlb.shm import SharedState, blocks_for
+from fastlb.shm import SERVICE_ROW, SharedState, blocks_for
 from fastlb.worker import raise_fd_limit
 
 log = logging.getLogger("fastlb")
@@ -75,9 +75,9 @@ def make_datapath(cfg: Config, loop: asyncio.AbstractEventLoop, shared: SharedSt
                   on_passive: Any, log_level: str) -> DataPath:
     """The one place that looks at the mode."""
     if cfg.global_.workers == 1:
-        return LocalDataPath(loop, shared.health, shared.counters, on_passive)
+        return LocalDataPath(loop, shared.health, shared.counters, on_passive, shared.gauges)
     from fastlb.pool import WorkerPool
-    return WorkerPool(loop, shared.fd, shared.size, shared.max_backends, shared.counters,
+    return WorkerPool(loop, shared.fd, shared.size, shared.max_backends, shared.counters, shared.gauges,
                       workers=cfg.global_.workers, grace=cfg.global_.grace, log_level=log_level,
                       on_passive=on_passive)
 
@@ -115,7 +115,7 @@ class Supervisor:
         # acknowledgement; retried in the background when it cannot be written at start.
         self.state = statefile.StateStore(cfg.global_.state_file) if cfg.global_.state_file else None
         self.registry = Registry(initial_registry(cfg, ignore_state, self.state))
-        total = sum(len(s.backends) for s in self.registry.snapshot.values())
+        total = sum(1 + len(s.backends) for s in self.registry.snapshot.values())   # + its row
         self.shared = SharedState(max(cfg.max_backends, 2 * total), blocks_for(cfg.global_.workers))
         self.health = HealthChecker(self.shared.health, self._on_health)
         self.view = View(self.shared, self.health)
@@ -156,8 +156,8 @@ class Supervisor:
     def _prepare(self, nxt: Mapping[str, Service]) -> dict[ListenKey, socket.socket]:
         """Everything that can fail, before anything is kept. Returns the new listening
         sockets (to adopt on commit, or discard). Raises FastLBError: nothing changed."""
-        need = sum(1 for s in nxt.values() for b in s.backends
-                   if (s.name, b.address.text) not in self.shared.slots)
+        need = sum(1 for s in nxt.values() for key in [SERVICE_ROW, *(b.address.text for b in s.backends)]
+                   if (s.name, key) not in self.shared.slots)
         self.shared.can_take(need)
         new = self.listeners.bind(wanted_listeners(nxt))
         try:

@@ -56,9 +56,9 @@ class WorkerProcess:
         self.args = args
         self.loop = loop
         self.mapping = mmap.mmap(args.shm, args.shm_size, flags=mmap.MAP_SHARED)
-        health, counters = views(self.mapping, args.max_backends, args.nblocks)
+        health, counters, gauges = views(self.mapping, args.max_backends, args.nblocks, args.index)
         self.plane = DataPlane(loop, health, counters, args.index, self.report_passive,
-                               shared_listeners=True)
+                               shared_listeners=True, gauges=gauges)
         self.control = socket.socket(fileno=args.control)
         self.control.setblocking(False)
         self.sockets: dict[ListenKey, socket.socket] = {}

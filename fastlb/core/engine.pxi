@@ -86,6 +86,7 @@ cdef class ServiceState:
     cdef public object on_passive_down   # callable(slot, failures, reason) or None
     cdef public int fall_passive         # consecutive failures that mark a backend down (0: off)
     cdef public str name
+    cdef public int row                  # the service's Gauges row (-1: none)
     # [mem] timers (seconds, 0: off; core/timers.pxi) and TCP keepalive (ka_idle 0: off)
     cdef public double client_fin
     cdef public double server_fin
@@ -104,6 +105,7 @@ cdef class ServiceState:
         self.connect_timeout = 2.0
         self.idle_timeout = 300.0
         self.hash_mode = HASH_NONE
+        self.row = -1
 
     def set_backends(self, policy, dict addrs):
         """Swap the backend set (slot -> (ip, port)); takes effect for the next connection."""
@@ -140,6 +142,7 @@ cdef class Engine:
     cdef int epfd
     cdef object loop
     cdef Counters counters
+    cdef readonly Gauges gauges          # shared limits and refusal counts (core/gauges.pxi)
     cdef int block
     cdef public double now               # coarse clock, refreshed once per batch of events
     cdef public set sessions             # the open sessions
@@ -175,9 +178,19 @@ cdef class Engine:
     def __cinit__(self):
         self.epfd = -1
 
-    def __init__(self, loop, Counters counters, int block=0):
+    def __init__(self, loop, Counters counters, int block=0, Gauges gauges=None):
         if block < 0 or block >= counters.nblocks:
             raise CoreArgumentError(f"block {block} out of range 0..{counters.nblocks - 1}")
+        if gauges is None:                      # tests: a private set, a row per slot + global
+            gauges = Gauges(bytearray(Gauges.size_for(counters.nslots + 1, counters.nblocks)),
+                            counters.nslots + 1, counters.nblocks, block)
+        elif gauges.block != block:
+            raise CoreArgumentError(f"gauges: a view of block {gauges.block}, the engine writes "
+                                    f"block {block}")
+        elif gauges.nrows < counters.nslots + 1:
+            raise CoreArgumentError(f"gauges: {gauges.nrows} rows, need {counters.nslots + 1} "
+                                    f"(a row per slot and the global row)")
+        self.gauges = gauges
         self.epfd = epoll_create1(EPOLL_CLOEXEC)
         if self.epfd < 0:
             raise OSError(errno, strerror(errno).decode())
@@ -287,6 +300,11 @@ cdef class Engine:
         self.consec[slot] = 0
         self._callback(svc, "on_passive_down", svc.on_passive_down,
                        (slot, n, "connect timeouts" if err == 0 else strerror(err).decode().lower()))
+
+    @property
+    def global_row(self):
+        """The Gauges row of the whole balancer ([global] maxconn)."""
+        return self.gauges.nrows - 1
 
     def reset_passive(self, int slot):
         """Forget a slot's failure streak (a backend newly up, or a slot reused)."""

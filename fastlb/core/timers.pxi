@@ -41,6 +41,7 @@ cdef int _timers_expired(Session s, double now) noexcept:
 
 cdef void _first_byte_timeout(Session s) noexcept:
     """A passive failure of the backend (as a reset before its first byte is)."""
+    s.eng.gauges.add(s.svc.row, G_FIRST_BYTE_TIMEOUT, 1)     # the service's row (-1: none)
     s.eng._passive_failure(s.svc, s.slot, ETIMEDOUT)
 
 

@@ -18,7 +18,8 @@ health = { slowstart = "10s", panic_threshold = 50, fall_passive = 3 }
 backends = [ { address = "10.0.0.1:80", weight = 5 }, { address = "10.0.0.2:80", weight = 2 },
              { address = "[2001:db8::1]:80" }, { address = "10.0.0.4:80", state = "drain" } ]
 ''', resolve=False).services[0]
-SLOTS = {"10.0.0.1:80": 7, "10.0.0.2:80": 3, "[2001:db8::1]:80": 9, "10.0.0.4:80": 0}
+SLOTS = {"10.0.0.1:80": 7, "10.0.0.2:80": 3, "[2001:db8::1]:80": 9, "10.0.0.4:80": 0,
+         "": 11}                                 # "": the service's own row (shm.SERVICE_ROW)
 
 
 def plan(up=frozenset({7, 3, 9, 0}), ramps=None, now=100.0):

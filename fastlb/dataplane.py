@@ -243,6 +243,15 @@ class DataPlane:
     def connections(self) -> int:
         return len(self.engine.sessions)
 
+    def memory(self) -> dict[str, int]:
+        """[mem] This engine's buffers and timer counts (MEMORY_FIELDS)."""
+        e = self.engine
+        return {"buffers_in_use": e.buffers_in_use, "buffers_peak": e.buffers_peak,
+                "buffers_pooled": e.buffers_pooled, "buffer_waits": e.buffer_waits,
+                "buffer_budget_bytes": e.buffer_budget * _core.BUFFER_SIZE,
+                "timeouts_fin": e.timeouts_fin, "timeouts_duration": e.timeouts_duration,
+                "timeouts_first_byte": e.timeouts_first_byte}
+
     def timeouts(self) -> list[tuple[float, float]]:
         """(connect, shortest of the timeouts that need a scan of every session) per service."""
         return [(ds.state.connect_timeout, scan_timeout(ds.state)) for ds in self.services.values()]
@@ -274,6 +283,16 @@ class DataPlane:
         if now - self._last_accept_error >= ERROR_LOG_INTERVAL:
             self._last_accept_error = now
             log.error("accept failed: %s (connections wait in the backlog)", exc)
+
+
+def sum_memory(reports: list[dict[str, int]]) -> dict[str, int]:
+    """[mem] DataPlane.memory() of several data paths, summed (buffers_peak: the sum of each
+    one's peak, an upper bound of the balancer's)."""
+    out: dict[str, int] = {}
+    for r in reports:
+        for k, v in r.items():
+            out[k] = out.get(k, 0) + v
+    return out
 
 
 def apply_mem(engine: _core.Engine, st: _core.ServiceState, plan: Plan) -> None:
@@ -340,6 +359,9 @@ class LocalDataPath:
 
     def connections(self) -> int:
         return self.plane.connections()
+
+    def memory(self) -> dict[str, int]:
+        return self.plane.memory()
 
     def info(self) -> list[dict[str, Any]]:
         return [{"index": 0, "pid": os.getpid(), "generation": self.plane.gen, "stopping": False,

@@ -37,6 +37,7 @@ class Sources:
     stats: Callable[[], list[dict[str, Any]]]
     services: Callable[[], Mapping[str, Service]]
     health: Callable[[str, str], HealthState | None] = lambda service, address: None
+    memory: Callable[[], Mapping[str, int]] = lambda: {}      # [mem] DataPath.memory
     started: float = field(default_factory=time.time)
     pid: int = field(default_factory=os.getpid)
 
@@ -79,4 +80,4 @@ def snapshot(src: Sources) -> dict[str, Any]:
             "backends": backends,
         })
     return {"version": __version__, "pid": src.pid, "started": src.started, "now": now,
-            "services": services}
+            "services": services, "memory": dict(src.memory())}

@@ -418,7 +418,7 @@ class Supervisor:
             from fastlb import httpapi, observe
             self.metrics_server = await httpapi.serve_http(g.metrics, observe.Sources(
                 stats=self.stats, services=lambda: self.registry.snapshot,
-                health=self.health.state))
+                health=self.health.state, memory=self.datapath.memory))   # [mem]
         log.info("fastlb ready: %d service(s), %d worker(s), pid %d", len(self.runtimes),
                  g.workers, os.getpid())
         sdnotify.ready(self._status_line())

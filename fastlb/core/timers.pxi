@@ -31,8 +31,8 @@ cdef int _timers_expired(Session s, double now) noexcept:
             or (s.b_eof and svc.server_fin > 0 and now - s.last >= svc.server_fin)):
         s.eng.timeouts_fin += 1
         return 1
-    if (svc.first_byte > 0 and not s.b_seen and s.first_sent > 0
-            and now - s.first_sent >= svc.first_byte):
+    if (svc.first_byte > 0 and not s.b_seen and not s.b_eof and s.first_sent > 0
+            and now - s.first_sent >= svc.first_byte):   # (an EOF is an answer, not silence)
         s.eng.timeouts_first_byte += 1
         _first_byte_timeout(s)
         return 1

@@ -133,3 +133,17 @@ def test_a_small_buffer_budget_caps_many_concurrent_transfers_byte_exact(procs):
     assert 12 <= m["fastlb_buffers_in_use_max"] <= 16, m          # reached, never passed
     assert seen and max(seen) <= 16, seen
     assert wait_for(lambda: metrics(mport)["fastlb_buffers_in_use"] == 0)
+
+
+def test_the_budget_is_split_between_workers_and_reported_over_all_of_them(procs):
+    """workers = 2: each engine caps its half; /metrics sums the workers' reports (sent once
+    a second over the control channel)."""
+    _, be = start_backend(procs, "echo")
+    lb, port, mport = start(procs, be, glob='workers = 2\nbuffer_budget = "8MiB"')
+    assert wait_for(lambda: metrics(mport).get("fastlb_buffer_budget_bytes") == 8 << 20, 10), \
+        metrics(mport)
+    for _ in range(4):                         # traffic through whichever worker accepts
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            exchange(s, 256 << 10)
+    assert wait_for(lambda: metrics(mport).get("fastlb_buffers_in_use_max", 0) > 0, 10)
+    assert metrics(mport)["fastlb_buffers_in_use"] == 0

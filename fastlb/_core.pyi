@@ -19,6 +19,7 @@ MAX_TRIED: int
 MAX_RETRIES: int          # MAX_TRIED - 1
 MAX_WEIGHT: int
 MAX_FAILS: int            # round_robin's max_fails range is 1..MAX_FAILS
+BUFFER_SIZE: int          # [mem] bytes of one connection buffer (one direction)
 MAX_BALANCE_FACTOR: int   # maglev's hash_balance_factor is 0 or 100..MAX_BALANCE_FACTOR
 HASH_MODES: dict[str, int]  # "source_ip" -> 1, "source_ip_port" -> 2; 0 is no key
 COUNTER_FIELDS: tuple[str, ...]
@@ -149,6 +150,14 @@ class ServiceState:
     queue_timeout: float
     qlen: int
     adm: Admission | None                 # [access] core/admission.pxi
+    # [mem] core/timers.pxi (seconds, 0: off) and keepalive (ka_idle 0: off, -1: kernel's)
+    client_fin: float
+    server_fin: float
+    max_duration: float
+    first_byte: float
+    ka_idle: int
+    ka_interval: int
+    ka_count: int
     def __init__(self, name: str) -> None: ...
     def set_backends(self, policy: Policy | None, addrs: dict[int, tuple[str, int]]) -> None: ...
 
@@ -170,6 +179,16 @@ class Engine:
                  gauges: Gauges | None = None) -> None: ...
     @property
     def global_row(self) -> int: ...
+    # [mem] core/buffers.pxi, core/timers.pxi (read-only)
+    buffers_in_use: int
+    buffers_peak: int
+    buffer_budget: int               # in buffers of BUFFER_SIZE (0: no cap)
+    buffer_waits: int
+    buffers_pooled: int
+    timeouts_fin: int
+    timeouts_duration: int
+    timeouts_first_byte: int
+    def set_buffer_budget(self, nbytes: int) -> None: ...
     def listen(self, sock: socket.socket, svc: ServiceState, shared: bool = False) -> Listener: ...
     def unlisten(self, lst: Listener) -> None: ...
     def reset_passive(self, slot: int) -> None: ...

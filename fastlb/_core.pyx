@@ -43,3 +43,5 @@ include "core/session.pxi"
 include "core/limits.pxi"      # connection limits, queues, local errors
 
 include "core/admission.pxi"         # [access] ACL, source limits, PROXY, client_first_byte
+include "core/buffers.pxi"           # [mem] buffers, budget, pool trim
+include "core/timers.pxi"            # [mem] fin/duration/first-byte timeouts, keepalive

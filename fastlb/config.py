@@ -156,6 +156,13 @@ class Service:
     queue_size: int = 0                  # clients waiting for a backend place (0: no queue)
     queue_timeout: float | None = None   # how long one may wait (None: the connect timeout)
     access: Access = Access()            # [access]
+    # [mem] timeouts.client_fin/server_fin/max_duration/first_byte (seconds, 0: off) and
+    # tcp_keepalive (idle, interval, count; 0: the kernel's default; None: off): _mem()
+    client_fin: float = 0.0
+    server_fin: float = 0.0
+    max_duration: float = 0.0
+    first_byte: float = 0.0
+    tcp_keepalive: tuple[int, int, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +183,7 @@ class GlobalConfig:
     dns: DnsConfig = DnsConfig()           # [dns] `[global] dns = { refresh, nameservers, timeout }`
     maxconn: int = 0                       # [limits] 0: derived from RLIMIT_NOFILE (preflight)
     source_table_size: int = DEFAULT_SOURCE_TABLE   # [access] entries of the per-source table
+    buffer_budget: int = 256 << 20         # [mem] bytes of connection buffers, all workers (_mem_global)
 
 
 @dataclass(frozen=True, slots=True)
@@ -404,7 +412,8 @@ def from_dict(doc: dict, *, source: str = "config", text: str = "", resolve: boo
     g = c.table(doc.get("global", {}), "global",
                 {"workers", "grace", "admin", "admin_token_file", "state_file", "metrics",
                  "log_format", "log_level",                                   # [obs] logs
-                 "dns", "maxconn", "source_table_size"}                       # [dns] [limits] [access]
+                 "dns", "maxconn", "source_table_size",                       # [dns] [limits] [access]
+                 "buffer_budget"}                                             # [mem]
                 | ADMIN_KEYS)                                                     # [admin]
     workers = g.get("workers", DEFAULTS["workers"])
     if workers == "auto":
@@ -440,7 +449,8 @@ def from_dict(doc: dict, *, source: str = "config", text: str = "", resolve: boo
                         dns=_dns(c, g.get("dns", {}), "global.dns", DnsConfig(), top=True),       # [dns]
                         **_admin_keys(c, g),                                                    # [admin]
                         **_global_limits(c, g),                                                 # [limits]
-                        source_table_size=_source_table_size(c, g))                             # [access]
+                        source_table_size=_source_table_size(c, g),                             # [access]
+                        **_mem_global(c, g, workers))                                           # [mem]
     services_raw = doc.get("service", [])
     if not isinstance(services_raw, list):
         raise c.fail("service", "expected an array of tables ([[service]])")
@@ -472,6 +482,7 @@ SERVICE_KEYS |= {"acl", "limits", "proxy_protocol"}                  # [access]
 TIMEOUT_KEYS = {"connect", "idle"}
 TIMEOUT_KEYS |= {"client_first_byte"}                                # [access]
 BACKEND_KEYS |= {"proxy_protocol"}                                   # [access]
+SERVICE_KEYS |= {"tcp_keepalive"}                                             # [mem]
 
 
 def _dns(c: _Checker, raw: Any, path: str, base: DnsConfig, *, top: bool) -> DnsConfig:
@@ -758,7 +769,8 @@ def service_from_dict(raw: Any, path: str, c: _Checker | None = None, *,
     return Service(name=name, listen=listen, backends=tuple(backends), policy=policy,
                    hash_key=hash_key, hash_balance_factor=balance, max_fails=max_fails,
                    retries=retries, connect_timeout=connect, idle_timeout=idle, health=health,
-                   dns_refresh=dns_refresh, access=access, **_limits(c, raw, path))
+                   dns_refresh=dns_refresh, access=access, **_limits(c, raw, path),
+                   **_mem(c, raw, path))
 
 
 def _backend_address(c: _Checker, b: dict, bp: str) -> tuple[Address, str]:
@@ -849,6 +861,78 @@ def _limits_to_dict(svc: Service, d: dict[str, Any]) -> None:
             bd["max_conns"] = b.max_conns
 
 
+# -- [mem] memory, timeouts and keepalive (docs/config.md, "Memory, timeouts and keepalive") ------
+MEM_TIMEOUTS = {"client_fin", "server_fin", "max_duration", "first_byte"}
+TIMEOUT_KEYS |= MEM_TIMEOUTS
+KEEPALIVE_KEYS = {"idle": 32767, "interval": 32767, "count": 127}      # Linux's maxima
+MIN_BUFFERS_PER_WORKER = 4                  # the core's reserve (2) and two to work with
+_SIZE = re.compile(r"^\s*(\d+)\s*(?:([kmg])(?:i?b)?|b)?\s*$", re.I)
+
+
+def parse_size(value: Any) -> int:
+    """A size: bytes as an integer, or "64m", "256MiB", "1g", "512k" (k/m/g: powers of 1024, as
+    HAProxy and nginx read them). Raises ValueError."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    m = _SIZE.match(value) if isinstance(value, str) else None
+    if not m:
+        raise ValueError(f"expected a size like \"256MiB\", \"64m\", \"512k\" or bytes as an "
+                         f"integer, got {_kind(value)}")
+    return int(m.group(1)) << {None: 0, "k": 10, "m": 20, "g": 30}[(m.group(2) or "").lower() or None]
+
+
+def _mem_global(c: _Checker, g: dict, workers: int) -> dict[str, Any]:
+    """[global] buffer_budget: all connection buffers of the balancer together, split evenly
+    between the workers (each worker's engine caps its own share: no lock between them)."""
+    if "buffer_budget" not in g:
+        return {}
+    try:
+        budget = parse_size(g["buffer_budget"])
+    except ValueError as exc:
+        raise c.fail("global.buffer_budget", str(exc)) from None
+    least = MIN_BUFFERS_PER_WORKER * _core.BUFFER_SIZE * workers
+    if budget < least:
+        raise c.fail("global.buffer_budget",
+                     f"{budget} bytes is less than {MIN_BUFFERS_PER_WORKER} buffers of "
+                     f"{_core.BUFFER_SIZE // 1024} KiB per worker ({workers} worker(s)): expected "
+                     f"at least {least} ({least >> 20} MiB)")
+    return {"buffer_budget": budget}
+
+
+def _mem(c: _Checker, raw: dict, path: str) -> dict[str, Any]:
+    """The [mem] keys of a service: timeouts.client_fin/server_fin/max_duration/first_byte
+    (durations, 0: off, the default: HAProxy and nginx set none of them by default) and
+    tcp_keepalive = { idle, interval, count } (off without the table)."""
+    out: dict[str, Any] = {}
+    t = raw.get("timeouts", {})
+    for k in sorted(MEM_TIMEOUTS & set(t)):
+        out[k] = c.duration(t[k], f"{path}.timeouts.{k}", lo=0.0)
+    if "tcp_keepalive" in raw:
+        ka = c.table(raw["tcp_keepalive"], f"{path}.tcp_keepalive", set(KEEPALIVE_KEYS))
+        vals = []
+        for k, top in KEEPALIVE_KEYS.items():
+            if k not in ka:
+                vals.append(0)                  # the kernel's net.ipv4.tcp_keepalive_* value
+            elif k == "count":
+                vals.append(c.integer(ka[k], f"{path}.tcp_keepalive.count", 1, top))
+            else:
+                secs = c.duration(ka[k], f"{path}.tcp_keepalive.{k}", lo=1.0, hi=float(top))
+                if secs != int(secs):
+                    raise c.fail(f"{path}.tcp_keepalive.{k}", f"{ka[k]!r}: expected whole seconds "
+                                                              f"(TCP counts keepalive in seconds)")
+                vals.append(int(secs))
+        out["tcp_keepalive"] = (vals[0], vals[1], vals[2])
+    return out
+
+
+def _mem_to_dict(svc: Service, d: dict[str, Any]) -> None:
+    for k in sorted(MEM_TIMEOUTS):
+        if getattr(svc, k):
+            d["timeouts"][k] = getattr(svc, k)
+    if svc.tcp_keepalive is not None:
+        d["tcp_keepalive"] = {k: v for k, v in zip(KEEPALIVE_KEYS, svc.tcp_keepalive, strict=True) if v}
+
+
 def _health_to_dict(h: HealthConfig, keys: set[str], base: HealthConfig | None = None) -> dict:
     """The keys of h that differ from base (all set keys when base is None)."""
     out = {}
@@ -875,6 +959,7 @@ def service_to_dict(svc: Service) -> dict:
                          "policy": svc.policy, "retries": svc.retries,
                          "timeouts": {"connect": svc.connect_timeout, "idle": svc.idle_timeout},
                          "backends": backends}
+    _mem_to_dict(svc, d)                                                      # [mem]
     if svc.policy == "maglev":
         d["hash_key"] = svc.hash_key
         if svc.hash_balance_factor:

@@ -161,6 +161,7 @@ class DataService:
         st.fall_passive = plan.fall_passive
         st.row = plan.row
         self.apply_access(plan)                                                 # [access]
+        apply_mem(self.engine, st, plan)                                    # [mem]
         self.names = dict(plan.names)
         if old is not None:
             for slot, _ in old.names:
@@ -300,8 +301,19 @@ class DataPlane:
     def connections(self) -> int:
         return len(self.engine.sessions)
 
+    def memory(self) -> dict[str, int]:
+        """[mem] This engine's buffers and timer counts (MEMORY_FIELDS)."""
+        e = self.engine
+        return {"buffers_in_use": e.buffers_in_use, "buffers_peak": e.buffers_peak,
+                "buffers_pooled": e.buffers_pooled, "buffer_waits": e.buffer_waits,
+                "buffer_budget_bytes": e.buffer_budget * _core.BUFFER_SIZE,
+                "timeouts_fin": e.timeouts_fin, "timeouts_duration": e.timeouts_duration,
+                "timeouts_first_byte": e.timeouts_first_byte}
+
     def timeouts(self) -> list[tuple[float, float]]:
-        return [(min([ds.state.connect_timeout, *ds.waits()]), ds.state.idle_timeout)   # [access]
+        """(connect, shortest of the timeouts that need a scan of every session) per service;
+        the connect figure also covers the before-connect waits ([access])."""
+        return [(min([ds.state.connect_timeout, *ds.waits()]), scan_timeout(ds.state))
                 for ds in self.services.values()]
 
     def stop_accepting(self) -> None:
@@ -369,6 +381,35 @@ async def limits_forever(engine: _core.Engine) -> None:
         _core.limits_sweep(engine)
 
 
+def sum_memory(reports: list[dict[str, int]]) -> dict[str, int]:
+    """[mem] DataPlane.memory() of several data paths, summed (buffers_peak: the sum of each
+    one's peak, an upper bound of the balancer's)."""
+    out: dict[str, int] = {}
+    for r in reports:
+        for k, v in r.items():
+            out[k] = out.get(k, 0) + v
+    return out
+
+
+def apply_mem(engine: _core.Engine, st: _core.ServiceState, plan: Plan) -> None:
+    """[mem] A plan's timers, keepalive and buffer budget onto the engine and the service."""
+    st.client_fin, st.server_fin = plan.client_fin, plan.server_fin
+    st.max_duration, st.first_byte = plan.max_duration, plan.first_byte
+    # ka_idle -1: keepalive on with the kernel's idle time
+    st.ka_idle, st.ka_interval, st.ka_count = ((plan.tcp_keepalive[0] or -1, *plan.tcp_keepalive[1:])
+                                               if plan.tcp_keepalive else (0, 0, 0))
+    if plan.buffer_budget != engine.buffer_budget * _core.BUFFER_SIZE:
+        engine.set_buffer_budget(plan.buffer_budget)
+
+
+def scan_timeout(st: _core.ServiceState) -> float:
+    """The shortest timeout the sweep checks by a scan of every session (idle, and the timers
+    of core/timers.pxi that are on)."""
+    return min([st.idle_timeout] + [t for t in (st.client_fin, st.server_fin, st.max_duration,
+                                                st.first_byte) if t > 0])
+
+
+
 async def sweep_forever(engine: _core.Engine, timeouts: Callable[[], list[tuple[float, float]]]) -> None:
     """Connect and idle timeouts without a timer per connection: connect deadlines (only the
     sessions still connecting) every tenth of the shortest connect timeout, idle stamps (every
@@ -415,6 +456,9 @@ class LocalDataPath:
 
     def connections(self) -> int:
         return self.plane.connections()
+
+    def memory(self) -> dict[str, int]:
+        return self.plane.memory()
 
     def info(self) -> list[dict[str, Any]]:
         return [{"index": 0, "pid": os.getpid(), "generation": self.plane.gen, "stopping": False,

@@ -37,6 +37,7 @@ class Sources:
     stats: Callable[[], list[dict[str, Any]]]
     services: Callable[[], Mapping[str, Service]]
     health: Callable[[str, str], HealthState | None] = lambda service, address: None
+    memory: Callable[[], Mapping[str, int]] = lambda: {}      # [mem] DataPath.memory
     started: float = field(default_factory=time.time)
     pid: int = field(default_factory=os.getpid)
 
@@ -82,4 +83,4 @@ def snapshot(src: Sources) -> dict[str, Any]:
         })
     glob: dict[str, Any] = next((s["global"] for s in rows if "global" in s), {})   # [limits]
     return {"version": __version__, "pid": src.pid, "started": src.started, "now": now,
-            "services": services, "global": glob}
+            "services": services, "global": glob, "memory": dict(src.memory())}

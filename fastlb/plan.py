@@ -80,6 +80,14 @@ class Plan:
         """[access] What the service's Admission is built from (rebuilt only when it changes)."""
         return (self.acl_allow, self.acl_deny, self.src_conns, self.src_rate, self.src_burst,
                 self.pp_accept_from, self.pp_timeout, self.client_first_byte, self.pp_send)
+    # [mem] timers (seconds, 0: off), keepalive (idle, interval, count; 0: kernel default;
+    # None: off) and this data path's share of [global] buffer_budget (bytes; 0: no cap)
+    client_fin: float = 0.0
+    server_fin: float = 0.0
+    max_duration: float = 0.0
+    first_byte: float = 0.0
+    tcp_keepalive: tuple[int, int, int] | None = None
+    buffer_budget: int = 0
 
     def to_wire(self) -> dict[str, Any]:
         return {"name": self.name, "listen": [list(a) for a in self.listen],
@@ -95,7 +103,11 @@ class Plan:
                 "access": [list(self.acl_allow), list(self.acl_deny), self.src_conns,     # [access]
                            self.src_rate, self.src_burst, list(self.pp_accept_from),
                            self.pp_timeout, self.client_first_byte,
-                           [list(x) for x in self.pp_send]]}
+                           [list(x) for x in self.pp_send]],
+                "client_fin": self.client_fin, "server_fin": self.server_fin,        # [mem]
+                "max_duration": self.max_duration, "first_byte": self.first_byte,
+                "tcp_keepalive": list(self.tcp_keepalive) if self.tcp_keepalive else None,
+                "buffer_budget": self.buffer_budget}
 
     @classmethod
     def from_wire(cls, w: Mapping[str, Any]) -> Plan:
@@ -112,7 +124,8 @@ class Plan:
                    maxconn=int(w.get("maxconn", 0)), queue_size=int(w.get("queue_size", 0)),
                    queue_timeout=float(w.get("queue_timeout", 0.0)),
                    max_conns=tuple((int(s), int(n)) for s, n in w.get("max_conns", ())),
-                   **_access_from_wire(w.get("access")))                            # [access]
+                   **_access_from_wire(w.get("access")),                            # [access]
+                   **_mem_from_wire(w))                                              # [mem]
 
 
 def _access_from_wire(a: Sequence[Any] | None) -> dict[str, Any]:
@@ -125,6 +138,16 @@ def _access_from_wire(a: Sequence[Any] | None) -> dict[str, Any]:
             "pp_accept_from": tuple(str(x) for x in pp_from), "pp_timeout": float(pp_timeout),
             "client_first_byte": float(first_byte),
             "pp_send": tuple((int(s), int(v)) for s, v in pp_send)}
+
+
+def _mem_from_wire(w: Mapping[str, Any]) -> dict[str, Any]:
+    ka = w.get("tcp_keepalive")
+    return {"client_fin": float(w.get("client_fin", 0.0)),
+            "server_fin": float(w.get("server_fin", 0.0)),
+            "max_duration": float(w.get("max_duration", 0.0)),
+            "first_byte": float(w.get("first_byte", 0.0)),
+            "tcp_keepalive": (int(ka[0]), int(ka[1]), int(ka[2])) if ka else None,
+            "buffer_budget": int(w.get("buffer_budget", 0))}
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +185,7 @@ class DataPath(Protocol):
     def acked(self) -> int: ...                  # the lowest generation every data path runs
     def close_backend(self, service: str, slot: int, why: str) -> None: ...
     def connections(self) -> int: ...
+    def memory(self) -> dict[str, int]: ...      # [mem] buffers and timer counts, summed
     def info(self) -> list[dict[str, Any]]: ...
     async def start(self) -> None: ...           # serve the snapshot applied (workers: spawn)
     async def resize(self, n: int) -> bool: ...  # True: n data paths run now

@@ -39,7 +39,7 @@ from typing import Any, AsyncIterator, Callable, Mapping
 import msgpack
 
 from fastlb import _core, spawn
-from fastlb.dataplane import check_plans
+from fastlb.dataplane import check_plans, sum_memory
 from fastlb.errors import RegistryError
 from fastlb.plan import ListenKey, Plan, Snapshot
 from fastlb.shm import zero_active
@@ -62,6 +62,7 @@ class Worker:
     ready: bool = False        # it ran a snapshot
     stopping: bool = False
     exited: asyncio.Future[int | None] = field(default_factory=asyncio.Future)
+    mem: dict[str, int] = field(default_factory=dict)   # [mem] its last report (DataPlane.memory)
 
 
 class WorkerPool:
@@ -238,6 +239,8 @@ class WorkerPool:
                 self.failures = 0
         elif "passive" in msg:
             self.on_passive(*msg["passive"])
+        elif "mem" in msg:                                  # [mem] sent once a second
+            w.mem = {str(k): int(v) for k, v in msg["mem"].items()}
 
     def tell_all(self, msg: dict[str, Any]) -> None:
         data = msgpack.packb(msg, use_bin_type=True)
@@ -255,6 +258,10 @@ class WorkerPool:
 
     def connections(self) -> int:
         return sum(self.counters.active(s) for s in range(self.counters.nslots))
+
+    def memory(self) -> dict[str, int]:
+        """[mem] The live workers' last reports (at most a second old), summed."""
+        return sum_memory([w.mem for w in self.workers if w.verified and not w.stopping])
 
     async def wait_acked(self, w: Worker, timeout: float = 10.0) -> bool:
         deadline = self.loop.time() + timeout

@@ -158,6 +158,17 @@ class FastLBCollector(Collector):
              sum(b["active"] for s in snap["services"] for b in s["backends"])),
         ]:
             yield GaugeMetricFamily(f"fastlb_process_{name}", help_, value=value)
+        mem = snap.get("memory") or {}                         # [mem] no HAProxy equivalent
+        for name, help_, key in [
+            ("buffers_in_use", "Connection buffers holding unsent bytes now, over every worker.",
+             "buffers_in_use"),
+            ("buffers_in_use_max", "The most connection buffers in use at once since the start "
+             "(the sum of each worker's).", "buffers_peak"),
+            ("buffer_budget_bytes", "The cap on connection buffers ([global] buffer_budget), "
+             "over every worker.", "buffer_budget_bytes"),
+        ]:
+            if key in mem:
+                yield GaugeMetricFamily(f"fastlb_{name}", help_, value=mem[key])
 
     def _backends(self, services: list[dict[str, Any]]) -> Iterator[Metric]:
         for suffix, kind, help_, field in BACKEND_SUMS:

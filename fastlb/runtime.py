@@ -17,7 +17,7 @@ from types import MappingProxyType
 from typing import Any, Callable, Mapping
 
 from fastlb import _core, dns
-from fastlb.config import MAX_WEIGHT, Backend, Service
+from fastlb.config import MAX_WEIGHT, Backend, GlobalConfig, Service
 from fastlb.health import HealthChecker
 from fastlb.plan import Plan, PlanBackend
 from fastlb.shm import SERVICE_ROW, SharedState
@@ -43,9 +43,15 @@ def policy_options(svc: Service) -> tuple[tuple[str, int], ...]:
 NO_MEMBERS: Mapping[str, dns.Members] = MappingProxyType({})
 
 
+def budget_per_worker(g: GlobalConfig) -> int:
+    """[mem] Each data path's share of [global] buffer_budget: split evenly between the
+    workers (config checked it leaves each at least 4 buffers)."""
+    return g.buffer_budget // max(1, g.workers)
+
+
 def compute_plan(svc: Service, slot_of: Callable[[str], int], is_up: Callable[[int], bool],
                  ramps: Mapping[str, float], now: float,
-                 members: Mapping[str, dns.Members] = NO_MEMBERS) -> Plan:
+                 members: Mapping[str, dns.Members] = NO_MEMBERS, buffer_budget: int = 0) -> Plan:
     """The data path's view of ``svc`` at ``now``: ready backends with their effective weights
     (a ramp started at ``ramps[id]`` eases a backend in over health.slowstart), and panic
     mode (fewer than panic_threshold % of the ready backends up: all count as up). A ready
@@ -90,7 +96,10 @@ def compute_plan(svc: Service, slot_of: Callable[[str], int], is_up: Callable[[i
                 names=tuple((slot_of(t.id), t.id) for t in dns.targets(svc, members)),
                 options=policy_options(svc),
                 **limits_fields(svc, slot_of, members),                          # [limits]
-                **access_fields(svc, slot_of, members))                          # [access]
+                **access_fields(svc, slot_of, members),                          # [access]
+                client_fin=svc.client_fin, server_fin=svc.server_fin,          # [mem]
+                max_duration=svc.max_duration, first_byte=svc.first_byte,
+                tcp_keepalive=svc.tcp_keepalive, buffer_budget=buffer_budget)
 
 
 def limits_fields(svc: Service, slot_of: Callable[[str], int],
@@ -127,8 +136,10 @@ class ServiceRuntime:
     """One running service: its config, slots, health tracking, ramps and panic state."""
 
     def __init__(self, svc: Service, shared: SharedState, health: HealthChecker,
-                 generation: Callable[[], int], members: Mapping[str, dns.Members] = NO_MEMBERS) -> None:
+                 generation: Callable[[], int], members: Mapping[str, dns.Members] = NO_MEMBERS,
+                 buffer_budget: int = 0) -> None:
         self.shared = shared
+        self.buffer_budget = buffer_budget        # [mem] budget_per_worker([global])
         self.health = health
         self.generation = generation
         self.config: Service | None = None
@@ -194,7 +205,7 @@ class ServiceRuntime:
         slots = self.shared.slots
         name = self.svc.name
         return compute_plan(self.svc, lambda a: slots.get((name, a), -1), self.shared.health.is_up,
-                            self.ramp, now, self.members)
+                            self.ramp, now, self.members, self.buffer_budget)
 
     def tick(self, plan: Plan, now: float) -> None:
         """Time moves: forget finished ramps; log a panic transition once."""

@@ -46,7 +46,7 @@ from fastlb.health import HealthChecker
 from fastlb.listeners import Listeners, fmt
 from fastlb.plan import DataPath, ListenKey, Snapshot
 from fastlb.registry import Registry, reconcile
-from fastlb.runtime import ServiceRuntime, compute_plan
+from fastlb.runtime import ServiceRuntime, budget_per_worker, compute_plan
 from fastlb.shm import SERVICE_ROW, SharedState, blocks_for
 from fastlb.worker import raise_fd_limit
 
@@ -190,7 +190,8 @@ class Supervisor:
                                       lambda slot: slot >= 0 and bool(health.is_up(slot)),
                                       rt.ramp if rt else {}, now,
                                       members[svc.name] if members and svc.name in members
-                                      else self._members(svc.name)))
+                                      else self._members(svc.name),
+                                      budget_per_worker(self.cfg.global_)))    # [mem]
         return Snapshot(self.gen + 1, tuple(plans), tuple(sorted(wanted_listeners(services))),
                         maxconn=self.view.maxconn)                              # [limits]
 
@@ -254,7 +255,8 @@ class Supervisor:
                 rt = self.runtimes.get(name)
                 if rt is None:
                     self.runtimes[name] = ServiceRuntime(svc, self.shared, self.health, lambda: self.gen + 1,
-                                                         self.dns.of(name))
+                                                         self.dns.of(name),
+                                                         budget_per_worker(self.cfg.global_))   # [mem]
                 elif rt.config != svc:
                     rt.configure(svc)
             self.dns.sync(snapshot)                   # follow added entries, forget removed ones
@@ -508,7 +510,7 @@ class Supervisor:
             from fastlb import httpapi, observe
             self.metrics_server = await httpapi.serve_http(g.metrics, observe.Sources(
                 stats=self.stats, services=lambda: self.registry.snapshot,
-                health=self.health.state))
+                health=self.health.state, memory=self.datapath.memory))   # [mem]
         log.info("fastlb ready: %d service(s), %d worker(s), pid %d", len(self.runtimes),
                  g.workers, os.getpid())
         sdnotify.ready(self._status_line())

@@ -108,6 +108,12 @@ class WorkerProcess:
     def report_passive(self, service: str, address: str, failures: int, reason: str) -> None:
         self.send({"passive": [service, address, failures, reason]})
 
+    async def report_memory(self) -> None:
+        """[mem] Buffers and timer counts to the supervisor once a second (metrics)."""
+        while True:
+            await asyncio.sleep(1.0)
+            self.send({"mem": self.plane.memory()})
+
     def send(self, msg: dict[str, Any]) -> None:
         try:
             self.control.send(msgpack.packb(msg, use_bin_type=True))
@@ -127,7 +133,9 @@ class WorkerProcess:
         self.loop.add_signal_handler(signal.SIGHUP, lambda: None)   # the supervisor reloads
         self.send({"hello": os.environ.get(TOKEN_ENV) or token(), "pid": os.getpid()})
         self.loop.add_reader(self.control.fileno(), self.on_control)
+        reporter = self.loop.create_task(self.report_memory())      # [mem]
         await self.stop_event.wait()
+        reporter.cancel()
         await self.plane.finish(self.args.grace if self.mode == "term" else 0.0,
                                 lambda: self.mode == "int")
         self.loop.remove_reader(self.control.fileno())

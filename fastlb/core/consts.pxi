@@ -40,8 +40,9 @@ cdef enum:
     # batch under load, small enough that one busy listener cannot starve the others.
     MAX_EVENTS = 256
     ACCEPT_BATCH = 64
-    # Freed buffers kept for reuse: saves a malloc/free pair (often mmap/munmap) per connection.
-    # 512 x 256 KiB bounds what a past burst keeps resident at 128 MiB.
+    # Freed buffers kept for reuse: saves an mmap/munmap pair per connection. 512 x 256 KiB
+    # bounds what a burst keeps resident at 128 MiB, for at most a second: the sweep unmaps
+    # what the last second did not use (core/buffers.pxi).
     BUFFER_POOL = 512
     # epoll event data: a Session/Listener pointer with one of these tags in its low bits.
     TAG_LISTENER = 0
@@ -86,7 +87,7 @@ HASH_MODES = {"source_ip": HASH_SOURCE_IP, "source_ip_port": HASH_SOURCE_IP_PORT
 globals().update(
     MAX_SLOTS=int(MAX_SLOTS), MAX_TRIED=int(MAX_TRIED), MAX_RETRIES=int(MAX_RETRIES),
     MAX_WEIGHT=int(MAX_WEIGHT), MAX_BALANCE_FACTOR=int(MAX_BALANCE_FACTOR),
-    MAX_FAILS=int(MAX_FAILS), LIMITS_RETRY=LIMITS_RETRY,
+    MAX_FAILS=int(MAX_FAILS), LIMITS_RETRY=LIMITS_RETRY, BUFFER_SIZE=int(ENGINE_BUFSIZE),
     CTR_ACTIVE=int(CTR_ACTIVE), CTR_TOTAL=int(CTR_TOTAL), CTR_BYTES_IN=int(CTR_BYTES_IN),
     CTR_BYTES_OUT=int(CTR_BYTES_OUT), CTR_CONNECT_FAILURES=int(CTR_CONNECT_FAILURES),
 )

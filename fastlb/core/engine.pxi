@@ -60,7 +60,7 @@ cdef inline void _close_fd(int fd) noexcept nogil:
 
 cdef inline void _free_buffer(char *buf, bint in_use) noexcept nogil:
     if buf != NULL:
-        free(buf)
+        munmap(buf, ENGINE_BUFSIZE)            # [mem] buffers are mappings (core/buffers.pxi)
         flb_dbg_add(FLB_DBG_BUFFERS, -1)
         if in_use:
             flb_dbg_add(FLB_DBG_BUFFERS_IN_USE, -1)
@@ -97,6 +97,14 @@ cdef class ServiceState:
     cdef bint dequeuing                  # lim_dequeue is running (no re-entry)
 
     cdef public Admission adm            # [access] ACL, source limits, PROXY (None: none)
+    # [mem] timers (seconds, 0: off; core/timers.pxi) and TCP keepalive (ka_idle 0: off)
+    cdef public double client_fin
+    cdef public double server_fin
+    cdef public double max_duration
+    cdef public double first_byte
+    cdef public int ka_idle
+    cdef public int ka_interval
+    cdef public int ka_count
 
     def __init__(self, str name):
         self.name = name
@@ -173,6 +181,21 @@ cdef class Engine:
     cdef public object on_local_error    # callable(what, OSError, count) or None
     cdef long long local_unreported[2]   # local errors since the last report: accept, connect
     cdef double local_reported_at[2]
+    # [mem] buffers (core/buffers.pxi) and timers (core/timers.pxi)
+    cdef readonly int buffers_in_use     # buffers held by sessions now
+    cdef readonly int buffers_peak       # the most held at once since the engine started
+    cdef readonly int buffer_budget      # at most this many in use (0: no cap); set_buffer_budget
+    cdef int buffer_reserve
+    cdef readonly long long buffer_waits # times a direction waited for a buffer
+    cdef int pool_low                    # lowest npool since the last trim
+    cdef double next_trim
+    cdef void *wait_first                # FIFOs of sessions waiting for a buffer (borrowed:
+    cdef void *wait_first_tail           # a session leaves them before it is freed)
+    cdef void *wait_second
+    cdef void *wait_second_tail
+    cdef readonly long long timeouts_fin        # sessions closed by client_fin/server_fin
+    cdef readonly long long timeouts_duration   # by max_duration
+    cdef readonly long long timeouts_first_byte # by first_byte
 
     def __cinit__(self):
         self.epfd = -1
@@ -313,28 +336,35 @@ cdef class Engine:
             self.consec[slot] = 0
 
     # -- buffers: a pool of ENGINE_BUFSIZE blocks ------------------------------------------------
+    # (core/buffers.pxi holds the logic: budget, waiters, trimming)
     cdef char *_take_buffer(self) noexcept:
-        cdef char *buf
-        if self.npool:
-            self.npool -= 1
-            buf = self.pool[self.npool]
-        else:
-            buf = <char *>malloc(ENGINE_BUFSIZE)
-            if buf == NULL:
-                return NULL
-            flb_dbg_add(FLB_DBG_BUFFERS, 1)
-        flb_dbg_add(FLB_DBG_BUFFERS_IN_USE, 1)
-        return buf
+        return _buf_take(self)
 
     cdef void _give_buffer(self, char *buf) noexcept:
-        if buf == NULL:
-            return
-        if self.pool != NULL and self.npool < BUFFER_POOL:
-            flb_dbg_add(FLB_DBG_BUFFERS_IN_USE, -1)
-            self.pool[self.npool] = buf
-            self.npool += 1
-        else:
-            _free_buffer(buf, True)
+        _buf_give(self, buf)
+
+    def set_buffer_budget(self, long long nbytes):
+        """Cap the buffers in use at ``nbytes`` (whole buffers of BUFFER_SIZE bytes; 0: no cap)."""
+        if nbytes < 0:
+            raise CoreArgumentError(f"buffer budget must be >= 0, got {nbytes}")
+        cdef long long n = nbytes // ENGINE_BUFSIZE
+        if nbytes and n < BUFFER_RESERVE + 2:
+            raise CoreArgumentError(f"buffer budget {nbytes} is less than {BUFFER_RESERVE + 2} "
+                                    f"buffers of {ENGINE_BUFSIZE} bytes")
+        self.buffer_budget = <int>min(n, 1 << 30)
+        self.buffer_reserve = BUFFER_RESERVE if n else 0
+        cdef char *buf
+        while ((self.wait_second != NULL and _buf_allowed(self, 1))      # a raised cap:
+               or (self.wait_first != NULL and _buf_allowed(self, 0))):  # serve the waiters
+            buf = _buf_take(self)
+            if buf == NULL:
+                break
+            _buf_give(self, buf)
+
+    @property
+    def buffers_pooled(self):
+        """Free buffers kept for reuse now."""
+        return self.npool
 
     # -- listeners ---------------------------------------------------------------------------------
     def listen(self, sock, ServiceState svc, bint shared=False):
@@ -427,12 +457,14 @@ cdef class Engine:
                 return
             flb_dbg_add(FLB_DBG_FDS, 1)
             setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(int))
+            _keepalive(fd, svc)                 # [mem]
             s = Session.__new__(Session)
             s.eng = self
             s.svc = svc
             s.cfd = fd
             s.last = self.now
             lim_admitted(self, s)               # [limits] the session holds its place
+            s.born = self.now                   # [mem] max_duration
             if svc.hash_mode != HASH_NONE:
                 s.key = _hash_peer(&ss, svc.hash_mode)
             self.sessions.add(s)
@@ -445,7 +477,8 @@ cdef class Engine:
     def sweep(self, bint idle=True):
         """Fail connects past their deadline (the few sessions still connecting) and, with
         ``idle``, close sessions idle for their service's idle timeout (all sessions: call it
-        at the idle cadence). Returns the number closed as idle."""
+        at the idle cadence), or past one of the timeouts of core/timers.pxi. Returns the
+        number closed as idle. Trims the buffer pool once a second."""
         cdef Session s
         cdef int closed = 0
         cdef double now = _coarse_now()
@@ -460,6 +493,11 @@ cdef class Engine:
                 if s.state == S_OPEN and now - s.last >= s.svc.idle_timeout:
                     s._close()
                     closed += 1
+                elif _timers_expired(s, now):       # [mem] fin, max_duration, first_byte
+                    s._close()
+        if now >= self.next_trim:                   # [mem] give back what a burst left
+            self.next_trim = now + 1.0
+            _buf_trim(self)
         self._bury()
         return closed
 

@@ -82,6 +82,15 @@ cdef class Session:
     cdef SourceTable srctab
     cdef Py_ssize_t src_entry            # -1: nothing to release
 
+    # [mem] buffer waits (core/buffers.pxi) and timers (core/timers.pxi)
+    cdef int bwait                       # directions waiting for a buffer (BUF_WAIT_*)
+    cdef bint wlinked                    # in one of the engine's wait FIFOs
+    cdef bint wsecond                    # ... the one of sessions holding a buffer
+    cdef void *wprev
+    cdef void *wnext
+    cdef double born                     # accepted at (coarse clock)
+    cdef double first_sent               # the first client byte reached the backend (0: not yet)
+
     def __cinit__(self):
         # Every Session starts owning nothing, even one made by Session.__new__ from Python,
         # so that freeing it can never close an fd it does not own (fd 0 of a zeroed object).
@@ -124,7 +133,9 @@ cdef class Session:
         cdef uint32_t cw = 0, bw = 0
         if self.state == S_CLOSED:
             return
-        if not self.c_eof and self.c2b.end == 0:
+        if self.bwait & BUF_WAIT_C2B:
+            pass                                # [mem] no buffer to read into: wait
+        elif not self.c_eof and self.c2b.end == 0:
             cw |= EPOLLIN                       # c2b empty: read the client
         elif (not self.c_eof and (self.state == S_CONNECTING or self.state == S_QUEUED)
                 and self.c2b.end < ENGINE_BUFSIZE):
@@ -134,7 +145,7 @@ cdef class Session:
         if self.state == S_CONNECTING:
             bw = EPOLLOUT
         else:
-            if not self.b_eof and self.b2c.end == 0:
+            if not self.b_eof and self.b2c.end == 0 and not (self.bwait & BUF_WAIT_B2C):
                 bw |= EPOLLIN
             if self.c2b.end > self.c2b.start:
                 bw |= EPOLLOUT
@@ -143,11 +154,6 @@ cdef class Session:
             self.eng._epoll_failed(self, errno)
 
     # -- moving bytes -------------------------------------------------------------------------
-    cdef inline char *_buf(self, Buf *b) noexcept:
-        if b.data == NULL:
-            b.data = self.eng._take_buffer()
-        return b.data
-
     cdef int _flush(self, Buf *b, int dst) noexcept:
         """Send b's unsent bytes to dst. 1: all sent, 0: would block, -1: error (closed)."""
         cdef ssize_t w
@@ -156,6 +162,8 @@ cdef class Session:
             if w > 0:
                 b.start += w
                 self.last = self.eng.now
+                if self.first_sent == 0 and dst == self.bfd:
+                    self.first_sent = self.eng.now  # [mem] first_byte's clock starts
             elif errno == EINTR:
                 continue
             elif errno == EAGAIN:
@@ -165,18 +173,22 @@ cdef class Session:
                 return -1
         b.start = 0
         b.end = 0
+        _buf_put(self, b)                       # [mem] drained: back to the pool
         return 1
 
     cdef int _pump(self, int src, int dst, Buf *b, int field, bint *eof) noexcept:
         """Read src and forward to dst until src would block, dst would block, or EOF.
         Precondition: b is empty. Returns -1 when the session was closed."""
         cdef ssize_t r
-        cdef char *data = self._buf(b)
-        if data == NULL:
-            self._close()
-            return -1
+        cdef int got
         while True:
-            r = recv(src, data, ENGINE_BUFSIZE, 0)
+            if b.data == NULL:                  # [mem] given back when drained: take one
+                got = _buf_get(self, b)
+                if got <= 0:                    # 0: waits for one (out of EPOLLIN)
+                    if got < 0:
+                        self._close()
+                    return got
+            r = recv(src, b.data, ENGINE_BUFSIZE, 0)
             if r > 0:
                 if src == self.bfd and not self.b_seen:
                     self.b_seen = True
@@ -191,10 +203,12 @@ cdef class Session:
                     return 0
             elif r == 0:
                 eof[0] = True
+                _buf_put(self, b)               # [mem]
                 return 0
             elif errno == EINTR:
                 continue
             elif errno == EAGAIN:
+                _buf_put(self, b)               # [mem] nothing read: hold no buffer
                 return 0
             else:
                 if src == self.bfd and not self.b_seen:
@@ -228,17 +242,21 @@ cdef class Session:
                     if self._pump(self.cfd, self.bfd, &self.c2b, CTR_BYTES_IN, &self.c_eof) < 0:
                         return
             elif self.c2b.end < ENGINE_BUFSIZE:  # connecting: keep what the client sends
-                if self._buf(&self.c2b) == NULL:
+                r = _buf_get(self, &self.c2b)
+                if r < 0:
                     self._close()
                     return
-                r = recv(self.cfd, self.c2b.data + self.c2b.end, ENGINE_BUFSIZE - self.c2b.end, 0)
-                if r > 0:
-                    self.c2b.end += r
-                elif r == 0:
-                    self.c_eof = True
-                elif errno != EAGAIN and errno != EINTR:
-                    self._close()
-                    return
+                if r > 0:                       # [mem] 0: waits for a buffer
+                    r = recv(self.cfd, self.c2b.data + self.c2b.end,
+                             ENGINE_BUFSIZE - self.c2b.end, 0)
+                    if r > 0:
+                        self.c2b.end += r
+                    elif r == 0:
+                        self.c_eof = True
+                    elif errno != EAGAIN and errno != EINTR:
+                        self._close()
+                        return
+                    _buf_put(self, &self.c2b)   # [mem] nothing kept: hold no buffer
         self._shut_if_done()
         self._update()
 
@@ -291,6 +309,7 @@ cdef class Session:
                 continue
             flb_dbg_add(FLB_DBG_FDS, 1)
             setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(int))
+            _keepalive(fd, svc)                 # [mem]
             self.bfd = fd
             self.bev = 0
             if connect(fd, <const sockaddr *>sap, <socklen_t>len(sa)) == 0:
@@ -365,6 +384,8 @@ cdef class Session:
         if self.state == S_CLOSED:
             return
         cdef Engine eng = self.eng
+        cdef char *cbuf
+        cdef char *bbuf
         if self.state == S_CONNECTING or self.state == S_WAITING:
             eng.connecting.discard(self)
         cdef bint freed = lim_release(self)     # [limits] queue, backend and service places
@@ -382,10 +403,14 @@ cdef class Session:
         if self.bfd >= 0:
             _close_fd(self.bfd)
             self.bfd = -1
-        eng._give_buffer(self.c2b.data)
-        eng._give_buffer(self.b2c.data)
+        _buf_unwait(self)                       # [mem] waits for no buffer any more
+        self.bwait = 0
+        cbuf = self.c2b.data
+        bbuf = self.b2c.data
         self.c2b.data = NULL
         self.b2c.data = NULL
+        eng._give_buffer(cbuf)                  # (may hand them to waiters at once)
+        eng._give_buffer(bbuf)
         lim_closed(eng, self.svc, freed)        # [limits] re-arm listeners, serve the queue
 
     def __dealloc__(self):

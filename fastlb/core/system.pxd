@@ -94,3 +94,28 @@ cdef extern from "<stdio.h>" nogil:
 cdef extern from "<string.h>" nogil:
     const char *strerror(int errnum)
     size_t strlen(const char *s)
+
+# [mem] buffers are mappings of their own (mmap/munmap: glibc's malloc keeps freed 256 KiB
+# blocks in its heap once its dynamic mmap threshold has risen, so free() returned nothing),
+# and TCP keepalive.
+cdef extern from "<sys/mman.h>" nogil:
+    void *mmap(void *addr, size_t length, int prot, int flags, int fd, long offset)
+    int munmap(void *addr, size_t length)
+    int madvise(void *addr, size_t length, int advice)
+    void *MAP_FAILED
+    enum:
+        PROT_READ
+        PROT_WRITE
+        MAP_PRIVATE
+        MAP_ANONYMOUS
+        MADV_DONTNEED
+
+cdef extern from "<sys/socket.h>" nogil:
+    enum:
+        SO_KEEPALIVE
+
+cdef extern from "<netinet/tcp.h>" nogil:
+    enum:
+        TCP_KEEPIDLE
+        TCP_KEEPINTVL
+        TCP_KEEPCNT

@@ -193,8 +193,9 @@ def test_every_resource_is_released_at_engine_teardown(debug_build):
     got = json.loads(out.stdout.splitlines()[-1])
     assert got["before"] == {"sessions": 0, "buffers": 0, "buffers_in_use": 0, "fds": 1, "engines": 1}
     opened = got["open"]
-    assert opened["sessions"] >= 5 and opened["fds"] >= 1 + 2 * 5 and opened["buffers_in_use"] >= 5
-    assert opened["buffers"] >= opened["buffers_in_use"]          # the pool keeps freed ones
+    # idle sessions hold no buffer (given back when drained); the pool keeps the freed ones
+    assert opened["sessions"] >= 5 and opened["fds"] >= 1 + 2 * 5 and opened["buffers_in_use"] == 0
+    assert opened["buffers"] >= 1
     assert got["after"] == {"sessions": 0, "buffers": 0, "buffers_in_use": 0, "fds": 0, "engines": 0}
     assert got["epoll_errors"] == 2
     assert got["errors"] == ["fastlb core: epoll_ctl failed: 1 session(s) closed"], got["errors"]

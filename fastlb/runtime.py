@@ -51,7 +51,7 @@ def budget_per_worker(g: GlobalConfig) -> int:
 
 def compute_plan(svc: Service, slot_of: Callable[[str], int], is_up: Callable[[int], bool],
                  ramps: Mapping[str, float], now: float,
-                 members: Mapping[str, dns.Members] = NO_MEMBERS, buffer_budget: int = 0) -> Plan:
+                 members: Mapping[str, dns.Members] = NO_MEMBERS, *, buffer_budget: int = 0) -> Plan:
     """The data path's view of ``svc`` at ``now``: ready backends with their effective weights
     (a ramp started at ``ramps[id]`` eases a backend in over health.slowstart), and panic
     mode (fewer than panic_threshold % of the ready backends up: all count as up). A ready
@@ -205,7 +205,7 @@ class ServiceRuntime:
         slots = self.shared.slots
         name = self.svc.name
         return compute_plan(self.svc, lambda a: slots.get((name, a), -1), self.shared.health.is_up,
-                            self.ramp, now, self.members, self.buffer_budget)
+                            self.ramp, now, self.members, buffer_budget=self.buffer_budget)
 
     def tick(self, plan: Plan, now: float) -> None:
         """Time moves: forget finished ramps; log a panic transition once."""

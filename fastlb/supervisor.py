@@ -191,7 +191,7 @@ class Supervisor:
                                       rt.ramp if rt else {}, now,
                                       members[svc.name] if members and svc.name in members
                                       else self._members(svc.name),
-                                      budget_per_worker(self.cfg.global_)))    # [mem]
+                                      buffer_budget=budget_per_worker(self.cfg.global_)))   # [mem]
         return Snapshot(self.gen + 1, tuple(plans), tuple(sorted(wanted_listeners(services))),
                         maxconn=self.view.maxconn)                              # [limits]
 

@@ -80,7 +80,7 @@ def test_the_plan_carries_them_over_the_wire():
     cfg = load('buffer_budget = "16m"', 'timeouts = { client_fin = "1s", first_byte = "3s" }\n'
                                         'tcp_keepalive = { idle = "30s", count = 4 }')
     p = compute_plan(cfg.services[0], lambda a: 0, lambda s: True, {}, 0.0,
-                     budget_per_worker(cfg.global_))
+                     buffer_budget=budget_per_worker(cfg.global_))
     assert (p.client_fin, p.first_byte, p.tcp_keepalive, p.buffer_budget) == \
         (1.0, 3.0, (30, 0, 4), 16 << 20)
     assert Plan.from_wire(p.to_wire()) == p

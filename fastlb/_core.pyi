@@ -93,6 +93,37 @@ class Gauges:
     def reclaim(self, block: int) -> int: ...
     def zero(self, row: int) -> None: ...
 
+# [obs] the connection log rings and the histograms (core/connlog.pxi)
+ConnLogRecord = tuple[int, int, int, int, int, int, int, int, tuple[str, int] | None, int, int,
+                      int, int, int]
+
+class ConnLog:
+    nrows: int
+    nblocks: int
+    block: int
+    capacity: int
+    def __init__(self, buffer: WriteableBuffer, nrows: int, nblocks: int = 1, block: int = 0,
+                 capacity: int = ..., seed: int = 0) -> None: ...
+    @staticmethod
+    def size_for(nrows: int, nblocks: int = 1, capacity: int = ...) -> int: ...
+    def pending(self, block: int) -> int: ...
+    def dropped(self, block: int) -> int: ...
+    def drain(self, block: int, limit: int = ...) -> list[ConnLogRecord]: ...
+    def histogram(self, row: int, kind: int) -> tuple[list[int], int]: ...
+    def zero(self, row: int) -> None: ...
+    def py_observe(self, row: int, kind: int, us: int) -> None: ...
+    def py_sampled(self, threshold: int) -> bool: ...
+    def py_push(self, rec: ConnLogRecord) -> bool: ...
+
+H_CONNECT: int
+H_DURATION: int
+HB_BUCKETS: int
+CL_DEFAULT_CAPACITY: int
+CL_MAX_CAPACITY: int
+TERM_NCODES: int
+TERM_CODES: tuple[str, ...]
+HISTOGRAM_EDGES_US: tuple[int, ...]
+
 class Policy:
     """One constructor for every policy; each uses what it needs and refuses unknown options."""
     NAME: ClassVar[str | None]
@@ -143,6 +174,7 @@ class ServiceState:
     fall_passive: int
     on_passive_down: Callable[[int, int, str], None] | None
     row: int
+    log_sample: int   # [obs]
     def __init__(self, name: str) -> None: ...
     def set_backends(self, policy: Policy | None, addrs: dict[int, tuple[str, int]]) -> None: ...
 
@@ -157,6 +189,7 @@ class Engine:
     on_accept_error: Callable[[OSError], None] | None
     epoll_errors: int
     gauges: Gauges
+    connlog: ConnLog | None   # [obs]
     def __init__(self, loop: Any, counters: Counters, block: int = 0,
                  gauges: Gauges | None = None) -> None: ...
     @property

@@ -105,6 +105,18 @@ class Backend:
 
 
 @dataclass(frozen=True, slots=True)
+class ConnLogConfig:
+    """[obs] A service's connection log: ``log = { connections = true, format = "text",
+    sample = 1.0 }`` (docs/connlog.md)."""
+    connections: bool = False           # one line per connection when it ends
+    format: str = "text"                # text | json
+    sample: float = 1.0                 # the fraction of connections logged, 0.0 to 1.0
+
+
+CONNLOG_FORMATS = ("text", "json")
+
+
+@dataclass(frozen=True, slots=True)
 class Service:
     name: str
     listen: tuple[Address, ...]
@@ -117,6 +129,7 @@ class Service:
     connect_timeout: float = DEFAULTS["connect"]
     idle_timeout: float = DEFAULTS["idle"]
     health: HealthConfig | None = None   # None: no active checks, backends stay up
+    log: ConnLogConfig | None = None     # [obs] the connection log (None: off)
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +142,7 @@ class GlobalConfig:
     state_file: str | None = None          # where acknowledged admin changes are kept
     log_format: str = "text"               # [obs] "text" or "json" (fastlb/logs.py)
     log_level: str = "info"                # [obs] debug | info | warning | error
+    connlog: str = "stderr"                # [obs] the connection log's destination (_connlog)
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,7 +320,7 @@ def from_dict(doc: dict, *, source: str = "config", text: str = "", resolve: boo
     c.table(doc, "", {"global", "service"})
     g = c.table(doc.get("global", {}), "global",
                 {"workers", "grace", "admin", "admin_token_file", "state_file", "metrics",
-                 "log_format", "log_level"})                                  # [obs] logs
+                 "log_format", "log_level", "connlog"})                       # [obs] logs
     workers = g.get("workers", DEFAULTS["workers"])
     if workers == "auto":
         workers = min(cpus.usable(), MAX_WORKERS)
@@ -337,7 +351,8 @@ def from_dict(doc: dict, *, source: str = "config", text: str = "", resolve: boo
                         log_format=c.choice(g.get("log_format", "text"), "global.log_format",   # [obs]
                                             ("text", "json")),                                  # [obs]
                         log_level=c.choice(g.get("log_level", "info"), "global.log_level",      # [obs]
-                                           ("debug", "info", "warning", "error")))              # [obs]
+                                           ("debug", "info", "warning", "error")),              # [obs]
+                        connlog=_connlog_destination(c, g.get("connlog", "stderr")))            # [obs]
     services_raw = doc.get("service", [])
     if not isinstance(services_raw, list):
         raise c.fail("service", "expected an array of tables ([[service]])")
@@ -361,6 +376,37 @@ def from_dict(doc: dict, *, source: str = "config", text: str = "", resolve: boo
 
 SERVICE_KEYS = {"name", "listen", "policy", "hash_key", "hash_balance_factor", "max_fails", "retries",
                 "timeouts", "backends", "health"}
+SERVICE_KEYS |= {"log"}                                                       # [obs] connlog
+CONNLOG_KEYS = {"connections", "format", "sample"}
+
+
+def _connlog(c: _Checker, raw: dict, path: str) -> ConnLogConfig | None:
+    """[obs] A service's ``log`` table (None when absent). docs/config.md, Connection log."""
+    if "log" not in raw:
+        return None
+    t = c.table(raw["log"], f"{path}.log", CONNLOG_KEYS)
+    on = t.get("connections", False)
+    if not isinstance(on, bool):
+        raise c.fail(f"{path}.log.connections", f"expected true or false, got {_kind(on)}")
+    fmt = c.choice(t.get("format", "text"), f"{path}.log.format", CONNLOG_FORMATS)
+    sample = t.get("sample", 1.0)
+    if not isinstance(sample, (int, float)) or isinstance(sample, bool) or not 0 <= sample <= 1:
+        raise c.fail(f"{path}.log.sample", f"expected a number from 0.0 to 1.0 (the fraction of "
+                                           f"connections logged), got {_kind(sample)}")
+    return ConnLogConfig(connections=on, format=fmt, sample=float(sample))
+
+
+def _connlog_destination(c: _Checker, value: Any) -> str:
+    """[obs] ``[global] connlog``: stderr, file:/path, syslog:unix:/path, syslog:udp:host:port."""
+    ok = isinstance(value, str) and (
+        value == "stderr" or re.fullmatch(r"file:.+|syslog:unix:.+", value) is not None
+        or re.fullmatch(r"syslog:udp:(\[[^\]]+\]|[^:\[\]]+):\d+", value) is not None)
+    if not ok:
+        raise c.fail("global.connlog", f"{value!r}: expected \"stderr\", \"file:/path\", "
+                                       f"\"syslog:unix:/dev/log\" or \"syslog:udp:127.0.0.1:514\"")
+    if value.startswith("syslog:udp:"):
+        c.address(value[len("syslog:udp:"):], "global.connlog", resolve=True)
+    return str(value)
 
 
 def _health(c: _Checker, raw: Any, path: str, keys: set[str], base: HealthConfig) -> HealthConfig:
@@ -470,7 +516,8 @@ def service_from_dict(raw: Any, path: str, c: _Checker | None = None, *,
                                 bhealth))
     return Service(name=name, listen=listen, backends=tuple(backends), policy=policy,
                    hash_key=hash_key, hash_balance_factor=balance, max_fails=max_fails,
-                   retries=retries, connect_timeout=connect, idle_timeout=idle, health=health)
+                   retries=retries, connect_timeout=connect, idle_timeout=idle, health=health,
+                   log=_connlog(c, raw, path))                                # [obs]
 
 
 def _health_to_dict(h: HealthConfig, keys: set[str], base: HealthConfig | None = None) -> dict:
@@ -506,6 +553,9 @@ def service_to_dict(svc: Service) -> dict:
         d["max_fails"] = svc.max_fails
     if svc.health is not None:
         d["health"] = _health_to_dict(svc.health, HEALTH_SERVICE_KEYS)
+    if svc.log is not None:                                                   # [obs]
+        d["log"] = {"connections": svc.log.connections, "format": svc.log.format,
+                    "sample": svc.log.sample}
     return d
 
 

@@ -127,6 +127,7 @@ class DataService:
         st.hash_mode = plan.hash_mode
         st.fall_passive = plan.fall_passive
         st.row = plan.row
+        st.log_sample = plan.log_sample                 # [obs] the connection log's sampling
         self.names = dict(plan.names)
         if old is not None:
             for slot, _ in old.names:
@@ -193,7 +194,8 @@ class DataPlane:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, health: _core.HealthBitmap,
                  counters: _core.Counters, block: int, on_passive: PassiveReport, *,
-                 shared_listeners: bool, gauges: _core.Gauges | None = None) -> None:
+                 shared_listeners: bool, gauges: _core.Gauges | None = None,
+                 connlog: _core.ConnLog | None = None) -> None:
         self.loop = loop
         self.health = health
         self.counters = counters
@@ -201,6 +203,7 @@ class DataPlane:
         self.shared_listeners = shared_listeners
         self.engine = _core.Engine(loop, counters, block, gauges)
         self.engine.on_accept_error = self._on_accept_error
+        self.engine.connlog = connlog                   # [obs] None: no log, no histograms
         self.services: dict[str, DataService] = {}
         self.sockets: Mapping[ListenKey, socket.socket] = {}
         self.gen = 0
@@ -300,9 +303,9 @@ class LocalDataPath:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, health: _core.HealthBitmap,
                  counters: _core.Counters, on_passive: PassiveReport,
-                 gauges: _core.Gauges | None = None) -> None:
+                 gauges: _core.Gauges | None = None, connlog: _core.ConnLog | None = None) -> None:
         self.plane = DataPlane(loop, health, counters, 0, on_passive, shared_listeners=False,
-                               gauges=gauges)
+                               gauges=gauges, connlog=connlog)
         self._now = False
 
     def check(self, snapshot: Snapshot) -> None:

@@ -59,6 +59,7 @@ class Plan:
     names: tuple[tuple[int, str], ...]              # every backend (slot, address), for logs
     options: tuple[tuple[str, int], ...] = ()       # policy options (fastlb.runtime.policy_options)
     row: int = -1                                   # the service's Gauges row (fastlb.shm)
+    log_sample: int = 0                             # [obs] connection log: sample x 2**32, 0 off
 
     def to_wire(self) -> dict[str, Any]:
         return {"name": self.name, "listen": [list(a) for a in self.listen],
@@ -67,7 +68,8 @@ class Plan:
                 "fall_passive": self.fall_passive, "panic": self.panic,
                 "backends": [b.to_wire() for b in self.backends],
                 "names": [list(n) for n in self.names],
-                "options": [list(o) for o in self.options], "row": self.row}
+                "options": [list(o) for o in self.options], "row": self.row,
+                "log_sample": self.log_sample}
 
     @classmethod
     def from_wire(cls, w: Mapping[str, Any]) -> Plan:
@@ -80,7 +82,7 @@ class Plan:
                    backends=tuple(PlanBackend.from_wire(b) for b in w["backends"]),
                    names=tuple((int(s), str(a)) for s, a in w["names"]),
                    options=tuple((str(k), int(v)) for k, v in w.get("options", ())),
-                   row=int(w.get("row", -1)))
+                   row=int(w.get("row", -1)), log_sample=int(w.get("log_sample", 0)))
 
 
 @dataclass(frozen=True, slots=True)

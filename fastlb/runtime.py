@@ -65,7 +65,16 @@ def compute_plan(svc: Service, slot_of: Callable[[str], int], is_up: Callable[[i
                 idle_timeout=svc.idle_timeout, fall_passive=h.fall_passive if h else 0,
                 panic=panic, backends=tuple(backends),
                 names=tuple((slot_of(b.address.text), b.address.text) for b in svc.backends),
-                options=policy_options(svc))
+                options=policy_options(svc),
+                log_sample=log_sample(svc))                                    # [obs]
+
+
+def log_sample(svc: Service) -> int:
+    """[obs] The data path's sampling threshold: sample x 2**32 (2**32: every connection, 0:
+    the log is off; core/connlog.pxi compares a 32-bit random number with it)."""
+    if svc.log is None or not svc.log.connections:
+        return 0
+    return round(svc.log.sample * (1 << 32))
 
 
 class ServiceRuntime:

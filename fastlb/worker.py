@@ -28,7 +28,7 @@ import msgpack
 from fastlb import __version__
 from fastlb.dataplane import DataPlane
 from fastlb.plan import WIRE_VERSION, ListenKey, Snapshot
-from fastlb.shm import LAYOUT_VERSION, views
+from fastlb.shm import LAYOUT_VERSION, connlog_view, views
 
 log = logging.getLogger("fastlb")
 CONTROL_BUFFER = 4 << 20      # the largest snapshot packet; SO_SNDBUF/SO_RCVBUF of the channel
@@ -58,7 +58,9 @@ class WorkerProcess:
         self.mapping = mmap.mmap(args.shm, args.shm_size, flags=mmap.MAP_SHARED)
         health, counters, gauges = views(self.mapping, args.max_backends, args.nblocks, args.index)
         self.plane = DataPlane(loop, health, counters, args.index, self.report_passive,
-                               shared_listeners=True, gauges=gauges)
+                               shared_listeners=True, gauges=gauges,
+                               connlog=connlog_view(self.mapping, args.max_backends, args.nblocks,
+                                                    args.index))              # [obs]
         self.control = socket.socket(fileno=args.control)
         self.control.setblocking(False)
         self.sockets: dict[ListenKey, socket.socket] = {}
@@ -136,6 +138,7 @@ class WorkerProcess:
 
 def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)       # the supervisor's business, from line one
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)      # [obs] so is reopening the connection log
     p = argparse.ArgumentParser(prog="python -m fastlb.worker")
     for name in ("--index", "--control", "--shm", "--shm-size", "--max-backends", "--nblocks"):
         p.add_argument(name, type=int, required=True)

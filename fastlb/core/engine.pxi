@@ -87,6 +87,7 @@ cdef class ServiceState:
     cdef public int fall_passive         # consecutive failures that mark a backend down (0: off)
     cdef public str name
     cdef public int row                  # the service's Gauges row (-1: none)
+    cdef public unsigned long long log_sample  # [obs] connection log: sample x 2**32 (0: off)
 
     def __init__(self, str name):
         self.name = name
@@ -124,6 +125,7 @@ cdef class Listener:
     cdef int fd
     cdef ServiceState svc
     cdef object sock                     # the socket.socket, kept open while listening
+    cdef unsigned short port             # [obs] its local port (the connection log)
     cdef bint registered
 
 
@@ -135,6 +137,7 @@ cdef class Engine:
     cdef object loop
     cdef Counters counters
     cdef readonly Gauges gauges          # shared limits and refusal counts (core/gauges.pxi)
+    cdef public ConnLog connlog          # [obs] the connection log and histograms, or None
     cdef int block
     cdef public double now               # coarse clock, refreshed once per batch of events
     cdef public set sessions             # the open sessions
@@ -258,6 +261,7 @@ cdef class Engine:
         a second, with the count since the last report."""
         self.epoll_errors += 1
         self.epoll_unreported += 1
+        s.term = TERM_ID if s.state == S_OPEN else TERM_IC     # [obs]
         s._close()
         if self.now - self.epoll_reported_at < 1.0:
             return
@@ -325,6 +329,7 @@ cdef class Engine:
         lst.fd = sock.fileno()
         lst.svc = svc
         lst.sock = sock
+        lst.port = sock.getsockname()[1]        # [obs]
         ev.events = EPOLLIN | (EPOLLEXCLUSIVE if shared else 0)
         ev.data.u64 = (<uint64_t><uintptr_t><void *>lst) | TAG_LISTENER
         if epoll_ctl(self.epfd, EPOLL_CTL_ADD, lst.fd, &ev) < 0:
@@ -401,6 +406,7 @@ cdef class Engine:
             s.svc = svc
             s.cfd = fd
             s.last = self.now
+            cl_accept(s, lst.port, &ss)         # [obs] accept time, client, listener port
             if svc.hash_mode != HASH_NONE:
                 s.key = _hash_peer(&ss, svc.hash_mode)
             self.sessions.add(s)
@@ -422,6 +428,7 @@ cdef class Engine:
         if idle:
             for s in list(self.sessions):
                 if s.state == S_OPEN and now - s.last >= s.svc.idle_timeout:
+                    s.term = TERM_cD            # [obs] idle timeout
                     s._close()
                     closed += 1
         self._bury()
@@ -431,6 +438,7 @@ cdef class Engine:
         """Close every session now."""
         cdef Session s
         for s in list(self.sessions):
+            cl_kill(s)                          # [obs]
             s._close()
         self._bury()
 
@@ -441,6 +449,7 @@ cdef class Engine:
         cdef int n = 0
         for s in list(self.sessions):
             if s.svc is svc and s.slot == slot and s.state != S_CLOSED:
+                cl_kill(s)                      # [obs]
                 s._close()
                 n += 1
         self._bury()

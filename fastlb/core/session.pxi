@@ -61,6 +61,12 @@ cdef class Session:
     cdef double deadline                 # connect deadline (coarse clock)
     cdef double last                     # last activity (coarse clock)
     cdef bint counted                    # counted in CTR_ACTIVE of self.slot
+    # [obs] the connection log and histograms (core/connlog.pxi): times CLOCK_MONOTONIC ns
+    cdef flb_addr client                 # the accept peer (the PROXY source once accepted)
+    cdef unsigned short lport            # the listener's local port
+    cdef unsigned char term              # TERM_* (core/connlog.pxi), set where it ends
+    cdef int64_t t_acc, t_conn, t_est, t_first
+    cdef uint64_t nbin, nbout            # bytes client -> backend, backend -> client
 
     def __cinit__(self):
         # Every Session starts owning nothing, even one made by Session.__new__ from Python,
@@ -140,6 +146,7 @@ cdef class Session:
             elif errno == EAGAIN:
                 return 0
             else:
+                self.term = TERM_CD if dst == self.cfd else TERM_SD     # [obs]
                 self._close()
                 return -1
         b.start = 0
@@ -152,6 +159,7 @@ cdef class Session:
         cdef ssize_t r
         cdef char *data = self._buf(b)
         if data == NULL:
+            self.term = TERM_NO_BUFFER          # [obs]
             self._close()
             return -1
         while True:
@@ -160,7 +168,12 @@ cdef class Session:
                 if src == self.bfd and not self.b_seen:
                     self.b_seen = True
                     self.eng.consec[self.slot] = 0
+                    self.t_first = _mono_ns()   # [obs] Tr ends
                 self.last = self.eng.now
+                if src == self.cfd:             # [obs] per-session bytes (the log)
+                    self.nbin += r
+                else:
+                    self.nbout += r
                 self.eng.counters.add_c(self.eng.block, self.slot, field, r)
                 b.start = 0
                 b.end = r
@@ -178,6 +191,7 @@ cdef class Session:
             else:
                 if src == self.bfd and not self.b_seen:
                     self.eng._passive_failure(self.svc, self.slot, errno)
+                self.term = TERM_CD if src == self.cfd else TERM_SD     # [obs]
                 self._close()
                 return -1
 
@@ -205,6 +219,7 @@ cdef class Session:
                         return
             elif self.c2b.end < ENGINE_BUFSIZE:  # connecting: keep what the client sends
                 if self._buf(&self.c2b) == NULL:
+                    self.term = TERM_NO_BUFFER      # [obs]
                     self._close()
                     return
                 r = recv(self.cfd, self.c2b.data + self.c2b.end, ENGINE_BUFSIZE - self.c2b.end, 0)
@@ -213,6 +228,7 @@ cdef class Session:
                 elif r == 0:
                     self.c_eof = True
                 elif errno != EAGAIN and errno != EINTR:
+                    self.term = TERM_CC             # [obs] the client aborted while connecting
                     self._close()
                     return
         self._shut_if_done()
@@ -248,6 +264,7 @@ cdef class Session:
         cdef const char *sap
         while self.state != S_CLOSED and self.attempts <= svc.retries and svc.policy is not None:
             self.attempts += 1
+            cl_attempt(self)                    # [obs] Tw ends, Tc starts
             slot = (<Policy>svc.policy).pick_c(self.key, self.tried, self.ntried)
             if slot < 0:
                 break
@@ -282,6 +299,7 @@ cdef class Session:
         and the orchestration, remember the slot as tried."""
         cdef ServiceState svc = self.svc
         cdef int slot = self.slot
+        cl_failed(self, err)                    # [obs] SC / sC / RC unless a later one connects
         if self.bfd >= 0:
             _close_fd(self.bfd)        # also leaves the epoll set
             self.bfd = -1
@@ -305,6 +323,8 @@ cdef class Session:
         self._connect()
 
     cdef void _give_up(self) noexcept:
+        if self.term == TERM_UNSET:             # [obs] nothing to try: no backend
+            self.term = TERM_SC
         if self.svc.on_no_backend is not None:
             self.eng._callback(self.svc, "on_no_backend", self.svc.on_no_backend, ())
         self._close()
@@ -312,11 +332,13 @@ cdef class Session:
     cdef void _established(self) noexcept:
         self.eng.connecting.discard(self)
         self.state = S_OPEN
+        cl_established(self)                    # [obs] Tc, the connect-time histogram
         self.counted = True
         self.eng.counters.add_c(self.eng.block, self.slot, CTR_ACTIVE, 1)
         self.eng.counters.add_c(self.eng.block, self.slot, CTR_TOTAL, 1)
         if self.c2b.end > 0:                    # what the client sent meanwhile
             self.eng.counters.add_c(self.eng.block, self.slot, CTR_BYTES_IN, self.c2b.end)
+            self.nbin += self.c2b.end           # [obs]
             if self._flush(&self.c2b, self.bfd) < 0:
                 return
         self._shut_if_done()
@@ -328,6 +350,7 @@ cdef class Session:
         if self.state == S_CLOSED:
             return
         cdef Engine eng = self.eng
+        cl_close(self)                          # [obs] termination code, histogram, log record
         if self.state == S_CONNECTING:
             eng.connecting.discard(self)
         self.state = S_CLOSED

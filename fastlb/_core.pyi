@@ -122,6 +122,28 @@ CL_DEFAULT_CAPACITY: int
 CL_MAX_CAPACITY: int
 TERM_NCODES: int
 TERM_CODES: tuple[str, ...]
+TERM_UNSET: int
+TERM_NORMAL: int
+TERM_CC: int
+TERM_CD: int
+TERM_SC: int
+TERM_sC: int
+TERM_SD: int
+TERM_cD: int
+TERM_sD: int
+TERM_cR: int
+TERM_PR: int
+TERM_PQ: int
+TERM_sQ: int
+TERM_RC: int
+TERM_RD: int
+TERM_ID: int
+TERM_IC: int
+TERM_KC: int
+TERM_KD: int
+TERM_PD: int
+TERM_cL: int
+TERM_sL: int
 HISTOGRAM_EDGES_US: tuple[int, ...]
 
 class Policy:

@@ -376,6 +376,9 @@ globals().update(
     CL_DEFAULT_CAPACITY=int(CL_DEFAULT_CAPACITY), CL_MAX_CAPACITY=int(CL_MAX_CAPACITY),
     TERM_NCODES=int(TERM_NCODES),
 )
+# TERM_UNSET, TERM_NORMAL and one TERM_<code> per code (TERM_SC, TERM_sC, ...), as in C
+globals().update({("TERM_UNSET" if i == 0 else "TERM_NORMAL" if i == 1 else f"TERM_{c}"): i
+                  for i, c in enumerate(TERM_CODES)})
 
 
 # -- the session hooks: one call at each place of session.pxi/engine.pxi (plain C) ---------------

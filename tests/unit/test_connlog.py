@@ -120,7 +120,7 @@ def test_one_writer_one_reader_in_two_processes_lose_nothing_but_drops():
     assert len(got) == pushed and pushed + reader.dropped(1) == n
     ids = [g[0] - 1_700_000_000_000_000_000 for g in got]
     assert ids == sorted(ids) and len(set(ids)) == len(ids)
-    assert all(g == rec(i) for g, i in zip(got, ids))          # no torn record
+    assert all(g == rec(i) for g, i in zip(got, ids, strict=True))    # no torn record
 
 
 # -- the histograms --------------------------------------------------------------------------

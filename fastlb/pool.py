@@ -239,6 +239,11 @@ class WorkerPool:
         elif "passive" in msg:
             self.on_passive(*msg["passive"])
 
+    def set_log_level(self, level: str) -> None:
+        """[obs] The admin's log_level: every worker now, and those started later."""
+        self.log_level = level
+        self.tell_all({"log_level": level})
+
     def tell_all(self, msg: dict[str, Any]) -> None:
         data = msgpack.packb(msg, use_bin_type=True)
         for w in list(self.workers):

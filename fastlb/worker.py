@@ -94,6 +94,8 @@ class WorkerProcess:
         elif "close" in msg:
             service, slot, why = msg["close"]
             self.plane.close_backend(service, slot, why)
+        elif "log_level" in msg:                 # [obs] the admin's log_level
+            logging.getLogger().setLevel(str(msg["log_level"]).upper())
 
     def apply(self, snapshot: Snapshot, fds: list[int]) -> None:
         for key, fd in zip(snapshot.listen, fds, strict=False):

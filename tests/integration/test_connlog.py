@@ -221,3 +221,34 @@ def test_full_ring_drops_and_counts_and_histograms_count_sessions(procs, workers
     assert [v for _, v in buckets] == sorted(v for _, v in buckets)   # cumulative
     assert m[("fastlb_backend_session_duration_seconds_sum", "web", None)] > 0
     assert all(r["term"] == "CD" for r in records(lb, "web"))
+
+
+@WORKERS
+def test_log_level_at_run_time_through_the_admin(procs, tmp_path, workers):
+    """`fastlb ctl log-level` reads and sets the level of the supervisor and of every worker:
+    at "error" a worker's connect-refused warning is not logged, back at "info" it is."""
+    from fastlb.admin.client import AdminError
+    from helpers import PY, Proc, admin_client
+    a, b = closed_port(), closed_port()
+    lb, _ = start_fastlb(procs, f'[global]\nworkers = {workers}\nadmin = "unix:{tmp_path}/admin.sock"\n'
+                         + service("a", [(a, 1)], retries=0) + service("b", [(b, 1)], retries=0))
+    ports = ports_by_name(lb)
+    ctl = [PY, "-m", "fastlb", "ctl", "--socket", f"{tmp_path}/admin.sock", "log-level"]
+    got = Proc(ctl, procs)
+    assert got.wait() == 0 and got.wait_line(r"level=info")
+    setp = Proc(ctl + ["error"], procs)
+    assert setp.wait() == 0 and setp.wait_line(r"level=error previous=info")
+    time.sleep(0.3)                                       # the workers take the message
+    with socket.create_connection(("127.0.0.1", ports["a"]), timeout=10) as s:
+        assert s.recv(10) == b""
+    with admin_client(tmp_path) as c:
+        assert c.call("log_level") == {"level": "error"}
+        with pytest.raises(AdminError, match="bad_request: .*expected one of debug, info, warning, error"):
+            c.call("log_level", level="loud")
+        assert c.call("log_level", level="info") == {"level": "info", "previous": "error"}
+    time.sleep(0.3)
+    with socket.create_connection(("127.0.0.1", ports["b"]), timeout=10) as s:
+        assert s.recv(10) == b""
+    lb.wait_line(rf"WARNING .*service b: backend 127\.0\.0\.1:{b}: .*[Rr]efused")
+    assert not re.search(rf"service a: backend 127\.0\.0\.1:{a}", lb.output)
+    assert "log level error -> info (admin)" in lb.output

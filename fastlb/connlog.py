@@ -48,9 +48,10 @@ Names = tuple[Mapping[int, tuple[str, str]], Mapping[int, str]]
 
 
 def _iso(ns: int) -> str:
-    """Local time with its UTC offset, to the microsecond (as the process log, more digits)."""
-    return datetime.datetime.fromtimestamp(ns / 1e9).astimezone().isoformat(
-        timespec="microseconds")
+    """Local time with its UTC offset, to the microsecond (as the process log, more digits);
+    the microseconds truncated, as the C formatter does."""
+    t = datetime.datetime.fromtimestamp(ns // 10**9).astimezone()
+    return t.replace(microsecond=ns % 10**9 // 1000).isoformat(timespec="microseconds")
 
 
 def _ms(us: int) -> str:
@@ -86,6 +87,8 @@ def text_line(f: Mapping[str, Any]) -> str:
 
 
 def format_record(rec: Record, names: Names, block: int) -> str:
+    """One line in Python: the twin of the C formatter (``ConnLog.format``), which the drain
+    uses; tests hold the two to the same bytes."""
     f = fields(rec, names, block)
     fmt = names[0].get(rec[11], ("", "text"))[1]
     return json.dumps(f, separators=(",", ":")) if fmt == "json" else text_line(f)
@@ -125,13 +128,13 @@ class Sink:
             self.sock.setblocking(False)
             self.sock.connect(info[4])
 
-    def write(self, lines: list[str]) -> None:
+    def write(self, data: bytes) -> None:
+        """Lines, each ending in a newline, in one write (syslog: one datagram each)."""
         if self.sock is not None:
             pid = os.getpid()
-            for line in lines:         # one datagram per line; an OSError loses the batch
+            for line in data.decode().splitlines():   # an OSError loses the rest of the batch
                 self.sock.send(syslog_frame(line, self.hostname, pid))
             return
-        data = ("\n".join(lines) + "\n").encode()
         if self.file is not None:
             self.file.write(data)
             self.file.flush()
@@ -185,26 +188,25 @@ class Drainer:
     def drain(self) -> bool:
         """Drain every ring once. True when a ring held more than half its capacity."""
         busy = False
-        batch: list[tuple[Record, int]] = []
+        chunks: list[bytes] = []
+        count = 0
         half = self.connlog.capacity // 2
-        for block in range(self.connlog.nblocks):
+        tables: tuple[dict[int, tuple[bytes, bytes, bool]], dict[int, tuple[bytes, bytes]]] | None = None
+        for block in range(self.connlog.nblocks):   # a worker's lines in the order they ended
             if not self.connlog.pending(block):
                 continue
-            recs = self.connlog.drain(block, BATCH)
-            busy = busy or len(recs) > half
-            batch.extend((r, block) for r in recs)
-        lines: list[str] = []
-        if batch:
-            if self.connlog.nblocks > 1:          # the workers' lines in the order they ended
-                batch.sort(key=lambda rb: rb[0][0])
-            names = self.names()
-            lines = [format_record(r, names, block) for r, block in batch]
-        if lines:
+            if tables is None:
+                tables = c_tables(self.names())
+            data, n = self.connlog.format(block, tables[0], tables[1], BATCH)
+            busy = busy or n > half
+            chunks.append(data)
+            count += n
+        if chunks:
             try:
-                self.sink.write(lines)
-                self.written += len(lines)
+                self.sink.write(b"".join(chunks))
+                self.written += count
             except OSError as exc:
-                self._errors += len(lines)
+                self._errors += count
                 self._report(f"connection log: writing to {self.sink.destination} failed: {exc}; "
                              f"{self._errors} line(s) lost so far")
         drops = self.dropped()
@@ -236,6 +238,14 @@ class Drainer:
             self.task.cancel()
         self.drain()
         self.sink.close()
+
+
+def c_tables(names: Names) -> tuple[dict[int, tuple[bytes, bytes, bool]],
+                                   dict[int, tuple[bytes, bytes]]]:
+    """The name maps as ConnLog.format takes them: each name as text and as a JSON string."""
+    rows, slots = names
+    return ({r: (n.encode(), json.dumps(n).encode(), fmt == "json") for r, (n, fmt) in rows.items()},
+            {s: (a.encode(), json.dumps(a).encode()) for s, a in slots.items()})
 
 
 def names_from(slots: Mapping[tuple[str, str], int], formats: Mapping[str, str],

@@ -252,3 +252,23 @@ def test_log_level_at_run_time_through_the_admin(procs, tmp_path, workers):
     lb.wait_line(rf"WARNING .*service b: backend 127\.0\.0\.1:{b}: .*[Rr]efused")
     assert not re.search(rf"service a: backend 127\.0\.0\.1:{a}", lb.output)
     assert "log level error -> info (admin)" in lb.output
+
+
+def test_reload_turns_the_log_on(procs):
+    """The log's settings travel with the plan: a reload that turns it on logs the next
+    connections (and the idle ones before it logged nothing)."""
+    _, good = start_backend(procs, "announce", name="b1")
+    off = "[global]\nworkers = 2\n" + service("web", [(good, 1)])
+    lb, ports = start_fastlb(procs, off)
+    session(ports[0])
+    path = lb.popen.args[lb.popen.args.index("-c") + 1]
+    with open(path, "w") as f:
+        f.write(off + f"log = {LOG_JSON}\n")
+    lb.signal(signal.SIGHUP)
+    lb.wait_line(r"reloaded ")
+    time.sleep(0.5)                                      # the workers ack the new plan
+    session(ports[0])
+    (r,) = wait_records(lb, "web", 1)
+    assert r["term"] == "--"
+    time.sleep(0.3)
+    assert len(records(lb, "web")) == 1

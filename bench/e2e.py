@@ -376,15 +376,18 @@ def main() -> int:
             cells.append(cell)
         print(f"| {load} ({units[load]}) | " + " | ".join(cells) + " |")
     if a.connlog:
-        print("\nconnection log cost: figure per proxy core (figure / cpu), logged vs not logged")
+        # per sample (figure / the CPU it took), then the median: steadier than a ratio of
+        # medians on a shared machine, where another process's load moves both at once
+        def per_core(key: tuple[str, str]) -> float | None:
+            rs = [r["value"] / (r["cpu_pct"] / 100) for r in samples.get(key, []) if r["cpu_pct"]]
+            return statistics.median(rs) if rs else None
+        print("\nconnection log cost: figure per proxy core (median over samples of figure / "
+              "cpu), logged vs not logged")
         for load in loads:
             for p in [p for p in peers if p.endswith("-log")]:
-                on, off = med.get((load, p)), med.get((load, p[:-4]))
-                if on and off and on["cpu_pct"] and off["cpu_pct"]:
-                    per_on = on["value"] / (on["cpu_pct"] / 100)
-                    per_off = off["value"] / (off["cpu_pct"] / 100)
-                    print(f"  {load} {p[:-4]}: {per_off:,.0f} -> {per_on:,.0f} per core "
-                          f"({per_on / per_off:.2f}x); raw {on['value'] / off['value']:.2f}x")
+                on, off = per_core((load, p)), per_core((load, p[:-4]))
+                if on and off:
+                    print(f"  {load} {p[:-4]}: {off:,.0f} -> {on:,.0f} per core ({on / off:.2f}x)")
     os.makedirs(os.path.dirname(a.json), exist_ok=True)
     with open(a.json, "w") as f:
         json.dump({"runs": a.runs, "duration": a.duration, "connections": a.connections,

@@ -109,17 +109,23 @@ class Sink:
         self.destination = destination
         self.file: IO[bytes] | None = None
         self.sock: socket.socket | None = None
+        self.connected = False
         self.hostname = socket.gethostname()
         self.open()
 
     def open(self) -> None:
+        """A file that cannot be opened raises OSError (fastlb does not start); a syslog socket
+        that cannot be reached yet is retried at each batch (the daemon may start later)."""
         d = self.destination
         if d.startswith("file:"):
             self.file = open(d[5:], "ab")            # noqa: SIM115 - kept open, reopened
         elif d.startswith("syslog:unix:"):
             self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
             self.sock.setblocking(False)
-            self.sock.connect(d[len("syslog:unix:"):])
+            self._connect()
+            if not self.connected:
+                log.warning("connection log: %s cannot be reached yet; trying again with each "
+                            "batch", d)
         elif d.startswith("syslog:udp:"):
             host, _, port = d[len("syslog:udp:"):].rpartition(":")
             host = host.strip("[]")
@@ -127,10 +133,23 @@ class Sink:
             self.sock = socket.socket(info[0], socket.SOCK_DGRAM)
             self.sock.setblocking(False)
             self.sock.connect(info[4])
+            self.connected = True
+
+    def _connect(self) -> None:
+        assert self.sock is not None
+        try:
+            self.sock.connect(self.destination[len("syslog:unix:"):])
+            self.connected = True
+        except OSError:
+            self.connected = False
 
     def write(self, data: bytes) -> None:
         """Lines, each ending in a newline, in one write (syslog: one datagram each)."""
         if self.sock is not None:
+            if not self.connected:
+                self._connect()
+                if not self.connected:
+                    raise ConnectionRefusedError(f"{self.destination} cannot be reached")
             pid = os.getpid()
             for line in data.decode().splitlines():   # an OSError loses the rest of the batch
                 self.sock.send(syslog_frame(line, self.hostname, pid))

@@ -389,7 +389,11 @@ class Supervisor:
         def names() -> connlog.Names:
             formats = {s.name: s.log.format for s in self.registry.snapshot.values() if s.log}
             return connlog.names_from(self.shared.slots, formats, SERVICE_ROW)
-        drainer = connlog.Drainer(self.shared.connlog, destination, names, self.loop)
+        try:
+            drainer = connlog.Drainer(self.shared.connlog, destination, names, self.loop)
+        except OSError as exc:
+            raise FastLBError(f"[global] connlog = {destination!r}: cannot open it: "
+                              f"{exc.strerror or exc}") from None
         drainer.start()
         return drainer
 
@@ -422,10 +426,10 @@ class Supervisor:
         early = signals.take()                # received while starting: acted on once started
         if self.cfg.global_.admin:
             clear_stale_socket(self.cfg.global_.admin)   # a live one: refuse before touching state
+        self.connlog = self._start_connlog(self.cfg.global_.connlog)         # [obs] first: may refuse
         self.start()
         await self.datapath.start()
         g = self.cfg.global_
-        self.connlog = self._start_connlog(g.connlog)                        # [obs]
         if g.admin:
             token = None
             if g.admin.startswith("tcp:"):

@@ -272,3 +272,14 @@ def test_reload_turns_the_log_on(procs):
     assert r["term"] == "--"
     time.sleep(0.3)
     assert len(records(lb, "web")) == 1
+
+
+def test_a_file_destination_that_cannot_be_opened_stops_the_start(procs, tmp_path):
+    from helpers import PY, Proc
+    cfg = tmp_path / "lb.toml"
+    cfg.write_text(f'[global]\nconnlog = "file:{tmp_path}/no/such/dir/conn.log"\n'
+                   + service("web", [(closed_port(), 1)], log="{ connections = true }"))
+    p = Proc([PY, "-m", "fastlb", "run", "-c", str(cfg)], procs)
+    assert p.wait(20) != 0
+    p.wait_line(r"\[global\] connlog = 'file:.*/no/such/dir/conn\.log': cannot open it: "
+                r"No such file or directory")

@@ -347,3 +347,21 @@ def test_per_connection_hooks_make_no_python_call(name):
     code = re.sub(r"/\*.*?\*/", "", src[m.end():i], flags=re.S)
     calls = set(re.findall(r"\b((?:_?Py|__Pyx_)\w*)\s*\(", code)) - REFCOUNT
     assert not calls, f"{name} calls the Python C-API: {sorted(calls)}"
+
+
+def test_syslog_unix_sink_frames_each_line_and_waits_for_the_daemon(tmp_path):
+    path = str(tmp_path / "log.sock")
+    sink = connlog.Sink(f"syslog:unix:{path}")            # no daemon yet: not an error
+    with pytest.raises(OSError):
+        sink.write(b"lost\n")
+    rx = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    rx.bind(path)
+    rx.settimeout(5)
+    try:
+        sink.write(b"one\ntwo\n")                          # reconnects with the batch
+        got = [rx.recv(4096).decode(), rx.recv(4096).decode()]
+    finally:
+        rx.close()
+        sink.close()
+    assert [g.rsplit(" - ", 1)[1] for g in got] == ["one", "two"]
+    assert all(re.match(r"<134>1 \S+Z \S+ fastlb \d+ conn - ", g) for g in got)

@@ -365,3 +365,25 @@ def test_syslog_unix_sink_frames_each_line_and_waits_for_the_daemon(tmp_path):
         sink.close()
     assert [g.rsplit(" - ", 1)[1] for g in got] == ["one", "two"]
     assert all(re.match(r"<134>1 \S+Z \S+ fastlb \d+ conn - ", g) for g in got)
+
+
+def test_the_region_follows_the_gauges_in_the_shared_mapping():
+    """shm's layout: the connection log after the gauges, no overlap, the same in a worker's
+    view; a freed slot's histograms start from zero."""
+    from fastlb import shm
+    st_ = shm.SharedState(16, 2)
+    worker = shm.connlog_view(st_.mapping, 16, 2, 1)
+    last = st_.gauges.global_row
+    for f in range(len(_core.GAUGE_FIELDS)):
+        st_.gauges.py_add(last, f, 7)
+    worker.py_observe(16, _core.H_DURATION, 30)          # the last row of the region
+    assert worker.py_push(rec(1))
+    assert st_.connlog.histogram(16, _core.H_DURATION)[1] == 30
+    assert st_.connlog.drain(1) == [rec(1)] and st_.connlog.pending(0) == 0
+    assert all(v == 7 for v in st_.gauges.row(last).values())
+    assert shm.layout_size(16, 2) == st_.size == (
+        _core.HealthBitmap.size_for(16) + _core.Counters.size_for(16, 2)
+        + _core.Gauges.size_for(17, 2) + _core.ConnLog.size_for(17, 2, shm.connlog_capacity()))
+    worker.py_observe(3, _core.H_CONNECT, 5)
+    shm.zero_slot(st_.counters, 3, st_.gauges, st_.connlog)
+    assert st_.connlog.histogram(3, _core.H_CONNECT) == ([0] * _core.HB_BUCKETS, 0)

@@ -12,7 +12,7 @@ import time
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from helpers import closed_port, service, start_backend, start_fastlb
+from helpers import Blackhole, closed_port, service, start_backend, start_fastlb
 
 WORKERS = pytest.mark.parametrize("workers", [1, 2])
 LOG_JSON = '{ connections = true, format = "json" }'
@@ -57,9 +57,11 @@ def session(port, payload=b"hello", expect=8):
 
 
 @WORKERS
-def test_one_line_per_connection_with_its_end(procs, workers):
+def test_one_line_per_connection_with_its_end(procs, workers, request):
     _, good = start_backend(procs, "announce", name="b1")       # sends "b1\n", then echoes
     dead = closed_port()
+    hole = Blackhole()                                          # connects to it time out
+    request.addfinalizer(hole.close)
     cfg = (f"[global]\nworkers = {workers}\n"
            + service("web", [(good, 1)], log=LOG_JSON)
            # the heavy refused backend is picked first: a retry on the good one
@@ -68,7 +70,10 @@ def test_one_line_per_connection_with_its_end(procs, workers):
            + service("empty", [], log=LOG_JSON)
            + service("idle", [(good, 1)], log=LOG_JSON, timeouts='{ idle = "300ms" }')
            + service("quiet", [(good, 1)], log='{ connections = true, sample = 0.0 }')
-           + service("text", [(good, 1)], log="{ connections = true }"))
+           + service("text", [(good, 1)], log="{ connections = true }")
+           + service("slow", [(hole.port, 1)], log=LOG_JSON, retries=0,
+                     timeouts='{ connect = "300ms" }')
+           + service("abort", [(hole.port, 1)], log=LOG_JSON, timeouts='{ connect = "10s" }'))
     lb, _ = start_fastlb(procs, cfg)
     ports = ports_by_name(lb)
 
@@ -91,8 +96,14 @@ def test_one_line_per_connection_with_its_end(procs, workers):
         assert s.recv(100) == b""                         # closed by the idle timeout
         assert time.monotonic() - t0 >= 0.25
     session(ports["text"])
+    with socket.create_connection(("127.0.0.1", ports["slow"]), timeout=10) as s:
+        assert s.recv(100) == b""                         # the connect timed out
+    with socket.create_connection(("127.0.0.1", ports["abort"]), timeout=10) as s:
+        time.sleep(0.2)                                   # fastlb is connecting...
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
-    web = wait_records(lb, "web", 4)
+    # two workers' lines may come out of order by up to one drain: their times order them
+    web = sorted(wait_records(lb, "web", 4), key=lambda r: r["time"])
     normal, reset = web[:3], web[3]
     good_addr = f"127.0.0.1:{good}"
     for r in normal:
@@ -114,6 +125,11 @@ def test_one_line_per_connection_with_its_end(procs, workers):
     (idle,) = wait_records(lb, "idle", 1)
     assert idle["term"] == "cD" and idle["total_us"] >= 250_000 and idle["bytes_out"] == 3
     lb.wait_line(r" 127\.0\.0\.1:\d+ text:\d+ text/127\.0\.0\.1:\d+ [\d.]+/[\d.]+/[\d.]+/[\d.]+ 5/8 -- 0$")
+    (slow,) = wait_records(lb, "slow", 1)
+    assert (slow["term"], slow["retries"], slow["connect_us"]) == ("sC", 1, -1)
+    assert slow["total_us"] >= 250_000
+    (abort,) = wait_records(lb, "abort", 1)
+    assert (abort["term"], abort["backend"], abort["connect_us"]) == ("CC", f"127.0.0.1:{hole.port}", -1)
     assert records(lb, "quiet") == []                     # sample = 0: nothing
     assert not [ln for ln in lb.lines if " quiet/" in ln]
     assert len(records(lb, "web")) == 4                   # one line per connection, no more

@@ -18,6 +18,23 @@ WORKERS = pytest.mark.parametrize("workers", [1, 2])
 LOG_JSON = '{ connections = true, format = "json" }'
 
 
+@pytest.fixture
+def refused():
+    """Ports that refuse connections and stay so for the whole test: each is held by a bound,
+    never listening socket, so no listener or outgoing connection of the test can take it
+    (helpers.closed_port frees its port at once: a fastlb listener bound later may get it)."""
+    held = []
+
+    def port():
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        held.append(s)
+        return s.getsockname()[1]
+    yield port
+    for s in held:
+        s.close()
+
+
 def ports_by_name(lb):
     return {m.group(1): int(m.group(2))
             for m in re.finditer(r"service (\S+): listening on \S+:(\d+)", lb.output)}
@@ -57,9 +74,9 @@ def session(port, payload=b"hello", expect=8):
 
 
 @WORKERS
-def test_one_line_per_connection_with_its_end(procs, workers, request):
+def test_one_line_per_connection_with_its_end(procs, workers, request, refused):
     _, good = start_backend(procs, "announce", name="b1")       # sends "b1\n", then echoes
-    dead = closed_port()
+    dead = refused()
     hole = Blackhole()                                          # connects to it time out
     request.addfinalizer(hole.close)
     cfg = (f"[global]\nworkers = {workers}\n"
@@ -107,7 +124,7 @@ def test_one_line_per_connection_with_its_end(procs, workers, request):
     normal, reset = web[:3], web[3]
     good_addr = f"127.0.0.1:{good}"
     for r in normal:
-        assert (r["term"], r["backend"], r["retries"]) == ("--", good_addr, 0)
+        assert (r["term"], r["backend"], r["retries"]) == ("--", good_addr, 0), web
         assert (r["bytes_in"], r["bytes_out"]) == (5, 8)
         assert r["client"] == "127.0.0.1" and r["listener_port"] == ports["web"]
         assert 0 <= r["queue_us"] <= r["total_us"] and 0 <= r["connect_us"] <= r["total_us"]
@@ -240,12 +257,12 @@ def test_full_ring_drops_and_counts_and_histograms_count_sessions(procs, workers
 
 
 @WORKERS
-def test_log_level_at_run_time_through_the_admin(procs, tmp_path, workers):
+def test_log_level_at_run_time_through_the_admin(procs, tmp_path, workers, refused):
     """`fastlb ctl log-level` reads and sets the level of the supervisor and of every worker:
     at "error" a worker's connect-refused warning is not logged, back at "info" it is."""
     from fastlb.admin.client import AdminError
     from helpers import PY, Proc, admin_client
-    a, b = closed_port(), closed_port()
+    a, b = refused(), refused()
     lb, _ = start_fastlb(procs, f'[global]\nworkers = {workers}\nadmin = "unix:{tmp_path}/admin.sock"\n'
                          + service("a", [(a, 1)], retries=0) + service("b", [(b, 1)], retries=0))
     ports = ports_by_name(lb)

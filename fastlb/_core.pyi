@@ -117,6 +117,9 @@ class ConnLog:
     def py_sampled(self, threshold: int) -> bool: ...
     def py_push(self, rec: ConnLogRecord) -> bool: ...
 
+def _cl_refused(eng: Engine, svc: ServiceState, lport: int, client: tuple[str, int] | None,
+                term: int) -> None: ...
+
 H_CONNECT: int
 H_DURATION: int
 HB_BUCKETS: int

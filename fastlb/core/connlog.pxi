@@ -631,3 +631,46 @@ cdef void cl_close(Session s) noexcept:
 cdef inline void cl_kill(Session s) noexcept:
     """The operator closes it (maint, drain timeout, shutdown): K and the phase."""
     s.term = TERM_KD if s.state == S_OPEN else TERM_KC
+
+
+cdef void cl_refused(Engine eng, ServiceState svc, unsigned short lport, const flb_addr *client,
+                     int64_t t_acc, unsigned char term) noexcept:
+    """A connection refused before any Session exists (an ACL or per-source limit checked at
+    the accept, a full queue): its log record, when the service's log is on and sampled.
+    ``t_acc``: its accept time (CLOCK_MONOTONIC ns; 0: now). No histogram: no session. For the
+    overload and access work (issue 11): one call where such a connection is closed."""
+    cdef ConnLog cl = eng.connlog
+    cdef flb_cl_rec *r
+    cdef int64_t now
+    if cl is None or not cl.sampled(svc.log_sample):
+        return
+    r = cl.reserve()
+    if r == NULL:
+        return
+    now = _mono_ns()
+    if t_acc == 0:
+        t_acc = now
+    r.end_ns = flb_cl_clock_ns(FLB_CL_REAL)
+    r.accept_ns = r.end_ns - (now - t_acc)
+    r.tw = -1
+    r.tc = -1
+    r.tr = -1
+    r.tt = (now - t_acc) // 1000
+    r.bytes_in = 0
+    r.bytes_out = 0
+    memcpy(r.ip, client.ip, 16)
+    r.port = client.port
+    r.family = client.family
+    r.term = term
+    r.lport = lport
+    r.retries = 0
+    r.row = svc.row
+    r.slot = -1
+    cl.commit()
+
+
+def _cl_refused(Engine eng, ServiceState svc, int lport, client, int term):
+    """Test hook: cl_refused from Python (``client``: (ip, port) or None)."""
+    cdef flb_addr a
+    addr_from_py(client, &a, "client")
+    cl_refused(eng, svc, <unsigned short>lport, &a, 0, <unsigned char>term)

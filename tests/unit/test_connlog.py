@@ -236,6 +236,25 @@ def test_engine_writes_one_record_per_session_with_its_fields():
     assert sum(cl.histogram(5, _core.H_CONNECT)[0]) == 1
 
 
+def test_a_connection_refused_before_its_session_is_logged_with_its_code():
+    """cl_refused, for the close sites of the access and overload work (ACL, source limits at
+    the accept): a record with the code, the client and no backend, when sampled."""
+    import asyncio
+
+    async def main():
+        eng, cl, svc, _ = _engine_with_log(asyncio.get_running_loop())
+        _core._cl_refused(eng, svc, 8080, ("192.0.2.7", 5555), _core.TERM_PR)
+        svc.log_sample = 0
+        _core._cl_refused(eng, svc, 8080, ("192.0.2.8", 5555), _core.TERM_PR)   # not sampled
+        got = cl.drain(0)
+        eng.close()
+        return got
+
+    (r,) = asyncio.run(main())
+    assert r[8:] == (("192.0.2.7", 5555), 8080, 0, 5, -1, _core.TERM_PR)
+    assert r[2:4] == (-1, -1) and r[6:8] == (0, 0) and r[5] >= 0
+
+
 # -- formats and config --------------------------------------------------------------------------
 NAMES = ({1: ("web", "text"), 3: ("api", "json")}, {2: "10.0.0.1:80"})
 
@@ -324,7 +343,7 @@ def test_plan_carries_the_sampling_threshold():
 # -- the hooks run per connection: no Python C-API call (ARCHITECTURE.md, STYLE point 5) --------
 C_FILE = os.path.join(os.path.dirname(_core.__file__), "_core.c")
 PER_CONNECTION = ["cl_accept", "cl_attempt", "cl_failed", "cl_established", "cl_close", "cl_kill",
-                  "hb_bucket", "7ConnLog_observe", "7ConnLog_sampled", "7ConnLog_reserve",
+                  "cl_refused", "hb_bucket", "7ConnLog_observe", "7ConnLog_sampled", "7ConnLog_reserve",
                   "7ConnLog_commit"]
 REFCOUNT = {"__Pyx_INCREF", "__Pyx_DECREF", "__Pyx_XDECREF", "__Pyx_RefNannySetupContext",
             "__Pyx_RefNannyFinishContext", "__Pyx_RefNannyDeclarations"}

@@ -10,7 +10,7 @@ HAProxy-like, or one JSON object) and the batch goes to the destination in one w
 
 A full ring drops records in the data path, never waits: the drops are counted in the ring
 header, logged here at most once per ``DROP_LOG_INTERVAL`` and exported in /metrics
-(``fastlb_connlog_dropped_total``). A destination that fails (disk full, syslog down) loses
+(``fastlb_process_connlog_dropped_total``). A destination that fails (disk full, syslog down) loses
 that batch, logged the same rate-limited way: the log never stops the balancer.
 Nothing here runs per connection in the data path's process when ``workers > 1``; with
 ``workers = 1`` the drain shares the one process (a few microseconds per logged line).

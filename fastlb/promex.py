@@ -142,7 +142,7 @@ class FastLBCollector(Collector):
                 cum, total = kinds[kind]
                 fam.add_metric([service], list(zip(les, cum, strict=True)), total)
             yield fam
-        yield CounterMetricFamily("fastlb_connlog_dropped", "Connection log records dropped "
+        yield CounterMetricFamily("fastlb_process_connlog_dropped", "Connection log records dropped "
                                   "because a worker's ring was full (the data path never waits).",
                                   value=h["dropped"])
 

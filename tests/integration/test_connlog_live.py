@@ -239,7 +239,7 @@ def test_full_ring_drops_and_counts_and_histograms_count_sessions(procs, workers
     while True:
         m = scrape(mport)
         logged = len(records(lb, "web"))
-        dropped = m.get(("fastlb_connlog_dropped_total", None, None), 0)
+        dropped = m.get(("fastlb_process_connlog_dropped_total", None, None), 0)
         if logged + dropped >= n:
             break
         assert time.monotonic() < deadline, (logged, dropped, lb.output)

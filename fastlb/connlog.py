@@ -159,8 +159,10 @@ class Sink:
             self.file.flush()
         else:
             stream = sys.stderr
-            stream.flush()
-            os.write(stream.fileno(), data)
+            stream.flush()                      # the process log's pending lines first
+            view = memoryview(data)
+            while view:                         # a pipe may take a large batch in parts
+                view = view[os.write(stream.fileno(), view):]
 
     def reopen(self) -> None:
         """SIGUSR1: a file is closed and opened again by name (logrotate moved it); a syslog

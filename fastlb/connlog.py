@@ -192,7 +192,7 @@ class Drainer:
         self.task: asyncio.Task[None] | None = None
         self.written = 0
         self._drops_seen = 0
-        self._last_report = -DROP_LOG_INTERVAL
+        self._last_report: dict[str, float] = {}     # kind -> when it was last logged
         self._errors = 0
 
     def start(self) -> None:
@@ -200,7 +200,13 @@ class Drainer:
 
     async def _run(self) -> None:
         while True:
-            busy = self.drain()
+            try:
+                busy = self.drain()
+            except Exception:  # noqa: BLE001 - a bug: say so (rate-limited) and keep draining
+                busy = False
+                if self._report("bug", "connection log: the drain failed (a bug; records wait in the "
+                                "rings and are dropped once they are full)"):
+                    log.exception("connection log: drain")
             await asyncio.sleep(FAST_INTERVAL if busy else INTERVAL)
 
     def dropped(self) -> int:
@@ -228,20 +234,21 @@ class Drainer:
                 self.written += count
             except OSError as exc:
                 self._errors += count
-                self._report(f"connection log: writing to {self.sink.destination} failed: {exc}; "
+                self._report("write", f"connection log: writing to {self.sink.destination} failed: {exc}; "
                              f"{self._errors} line(s) lost so far")
         drops = self.dropped()
         if drops > self._drops_seen:
-            if self._report(f"connection log: {drops - self._drops_seen} record(s) dropped, the "
+            if self._report("drops", f"connection log: {drops - self._drops_seen} record(s) dropped, the "
                             f"ring was full ({drops} since the start); the drain cannot keep up"):
                 self._drops_seen = drops
         return busy
 
-    def _report(self, message: str) -> bool:
+    def _report(self, kind: str, message: str) -> bool:
+        """Log a warning of ``kind`` at most once per DROP_LOG_INTERVAL; True when logged."""
         now = time.monotonic()
-        if now - self._last_report < DROP_LOG_INTERVAL:
+        if now - self._last_report.get(kind, -DROP_LOG_INTERVAL) < DROP_LOG_INTERVAL:
             return False
-        self._last_report = now
+        self._last_report[kind] = now
         log.warning("%s", message)
         return True
 

@@ -406,3 +406,38 @@ def test_the_region_follows_the_gauges_in_the_shared_mapping():
     worker.py_observe(3, _core.H_CONNECT, 5)
     shm.zero_slot(st_.counters, 3, st_.gauges, st_.connlog)
     assert st_.connlog.histogram(3, _core.H_CONNECT) == ([0] * _core.HB_BUCKETS, 0)
+
+
+def test_the_drainer_survives_a_failing_drain_and_reports_drops(tmp_path, caplog):
+    """A bug in a drain is logged and the next drain runs; drops are reported once per
+    interval with their count; close() drains what is left."""
+    import asyncio
+    import logging
+    out = tmp_path / "conn.log"
+    cl, _ = make(capacity=2, nblocks=1)
+    broken = [True]
+
+    def names():
+        if broken[0]:
+            raise RuntimeError("boom")
+        return ({1: ("web", "text")}, {2: "10.0.0.1:80"})
+
+    async def main():
+        d = connlog.Drainer(cl, f"file:{out}", names, asyncio.get_running_loop())
+        d.start()
+        for i in range(3):                                # the third is dropped
+            cl.py_push(rec(i))
+        await asyncio.sleep(0.25)
+        broken[0] = False
+        await asyncio.sleep(0.25)
+        cl.py_push(rec(9))
+        d.close()
+        return d
+
+    with caplog.at_level(logging.WARNING, logger="fastlb"):
+        d = asyncio.run(main())
+    lines = out.read_text().splitlines()
+    assert len(lines) == 3 and d.written == 3 and " web/10.0.0.1:80 " in lines[0]
+    assert "connection log: the drain failed" in caplog.text
+    assert "connection log: 1 record(s) dropped, the ring was full (1 since the start)" in caplog.text
+    assert cl.dropped(0) == 1

@@ -20,6 +20,10 @@ plain figures of the same run, also per proxy core (the figure / the balancer's 
 With --baseline PYTHON, a second fastlb ("fastlb-base": the fastlb that interpreter imports,
 e.g. a venv with an older commit installed) runs beside the current one in the same run, for
 a regression check that the machine's noise hits alike.
+With --connlog [DEST], fastlb is also measured with its connection log on for every
+connection ("fastlb-log", and "fastlb-Nw-log" for each --workers N: `log = { connections =
+true, sample = 1.0 }`, lines to DEST, default stderr, which the bench sends to a file), so
+the logging cost is read side by side: new connections per proxy core, logged / not logged.
 Every process started is stopped by PID; all traffic stays on 127.0.0.1.
 """
 from __future__ import annotations
@@ -175,12 +179,14 @@ backend b
 FASTLB = """
 [global]
 workers = {workers}
-
+{glob}
 [[service]]
 name = "bench"
 listen = ["127.0.0.1:{port}"]
 backends = [ {{ address = "127.0.0.1:{backend}" }} ]
+{svc}
 """
+CONNLOG_DEST = "stderr"                # --connlog: the destination of fastlb-log's lines
 
 
 # --acl: 1,000 allowed CIDRs with the client's address among them, 200 denied ones, per-source
@@ -212,7 +218,7 @@ def start_peer(stack: Stack, name: str, backend: int) -> tuple[subprocess.Popen 
         assert BASELINE_PYTHON is not None
         # -P: the baseline interpreter's own fastlb, never the checkout we stand in
         cmd = [BASELINE_PYTHON, "-P", "-m", "fastlb", "run", "-c",
-               stack.write("fastlb-base.toml", FASTLB.format(workers=1, **fmt))]
+               stack.write("fastlb-base.toml", FASTLB.format(workers=1, glob="", svc="", **fmt))]
         p = stack.start(cmd, CPU_LB)
         wait_port(port)
         return p, port
@@ -232,9 +238,13 @@ def start_peer(stack: Stack, name: str, backend: int) -> tuple[subprocess.Popen 
         cmd = ["nginx", "-p", stack.tmp, "-g", "daemon off;", "-c",
                stack.write("stream.conf", NGINX_STREAM.format(**fmt))]
     elif name.startswith("fastlb"):
-        workers = int(name.split("-")[1].rstrip("w")) if "-" in name else 1
+        m = re.search(r"-(\d+)w", name)
+        workers = int(m.group(1)) if m else 1
+        logged = name.endswith("-log")          # --connlog: every connection logged
+        glob = f'connlog = "{CONNLOG_DEST}"' if logged else ""
+        svc = "log = { connections = true, sample = 1.0 }" if logged else ""
         cmd = [sys.executable, "-m", "fastlb", "run", "-c",
-               stack.write("fastlb.toml", FASTLB.format(workers=workers, **fmt))]
+               stack.write("fastlb.toml", FASTLB.format(workers=workers, glob=glob, svc=svc, **fmt))]
         if workers > 1:
             # more workers than one core: the balancer gets every CPU and shares CPU 1 with the load
             p = stack.start(cmd, f"{CPU_LB}-{os.cpu_count() - 1}")
@@ -323,6 +333,9 @@ def main() -> int:
                     help="also run the fastlb this interpreter imports, as peer fastlb-base")
     ap.add_argument("--acl", action="store_true",
                     help="also fastlb-acl and haproxy-acl: a 1,000-CIDR ACL and per-source limits")
+    ap.add_argument("--connlog", nargs="?", const="stderr", metavar="DEST",
+                    help="also run fastlb with its connection log on (peers *-log), lines to DEST "
+                         "(a [global] connlog value; default stderr)")
     ap.add_argument("--json", default=os.path.join(HERE, "results", "e2e.json"))
     a = ap.parse_args()
     peers, loads = a.only.split(","), a.loads.split(",")
@@ -339,6 +352,11 @@ def main() -> int:
     if extra:
         at = peers.index("fastlb") + 1 if "fastlb" in peers else len(peers)
         peers[at:at] = extra
+    if a.connlog:
+        global CONNLOG_DEST
+        CONNLOG_DEST = a.connlog
+        for p in [p for p in peers if p == "fastlb" or re.fullmatch(r"fastlb-\d+w", p)]:
+            peers.insert(peers.index(p) + 1, f"{p}-log")
     for tool in ("haproxy", "nginx", "wrk", "iperf3", "taskset"):
         if not shutil.which(tool):
             sys.exit(f"missing {tool}: apt-get install haproxy nginx libnginx-mod-stream wrk iperf3")
@@ -402,6 +420,19 @@ def main() -> int:
             per_core.append(f"{statistics.median(r['value'] * 100 / r['cpu_pct'] for r in rs):,.0f}"
                             if rs else "-")
         print("| per core | " + " | ".join(per_core) + " |")
+    if a.connlog:
+        # per sample (figure / the CPU it took), then the median: steadier than a ratio of
+        # medians on a shared machine, where another process's load moves both at once
+        def per_core(key: tuple[str, str]) -> float | None:
+            rs = [r["value"] / (r["cpu_pct"] / 100) for r in samples.get(key, []) if r["cpu_pct"]]
+            return statistics.median(rs) if rs else None
+        print("\nconnection log cost: figure per proxy core (median over samples of figure / "
+              "cpu), logged vs not logged")
+        for load in loads:
+            for p in [p for p in peers if p.endswith("-log")]:
+                on, off = per_core((load, p)), per_core((load, p[:-4]))
+                if on and off:
+                    print(f"  {load} {p[:-4]}: {off:,.0f} -> {on:,.0f} per core ({on / off:.2f}x)")
     os.makedirs(os.path.dirname(a.json), exist_ok=True)
     with open(a.json, "w") as f:
         json.dump({"runs": a.runs, "duration": a.duration, "connections": a.connections,

@@ -94,6 +94,64 @@ class Gauges:
     def reclaim(self, block: int) -> int: ...
     def zero(self, row: int) -> None: ...
 
+# [obs] the connection log rings and the histograms (core/connlog.pxi)
+ConnLogRecord = tuple[int, int, int, int, int, int, int, int, tuple[str, int] | None, int, int,
+                      int, int, int]
+
+class ConnLog:
+    nrows: int
+    nblocks: int
+    block: int
+    capacity: int
+    def __init__(self, buffer: WriteableBuffer, nrows: int, nblocks: int = 1, block: int = 0,
+                 capacity: int = ..., seed: int = 0) -> None: ...
+    @staticmethod
+    def size_for(nrows: int, nblocks: int = 1, capacity: int = ...) -> int: ...
+    def pending(self, block: int) -> int: ...
+    def dropped(self, block: int) -> int: ...
+    def drain(self, block: int, limit: int = ...) -> list[ConnLogRecord]: ...
+    def format(self, block: int, rows: dict[int, tuple[bytes, bytes, bool]],
+               slots: dict[int, tuple[bytes, bytes]], limit: int = ...) -> tuple[bytes, int]: ...
+    def histogram(self, row: int, kind: int) -> tuple[list[int], int]: ...
+    def zero(self, row: int) -> None: ...
+    def py_observe(self, row: int, kind: int, us: int) -> None: ...
+    def py_sampled(self, threshold: int) -> bool: ...
+    def py_push(self, rec: ConnLogRecord) -> bool: ...
+
+def _cl_refused(eng: Engine, svc: ServiceState, lport: int, client: tuple[str, int] | None,
+                term: int) -> None: ...
+
+H_CONNECT: int
+H_DURATION: int
+HB_BUCKETS: int
+CL_DEFAULT_CAPACITY: int
+CL_MAX_CAPACITY: int
+TERM_NCODES: int
+TERM_CODES: tuple[str, ...]
+TERM_UNSET: int
+TERM_NORMAL: int
+TERM_CC: int
+TERM_CD: int
+TERM_SC: int
+TERM_sC: int
+TERM_SD: int
+TERM_cD: int
+TERM_sD: int
+TERM_cR: int
+TERM_PR: int
+TERM_PQ: int
+TERM_sQ: int
+TERM_RC: int
+TERM_RD: int
+TERM_ID: int
+TERM_IC: int
+TERM_KC: int
+TERM_KD: int
+TERM_PD: int
+TERM_cL: int
+TERM_sL: int
+HISTOGRAM_EDGES_US: tuple[int, ...]
+
 class Policy:
     """One constructor for every policy; each uses what it needs and refuses unknown options."""
     NAME: ClassVar[str | None]
@@ -158,6 +216,7 @@ class ServiceState:
     ka_idle: int
     ka_interval: int
     ka_count: int
+    log_sample: int   # [obs]
     def __init__(self, name: str) -> None: ...
     def set_backends(self, policy: Policy | None, addrs: dict[int, tuple[str, int]]) -> None: ...
 
@@ -175,6 +234,7 @@ class Engine:
     # [limits] [global] maxconn; local errors (what, error, count since the last call)
     maxconn: int
     on_local_error: Callable[[str, OSError, int], None] | None
+    connlog: ConnLog | None   # [obs]
     def __init__(self, loop: Any, counters: Counters, block: int = 0,
                  gauges: Gauges | None = None) -> None: ...
     @property

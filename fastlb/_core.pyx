@@ -32,6 +32,7 @@ include "core/proxyproto_build.pxi"
 include "core/acl.pxi"
 include "core/srclimit.pxi"
 include "core/gauges.pxi"
+include "core/connlog.pxi"                 # [obs] the connection log rings and histograms
 # the policies: the interface first, one file per policy, the name -> class table last
 include "core/policy.pxi"
 include "core/round_robin.pxi"

@@ -138,6 +138,18 @@ class Access:
 
 
 @dataclass(frozen=True, slots=True)
+class ConnLogConfig:
+    """[obs] A service's connection log: ``log = { connections = true, format = "text",
+    sample = 1.0 }`` (docs/connlog.md)."""
+    connections: bool = False           # one line per connection when it ends
+    format: str = "text"                # text | json
+    sample: float = 1.0                 # the fraction of connections logged, 0.0 to 1.0
+
+
+CONNLOG_FORMATS = ("text", "json")
+
+
+@dataclass(frozen=True, slots=True)
 class Service:
     name: str
     listen: tuple[Address, ...]
@@ -163,6 +175,7 @@ class Service:
     max_duration: float = 0.0
     first_byte: float = 0.0
     tcp_keepalive: tuple[int, int, int] | None = None
+    log: ConnLogConfig | None = None     # [obs] the connection log (None: off)
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,6 +197,7 @@ class GlobalConfig:
     maxconn: int = 0                       # [limits] 0: derived from RLIMIT_NOFILE (preflight)
     source_table_size: int = DEFAULT_SOURCE_TABLE   # [access] entries of the per-source table
     buffer_budget: int = 256 << 20         # [mem] bytes of connection buffers, all workers (_mem_global)
+    connlog: str = "stderr"                # [obs] the connection log's destination (_connlog)
 
 
 @dataclass(frozen=True, slots=True)
@@ -413,7 +427,7 @@ def from_dict(doc: dict, *, source: str = "config", text: str = "", resolve: boo
                 {"workers", "grace", "admin", "admin_token_file", "state_file", "metrics",
                  "log_format", "log_level",                                   # [obs] logs
                  "dns", "maxconn", "source_table_size",                       # [dns] [limits] [access]
-                 "buffer_budget"}                                             # [mem]
+                 "buffer_budget", "connlog"}                                  # [mem] [obs]
                 | ADMIN_KEYS)                                                     # [admin]
     workers = g.get("workers", DEFAULTS["workers"])
     if workers == "auto":
@@ -450,7 +464,8 @@ def from_dict(doc: dict, *, source: str = "config", text: str = "", resolve: boo
                         **_admin_keys(c, g),                                                    # [admin]
                         **_global_limits(c, g),                                                 # [limits]
                         source_table_size=_source_table_size(c, g),                             # [access]
-                        **_mem_global(c, g, workers))                                           # [mem]
+                        **_mem_global(c, g, workers),                                           # [mem]
+                        connlog=_connlog_destination(c, g.get("connlog", "stderr")))            # [obs]
     services_raw = doc.get("service", [])
     if not isinstance(services_raw, list):
         raise c.fail("service", "expected an array of tables ([[service]])")
@@ -656,6 +671,39 @@ def _access_to_dict(svc: Service, d: dict[str, Any], backends: list[dict[str, An
             bd["proxy_protocol"] = b.proxy_protocol
 
 
+SERVICE_KEYS |= {"log"}                                                       # [obs] connlog
+CONNLOG_KEYS = {"connections", "format", "sample"}
+
+
+def _connlog(c: _Checker, raw: dict, path: str) -> ConnLogConfig | None:
+    """[obs] A service's ``log`` table (None when absent). docs/config.md, Connection log."""
+    if "log" not in raw:
+        return None
+    t = c.table(raw["log"], f"{path}.log", CONNLOG_KEYS)
+    on = t.get("connections", False)
+    if not isinstance(on, bool):
+        raise c.fail(f"{path}.log.connections", f"expected true or false, got {_kind(on)}")
+    fmt = c.choice(t.get("format", "text"), f"{path}.log.format", CONNLOG_FORMATS)
+    sample = t.get("sample", 1.0)
+    if not isinstance(sample, (int, float)) or isinstance(sample, bool) or not 0 <= sample <= 1:
+        raise c.fail(f"{path}.log.sample", f"expected a number from 0.0 to 1.0 (the fraction of "
+                                           f"connections logged), got {_kind(sample)}")
+    return ConnLogConfig(connections=on, format=fmt, sample=float(sample))
+
+
+def _connlog_destination(c: _Checker, value: Any) -> str:
+    """[obs] ``[global] connlog``: stderr, file:/path, syslog:unix:/path, syslog:udp:host:port."""
+    ok = isinstance(value, str) and (
+        value == "stderr" or re.fullmatch(r"file:.+|syslog:unix:.+", value) is not None
+        or re.fullmatch(r"syslog:udp:(\[[^\]]+\]|[^:\[\]]+):\d+", value) is not None)
+    if not ok:
+        raise c.fail("global.connlog", f"{value!r}: expected \"stderr\", \"file:/path\", "
+                                       f"\"syslog:unix:/dev/log\" or \"syslog:udp:127.0.0.1:514\"")
+    if value.startswith("syslog:udp:"):
+        c.address(value[len("syslog:udp:"):], "global.connlog", resolve=True)
+    return str(value)
+
+
 def _health(c: _Checker, raw: Any, path: str, keys: set[str], base: HealthConfig) -> HealthConfig:
     c.table(raw, path, keys)
     kw: dict[str, Any] = {}
@@ -770,7 +818,7 @@ def service_from_dict(raw: Any, path: str, c: _Checker | None = None, *,
                    hash_key=hash_key, hash_balance_factor=balance, max_fails=max_fails,
                    retries=retries, connect_timeout=connect, idle_timeout=idle, health=health,
                    dns_refresh=dns_refresh, access=access, **_limits(c, raw, path),
-                   **_mem(c, raw, path))
+                   **_mem(c, raw, path), log=_connlog(c, raw, path))        # [obs]
 
 
 def _backend_address(c: _Checker, b: dict, bp: str) -> tuple[Address, str]:
@@ -972,6 +1020,9 @@ def service_to_dict(svc: Service) -> dict:
         d["dns"] = {"refresh": svc.dns_refresh}                                # [dns]
     _limits_to_dict(svc, d)                                                     # [limits]
     _access_to_dict(svc, d, backends)                                 # [access]
+    if svc.log is not None:                                                   # [obs]
+        d["log"] = {"connections": svc.log.connections, "format": svc.log.format,
+                    "sample": svc.log.sample}
     return d
 
 

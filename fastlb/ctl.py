@@ -64,6 +64,8 @@ VERBS: list[tuple[str, str, list[tuple[str, dict[str, Any]]]]] = [
     ("reload", "re-read the config file and apply what changed (as SIGHUP)", []),
     ("workers", "worker processes: pid, snapshot generation, connections", []),
     ("restart-workers", "replace every worker, one at a time, dropping nothing", []),
+    ("log-level", "show the process log level, or set it (supervisor and workers, until restart)",
+     [("level", {"nargs": "?", "choices": ["debug", "info", "warning", "error"]})]),   # [obs]
 ]
 
 
@@ -103,6 +105,8 @@ def _request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         return v, {}
     if v == "restart-workers":
         return "restart_workers", {}
+    if v == "log-level":                                                      # [obs]
+        return "log_level", {"level": args.level} if args.level else {}
     if v == "backends":
         return "backends", {"service": args.service}
     if v == "remove-service":

@@ -162,6 +162,7 @@ class DataService:
         st.row = plan.row
         self.apply_access(plan)                                                 # [access]
         apply_mem(self.engine, st, plan)                                    # [mem]
+        st.log_sample = plan.log_sample                 # [obs] the connection log's sampling
         self.names = dict(plan.names)
         if old is not None:
             for slot, _ in old.names:
@@ -247,7 +248,8 @@ class DataPlane:
     def __init__(self, loop: asyncio.AbstractEventLoop, health: _core.HealthBitmap,
                  counters: _core.Counters, block: int, on_passive: PassiveReport, *,
                  shared_listeners: bool, gauges: _core.Gauges | None = None,
-                 sources: _core.SourceTable | None = None) -> None:
+                 sources: _core.SourceTable | None = None,
+                 connlog: _core.ConnLog | None = None) -> None:
         self.loop = loop
         self.sources = sources                                                  # [access]
         self.health = health
@@ -259,6 +261,7 @@ class DataPlane:
         self.engine.on_local_error = self._on_local_error                       # [limits]
         self._local_log: dict[str, tuple[float, int]] = {}                      # [limits]
         self._limits = loop.create_task(limits_forever(self.engine))            # [limits]
+        self.engine.connlog = connlog                   # [obs] None: no log, no histograms
         self.services: dict[str, DataService] = {}
         self.sockets: Mapping[ListenKey, socket.socket] = {}
         self.gen = 0
@@ -437,9 +440,10 @@ class LocalDataPath:
     def __init__(self, loop: asyncio.AbstractEventLoop, health: _core.HealthBitmap,
                  counters: _core.Counters, on_passive: PassiveReport,
                  gauges: _core.Gauges | None = None, *,
-                 sources: _core.SourceTable | None = None) -> None:
+                 sources: _core.SourceTable | None = None,
+                 connlog: _core.ConnLog | None = None) -> None:
         self.plane = DataPlane(loop, health, counters, 0, on_passive, shared_listeners=False,
-                               gauges=gauges, sources=sources)
+                               gauges=gauges, sources=sources, connlog=connlog)
         self._now = False
 
     def check(self, snapshot: Snapshot) -> None:

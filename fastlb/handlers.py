@@ -141,9 +141,32 @@ async def _reload(ctx: Context, args: dict[str, Any]) -> Any:
     return await ctx.reload()
 
 
+async def _log_level(ctx: Context, args: dict[str, Any]) -> Any:
+    """[obs] The process log's level: get it, or set it in the supervisor and every worker
+    (and the workers started later). Not persisted: a restart takes [global] log_level."""
+    import logging
+
+    from fastlb import logs
+    root = logging.getLogger()
+    before = logging.getLevelName(root.level).lower()
+    level = args.get("level")
+    if level is None:
+        return {"level": before}
+    if level not in logs.LEVELS:
+        raise AdminProtocolError("bad_request", f"log_level: level {level!r}: expected one of "
+                                                f"{', '.join(logs.LEVELS)}")
+    root.setLevel(level.upper())
+    set_workers = getattr(ctx.datapath, "set_log_level", None)    # worker processes
+    if set_workers is not None:
+        set_workers(level)
+    logging.getLogger("fastlb").warning("log level %s -> %s (admin)", before, level)
+    return {"level": level, "previous": before}
+
+
 HANDLERS: dict[str, Handler] = {
     "ping": _ping, "version": _version, "services": _services, "backends": _backends,
     "stats": _stats, "workers": _workers, "restart_workers": _restart_workers, "reload": _reload,
+    "log_level": _log_level,                                                  # [obs]
 }
 
 

@@ -38,6 +38,8 @@ class Sources:
     services: Callable[[], Mapping[str, Service]]
     health: Callable[[str, str], HealthState | None] = lambda service, address: None
     memory: Callable[[], Mapping[str, int]] = lambda: {}      # [mem] DataPath.memory
+    # [obs] fastlb.connlog.histograms() of the running supervisor (None: not exported)
+    histograms: Callable[[], dict[str, Any]] | None = None
     started: float = field(default_factory=time.time)
     pid: int = field(default_factory=os.getpid)
 

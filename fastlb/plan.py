@@ -88,6 +88,7 @@ class Plan:
     first_byte: float = 0.0
     tcp_keepalive: tuple[int, int, int] | None = None
     buffer_budget: int = 0
+    log_sample: int = 0                             # [obs] connection log: sample x 2**32, 0 off
 
     def to_wire(self) -> dict[str, Any]:
         return {"name": self.name, "listen": [list(a) for a in self.listen],
@@ -107,7 +108,8 @@ class Plan:
                 "client_fin": self.client_fin, "server_fin": self.server_fin,        # [mem]
                 "max_duration": self.max_duration, "first_byte": self.first_byte,
                 "tcp_keepalive": list(self.tcp_keepalive) if self.tcp_keepalive else None,
-                "buffer_budget": self.buffer_budget}
+                "buffer_budget": self.buffer_budget,
+                "log_sample": self.log_sample}                                    # [obs]
 
     @classmethod
     def from_wire(cls, w: Mapping[str, Any]) -> Plan:
@@ -125,7 +127,8 @@ class Plan:
                    queue_timeout=float(w.get("queue_timeout", 0.0)),
                    max_conns=tuple((int(s), int(n)) for s, n in w.get("max_conns", ())),
                    **_access_from_wire(w.get("access")),                            # [access]
-                   **_mem_from_wire(w))                                              # [mem]
+                   **_mem_from_wire(w),                                              # [mem]
+                   log_sample=int(w.get("log_sample", 0)))                           # [obs]
 
 
 def _access_from_wire(a: Sequence[Any] | None) -> dict[str, Any]:

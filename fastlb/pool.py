@@ -242,6 +242,11 @@ class WorkerPool:
         elif "mem" in msg:                                  # [mem] sent once a second
             w.mem = {str(k): int(v) for k, v in msg["mem"].items()}
 
+    def set_log_level(self, level: str) -> None:
+        """[obs] The admin's log_level: every worker now, and those started later."""
+        self.log_level = level
+        self.tell_all({"log_level": level})
+
     def tell_all(self, msg: dict[str, Any]) -> None:
         data = msgpack.packb(msg, use_bin_type=True)
         for w in list(self.workers):

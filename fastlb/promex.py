@@ -16,7 +16,8 @@ from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily,
+                                   Metric)
 from prometheus_client.registry import Collector
 
 from fastlb import _core, observe
@@ -92,6 +93,7 @@ class FastLBCollector(Collector):
         yield from self._limits(snap)
         yield from self._backends(snap["services"])
         yield from self._servers(snap["services"], snap["now"])
+        yield from self._histograms()                                     # [obs]
 
     def _limits(self, snap: dict[str, Any]) -> Iterator[Metric]:
         """[limits] Connection limits, queues and refusals: per service (HAProxy's frontend
@@ -218,6 +220,32 @@ class FastLBCollector(Collector):
                 since = b["last_change"] or self.sources.started
                 last.add_metric([s["name"], b["address"]], max(0.0, now - since))
         yield from (status, last)
+
+
+    # -- [obs] the data path's histograms and the connection log (core/connlog.pxi) -------------
+    def _histograms(self) -> Iterator[Metric]:
+        if self.sources.histograms is None:
+            return
+        h = self.sources.histograms()
+        les = [f"{e:g}" for e in h["edges"]] + ["+Inf"]
+        for kind, name, help_ in HISTOGRAMS:
+            fam = HistogramMetricFamily(name, help_, labels=["proxy"])
+            for service, kinds in sorted(h["services"].items()):
+                cum, total = kinds[kind]
+                fam.add_metric([service], list(zip(les, cum, strict=True)), total)
+            yield fam
+        yield CounterMetricFamily("fastlb_process_connlog_dropped", "Connection log records dropped "
+                                  "because a worker's ring was full (the data path never waits).",
+                                  value=h["dropped"])
+
+
+# [obs] (kind in fastlb.connlog.histograms, name, help): per service, over every worker.
+HISTOGRAMS = [
+    ("connect", "fastlb_backend_connect_time_seconds",
+     "Time from the first connect attempt to the backend's accept (retries included), seconds."),
+    ("duration", "fastlb_backend_session_duration_seconds",
+     "Time from the client's accept to the session's close, seconds."),
+]
 
 
 def registry(sources: observe.Sources) -> CollectorRegistry:

@@ -99,7 +99,8 @@ def compute_plan(svc: Service, slot_of: Callable[[str], int], is_up: Callable[[i
                 **access_fields(svc, slot_of, members),                          # [access]
                 client_fin=svc.client_fin, server_fin=svc.server_fin,          # [mem]
                 max_duration=svc.max_duration, first_byte=svc.first_byte,
-                tcp_keepalive=svc.tcp_keepalive, buffer_budget=buffer_budget)
+                tcp_keepalive=svc.tcp_keepalive, buffer_budget=buffer_budget,
+                log_sample=log_sample(svc))                                    # [obs]
 
 
 def limits_fields(svc: Service, slot_of: Callable[[str], int],
@@ -130,6 +131,14 @@ def access_fields(svc: Service, slot_of: Callable[[str], int],
             "src_burst": (a.burst or a.per_source_rate) if a.per_source_rate else 0,
             "pp_accept_from": a.pp_accept_from, "pp_timeout": a.pp_timeout,
             "client_first_byte": a.client_first_byte, "pp_send": tuple(sorted(send))}
+
+
+def log_sample(svc: Service) -> int:
+    """[obs] The data path's sampling threshold: sample x 2**32 (2**32: every connection, 0:
+    the log is off; core/connlog.pxi compares a 32-bit random number with it)."""
+    if svc.log is None or not svc.log.connections:
+        return 0
+    return round(svc.log.sample * (1 << 32))
 
 
 class ServiceRuntime:

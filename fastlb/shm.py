@@ -16,7 +16,17 @@ from fastlb.errors import RegistryError
 
 # Bump when the mapping's layout (bitmap, counter fields, block size) changes: a worker of
 # another layout is refused (see fastlb.plan, hello).
-LAYOUT_VERSION = 3      # 2: Gauges; 3: [access] the per-source table at the end of the mapping
+LAYOUT_VERSION = 4          # 2: Gauges; 3: [access] the per-source table at the end
+                            # of the mapping; 4: [obs] the connection log after the gauges
+
+# [obs] Test hook: the records each connection-log ring holds (a power of two; default
+# _core.CL_DEFAULT_CAPACITY). Read by the supervisor and, through the environment it passes
+# on, by its workers, so both compute the same layout. Tests set it tiny to fill a ring.
+CONNLOG_RING_ENV = "FASTLB_TEST_CONNLOG_RING"
+
+
+def connlog_capacity() -> int:
+    return int(os.environ.get(CONNLOG_RING_ENV) or str(_core.CL_DEFAULT_CAPACITY))
 
 
 def blocks_for(workers: int) -> int:
@@ -27,7 +37,8 @@ def blocks_for(workers: int) -> int:
 
 def layout_size(max_backends: int, nblocks: int) -> int:
     return (_core.HealthBitmap.size_for(max_backends) + _core.Counters.size_for(max_backends, nblocks)
-            + _core.Gauges.size_for(max_backends + 1, nblocks))
+            + _core.Gauges.size_for(max_backends + 1, nblocks)
+            + _core.ConnLog.size_for(max_backends + 1, nblocks, connlog_capacity()))   # [obs]
 
 
 Views = tuple[_core.HealthBitmap, _core.Counters, _core.Gauges]
@@ -42,7 +53,19 @@ def views(mapping: mmap.mmap, max_backends: int, nblocks: int, block: int = 0) -
     view = memoryview(mapping)
     return (_core.HealthBitmap(view[:hsize], max_backends),
             _core.Counters(view[hsize:hsize + csize], max_backends, nblocks),
-            _core.Gauges(view[hsize + csize:], max_backends + 1, nblocks, block))
+            _core.Gauges(view[hsize + csize:hsize + csize + _core.Gauges.size_for(
+                max_backends + 1, nblocks)], max_backends + 1, nblocks, block))
+
+
+def connlog_view(mapping: mmap.mmap, max_backends: int, nblocks: int,
+                 block: int = 0) -> _core.ConnLog:
+    """[obs] The connection-log rings and histograms: the region after the gauges. A separate
+    function so that views() keeps its three views for its callers. The view writes block
+    ``block``'s ring and histograms (a worker's index); the supervisor drains every ring."""
+    start = (_core.HealthBitmap.size_for(max_backends) + _core.Counters.size_for(max_backends, nblocks)
+             + _core.Gauges.size_for(max_backends + 1, nblocks))
+    return _core.ConnLog(memoryview(mapping)[start:], max_backends + 1, nblocks, block,
+                         connlog_capacity(), int.from_bytes(os.urandom(8), "little"))
 
 
 def source_table(mapping: mmap.mmap, max_backends: int, nblocks: int) -> _core.SourceTable:
@@ -63,12 +86,15 @@ def zero_active(counters: _core.Counters, block: int, gauges: _core.Gauges | Non
         gauges.reclaim(block)
 
 
-def zero_slot(counters: _core.Counters, slot: int, gauges: _core.Gauges | None = None) -> None:
+def zero_slot(counters: _core.Counters, slot: int, gauges: _core.Gauges | None = None,
+              connlog: _core.ConnLog | None = None) -> None:
     """A freed slot starts from zero in every block (its totals are not the next backend's)."""
     for block in range(counters.nblocks):
         counters.zero(block, slot)
     if gauges is not None:
         gauges.zero(slot)
+    if connlog is not None:                 # [obs] a service's histograms
+        connlog.zero(slot)
 
 
 # The slot-table key of a service's own row: no backend address is empty.
@@ -95,6 +121,7 @@ class SharedState:
         self.mapping = mmap.mmap(self.fd, self.size, flags=mmap.MAP_SHARED)
         self.health, self.counters, self.gauges = views(self.mapping, max_backends, nblocks)
         self.sources = source_table(self.mapping, max_backends, nblocks)      # [access]
+        self.connlog = connlog_view(self.mapping, max_backends, nblocks)     # [obs]
         self.slots: dict[tuple[str, str], int] = {}   # (service, backend address) -> slot
         self._free = list(range(max_backends - 1, -1, -1))
         self._released: list[tuple[int, int]] = []     # (slot, generation that removed it)
@@ -132,6 +159,6 @@ class SharedState:
                     or self.gauges.get(slot, _core.G_QUEUED) or gen > acked):
                 busy.append((slot, gen))
                 continue
-            zero_slot(self.counters, slot, self.gauges)
+            zero_slot(self.counters, slot, self.gauges, self.connlog)
             self._free.append(slot)
         self._released = busy

@@ -12,7 +12,8 @@ from __future__ import annotations
 import signal
 from types import FrameType
 
-DEFERRED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+DEFERRED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
+            signal.SIGUSR1)        # [obs] reopen the connection log (logrotate)
 _pending: list[int] = []
 
 

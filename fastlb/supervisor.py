@@ -79,7 +79,7 @@ def make_datapath(cfg: Config, loop: asyncio.AbstractEventLoop, shared: SharedSt
     """The one place that looks at the mode."""
     if cfg.global_.workers == 1:
         return LocalDataPath(loop, shared.health, shared.counters, on_passive, shared.gauges,
-                             sources=shared.sources)                                  # [access]
+                             sources=shared.sources, connlog=shared.connlog)   # [access] [obs]
     from fastlb.pool import WorkerPool
     return WorkerPool(loop, shared.fd, shared.size, shared.max_backends, shared.counters, shared.gauges,
                       workers=cfg.global_.workers, grace=cfg.global_.grace, log_level=log_level,
@@ -165,6 +165,7 @@ class Supervisor:
         self._stopping = False
         self._tasks: list[asyncio.Task[None]] = []
         self._ready = False                       # signals before it are queued in _early
+        self.connlog: Any = None                  # [obs] fastlb.connlog.Drainer, once running
         self._early: list[int] = []
 
     @property
@@ -476,6 +477,27 @@ class Supervisor:
                 sdnotify.ready(f"{why}; {self._status_line()}")
         self._tasks.append(self.loop.create_task(run()))     # referenced until shutdown
 
+    # -- [obs] the connection log's reader (fastlb/connlog.py) ------------------------------------
+    def _start_connlog(self, destination: str) -> Any:
+        from fastlb import connlog
+
+        def names() -> connlog.Names:
+            formats = {s.name: s.log.format for s in self.registry.snapshot.values() if s.log}
+            return connlog.names_from(self.shared.slots, formats, SERVICE_ROW)
+        try:
+            drainer = connlog.Drainer(self.shared.connlog, destination, names, self.loop)
+        except OSError as exc:
+            raise FastLBError(f"[global] connlog = {destination!r}: cannot open it: "
+                              f"{exc.strerror or exc}") from None
+        drainer.start()
+        return drainer
+
+    def _histograms(self) -> dict[str, Any]:
+        from fastlb import connlog
+        rows = {name: slot for (name, address), slot in self.shared.slots.items()
+                if address == SERVICE_ROW}
+        return connlog.histograms(self.shared.connlog, rows)
+
     def _status_line(self) -> str:
         """sd_notify's STATUS= (systemctl status shows it)."""
         return (f"serving {len(self.runtimes)} service(s) with {self.cfg.global_.workers} "
@@ -487,6 +509,9 @@ class Supervisor:
             return
         if sig == signal.SIGHUP:
             self._on_hup()
+        elif sig == signal.SIGUSR1:               # [obs] logrotate: reopen the connection log
+            if self.connlog is not None:
+                self.connlog.reopen()
         else:
             self.request_stop("term" if sig == signal.SIGTERM else "int")
 
@@ -496,6 +521,7 @@ class Supervisor:
         early = signals.take()                # received while starting: acted on once started
         if self.cfg.global_.admin:
             clear_stale_socket(self.cfg.global_.admin)   # a live one: refuse before touching state
+        self.connlog = self._start_connlog(self.cfg.global_.connlog)         # [obs] first: may refuse
         await self.dns.prime(self.registry.snapshot)   # host names' members before serving
         self.start()
         await self.datapath.start()
@@ -510,7 +536,8 @@ class Supervisor:
             from fastlb import httpapi, observe
             self.metrics_server = await httpapi.serve_http(g.metrics, observe.Sources(
                 stats=self.stats, services=lambda: self.registry.snapshot,
-                health=self.health.state, memory=self.datapath.memory))   # [mem]
+                health=self.health.state, memory=self.datapath.memory,     # [mem]
+                histograms=self._histograms))     # [obs] histograms
         log.info("fastlb ready: %d service(s), %d worker(s), pid %d", len(self.runtimes),
                  g.workers, os.getpid())
         sdnotify.ready(self._status_line())
@@ -541,6 +568,8 @@ class Supervisor:
                  f", waiting up to {grace:g}s" if grace else "")
         await self.datapath.finish(self._mode, grace)
         self.dns.stop()
+        if self.connlog is not None:              # [obs] the last lines, once workers are gone
+            self.connlog.close()
         self.health.stop()
         for t in self._tasks:
             t.cancel()

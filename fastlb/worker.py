@@ -28,7 +28,7 @@ import msgpack
 from fastlb import __version__
 from fastlb.dataplane import DataPlane
 from fastlb.plan import WIRE_VERSION, ListenKey, Snapshot
-from fastlb.shm import LAYOUT_VERSION, source_table, views
+from fastlb.shm import LAYOUT_VERSION, connlog_view, source_table, views
 
 log = logging.getLogger("fastlb")
 CONTROL_BUFFER = 4 << 20      # the largest snapshot packet; SO_SNDBUF/SO_RCVBUF of the channel
@@ -59,7 +59,9 @@ class WorkerProcess:
         health, counters, gauges = views(self.mapping, args.max_backends, args.nblocks, args.index)
         self.plane = DataPlane(loop, health, counters, args.index, self.report_passive,
                                shared_listeners=True, gauges=gauges,
-                               sources=source_table(self.mapping, args.max_backends, args.nblocks))
+                               sources=source_table(self.mapping, args.max_backends, args.nblocks),
+                               connlog=connlog_view(self.mapping, args.max_backends, args.nblocks,
+                                                    args.index))              # [obs]
         self.control = socket.socket(fileno=args.control)
         self.control.setblocking(False)
         self.sockets: dict[ListenKey, socket.socket] = {}
@@ -93,6 +95,8 @@ class WorkerProcess:
         elif "close" in msg:
             service, slot, why = msg["close"]
             self.plane.close_backend(service, slot, why)
+        elif "log_level" in msg:                 # [obs] the admin's log_level
+            logging.getLogger().setLevel(str(msg["log_level"]).upper())
 
     def apply(self, snapshot: Snapshot, fds: list[int]) -> None:
         for key, fd in zip(snapshot.listen, fds, strict=False):
@@ -145,6 +149,7 @@ class WorkerProcess:
 
 def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)       # the supervisor's business, from line one
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)      # [obs] so is reopening the connection log
     p = argparse.ArgumentParser(prog="python -m fastlb.worker")
     for name in ("--index", "--control", "--shm", "--shm-size", "--max-backends", "--nblocks"):
         p.add_argument(name, type=int, required=True)

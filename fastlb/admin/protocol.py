@@ -100,6 +100,7 @@ OPS: dict[str, dict[str, tuple[Any, bool]]] = {
     "reload": {},
     "workers": {},
     "restart_workers": {},
+    "log_level": {"level": (_STR, False)},          # [obs] get (no level) or set
 }
 MUTATIONS = frozenset({"add_backend", "remove_backend", "set_weight", "set_state",
                        "add_service", "remove_service"})

@@ -105,6 +105,7 @@ cdef class ServiceState:
     cdef public int ka_idle
     cdef public int ka_interval
     cdef public int ka_count
+    cdef public unsigned long long log_sample  # [obs] connection log: sample x 2**32 (0: off)
 
     def __init__(self, str name):
         self.name = name
@@ -142,6 +143,7 @@ cdef class Listener:
     cdef int fd
     cdef ServiceState svc
     cdef object sock                     # the socket.socket, kept open while listening
+    cdef unsigned short port             # [obs] its local port (the connection log)
     cdef bint registered
     cdef uint32_t events                 # [limits] its epoll interest, to re-arm it after a pause
     cdef int paused                      # [limits] PAUSE_*: out of the epoll set (0: armed)
@@ -156,6 +158,7 @@ cdef class Engine:
     cdef object loop
     cdef Counters counters
     cdef readonly Gauges gauges          # shared limits and refusal counts (core/gauges.pxi)
+    cdef public ConnLog connlog          # [obs] the connection log and histograms, or None
     cdef int block
     cdef public double now               # coarse clock, refreshed once per batch of events
     cdef public set sessions             # the open sessions
@@ -305,6 +308,7 @@ cdef class Engine:
         a second, with the count since the last report."""
         self.epoll_errors += 1
         self.epoll_unreported += 1
+        s.term = TERM_ID if s.state == S_OPEN else TERM_IC     # [obs]
         s._close()
         if self.now - self.epoll_reported_at < 1.0:
             return
@@ -379,6 +383,7 @@ cdef class Engine:
         lst.fd = sock.fileno()
         lst.svc = svc
         lst.sock = sock
+        lst.port = sock.getsockname()[1]        # [obs]
         ev.events = EPOLLIN | (EPOLLEXCLUSIVE if shared else 0)
         ev.data.u64 = (<uint64_t><uintptr_t><void *>lst) | TAG_LISTENER
         if epoll_ctl(self.epfd, EPOLL_CTL_ADD, lst.fd, &ev) < 0:
@@ -465,6 +470,7 @@ cdef class Engine:
             s.last = self.now
             lim_admitted(self, s)               # [limits] the session holds its place
             s.born = self.now                   # [mem] max_duration
+            cl_accept(s, lst.port, &ss)         # [obs] accept time, client, listener port
             if svc.hash_mode != HASH_NONE:
                 s.key = _hash_peer(&ss, svc.hash_mode)
             self.sessions.add(s)
@@ -491,6 +497,7 @@ cdef class Engine:
         if idle:
             for s in list(self.sessions):
                 if s.state == S_OPEN and now - s.last >= s.svc.idle_timeout:
+                    s.term = TERM_cD            # [obs] idle timeout
                     s._close()
                     closed += 1
                 elif _timers_expired(s, now):       # [mem] fin, max_duration, first_byte
@@ -505,6 +512,7 @@ cdef class Engine:
         """Close every session now."""
         cdef Session s
         for s in list(self.sessions):
+            cl_kill(s)                          # [obs]
             s._close()
         self._bury()
 
@@ -515,6 +523,7 @@ cdef class Engine:
         cdef int n = 0
         for s in list(self.sessions):
             if s.svc is svc and s.slot == slot and s.state != S_CLOSED:
+                cl_kill(s)                      # [obs]
                 s._close()
                 n += 1
         self._bury()

@@ -91,6 +91,13 @@ cdef class Session:
     cdef double born                     # accepted at (coarse clock)
     cdef double first_sent               # the first client byte reached the backend (0: not yet)
 
+    # [obs] the connection log and histograms (core/connlog.pxi): times CLOCK_MONOTONIC ns;
+    # the client is [access]'s `client` above (the accept peer, or the PROXY source)
+    cdef unsigned short lport            # the listener's local port
+    cdef unsigned char term              # TERM_* (core/connlog.pxi), set where it ends
+    cdef int64_t t_acc, t_conn, t_est, t_first
+    cdef uint64_t nbin, nbout            # bytes client -> backend, backend -> client
+
     def __cinit__(self):
         # Every Session starts owning nothing, even one made by Session.__new__ from Python,
         # so that freeing it can never close an fd it does not own (fd 0 of a zeroed object).
@@ -169,6 +176,7 @@ cdef class Session:
             elif errno == EAGAIN:
                 return 0
             else:
+                self.term = TERM_CD if dst == self.cfd else TERM_SD     # [obs]
                 self._close()
                 return -1
         b.start = 0
@@ -186,6 +194,7 @@ cdef class Session:
                 got = _buf_get(self, b)
                 if got <= 0:                    # 0: waits for one (out of EPOLLIN)
                     if got < 0:
+                        self.term = TERM_NO_BUFFER  # [obs]
                         self._close()
                     return got
             r = recv(src, b.data, ENGINE_BUFSIZE, 0)
@@ -193,7 +202,12 @@ cdef class Session:
                 if src == self.bfd and not self.b_seen:
                     self.b_seen = True
                     self.eng.consec[self.slot] = 0
+                    self.t_first = _mono_ns()   # [obs] Tr ends
                 self.last = self.eng.now
+                if src == self.cfd:             # [obs] per-session bytes (the log)
+                    self.nbin += r
+                else:
+                    self.nbout += r
                 self.eng.counters.add_c(self.eng.block, self.slot, field, r)
                 b.start = 0
                 b.end = r
@@ -213,6 +227,7 @@ cdef class Session:
             else:
                 if src == self.bfd and not self.b_seen:
                     self.eng._passive_failure(self.svc, self.slot, errno)
+                self.term = TERM_CD if src == self.cfd else TERM_SD     # [obs]
                 self._close()
                 return -1
 
@@ -244,6 +259,7 @@ cdef class Session:
             elif self.c2b.end < ENGINE_BUFSIZE:  # connecting: keep what the client sends
                 r = _buf_get(self, &self.c2b)
                 if r < 0:
+                    self.term = TERM_NO_BUFFER      # [obs]
                     self._close()
                     return
                 if r > 0:                       # [mem] 0: waits for a buffer
@@ -254,6 +270,7 @@ cdef class Session:
                     elif r == 0:
                         self.c_eof = True
                     elif errno != EAGAIN and errno != EINTR:
+                        self.term = TERM_CC         # [obs] the client aborted while connecting
                         self._close()
                         return
                     _buf_put(self, &self.c2b)   # [mem] nothing kept: hold no buffer
@@ -290,6 +307,7 @@ cdef class Session:
         cdef const char *sap
         while self.state != S_CLOSED and self.attempts <= svc.retries and svc.policy is not None:
             self.attempts += 1
+            cl_attempt(self)                    # [obs] Tw ends, Tc starts
             slot = (<Policy>svc.policy).pick_c(self.key, self.tried, self.ntried)
             if slot < 0:
                 break
@@ -330,6 +348,7 @@ cdef class Session:
         and the orchestration, remember the slot as tried."""
         cdef ServiceState svc = self.svc
         cdef int slot = self.slot
+        cl_failed(self, err)                    # [obs] SC / sC / RC unless a later one connects
         if lim_local_error(self, err):          # [limits] ours, not the backend's: closed
             return
         if self.bfd >= 0:
@@ -359,6 +378,8 @@ cdef class Session:
         if lim_queue(self):                     # [limits] every usable backend at its cap
             return
         lim_count(self.eng, self.svc.row, G_NO_BACKEND)
+        if self.term == TERM_UNSET:             # [obs] nothing to try: no backend
+            self.term = TERM_SC
         if self.svc.on_no_backend is not None:
             self.eng._callback(self.svc, "on_no_backend", self.svc.on_no_backend, ())
         self._close()
@@ -366,6 +387,7 @@ cdef class Session:
     cdef void _established(self) noexcept:
         self.eng.connecting.discard(self)
         self.state = S_OPEN
+        cl_established(self)                    # [obs] Tc, the connect-time histogram
         self.counted = True
         self.eng.counters.add_c(self.eng.block, self.slot, CTR_ACTIVE, 1)
         self.eng.counters.add_c(self.eng.block, self.slot, CTR_TOTAL, 1)
@@ -373,6 +395,7 @@ cdef class Session:
             return
         if self.c2b.end > 0:                    # what the client sent meanwhile
             self.eng.counters.add_c(self.eng.block, self.slot, CTR_BYTES_IN, self.c2b.end)
+            self.nbin += self.c2b.end           # [obs]
             if self._flush(&self.c2b, self.bfd) < 0:
                 return
         self._shut_if_done()
@@ -386,6 +409,7 @@ cdef class Session:
         cdef Engine eng = self.eng
         cdef char *cbuf
         cdef char *bbuf
+        cl_close(self)                          # [obs] termination code, histogram, log record
         if self.state == S_CONNECTING or self.state == S_WAITING:
             eng.connecting.discard(self)
         cdef bint freed = lim_release(self)     # [limits] queue, backend and service places

@@ -135,6 +135,7 @@ cdef int _adm_check(Session s, Admission adm) noexcept:
     cdef Py_ssize_t e
     if adm.acl is not None and not adm.acl.admits_c(&s.client):
         _adm_count(s, G_DENY_ACL)
+        s.term = TERM_DENY_ACL                  # [obs]
         s._close()
         return -1
     if adm.srctab is not None:
@@ -143,6 +144,7 @@ cdef int _adm_check(Session s, Admission adm) noexcept:
         if r != SRC_ADMIT:
             _adm_count(s, G_DENY_SRC_CONNS if r == SRC_REFUSED_CONNS else
                        (G_DENY_SRC_RATE if r == SRC_REFUSED_RATE else G_DENY_SRC_TABLE))
+            s.term = TERM_DENY_SRC              # [obs]
             s._close()
             return -1
         if e >= 0:
@@ -233,6 +235,7 @@ cdef bint _adm_take(Session s, unsigned char *dst, size_t n) noexcept:
 
 cdef void _adm_refuse(Session s, int field) noexcept:
     _adm_count(s, field)
+    s.term = TERM_CLIENT_SILENT if field == G_CLIENT_SILENT else TERM_PROXY_ERROR   # [obs]
     s._close()
 
 
@@ -252,6 +255,7 @@ cdef void adm_on_client(Session s, uint32_t events) noexcept:
         if r > 0:
             _adm_go(s)
         elif r == 0 or (errno != EAGAIN and errno != EINTR):
+            s.term = TERM_CC                # [obs] the client left before connecting
             s._close()                      # gone without a byte: no backend for it
         return
     seen = s.pp_buf if have else peek

@@ -215,6 +215,7 @@ cdef bint lim_local_error(Session s, int err) noexcept:
     if not (lim_out_of_resources(err) or err == EADDRNOTAVAIL or err == EAGAIN):
         return False
     lim_report(eng, s.svc, 1, err)
+    s.term = TERM_LOCAL_ERROR               # [obs]
     s._close()
     if lim_out_of_resources(err):           # after the close, whose re-arm would undo it
         lim_pause_all(eng, PAUSE_FDS)
@@ -256,6 +257,7 @@ cdef bint lim_queue(Session s) noexcept:
     if (svc.queue_size <= 0 or svc.qlen >= svc.queue_size
             or not eng.gauges.take_field(svc.row, G_QUEUED, svc.queue_size)):
         lim_count(eng, svc.row, G_QUEUE_FULL)
+        s.term = TERM_QUEUE_FULL            # [obs]
         s._close()
         return True
     s.inqueue = True
@@ -340,6 +342,7 @@ cdef void lim_sweep(Engine eng) noexcept:
             nxt = s.qnext
             if eng.now >= s.qdeadline:
                 lim_count(eng, svc.row, G_QUEUE_TIMEOUT)
+                s.term = TERM_QUEUE_TIMEOUT     # [obs]
                 s._close()
             s = nxt
         if svc.qhead is not None:

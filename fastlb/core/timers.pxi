@@ -26,14 +26,17 @@ cdef int _timers_expired(Session s, double now) noexcept:
         return 0
     if svc.max_duration > 0 and now - s.born >= svc.max_duration:
         s.eng.timeouts_duration += 1
+        s.term = TERM_MAX_DURATION            # [obs]
         return 1
     if ((s.c_eof and svc.client_fin > 0 and now - s.last >= svc.client_fin)
             or (s.b_eof and svc.server_fin > 0 and now - s.last >= svc.server_fin)):
         s.eng.timeouts_fin += 1
+        s.term = TERM_FIN_CLIENT if s.c_eof else TERM_FIN_SERVER   # [obs]
         return 1
     if (svc.first_byte > 0 and not s.b_seen and not s.b_eof and s.first_sent > 0
             and now - s.first_sent >= svc.first_byte):   # (an EOF is an answer, not silence)
         s.eng.timeouts_first_byte += 1
+        s.term = TERM_FIRST_BYTE_TIMEOUT      # [obs]
         _first_byte_timeout(s)
         return 1
     return 0

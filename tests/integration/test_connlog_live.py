@@ -316,3 +316,60 @@ def test_a_file_destination_that_cannot_be_opened_stops_the_start(procs, tmp_pat
     assert p.wait(20) != 0
     p.wait_line(r"\[global\] connlog = 'file:.*/no/such/dir/conn\.log': cannot open it: "
                 r"No such file or directory")
+
+
+@WORKERS
+def test_refusals_of_the_overload_and_access_rules_are_logged(procs, workers):
+    """The close sites of issue 11 each give one line with their code: an ACL refusal and a
+    per-source cap (PR), a full queue (PQ), a silent client (cR), and a PROXY header's source
+    as the logged client; none of them names a backend."""
+    _, good = start_backend(procs, "announce", name="b1")
+    cfg = (f"[global]\nworkers = {workers}\n"
+           + service("acl", [(good, 1)], log=LOG_JSON, acl='{ deny = ["127.0.0.2/32"] }')
+           + service("src", [(good, 1)], log=LOG_JSON, limits="{ per_source_conns = 1 }")
+           + service("capped", [(good, 1)], log=LOG_JSON).replace(
+               "weight = 1 }", "weight = 1, max_conns = 1 }")
+           + service("silent", [(good, 1)], log=LOG_JSON,
+                     timeouts='{ client_first_byte = "300ms" }')
+           + service("pp", [(good, 1)], log=LOG_JSON,
+                     proxy_protocol='{ accept_from = ["127.0.0.1/32"] }'))
+    lb, _ = start_fastlb(procs, cfg)
+    ports = ports_by_name(lb)
+
+    def closed_at_once(port, source="127.0.0.1"):
+        with socket.socket() as s:
+            s.settimeout(10)
+            s.bind((source, 0))
+            s.connect(("127.0.0.1", port))
+            try:
+                return s.recv(100) == b""
+            except ConnectionResetError:
+                return True
+
+    assert closed_at_once(ports["acl"], "127.0.0.2")
+    held = socket.create_connection(("127.0.0.1", ports["src"]), timeout=10)
+    assert held.recv(100) == b"b1\n"
+    assert closed_at_once(ports["src"])                   # the second from one source
+    held2 = socket.create_connection(("127.0.0.1", ports["capped"]), timeout=10)
+    assert held2.recv(100) == b"b1\n"
+    assert closed_at_once(ports["capped"])                # its one backend at its cap, no queue
+    with socket.create_connection(("127.0.0.1", ports["silent"]), timeout=10) as s:
+        assert s.recv(100) == b""                         # closed after client_first_byte
+    with socket.create_connection(("127.0.0.1", ports["pp"]), timeout=10) as s:
+        s.sendall(b"PROXY TCP4 192.0.2.9 127.0.0.1 4000 80\r\nhi")
+        assert s.recv(100) == b"b1\n"
+    held.close()
+    held2.close()
+
+    (acl,) = wait_records(lb, "acl", 1)
+    assert (acl["term"], acl["backend"], acl["client"]) == ("PR", None, "127.0.0.2")
+    src = wait_records(lb, "src", 2)
+    assert sorted(r["term"] for r in src) == ["--", "PR"]
+    capped = wait_records(lb, "capped", 2)
+    assert sorted(r["term"] for r in capped) == ["--", "PQ"]
+    assert [r["backend"] for r in capped if r["term"] == "PQ"] == [None]
+    (silent,) = wait_records(lb, "silent", 1)
+    assert (silent["term"], silent["backend"]) == ("cR", None)
+    assert silent["total_us"] >= 250_000
+    (pp,) = wait_records(lb, "pp", 1)
+    assert (pp["term"], pp["client"], pp["client_port"]) == ("--", "192.0.2.9", 4000)

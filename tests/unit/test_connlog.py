@@ -400,7 +400,8 @@ def test_the_region_follows_the_gauges_in_the_shared_mapping():
     assert st_.connlog.histogram(16, _core.H_DURATION)[1] == 30
     assert st_.connlog.drain(1) == [rec(1)] and st_.connlog.pending(0) == 0
     assert all(v == 7 for v in st_.gauges.row(last).values())
-    assert shm.layout_size(16, 2) == st_.size == (
+    # the per-source table ([access]) follows the connection log, to the end of the mapping
+    assert shm.layout_size(16, 2) == st_.size - _core.SourceTable.size_for(st_.sources.entries) == (
         _core.HealthBitmap.size_for(16) + _core.Counters.size_for(16, 2)
         + _core.Gauges.size_for(17, 2) + _core.ConnLog.size_for(17, 2, shm.connlog_capacity()))
     worker.py_observe(3, _core.H_CONNECT, 5)

@@ -28,6 +28,7 @@ CTR_TOTAL: int
 CTR_BYTES_IN: int
 CTR_BYTES_OUT: int
 CTR_CONNECT_FAILURES: int
+CTR_RETRIES: int
 
 class HealthBitmap:
     nslots: int

@@ -13,6 +13,7 @@ service's policy for slow start and panic mode, and publishes the event).
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import random
 import re
@@ -24,6 +25,13 @@ from fastlb._core import HealthBitmap
 from fastlb.config import HealthConfig
 
 log = logging.getLogger("fastlb.health")
+
+# A check that fails for a reason of this host (out of fds, buffers, memory, local ports) says
+# nothing about the backend: no verdict, the state stays (as the data path does not blame a
+# backend for its local errors, core/limits.pxi). Logged at most once per LOCAL_LOG_INTERVAL.
+LOCAL_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM,
+                          errno.EADDRNOTAVAIL})
+LOCAL_LOG_INTERVAL = 10.0
 # A reply is read up to this many bytes looking for the expected match.
 MAX_REPLY = 65536
 
@@ -93,8 +101,9 @@ class HealthState:
         return self.downtime + (0.0 if self.up or not self.since else time.monotonic() - self.since)
 
 
-async def check_once(host: str, port: int, cfg: HealthConfig) -> tuple[bool, str]:
-    """One check, bounded by cfg.timeout. Returns (passed, detail). Holds nothing afterwards."""
+async def check_once(host: str, port: int, cfg: HealthConfig) -> tuple[bool | None, str]:
+    """One check, bounded by cfg.timeout. Returns (passed, detail); passed is None when the
+    check could not be made for a local reason (LOCAL_ERRNOS). Holds nothing afterwards."""
     writer = None
     try:
         async with asyncio.timeout(cfg.timeout):
@@ -116,6 +125,8 @@ async def check_once(host: str, port: int, cfg: HealthConfig) -> tuple[bool, str
     except TimeoutError:
         return False, f"timeout after {cfg.timeout:g}s"
     except OSError as exc:
+        if exc.errno in LOCAL_ERRNOS:
+            return None, f"not checked: {exc.strerror} (a local error, not the backend's)"
         return False, exc.strerror or type(exc).__name__
     finally:
         if writer is not None:
@@ -135,6 +146,7 @@ class HealthChecker:
         self.slots: dict[tuple[str, str], int] = {}
         self.tasks: dict[tuple[str, str], asyncio.Task[None]] = {}
         self.targets: dict[tuple[str, str], tuple[str, int]] = {}
+        self._local_log = (-LOCAL_LOG_INTERVAL, 0)       # (last line, checks since): local errors
 
     def track(self, service: str, address: str, slot: int, host: str, port: int,
               cfg: HealthConfig | None) -> None:
@@ -188,12 +200,25 @@ class HealthChecker:
             interval = st.next_interval()
             await asyncio.sleep(interval * (1 + st.cfg.jitter * (2 * rnd.random() - 1)))
             ok, detail = await check_once(host, port, st.cfg)
+            if ok is None:                      # a local error: no verdict on the backend
+                self._local_error(key, detail)
+                continue
             why = st.on_check(ok, detail)
             if why is not None:
                 try:
                     self._transition(key, st, why)
                 except Exception:  # noqa: BLE001 - a bug in a listener must not end the checks
                     log.exception("%s/%s: handling a health change failed", *key)
+
+    def _local_error(self, key: tuple[str, str], detail: str) -> None:
+        now = time.monotonic()
+        last, count = self._local_log
+        if now - last >= LOCAL_LOG_INTERVAL:
+            self._local_log = (now, 0)
+            log.warning("%s/%s: check %s%s", key[0], key[1], detail,
+                        f" ({count + 1} checks in the last {LOCAL_LOG_INTERVAL:g}s)" if count else "")
+        else:
+            self._local_log = (last, count + 1)
 
     def _transition(self, key: tuple[str, str], st: HealthState, why: str) -> None:
         slot = self.slots[key]

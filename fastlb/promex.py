@@ -36,6 +36,9 @@ SERVER = [
      "bytes_out"),
     ("connection_errors_total", "counter",
      "Total number of failed connections to the server (refused, timed out).", "connect_failures"),
+    ("retry_warnings_total", "counter",
+     "Total number of server connection retries (an attempt on another backend after this one "
+     "failed).", "retries"),
     ("check_failures_total", "counter", "Total number of failed individual health checks.",
      "check_failures"),
     ("check_up_down_total", "counter",
@@ -45,7 +48,7 @@ SERVER = [
     ("weight", "gauge", "Server's configured weight.", "weight"),
 ]
 # Per service pool (HAProxy's backend metrics): sums over its servers.
-BACKEND_SUMS = SERVER[:5]
+BACKEND_SUMS = SERVER[:6]
 
 # [limits] Per server, from the shared gauges (HAProxy's names): (name, help, field).
 SERVER_LIMITS = [

@@ -29,7 +29,8 @@ cdef enum:
     CTR_BYTES_IN = 2
     CTR_BYTES_OUT = 3
     CTR_CONNECT_FAILURES = 4
-    CTR_NFIELDS = 5
+    CTR_RETRIES = 5          # attempts on another backend after this one failed (HAProxy's wretr)
+    CTR_NFIELDS = 6
     CTR_LINE = 8
 
 # The engine. Per-direction buffer: measured on the transport relay here, 64 KiB chunks cost 97%
@@ -82,7 +83,7 @@ cdef enum:
 
 # -- the Python view of the above (plain ints; a cdef enum name cannot be re-bound at module
 # level in Cython, so they are set through the module dict, once, at import) ------------------
-COUNTER_FIELDS = ("active", "total", "bytes_in", "bytes_out", "connect_failures")
+COUNTER_FIELDS = ("active", "total", "bytes_in", "bytes_out", "connect_failures", "retries")
 HASH_MODES = {"source_ip": HASH_SOURCE_IP, "source_ip_port": HASH_SOURCE_IP_PORT}
 globals().update(
     MAX_SLOTS=int(MAX_SLOTS), MAX_TRIED=int(MAX_TRIED), MAX_RETRIES=int(MAX_RETRIES),
@@ -90,4 +91,5 @@ globals().update(
     MAX_FAILS=int(MAX_FAILS), LIMITS_RETRY=LIMITS_RETRY, BUFFER_SIZE=int(ENGINE_BUFSIZE),
     CTR_ACTIVE=int(CTR_ACTIVE), CTR_TOTAL=int(CTR_TOTAL), CTR_BYTES_IN=int(CTR_BYTES_IN),
     CTR_BYTES_OUT=int(CTR_BYTES_OUT), CTR_CONNECT_FAILURES=int(CTR_CONNECT_FAILURES),
+    CTR_RETRIES=int(CTR_RETRIES),
 )

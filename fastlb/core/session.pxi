@@ -319,6 +319,8 @@ cdef class Session:
                 continue                        # at its cap: skipped for this pick
             if r < 0:
                 break
+            if self.slot >= 0:                  # a retry: the last backend tried failed
+                self.eng.counters.add_c(self.eng.block, self.slot, CTR_RETRIES, 1)
             sap = PyBytes_AS_STRING(sa)
             self.slot = slot
             fd = socket((<const sockaddr *>sap).sa_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)

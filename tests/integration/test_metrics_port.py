@@ -162,3 +162,29 @@ def test_connection_cap_and_head_timeout(procs, tmp_path):
     wait_for(lambda: get(mport, "/healthz")[0] == 200)         # freed slots serve again
     lb.signal(signal.SIGTERM)
     assert lb.wait() == 0
+
+
+def test_retries_are_counted_on_the_backend_that_failed(procs, tmp_path):
+    """HAProxy's wretr: a refused backend that a client is retried away from counts one retry
+    on that backend (and in the service's sum); the backend that served counts none."""
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))                 # bound, never listening: connects are refused
+    dead = held.getsockname()[1]
+    try:
+        _, good = start_backend(procs, "announce", name="b1")
+        # the heavy refused backend is picked first (round robin by weight): one retry each time
+        _, ports, mport = start(procs, tmp_path, [(dead, 10), (good, 1)], retries=1)
+        for _ in range(3):
+            with socket.create_connection(("127.0.0.1", ports[0]), timeout=10) as s:
+                assert s.recv(100) == b"b1\n"
+        _, m = scrape(mport)
+        retries = {srv: v for (name, proxy, srv, _), v in m.items()
+                   if name == "fastlb_server_retry_warnings_total" and proxy == "web"}
+        # every failed connect was followed by a retry on the good one (round robin's
+        # max_fails = 1 drops the dead one's weight after its first failure: at least one)
+        errors = m[("fastlb_server_connection_errors_total", "web", f"127.0.0.1:{dead}", None)]
+        assert errors >= 1
+        assert retries == {f"127.0.0.1:{dead}": errors, f"127.0.0.1:{good}": 0}
+        assert m[("fastlb_backend_retry_warnings_total", "web", None, None)] == errors
+    finally:
+        held.close()

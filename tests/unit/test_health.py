@@ -140,3 +140,37 @@ def test_transitions_counted_with_change_time_and_downtime():
     assert st.downtime >= 0.05 and st.downtime_now() == st.downtime
     st.on_passive(3, "reset")
     assert st.downs == 2
+
+
+def test_a_check_that_fails_for_a_local_reason_gives_no_verdict(tmp_path):
+    """Out of fds, a check cannot even make its socket: that says nothing about the backend
+    (no verdict, the state stays), as the data path does not blame a backend for EMFILE."""
+    import subprocess
+    import sys
+    script = tmp_path / "emfile_check.py"
+    script.write_text(
+        "import asyncio, os, resource, socket, sys\n"
+        "from fastlb.config import HealthConfig\n"
+        "from fastlb.health import check_once\n"
+        "srv = socket.create_server(('127.0.0.1', 0))\n"
+        "port = srv.getsockname()[1]\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))\n"
+        "async def main():\n"
+        "    print(await check_once('127.0.0.1', port, HealthConfig()))\n"   # fds left: passes
+        "    held = []\n"
+        "    try:\n"
+        "        while True:\n"
+        "            held.append(os.open(os.devnull, os.O_RDONLY))\n"
+        "    except OSError:\n"
+        "        pass\n"
+        "    print(await check_once('127.0.0.1', port, HealthConfig()))\n"
+        "    for fd in held:\n"
+        "        os.close(fd)\n"
+        "asyncio.run(main())\n")
+    from fastlb import spawn
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60,
+                         env=spawn.environment())
+    assert out.returncode == 0, out.stderr
+    first, second = out.stdout.splitlines()
+    assert first.startswith("(True,")
+    assert second.startswith("(None,") and "local error" in second

@@ -70,6 +70,25 @@ def _slot_or_none(slots: Mapping[tuple[str, str], int], service: str, address: s
     return slots.get((service, address), -1)          # -1: a backend the change adds
 
 
+def what_changed(before: Mapping[str, Service], after: Mapping[str, Service]) -> str:
+    """A reload's log words: services added, removed and changed (with the backends added and
+    removed of each), or "nothing changed"."""
+    added = sorted(after.keys() - before.keys())
+    removed = sorted(before.keys() - after.keys())
+    changed = []
+    for name in sorted(after.keys() & before.keys()):
+        if after[name] == before[name]:
+            continue
+        old = {b.address.text for b in before[name].backends}
+        new = {b.address.text for b in after[name].backends}
+        parts = [f"+{a}" for a in sorted(new - old)] + [f"-{a}" for a in sorted(old - new)]
+        changed.append(f"{name} ({', '.join(parts) if parts else 'settings'})")
+    words = ([f"added {', '.join(added)}"] if added else []) + \
+        ([f"removed {', '.join(removed)}"] if removed else []) + \
+        ([f"changed {'; '.join(changed)}"] if changed else [])
+    return "; ".join(words) or "nothing changed"
+
+
 def wanted_listeners(services: Mapping[str, Service]) -> set[ListenKey]:
     return {(s.name, a.host, a.port) for s in services.values() for a in s.listen}
 
@@ -364,12 +383,14 @@ class Supervisor:
             g_old, g_new = self.cfg.global_, new_cfg.global_
             if dataclasses.replace(g_new, workers=0) != dataclasses.replace(g_old, workers=0):
                 log.warning("reload: [global] changes other than workers take effect at the next start")
+            before = dict(self.registry.snapshot)
             await self._change(nxt, new_services, g_new.workers if g_new.workers != g_old.workers else None)
             if token is not None and self.admin_server is not None:   # [admin] rotated
                 self.admin_server.token = token
             ev = {"op": "reload", "generation": self.registry.generation, "services": sorted(nxt)}
             self.publish(ev)
-            log.info("reloaded %s: %d service(s)", self.config_path, len(nxt))
+            log.info("reloaded %s: %d service(s); %s", self.config_path, len(nxt),
+                     what_changed(before, nxt))
             return ev
 
     def _reload_token(self, new_cfg: Config) -> str | None:

@@ -288,6 +288,10 @@ class DataPlane:
                     shared_listeners=self.shared_listeners, sources=self.sources)
             ds.apply(plan)
         self.gen = snapshot.gen
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("data path (pid %d): generation %d applied: %s", os.getpid(), snapshot.gen,
+                      "; ".join(f"{p.name} {len(p.backends)}/{len(p.names)} backend(s) usable"
+                                f"{' (panic)' if p.panic else ''}" for p in snapshot.plans) or "no service")
 
     def _socket_for(self, service: str, key: tuple[str, int]) -> socket.socket:
         return self.sockets[(service, *key)].dup()

@@ -204,6 +204,7 @@ class HealthChecker:
                 self._local_error(key, detail)
                 continue
             why = st.on_check(ok, detail)
+            log.debug("%s/%s: check %s (%s)", key[0], key[1], "passed" if ok else "failed", detail)
             if why is not None:
                 try:
                     self._transition(key, st, why)

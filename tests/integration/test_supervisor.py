@@ -169,3 +169,26 @@ def test_reload_with_a_listener_that_cannot_bind_is_refused_whole(procs, tmp_pat
         assert c.call("reload")["services"] == ["api", "web"]           # the port is free now
         assert c.call("backends", service="web")[0]["weight"] == 2
     assert names_of(tport, 1) == ["a"] and names_of(port, 1) == ["a"]
+
+
+
+def test_debug_says_what_the_data_path_and_the_checks_do(procs, tmp_path):
+    """--log-level debug adds the lines an operator needs to follow a problem: each generation
+    a data path applies (usable backends per service, in every worker) and each health
+    check's result; at info, neither."""
+    _, be = start_backend(procs, "announce", name="a")
+    path = tmp_path / "lb.toml"
+    path.write_text("[global]\nworkers = 2\n"
+                    + service("web", [(be, 1)], health='{ interval = "100ms", timeout = "50ms" }'))
+    for level, shown in (("debug", True), ("info", False)):
+        lb = Proc([PY, "-m", "fastlb", "run", "-c", str(path), "--log-level", level], procs)
+        lb.wait_line("fastlb ready")
+        if shown:
+            lb.wait_line(rf"web/127\.0\.0\.1:{be}: check passed \(connected\)")
+            lb.wait_line(r"data path \(pid \d+\): generation \d+ applied: web 1/1 backend\(s\) usable")
+        else:
+            time.sleep(0.5)                       # five check intervals
+        lb.signal(signal.SIGTERM)
+        assert lb.wait(10) == 0
+        if not shown:
+            assert "check passed" not in lb.output and " applied: " not in lb.output

@@ -19,6 +19,7 @@ examples:
   fastlb check -c /etc/fastlb.toml     validate a config and what it needs from this machine
   fastlb run -c /etc/fastlb.toml       run until SIGTERM (graceful) or SIGINT; SIGHUP reloads
   fastlb ctl backends web              ask the running fastlb (see fastlb ctl --help)
+  fastlb register web 10.0.0.5:80 --ttl 10s   keep this instance registered until SIGTERM
   fastlb top                           live view: rates, health, active, bytes, events (q quits)
 
 exit codes: 0 ok; 1 a failure while running (or, for ctl, a request the server refused);
@@ -53,6 +54,17 @@ def main(argv: list[str] | None = None) -> int:
     from fastlb import ctl, top
     ctl.add_parser(sub)
     top.add_parser(sub)
+    # [leases] the long-running registration helper (fastlb/register.py)
+    g = sub.add_parser("register", parents=[ctl.connection_options()],
+                       help="keep a backend registered in a running fastlb (renews its lease)",
+                       description="Register ADDRESS in SERVICE with a lease, renew it every "
+                                   "TTL/3, register again if the lease is lost, deregister on "
+                                   "SIGTERM/SIGINT. For a service's start script or sidecar.")
+    g.add_argument("service")
+    g.add_argument("address", help="host:port of this instance")
+    g.add_argument("--ttl", required=True, help="the lease's time to live, e.g. 10s")
+    g.add_argument("--weight", type=int, default=None, help="1-1000000 (default 1)")
+    g.add_argument("--meta", action="append", metavar="KEY=VALUE", help="metadata (repeatable)")
     args = p.parse_args(argv)
     if args.verb != "run":
         signals.restore()
@@ -61,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.verb == "ctl":
         return ctl.main(args)
+
+    if args.verb == "register":                                               # [leases]
+        from fastlb import register
+        return register.main(args)
 
     if args.verb == "demo":
         from fastlb import demo

@@ -176,6 +176,7 @@ class Service:
     first_byte: float = 0.0
     tcp_keepalive: tuple[int, int, int] | None = None
     log: ConnLogConfig | None = None     # [obs] the connection log (None: off)
+    registration: "Registration | None" = None   # [leases] None: the service refuses registrations
 
 
 @dataclass(frozen=True, slots=True)
@@ -498,6 +499,7 @@ TIMEOUT_KEYS = {"connect", "idle"}
 TIMEOUT_KEYS |= {"client_first_byte"}                                # [access]
 BACKEND_KEYS |= {"proxy_protocol"}                                   # [access]
 SERVICE_KEYS |= {"tcp_keepalive"}                                             # [mem]
+SERVICE_KEYS |= {"registration"}                                              # [leases]
 
 
 def _dns(c: _Checker, raw: Any, path: str, base: DnsConfig, *, top: bool) -> DnsConfig:
@@ -818,7 +820,33 @@ def service_from_dict(raw: Any, path: str, c: _Checker | None = None, *,
                    hash_key=hash_key, hash_balance_factor=balance, max_fails=max_fails,
                    retries=retries, connect_timeout=connect, idle_timeout=idle, health=health,
                    dns_refresh=dns_refresh, access=access, **_limits(c, raw, path),
-                   **_mem(c, raw, path), log=_connlog(c, raw, path))        # [obs]
+                   **_mem(c, raw, path), log=_connlog(c, raw, path),        # [obs]
+                   registration=_registration(c, raw, path))                   # [leases]
+
+
+# -- [leases] self-registration (fastlb/leases.py) ----------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Registration:
+    """``registration = { token_file = "...", max_ttl = "60s" }``: the service takes
+    registrations (admin ops register/renew/deregister). token_file: a token valid for this
+    service's registrations only (read with the admin token's rules, at start and reload; None:
+    only the operator may register); max_ttl: the longest lease an instance may ask."""
+    token_file: str | None = None
+    max_ttl: float = 60.0
+
+
+def _registration(c: _Checker, raw: dict, path: str) -> Registration | None:
+    if "registration" not in raw:
+        return None
+    p = f"{path}.registration"
+    t = c.table(raw["registration"], p, {"token_file", "max_ttl"})
+    token_file = t.get("token_file")
+    if token_file is not None and (not isinstance(token_file, str) or not token_file):
+        raise c.fail(f"{p}.token_file", f"expected the path of a file holding the token, got "
+                                        f"{_kind(token_file)}")
+    # 1 s to 1 day: the sweep's granularity (leases.MIN_TTL) up to etcd's practical maximum
+    max_ttl = c.duration(t.get("max_ttl", 60.0), f"{p}.max_ttl", lo=1.0, hi=86400.0)
+    return Registration(token_file=token_file, max_ttl=max_ttl)
 
 
 def _backend_address(c: _Checker, b: dict, bp: str) -> tuple[Address, str]:
@@ -1023,6 +1051,10 @@ def service_to_dict(svc: Service) -> dict:
     if svc.log is not None:                                                   # [obs]
         d["log"] = {"connections": svc.log.connections, "format": svc.log.format,
                     "sample": svc.log.sample}
+    if svc.registration is not None:                                          # [leases]
+        d["registration"] = {"max_ttl": svc.registration.max_ttl,
+                             **({"token_file": svc.registration.token_file}
+                                if svc.registration.token_file else {})}
     return d
 
 

@@ -66,10 +66,19 @@ VERBS: list[tuple[str, str, list[tuple[str, dict[str, Any]]]]] = [
     ("restart-workers", "replace every worker, one at a time, dropping nothing", []),
     ("log-level", "show the process log level, or set it (supervisor and workers, until restart)",
      [("level", {"nargs": "?", "choices": ["debug", "info", "warning", "error"]})]),   # [obs]
+    # [leases] self-registration by hand (the long-running helper is `fastlb register`)
+    ("register", "register a backend with a lease; prints the lease id (renew it within the TTL)",
+     [("service", {}), ("address", {"help": "host:port"}),
+      ("--ttl", {"required": True, "help": "the lease's time to live, e.g. 10s"}),
+      ("--weight", {"type": int, "help": "1-1000000 (default 1)"}),
+      ("--meta", {"action": "append", "metavar": "KEY=VALUE", "help": "metadata (repeatable)"})]),
+    ("renew", "renew a lease for another TTL", [("lease", {})]),
+    ("deregister", "give a lease back: its backend is removed (open connections go on)",
+     [("lease", {})]),
 ]
 
 
-def _connection_options() -> argparse.ArgumentParser:
+def connection_options() -> argparse.ArgumentParser:
     """--socket/--tcp/--token-file/--json, accepted before the verb and after it. SUPPRESS as
     the default, so a value given in one place is not overwritten by the other's default."""
     p = argparse.ArgumentParser(add_help=False)
@@ -86,8 +95,11 @@ def _connection_options() -> argparse.ArgumentParser:
     return p
 
 
+_connection_options = connection_options     # the name fastlb.top uses
+
+
 def add_parser(sub: Any) -> None:
-    common = _connection_options()
+    common = connection_options()
     p = sub.add_parser("ctl", help="talk to a running fastlb through its admin socket",
                        description="Change and inspect a running fastlb through its admin socket.",
                        parents=[common], epilog=EXAMPLES,
@@ -109,6 +121,23 @@ def _request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         return "log_level", {"level": args.level} if args.level else {}
     if v == "backends":
         return "backends", {"service": args.service}
+    if v in ("renew", "deregister"):                                          # [leases]
+        return v, {"lease": args.lease}
+    if v == "register":                                                       # [leases]
+        from fastlb.register import parse_ttl
+        try:
+            reg: dict[str, Any] = {"service": args.service, "address": args.address,
+                                   "ttl": parse_ttl(args.ttl)}
+        except ValueError as exc:
+            raise SystemExit(f"fastlb ctl: --ttl {exc}") from None
+        if args.weight is not None:
+            reg["weight"] = args.weight
+        if args.meta:
+            pairs = [m.partition("=") for m in args.meta]
+            if any(not sep for _, sep, _ in pairs):
+                raise SystemExit("fastlb ctl: --meta expects KEY=VALUE")
+            reg["metadata"] = {k: val for k, _, val in pairs}
+        return "register", reg
     if v == "remove-service":
         return "remove_service", {"service": args.service}
     if v == "add-service":
@@ -189,9 +218,37 @@ def _show(verb: str, result: Any) -> str:
                               "bytes_in", "bytes_out", "connect_failures", "check_failures",
                               "max", "limit"])
                 + "\n\n" + _limits_table(result))
+    if verb == "register":                                                    # [leases]
+        return str(result["lease"])
     if isinstance(result, dict):
         return " ".join(f"{k}={v}" for k, v in result.items())
     return str(result)
+
+
+def target(args: argparse.Namespace) -> dict[str, Any]:
+    """The admin socket the options name: {"socket": path} or {"tcp": (host, port), "token":
+    token}. Raises SystemExit with the problem (also used by `fastlb register`)."""
+    tcp, socket_path = getattr(args, "tcp", None), getattr(args, "socket", None)
+    token_file = getattr(args, "token_file", None)
+    if tcp and socket_path:
+        raise SystemExit("fastlb ctl: give --socket or --tcp, not both")
+    if not tcp:
+        return {"socket": socket_path or DEFAULT_SOCKET}
+    if not token_file:
+        raise SystemExit("fastlb ctl: --tcp needs --token-file (the file named by "
+                         "[global] admin_token_file in fastlb's config, or a service's "
+                         "registration.token_file)")
+    try:
+        with open(token_file) as f:
+            token = f.read().strip()
+    except OSError as exc:
+        raise SystemExit(f"fastlb ctl: cannot read the token file {token_file}: "
+                         f"{exc.strerror}") from None
+    try:
+        addr = parse_address(tcp, resolve=False)
+    except ValueError as exc:
+        raise SystemExit(f"fastlb ctl: --tcp {tcp}: {exc}") from None
+    return {"tcp": (addr.host, addr.port), "token": token}
 
 
 def _connect(args: argparse.Namespace) -> AdminClient:

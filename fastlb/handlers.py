@@ -20,6 +20,7 @@ from fastlb.admin import protocol
 from fastlb.admin.protocol import AdminProtocolError, Request
 from fastlb.config import Backend, Service
 from fastlb.errors import RegistryError
+from fastlb.leases import LEASE_OPS
 from fastlb.plan import DataPath
 
 COUNTER_FIELDS = _core.COUNTER_FIELDS
@@ -75,6 +76,9 @@ def backend_info(view: StatsView, svc: Service, b: Backend, stats: bool = False)
     slot = view.slot(svc.name, b.address.text)
     info: dict[str, Any] = {"address": b.address.text, "weight": b.weight, "state": b.state,
                             "health": "up" if slot is not None and view.is_up(slot) else "down"}
+    lease_of = getattr(view, "lease_info", None)          # [leases] a registered backend's lease
+    if lease_of is not None and (lease := lease_of(svc.name, b.address.text)) is not None:
+        info.update(lease)
     if stats:
         info.update(view.counters(slot) if slot is not None else dict.fromkeys(COUNTER_FIELDS, 0))
         g = view.gauges(svc.name, b.address.text)                               # [limits]
@@ -212,6 +216,16 @@ def audit(who: str, op: str, args: Mapping[str, Any], result: Any = None,
 
 
 async def _run(ctx: Context, req: Request) -> Any:
+    if req.scope is not None and req.op not in protocol.SCOPED_OPS:               # [leases]
+        raise AdminProtocolError("forbidden", f"a registration token (of service "
+                                 f"{req.scope!r}) allows only "
+                                 f"{', '.join(sorted(protocol.SCOPED_OPS))}; {req.op} needs the "
+                                 f"operator token", id=req.id)
+    if req.op in LEASE_OPS:                                                    # [leases]
+        lease = getattr(ctx, "lease", None)
+        if lease is None:
+            raise AdminProtocolError("unknown_op", f"op {req.op!r} is not served here", id=req.id)
+        return await lease(req.op, req.args, req.scope)
     if req.op in protocol.MUTATIONS:
         return await ctx.mutate(req.op, req.args)
     handler = HANDLERS.get(req.op)
@@ -221,7 +235,7 @@ async def _run(ctx: Context, req: Request) -> Any:
 
 
 async def dispatch(ctx: Context, req: Request) -> Any:
-    if req.op not in protocol.CHANGES:
+    if req.op not in protocol.CHANGES and (req.scope is None or req.op in protocol.SCOPED_OPS):
         if log.isEnabledFor(logging.DEBUG):
             log.debug("admin: %s: %s", req.who or "?", summarize(req.op, req.args))
         return await _run(ctx, req)

@@ -5,17 +5,18 @@ what fastlb does when the file cannot be read (fall back, or refuse to start) or
 so in words, refuse admin changes, retry). ``StateStore`` is the one object that touches the
 files; fastlb.supervisor holds one when ``[global] state_file`` is set.
 
-Format, version 2 (version 1, today's plain msgpack map, is still read, and rewritten as
-version 2 at the next save):
+Format, version 3 (version 1, the plain msgpack map, and version 2, without leases, are still
+read, and rewritten as version 3 at the next save):
 
     offset  size  field
     0       15    magic b"\\xc1fastlb-state\\r\\n": 0xc1 is the one byte msgpack never uses, so
                   no version-1 file starts like a version-2 one; "\\r\\n" catches a text-mode copy
-    15      1     version (2)
+    15      1     version (3; 2 has no "leases")
     16      8     body length n, big-endian
     24      32    SHA-256 of bytes 0-23 followed by the body
     56      n     body: msgpack map {"registry": [service table, ...],  # as last acknowledged
-                                     "config":   [service table, ...]}  # what it was reconciled with
+                                     "config":   [service table, ...],  # what it was reconciled with
+                                     "leases":   [lease, ...]}          # [leases] fastlb.leases
 Service tables have the keys of a ``[[service]]`` table (config.service_to_dict). The checksum
 is SHA-256 from hashlib: in the standard library (no dependency on our extension to read a
 file), checkable with standard tools, and its cost is nothing at state-file sizes (KiB to a
@@ -67,7 +68,8 @@ import secrets
 import stat
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 
 from fastlb import stateformat
@@ -106,6 +108,7 @@ Unusable = stateformat.Unusable
 FORMAT, VERSION, MAGIC, HEADER_SIZE = (stateformat.FORMAT, stateformat.VERSION, stateformat.MAGIC,
                                        stateformat.HEADER_SIZE)
 encode, decode = stateformat.encode, stateformat.decode
+Leases = Sequence[Mapping[str, Any]]      # [leases] fastlb.leases.Lease.to_wire() dicts
 
 
 # -- errors in words --------------------------------------------------------------------------------
@@ -226,6 +229,7 @@ class StateStore:
         self._current_known = False             # whether _current reflects the file
         self._lock = threading.Lock()           # one save's file operations at a time
         self._order = asyncio.Lock()            # save_async/retry: saves in call order
+        self.leases: list[dict[str, Any]] = []            # [leases] those of the generation load() used
 
     # -- loading -----------------------------------------------------------------------------------
     def load(self) -> tuple[Tables, Tables] | None:
@@ -238,9 +242,9 @@ class StateStore:
         try:
             raw = _read(self.path)
             if raw is not None:
-                loaded = decode(raw)
+                registry, cfg, self.leases = stateformat.decode_all(raw)
                 self._current = raw
-                return loaded
+                return registry, cfg
             missing, problem = True, "it is missing"
         except Unusable as exc:
             problem = str(exc)
@@ -251,7 +255,8 @@ class StateStore:
                     return None                 # neither file: no state yet
                 raise StateFileError(self.path, f"{problem}; there is no previous generation "
                                                 f"({self.prev_path}) to fall back on")
-            loaded = decode(prev)
+            registry, cfg, self.leases = stateformat.decode_all(prev)
+            loaded = (registry, cfg)
         except Unusable as exc:
             raise StateFileError(self.path, f"{problem}; its previous generation {self.prev_path} "
                                             f"is unusable too: {exc}") from None
@@ -327,28 +332,31 @@ class StateStore:
         return removed
 
     # -- saving -----------------------------------------------------------------------------------
-    def save(self, registry: Mapping[str, Service], cfg: Mapping[str, Service]) -> None:
+    def save(self, registry: Mapping[str, Service], cfg: Mapping[str, Service],
+             leases: Leases = ()) -> None:
         """Write a new generation (module docstring: the order and why it is crash-safe).
         Raises StateWriteError (in words, with the remedy) when it cannot; then nothing on disk
         changed that load() would prefer over the last acknowledged generation."""
-        self._save(registry, cfg, at_start=False)
+        self._save(registry, cfg, leases, at_start=False)
 
-    def save_at_start(self, registry: Mapping[str, Service], cfg: Mapping[str, Service]) -> bool:
+    def save_at_start(self, registry: Mapping[str, Service], cfg: Mapping[str, Service],
+                      leases: Leases = ()) -> bool:
         """The write at start. A failure does not stop fastlb: it logs one ERROR line (the
         file, the key, the problem, the remedy) and returns False; the caller then runs
         retry(). True when the write succeeded."""
         try:
-            self._save(registry, cfg, at_start=True)
+            self._save(registry, cfg, leases, at_start=True)
         except StateWriteError:
             return False
         return True
 
-    async def save_async(self, registry: Mapping[str, Service], cfg: Mapping[str, Service]) -> None:
+    async def save_async(self, registry: Mapping[str, Service], cfg: Mapping[str, Service],
+                         leases: Leases = ()) -> None:
         """save() in a thread (the event loop keeps running during the fsyncs), in call order."""
         async with self._order:
-            await asyncio.to_thread(self.save, registry, cfg)
+            await asyncio.to_thread(self.save, registry, cfg, leases)
 
-    async def retry(self, current: Callable[[], tuple[Mapping[str, Service], Mapping[str, Service]]],
+    async def retry(self, current: Callable[[], tuple[Any, ...]],
                     interval: float = RETRY_INTERVAL) -> None:
         """While the last write failed: every ``interval`` seconds, write ``current()`` (the
         registry and config now). Returns once a write succeeded, this one's or a
@@ -359,16 +367,16 @@ class StateStore:
             async with self._order:
                 if self.writable is not False:
                     break
-                registry, cfg = current()
+                registry, cfg, *leases = current()     # [leases] (registry, cfg[, leases])
                 try:
-                    await asyncio.to_thread(self.save, registry, cfg)
+                    await asyncio.to_thread(self.save, registry, cfg, *leases)
                 except StateWriteError:
                     pass                        # logged by save() when the problem changed
 
     # -- internals ------------------------------------------------------------------------------------
-    def _save(self, registry: Mapping[str, Service], cfg: Mapping[str, Service], *,
-              at_start: bool) -> None:
-        blob = encode(registry, cfg)
+    def _save(self, registry: Mapping[str, Service], cfg: Mapping[str, Service],
+              leases: Leases, *, at_start: bool) -> None:
+        blob = encode(registry, cfg, leases)
         with self._lock:
             try:
                 self._replace(blob)

@@ -1,16 +1,21 @@
-"""The state file's bytes: encoding and decoding of versions 1 and 2 (no file handling).
+"""The state file's bytes: encoding and decoding of versions 1, 2 and 3 (no file handling).
 
 Owner: the on-disk format. Version 2 is a 56-byte header (magic ``\xc1fastlb-state\r\n``,
 whose first byte msgpack never uses, so it cannot be mistaken for version 1; version; body
 length; SHA-256 of header and body) and a msgpack body ``{"registry": [...], "config": [...]}``
 of ``[[service]]`` tables (config.service_to_dict). Version 1 (a bare msgpack map with
-``"format": "fastlb-state"``) is still read. fastlb.statefile writes and reads the files.
+``"format": "fastlb-state"``) is still read. Version 3 ([leases]) is version 2 with a third
+list in the body, ``"leases"`` (fastlb.leases.Lease.to_wire: id, service, address, weight, ttl,
+metadata); a version 3 file is written, 1 and 2 are read (with no leases). Why a new version
+rather than a new key: a fastlb that does not know leases would keep the registered backends
+forever; it refuses the file instead, loudly. fastlb.statefile writes and reads the files.
 """
 from __future__ import annotations
 
 import hashlib
 import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import msgpack
 
@@ -20,7 +25,8 @@ from fastlb.errors import ConfigError, StateUnusable
 from fastlb.unpacking import Limits, depth, limit_error
 
 FORMAT = "fastlb-state"       # version 1's "format" value
-VERSION = 2
+VERSION = 3                                # [leases] 3: + "leases"; 2 is still read
+READS = (2, 3)                             # the versions with the header
 MAGIC = b"\xc1fastlb-state\r\n"
 _HEAD = struct.Struct(">15sBQ")            # magic, version, body length
 HEADER_SIZE = _HEAD.size + 32              # + SHA-256
@@ -34,10 +40,12 @@ Tables = dict[str, Service]
 Unusable = StateUnusable          # the name both state file modules use
 
 
-def encode(registry: Mapping[str, Service], cfg: Mapping[str, Service]) -> bytes:
-    """The version-2 bytes of a state file."""
+def encode(registry: Mapping[str, Service], cfg: Mapping[str, Service],
+           leases: Sequence[Mapping[str, Any]] = ()) -> bytes:
+    """The version-3 bytes of a state file."""
     body: bytes = msgpack.packb({"registry": [config.service_to_dict(s) for s in registry.values()],
-                                 "config": [config.service_to_dict(s) for s in cfg.values()]},
+                                 "config": [config.service_to_dict(s) for s in cfg.values()],
+                                 "leases": [dict(x) for x in leases]},                # [leases]
                                 use_bin_type=True)
     head = _HEAD.pack(MAGIC, VERSION, len(body))
     digest = hashlib.sha256(head)
@@ -67,7 +75,14 @@ def _unpack(body: bytes) -> object:
 
 
 def decode(raw: bytes) -> tuple[Tables, Tables]:
-    """(registry, config) from the bytes of a state file of version 1 or 2; raises Unusable."""
+    """(registry, config) from the bytes of a state file of version 1, 2 or 3; raises Unusable."""
+    registry, cfg, _ = decode_all(raw)
+    return registry, cfg
+
+
+def decode_all(raw: bytes) -> tuple[Tables, Tables, list[dict[str, Any]]]:
+    """(registry, config, leases) from the bytes of a state file; raises Unusable. Files
+    before version 3 hold no leases ([])."""
     if not raw:
         raise Unusable("it is empty (0 bytes): torn")
     if raw.startswith(MAGIC[:1]):
@@ -83,8 +98,8 @@ def decode(raw: bytes) -> tuple[Tables, Tables]:
         digest.update(memoryview(raw)[HEADER_SIZE:])
         if digest.digest() != raw[_HEAD.size:HEADER_SIZE]:
             raise Unusable("corrupt: its SHA-256 checksum does not match its contents")
-        if version != VERSION:
-            raise Unusable(f"version {version}, which this fastlb does not read (it reads 1 and "
+        if version not in READS:
+            raise Unusable(f"version {version}, which this fastlb does not read (it reads 1 to "
                             f"{VERSION}): a newer fastlb wrote it")
         doc = _unpack(raw[HEADER_SIZE:])
         if not isinstance(doc, dict):
@@ -95,8 +110,8 @@ def decode(raw: bytes) -> tuple[Tables, Tables]:
             raise Unusable("not a fastlb state file (no fastlb-state header, and not a "
                             "version-1 map with \"format\": \"fastlb-state\")")
         if doc.get("version") != 1:
-            raise Unusable(f"unknown version {doc.get('version')!r} (this fastlb reads version "
-                            f"1 and {VERSION})")
+            raise Unusable(f"unknown version {doc.get('version')!r} (this fastlb reads versions "
+                            f"1 to {VERSION})")
     out = []
     for part in ("registry", "config"):
         tables = doc.get(part)
@@ -110,4 +125,9 @@ def decode(raw: bytes) -> tuple[Tables, Tables]:
                 raise Unusable(str(exc)) from None
             services[svc.name] = svc
         out.append(services)
-    return out[0], out[1]
+    try:                                                                       # [leases]
+        from fastlb.leases import from_wire
+        leases = from_wire(doc.get("leases", []), "\"leases\"")
+    except ValueError as exc:
+        raise Unusable(f"corrupt: {exc}") from None
+    return out[0], out[1], leases

@@ -35,7 +35,7 @@ import socket
 import time
 from typing import Any, Mapping
 
-from fastlb import _core, config, dns, preflight, sdnotify, signals, statefile
+from fastlb import _core, config, dns, leases, preflight, sdnotify, signals, statefile
 from fastlb.admin.protocol import Request
 from fastlb.admin.server import AdminServer, admin_token, clear_stale_socket
 from fastlb.config import Config, Service
@@ -140,6 +140,14 @@ class View:
         hs = self.health.state(service, address)
         return (hs.check_failures, hs.reason) if hs else None
 
+    leases: leases.LeaseTable | None = None       # [leases] the supervisor's table
+
+    def lease_info(self, service: str, address: str) -> dict[str, Any] | None:
+        """[leases] A registered backend's lease (handlers.backend_info asks); None: not one."""
+        lease = self.leases.of_backend(service, address) if self.leases is not None else None
+        return self.leases.info(lease, time.monotonic()) if lease is not None and \
+            self.leases is not None else None
+
     def gauges(self, service: str | None, address: str = SERVICE_ROW) -> dict[str, int]:
         """[limits] The Gauges row of a backend, of a service (address SERVICE_ROW) or, with
         service None, of the whole balancer."""
@@ -161,6 +169,15 @@ class Supervisor:
         # acknowledgement; retried in the background when it cannot be written at start.
         self.state = statefile.StateStore(cfg.global_.state_file) if cfg.global_.state_file else None
         self.registry = Registry(initial_registry(cfg, ignore_state, self.state))
+        # [leases] registered backends' leases: from the state file, each with a grace of one
+        # TTL to be renewed (a restart must not drop instances that renew every ttl/3)
+        self.leases = leases.LeaseTable()
+        if self.state is not None and not ignore_state and self.state.leases:
+            kept, dropped = self.leases.restore(self.state.leases, self.registry.snapshot,
+                                                time.monotonic())
+            log.info("leases: %d restored from the state file, each due for renewal within its "
+                     "TTL%s", kept, f"; {dropped} dropped (their backend is no longer "
+                     f"configured)" if dropped else "")
         total = sum(1 + len(s.backends) for s in self.registry.snapshot.values())   # + its row
         self.shared = SharedState(max(cfg.max_backends, 2 * total), blocks_for(cfg.global_.workers),
                                   cfg.global_.source_table_size)                      # [access]
@@ -168,6 +185,7 @@ class Supervisor:
         self.runtimes: dict[str, ServiceRuntime] = {}
         self.dns = dns.Watcher(cfg.global_.dns, self._on_members)   # host names and SRV entries
         self.view = View(self.shared, self.health, self.runtimes, self.dns)
+        self.view.leases = self.leases                                         # [leases]
         self.view.maxconn = preflight.maxconn(cfg)                              # [limits]
         log.info("maxconn %d%s", self.view.maxconn, "" if cfg.global_.maxconn else
                  f" (derived from the fd limit {preflight.fd_limit()})")
@@ -234,14 +252,17 @@ class Supervisor:
         return new
 
     async def _change(self, nxt: dict[str, Service], cfg_services: Mapping[str, Service] | None = None,
-                      workers: int | None = None) -> None:
-        """Prepare, persist, commit, apply. Caller holds self._mutation."""
+                      workers: int | None = None,
+                      lease_wire: list[dict[str, Any]] | None = None) -> None:
+        """Prepare, persist, commit, apply. Caller holds self._mutation. ``lease_wire``: the
+        leases to persist ([leases]; default: the table's, less those whose backend goes)."""
         new = self._prepare(nxt)
         try:
             if self.state is not None:
                 try:    # in a thread (fsync), in call order with the start-up retry
                     await self.state.save_async(
-                        nxt, cfg_services if cfg_services is not None else self.cfg_services)
+                        nxt, cfg_services if cfg_services is not None else self.cfg_services,
+                        lease_wire if lease_wire is not None else self.leases.wire(nxt))
                 except StateFileError as exc:
                     raise RegistryError("persist_failed", f"{exc}; nothing changed") from None
         except BaseException:
@@ -250,6 +271,10 @@ class Supervisor:
         self.registry.commit(nxt)
         if cfg_services is not None:
             self.cfg_services = dict(cfg_services)
+        for lease in self.leases.orphans(nxt):     # [leases] its backend was removed: it goes
+            self.leases.remove(lease.id)
+            log.info("lease %s (service %s, backend %s) dropped: its backend was removed",
+                     lease.id, lease.service, lease.address)
         self._apply(nxt, new)
         if workers is not None:
             # After the commit, best effort: starting or stopping processes cannot be undone,
@@ -315,8 +340,107 @@ class Supervisor:
             await self._change(nxt)
             ev["generation"] = self.registry.generation
             self._after(op, args)
+            if op in ("add_service", "remove_service"):
+                self._refresh_tokens()                                         # [leases]
             self.publish(ev)
             return ev
+
+    # -- [leases] self-registration (fastlb/leases.py) ---------------------------------------------
+    async def lease(self, op: str, args: dict[str, Any], scope: str | None) -> dict[str, Any]:
+        """The admin ops register/renew/deregister (handlers dispatches them here, with the
+        connection's scope: the service of its registration token, None for the operator)."""
+        if op == "renew":       # a deadline in memory only: no persist, no lock, no generation
+            lease = self.leases.renew(args["lease"], time.monotonic(), scope)
+            return {"lease": lease.id, "ttl": lease.ttl}
+        async with self._mutation:
+            if op == "deregister":
+                lease = self.leases.get(args["lease"], scope)
+                gen = await self._drop_leases([lease])
+                return {"op": "deregister", "lease": lease.id, "service": lease.service,
+                        "address": lease.address, "generation": gen}
+            return await self._register(args, scope)
+
+    async def _register(self, args: dict[str, Any], scope: str | None) -> dict[str, Any]:
+        name, address = args["service"], args["address"]
+        if scope is not None and scope != name:         # before the registry: no name leaks
+            raise leases.forbidden(scope, f"cannot register into service {name!r}")
+        svc = self.registry.service(name)
+        weight = args.get("weight", 1)
+        lease = self.leases.plan(name, address, weight, float(args["ttl"]), args.get("metadata", {}),
+                                 max_ttl=svc.registration.max_ttl if svc.registration else None,
+                                 scope=scope)
+        old = self.leases.of_backend(name, address)
+        if old is not None:
+            # The instance registers again (it restarted, or lost its reply): the new lease
+            # replaces the old one, with the weight it asks now (Consul: a re-registration of
+            # a service id replaces it; etcd: the key is put again under the new lease).
+            b = next(b for b in svc.backends if b.address.text == address)
+            nxt = {**self.registry.snapshot, name: dataclasses.replace(svc, backends=tuple(
+                dataclasses.replace(x, weight=weight) if x is b else x for x in svc.backends))}
+        else:
+            if any(b.address.text == address for b in svc.backends):
+                raise RegistryError("exists", f"service {name!r} already has backend {address!r} "
+                                    f"from the config or the operator; a registration cannot "
+                                    f"take it over")
+            nxt, _ = self.registry.plan("add_backend", {"service": name, "address": address,
+                                                        "weight": weight})
+        await self._change(nxt, lease_wire=self.leases.wire(nxt, add=lease))
+        self.leases.add(lease, time.monotonic())
+        ev = {"op": "register", "service": name, "address": address, "lease": lease.id,
+              "ttl": lease.ttl, "weight": weight, "generation": self.registry.generation}
+        self.publish(ev)
+        return ev
+
+    async def _drop_leases(self, gone: list[leases.Lease]) -> int:
+        """Remove these leases and their backends, as remove_backend does (open connections go
+        on, no new ones): persisted, then applied. Caller holds self._mutation. Returns the
+        generation; raises (nothing changed, the leases stay) when the change is refused."""
+        ids = {lease.id for lease in gone}
+        self.leases.closing |= ids
+        try:
+            nxt = leases.without(self.registry.snapshot, gone)
+            await self._change(nxt, lease_wire=self.leases.wire(nxt, drop=ids))
+        finally:
+            self.leases.closing -= ids
+        for lease in gone:
+            self.leases.remove(lease.id)
+            self.publish({"op": "deregister", "service": lease.service, "address": lease.address,
+                          "lease": lease.id, "generation": self.registry.generation})
+        return self.registry.generation
+
+    async def _lease_loop(self) -> None:
+        """The expiry sweep: every leases.SWEEP_INTERVAL, the leases past their deadline go
+        (their backends removed in one change, one state file write), each with an audit line."""
+        while True:
+            await asyncio.sleep(leases.SWEEP_INTERVAL)
+            if self._stopping or not self.leases.expired(time.monotonic()):
+                continue
+            async with self._mutation:
+                due = self.leases.expired(time.monotonic())      # a renewal may have come
+                if not due or self._stopping:
+                    continue
+                try:
+                    gen = await self._drop_leases(due)
+                except FastLBError as exc:
+                    log.error("leases: %d expired lease(s) not removed yet (retrying): %s",
+                              len(due), getattr(exc, "message", exc))
+                    continue
+                for lease in due:
+                    audit("lease expiry", "deregister", {"lease": lease.id, "service": lease.service,
+                          "address": lease.address, "ttl": lease.ttl}, {"generation": gen})
+
+    def _registration_tokens(self, services: Any, strict: bool) -> dict[str, str]:
+        operator = self.admin_server.token if self.admin_server is not None else None
+        tokens, problems = leases.read_tokens(services, operator, strict=strict)
+        for p in problems:
+            log.error("%s; that service takes registrations from the operator only", p)
+        return tokens
+
+    def _refresh_tokens(self) -> None:
+        """[leases] The registration tokens of the services now (after add/remove_service)."""
+        if self.admin_server is not None and self.admin_server.token is not None:
+            self.admin_server.set_registration_tokens(
+                self._registration_tokens(self.registry.snapshot.values(), strict=False))
 
     def _after(self, op: str, args: dict[str, Any]) -> None:
         """Effects on open connections: maint with close, drain with a timeout."""
@@ -380,6 +504,12 @@ class Supervisor:
             token = self._reload_token(new_cfg)                   # [admin] before any change
             new_services = {s.name: s for s in new_cfg.services}
             nxt = reconcile(self.registry.snapshot, self.cfg_services, new_services)
+            reg_tokens = None                                     # [leases] before any change
+            if self.admin_server is not None and self.admin_server.token is not None:
+                try:
+                    reg_tokens, _ = leases.read_tokens(nxt.values(), token or self.admin_server.token)
+                except FastLBError as exc:
+                    raise RegistryError("invalid", f"reload refused, nothing changed: {exc}") from None
             g_old, g_new = self.cfg.global_, new_cfg.global_
             if dataclasses.replace(g_new, workers=0) != dataclasses.replace(g_old, workers=0):
                 log.warning("reload: [global] changes other than workers take effect at the next start")
@@ -387,6 +517,8 @@ class Supervisor:
             await self._change(nxt, new_services, g_new.workers if g_new.workers != g_old.workers else None)
             if token is not None and self.admin_server is not None:   # [admin] rotated
                 self.admin_server.token = token
+            if reg_tokens is not None and self.admin_server is not None:    # [leases]
+                self.admin_server.set_registration_tokens(reg_tokens)
             ev = {"op": "reload", "generation": self.registry.generation, "services": sorted(nxt)}
             self.publish(ev)
             log.info("reloaded %s: %d service(s); %s", self.config_path, len(nxt),
@@ -465,13 +597,17 @@ class Supervisor:
             raise FastLBError("no service could start (see above)")
         if len(keep) != len(self.registry.snapshot):
             self.registry = Registry(keep)
+        for lease in self.leases.orphans(self.registry.snapshot):    # [leases] service left out
+            self.leases.remove(lease.id)
         self._apply(self.registry.snapshot, new)
-        self._tasks = [self.loop.create_task(self._ramp_loop()), self.loop.create_task(self._reap_loop())]
-        if self.state is not None and not self.state.save_at_start(self.registry.snapshot,
-                                                                    self.cfg_services):
+        self._tasks = [self.loop.create_task(self._ramp_loop()), self.loop.create_task(self._reap_loop()),
+                       self.loop.create_task(self._lease_loop())]                  # [leases]
+        if self.state is not None and not self.state.save_at_start(
+                self.registry.snapshot, self.cfg_services, self.leases.wire(self.registry.snapshot)):
             # logged loudly; fastlb serves, and admin changes are refused until a write works
             self._tasks.append(self.loop.create_task(
-                self.state.retry(lambda: (self.registry.snapshot, self.cfg_services))))
+                self.state.retry(lambda: (self.registry.snapshot, self.cfg_services,
+                                          self.leases.wire(self.registry.snapshot)))))
 
     def request_stop(self, mode: str) -> None:
         if self._stop.is_set():
@@ -542,6 +678,10 @@ class Supervisor:
         early = signals.take()                # received while starting: acted on once started
         if self.cfg.global_.admin:
             clear_stale_socket(self.cfg.global_.admin)   # a live one: refuse before touching state
+        # [leases] the services' registration tokens (TCP admin only: the unix socket is the
+        # owner's, with full rights); a bad token file refuses the start, as the admin's does
+        reg_tokens = leases.read_tokens(self.registry.snapshot.values(), admin_token(self.cfg))[0] \
+            if self.cfg.global_.admin and self.cfg.global_.admin.startswith("tcp:") else {}
         self.connlog = self._start_connlog(self.cfg.global_.connlog)         # [obs] first: may refuse
         await self.dns.prime(self.registry.snapshot)   # host names' members before serving
         self.start()
@@ -552,6 +692,7 @@ class Supervisor:
                 g.admin, self.admin, token=admin_token(self.cfg),
                 max_connections=g.admin_max_connections, idle_timeout=g.admin_idle_timeout,
                 frame_timeout=g.admin_frame_timeout)
+            self.admin_server.set_registration_tokens(reg_tokens)             # [leases]
             await self.admin_server.start()
         if g.metrics:   # the metrics port: Prometheus, JSON API, status page (fastlb.httpapi)
             from fastlb import httpapi, observe

@@ -101,11 +101,20 @@ OPS: dict[str, dict[str, tuple[Any, bool]]] = {
     "workers": {},
     "restart_workers": {},
     "log_level": {"level": (_STR, False)},          # [obs] get (no level) or set
+    # [leases] self-registration (fastlb/leases.py): ttl in seconds, metadata a map of strings
+    "register": {"service": (_STR, True), "address": (_STR, True), "weight": (_INT, False),
+                 "ttl": (_NUM, True), "metadata": (_MAP, False)},
+    "renew": {"lease": (_STR, True)},
+    "deregister": {"lease": (_STR, True)},
 }
 MUTATIONS = frozenset({"add_backend", "remove_backend", "set_weight", "set_state",
                        "add_service", "remove_service"})
 # What the audit trail logs (fastlb.handlers.dispatch): every op that changes something.
 CHANGES = MUTATIONS | {"reload", "restart_workers"}
+CHANGES |= {"register", "deregister"}     # [leases] renew is not a change (1 line/s per instance)
+# [leases] What a connection authenticated by a service's registration token may send (its
+# first message is a ping carrying the token); any other op is refused with "forbidden".
+SCOPED_OPS = frozenset({"ping", "register", "renew", "deregister"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +126,9 @@ class Request:
     # Who sent it, for the audit trail: "unix uid=N pid=M" or "tcp HOST:PORT" (set by the
     # server's glue, never by the client).
     who: str = ""
+    # [leases] The service whose registration token authenticated the connection (set by the
+    # server's glue); None: full rights (the operator token, or the owner-only unix socket).
+    scope: str | None = None
 
 
 class Decoder:
@@ -234,6 +246,12 @@ def parse_request(obj: Any) -> Request:
     if "timeout" in args and not 0 < args["timeout"] <= 86400 * 7:
         raise AdminProtocolError("bad_request", f"{op}: timeout must be from 0 to 604800 seconds",
                                  id=rid)
+    if op in ("register", "renew", "deregister"):                            # [leases]
+        from fastlb.leases import check_register_args
+        try:
+            check_register_args(args)
+        except AdminProtocolError as exc:
+            raise AdminProtocolError(exc.code, exc.message, id=rid) from None
     return Request(rid, op, args, token)
 
 

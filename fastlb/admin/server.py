@@ -34,7 +34,7 @@ import os
 import socket
 import stat
 import struct
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Mapping
 
 from fastlb.admin import guard, protocol
 from fastlb.admin.protocol import Request
@@ -147,6 +147,9 @@ class AdminServer:
         self.address = address
         self.handler = handler
         self.token = token
+        # [leases] sha256(registration token) -> its service: a connection authenticated by one
+        # may only register/renew/deregister in that service (Request.scope; fastlb.handlers)
+        self.scopes: dict[bytes, str] = {}
         self.max_size = max_size
         self.max_connections = max_connections
         self.idle_timeout = idle_timeout
@@ -170,6 +173,10 @@ class AdminServer:
         """Set (or rotate, at a reload) the token; compared as digests, in constant time."""
         self._token = value
         self._digest = hashlib.sha256(value.encode()).digest() if value is not None else b""
+
+    def set_registration_tokens(self, tokens: Mapping[str, str]) -> None:
+        """[leases] service -> its registration token (set at start, replaced at a reload)."""
+        self.scopes = {hashlib.sha256(t.encode()).digest(): svc for svc, t in tokens.items()}
 
     async def start(self) -> None:
         try:
@@ -275,12 +282,15 @@ class AdminServer:
         self.connections += 1
         try:
             rest = b""
+            scope = None
             if tcp:
                 first = await self._authenticate(reader, writer, who, source)
                 if first is None:
                     return
-                rest = first
-            await self._serve(reader, writer, who, rest)
+                rest, scope = first
+                if scope is not None:                   # [leases] for the audit trail
+                    who = f"{who} (registration token of {scope})"
+            await self._serve(reader, writer, who, rest, scope)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
@@ -289,10 +299,11 @@ class AdminServer:
             writer.close()
 
     async def _authenticate(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                            who: str, source: str) -> bytes | None:
+                            who: str, source: str) -> tuple[bytes, str | None] | None:
         """Read the first message (bounded in size and time) and check its token. Returns the
         bytes read: the first message and what followed it (requests pipelined behind it), to be
-        served as the rest; or None when the connection was refused (replied to, counted,
+        served as the rest, with the scope ([leases] the service of a registration token;
+        None: the operator token); or None when the connection was refused (replied to, counted,
         closed) or closed by the peer before a whole first message."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.frame_timeout
@@ -325,12 +336,16 @@ class AdminServer:
             token = obj.get("token") if isinstance(obj, dict) else None
             rid = obj.get("id") if isinstance(obj, dict) else None
             rid = rid if isinstance(rid, int) and not isinstance(rid, bool) else None
-            if isinstance(token, str) and hmac.compare_digest(
-                    hashlib.sha256(token.encode()).digest(), self._digest):
+            digest = hashlib.sha256(token.encode()).digest() if isinstance(token, str) else b""
+            # [leases] a registration token: looked up by its SHA-256 (a dict lookup on a
+            # digest tells a guesser nothing about the tokens: it cannot aim at a prefix)
+            scope = self.scopes.get(digest) if digest else None
+            if digest and (hmac.compare_digest(digest, self._digest) or scope is not None):
                 self.backoff.success(source)
-                log.debug("admin: %s authenticated", who)
+                log.debug("admin: %s authenticated%s", who,
+                          f" (registration token of service {scope})" if scope else "")
                 # the first message is served as any other: it is put back in front of the rest
-                return bytes(buf)
+                return bytes(buf), scope
             why = "wrong token" if isinstance(token, str) else "missing token"
             break
         penalty = self.backoff.failure(source, loop.time())
@@ -361,7 +376,7 @@ class AdminServer:
             writer.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                     who: str, data: bytes) -> None:
+                     who: str, data: bytes, scope: str | None = None) -> None:
         """Requests until the peer closes, its stream breaks or a deadline passes."""
         loop = asyncio.get_running_loop()
         decoder = protocol.Decoder(self.max_size)
@@ -372,7 +387,7 @@ class AdminServer:
                 try:
                     decoder.push(data)
                     for obj in decoder:          # requests before a bad value are answered
-                        writer.write(await self._one(obj, writer, who))
+                        writer.write(await self._one(obj, writer, who, scope))
                 except AdminProtocolError as exc:
                     await self._linger(reader, writer, protocol.error(None, exc.code, exc.message))
                     return                       # the stream's framing is lost
@@ -414,13 +429,14 @@ class AdminServer:
             if not data:
                 return
 
-    async def _one(self, obj: Any, writer: asyncio.StreamWriter, who: str) -> bytes:
+    async def _one(self, obj: Any, writer: asyncio.StreamWriter, who: str,
+                   scope: str | None = None) -> bytes:
         try:
             req = protocol.parse_request(obj)
         except AdminProtocolError as exc:
             return protocol.error(exc.id, exc.code, exc.message)
-        req = dataclasses.replace(req, who=who)
-        if req.op == "subscribe":
+        req = dataclasses.replace(req, who=who, scope=scope)
+        if req.op == "subscribe" and scope is None:     # [leases] a scoped one: the handler refuses
             self.subscribers[writer] = req.id
             return protocol.ok(req.id, {"subscribed": True})
         try:

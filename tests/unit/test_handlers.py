@@ -59,6 +59,7 @@ def test_reads_are_functions_of_snapshot_and_view():
 
 def test_every_op_of_the_protocol_has_a_handler():
     served = set(handlers.HANDLERS) | MUTATIONS | {"subscribe"}      # subscribe: the server's
+    served |= handlers.LEASE_OPS                                    # [leases] Context.lease
     assert served == set(OPS)
 
     class Ctx:

@@ -63,7 +63,7 @@ def test_round_trip_and_header(store):
     store.save(services(5), services(1))
     raw = open(store.path, "rb").read()
     magic, version, length = struct.unpack_from(">15sBQ", raw)
-    assert (magic, version, length) == (MAGIC, 2, len(raw) - HEADER_SIZE)
+    assert (magic, version, length) == (MAGIC, 3, len(raw) - HEADER_SIZE)
     registry, cfg = StateStore(store.path).load()
     assert registry["web"].backends[0].weight == 5 and cfg["web"].backends[0].weight == 1
     assert oct(os.stat(store.path).st_mode & 0o777) == "0o600"
@@ -125,10 +125,10 @@ def test_a_newer_version_is_unusable_and_falls_back(store, caplog):
     raw = open(store.path, "rb").read()
     body = raw[HEADER_SIZE:]
     import hashlib
-    head = struct.pack(">15sBQ", MAGIC, 3, len(body))
+    head = struct.pack(">15sBQ", MAGIC, 4, len(body))
     open(store.path, "wb").write(head + hashlib.sha256(head + body).digest() + body)
     assert weight_of(StateStore(store.path).load()) == 2
-    assert "version 3, which this fastlb does not read" in error_lines(caplog)[0]
+    assert "version 4, which this fastlb does not read" in error_lines(caplog)[0]
 
 
 def test_both_unusable_refuses_naming_both(store):

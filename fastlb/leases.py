@@ -143,9 +143,11 @@ class LeaseTable:
         return lease
 
     def plan(self, service: str, address: str, weight: int, ttl: float,
-             metadata: Mapping[str, str], *, max_ttl: float | None, scope: str | None) -> Lease:
+             metadata: Mapping[str, str], *, max_ttl: float | None, scope: str | None,
+             pending: int = 0) -> Lease:
         """A new lease for a registration, checked, changing nothing. ``max_ttl`` None: the
-        service takes no registrations."""
+        service takes no registrations. ``pending``: new leases of the service planned with
+        it (a batch), counted against the cap."""
         if scope is not None and scope != service:
             raise forbidden(scope, f"cannot register into service {service!r}")
         if max_ttl is None:
@@ -155,7 +157,8 @@ class LeaseTable:
         if ttl > max_ttl:
             raise RegistryError("ttl_too_long", f"ttl {ttl:g} s is longer than service "
                                 f"{service!r}'s registration.max_ttl ({max_ttl:g} s)")
-        if self.of_backend(service, address) is None and self.count(service) >= MAX_LEASES_PER_SERVICE:
+        if self.of_backend(service, address) is None and \
+                self.count(service) + pending >= MAX_LEASES_PER_SERVICE:
             raise RegistryError("too_many_leases", f"service {service!r} holds "
                                 f"{MAX_LEASES_PER_SERVICE} leases, the cap per service")
         return Lease(new_id(), service, address, weight, ttl, dict(metadata))
@@ -195,17 +198,20 @@ class LeaseTable:
         service, or a reload did)."""
         return [lease for lease in self.leases.values() if not _has(services, lease)]
 
-    def wire(self, services: Mapping[str, Any], add: Lease | None = None,
+    def wire(self, services: Mapping[str, Any], adds: Iterable[Lease] = (),
              drop: Iterable[str] = ()) -> list[dict[str, Any]]:
-        """The state file's "leases": the table with ``add`` in (replacing the lease of its
-        backend), ``drop`` out, and only leases whose backend is in ``services``."""
+        """The state file's "leases": the table with ``adds`` in (each replacing the lease of
+        its backend; the last of a backend wins), ``drop`` out, and only leases whose backend
+        is in ``services``."""
         gone = set(drop)
-        if add is not None and (old := self._by_backend.get((add.service, add.address))):
-            gone.add(old)
+        new: dict[tuple[str, str], Lease] = {}
+        for add in adds:
+            new[(add.service, add.address)] = add
+            if old := self._by_backend.get((add.service, add.address)):
+                gone.add(old)
         out = [lease.to_wire() for lid, lease in self.leases.items()
                if lid not in gone and _has(services, lease)]
-        if add is not None:
-            out.append(add.to_wire())
+        out += [add.to_wire() for add in new.values() if _has(services, add)]
         return out
 
     def restore(self, wire: Iterable[Mapping[str, Any]], services: Mapping[str, Any],

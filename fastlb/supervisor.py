@@ -197,6 +197,9 @@ class Supervisor:
         self.metrics_server: Any = None          # fastlb.httpapi's server on [global] metrics
         self._mutation = asyncio.Lock()
         self._timers: dict[tuple[str, str], asyncio.TimerHandle] = {}
+        # [leases] registrations waiting for the next batch (_register), and its runner
+        self._reg_queue: list[tuple[dict[str, Any], str | None, asyncio.Future[dict[str, Any]]]] = []
+        self._reg_runner: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
         self._mode = "term"
         self._stopping = False
@@ -358,38 +361,98 @@ class Supervisor:
                 gen = await self._drop_leases([lease])
                 return {"op": "deregister", "lease": lease.id, "service": lease.service,
                         "address": lease.address, "generation": gen}
-            return await self._register(args, scope)
+        return await self._register(args, scope)
 
     async def _register(self, args: dict[str, Any], scope: str | None) -> dict[str, Any]:
+        """Queue a registration for the next batch and wait for its outcome. Registrations
+        that arrive while a change is under way are applied together, in one change and one
+        state file write (a group commit: a fleet that starts at once costs a few fsyncs and
+        plan rebuilds, not one per instance, and the data path sharing this process with
+        workers = 1 is not held up by a thousand of them)."""
+        fut: asyncio.Future[dict[str, Any]] = self.loop.create_future()
+        self._reg_queue.append((args, scope, fut))
+        if self._reg_runner is None or self._reg_runner.done():
+            self._reg_runner = self.loop.create_task(self._register_batches())
+        return await fut
+
+    async def _register_batches(self) -> None:
+        while self._reg_queue:
+            async with self._mutation:
+                batch, self._reg_queue = self._reg_queue, []
+                await self._register_batch(batch)
+
+    def _plan_register(self, services: dict[str, Service], args: dict[str, Any],
+                       scope: str | None, planned: dict[tuple[str, str], leases.Lease]
+                       ) -> tuple[dict[str, Service], leases.Lease]:
+        """One registration on top of ``services`` (the snapshot with the batch's earlier
+        ones): (next services, its lease); raises RegistryError, changing nothing."""
         name, address = args["service"], args["address"]
         if scope is not None and scope != name:         # before the registry: no name leaks
             raise leases.forbidden(scope, f"cannot register into service {name!r}")
-        svc = self.registry.service(name)
+        if name not in services:
+            self.registry.service(name)                 # raises unknown_service
+        svc = services[name]
         weight = args.get("weight", 1)
+        pending = sum(1 for (s, a) in planned if s == name and not self.leases.of_backend(s, a))
         lease = self.leases.plan(name, address, weight, float(args["ttl"]), args.get("metadata", {}),
                                  max_ttl=svc.registration.max_ttl if svc.registration else None,
-                                 scope=scope)
-        old = self.leases.of_backend(name, address)
-        if old is not None:
+                                 scope=scope, pending=pending)
+        held = self.leases.of_backend(name, address) is not None or (name, address) in planned
+        if held:
             # The instance registers again (it restarted, or lost its reply): the new lease
             # replaces the old one, with the weight it asks now (Consul: a re-registration of
             # a service id replaces it; etcd: the key is put again under the new lease).
-            b = next(b for b in svc.backends if b.address.text == address)
-            nxt = {**self.registry.snapshot, name: dataclasses.replace(svc, backends=tuple(
-                dataclasses.replace(x, weight=weight) if x is b else x for x in svc.backends))}
-        else:
-            if any(b.address.text == address for b in svc.backends):
-                raise RegistryError("exists", f"service {name!r} already has backend {address!r} "
-                                    f"from the config or the operator; a registration cannot "
-                                    f"take it over")
-            nxt, _ = self.registry.plan("add_backend", {"service": name, "address": address,
-                                                        "weight": weight})
-        await self._change(nxt, lease_wire=self.leases.wire(nxt, add=lease))
-        self.leases.add(lease, time.monotonic())
-        ev = {"op": "register", "service": name, "address": address, "lease": lease.id,
-              "ttl": lease.ttl, "weight": weight, "generation": self.registry.generation}
-        self.publish(ev)
-        return ev
+            backends = tuple(dataclasses.replace(b, weight=weight) if b.address.text == address
+                             else b for b in svc.backends)
+            return {**services, name: dataclasses.replace(svc, backends=backends)}, lease
+        if any(b.address.text == address for b in svc.backends):
+            raise RegistryError("exists", f"service {name!r} already has backend {address!r} "
+                                f"from the config or the operator; a registration cannot "
+                                f"take it over")
+        try:
+            # [dns] a host name is kept as written (fastlb.dns follows it), as add_backend does
+            addr = config.parse_address(address, resolve=False)
+        except ValueError as exc:
+            raise RegistryError("invalid", f"address: {exc}") from None
+        if addr.port == 0:
+            raise RegistryError("invalid", "address: a backend needs a port from 1 to 65535")
+        backends = (*svc.backends, config.Backend(addr, weight, "ready"))   # as add_backend
+        return {**services, name: dataclasses.replace(svc, backends=backends)}, lease
+
+    async def _register_batch(self, batch: list[tuple[dict[str, Any], str | None,
+                                                      asyncio.Future[dict[str, Any]]]]) -> None:
+        """Plan every registration of the batch (a refused one fails alone), then one change
+        for the others. Caller holds self._mutation."""
+        services = dict(self.registry.snapshot)
+        planned: dict[tuple[str, str], leases.Lease] = {}
+        granted: list[tuple[leases.Lease, asyncio.Future[dict[str, Any]]]] = []
+        for args, scope, fut in batch:
+            try:
+                services, lease = self._plan_register(services, args, scope, planned)
+            except FastLBError as exc:
+                fut.set_exception(exc)
+                continue
+            planned[(lease.service, lease.address)] = lease
+            granted.append((lease, fut))
+        if not granted:
+            return
+        try:
+            await self._change(services, lease_wire=self.leases.wire(
+                services, adds=[lease for lease, _ in granted]))
+        except Exception as exc:   # noqa: BLE001 - refused (persist_failed, full...): each is told
+            for _, fut in granted:
+                if not fut.done():
+                    fut.set_exception(exc)
+            return
+        now = time.monotonic()
+        for lease, fut in granted:
+            self.leases.add(lease, now)
+            ev = {"op": "register", "service": lease.service, "address": lease.address,
+                  "lease": lease.id, "ttl": lease.ttl, "weight": lease.weight,
+                  "generation": self.registry.generation}
+            self.publish(ev)
+            if not fut.done():
+                fut.set_result(ev)
 
     async def _drop_leases(self, gone: list[leases.Lease]) -> int:
         """Remove these leases and their backends, as remove_backend does (open connections go

@@ -80,9 +80,9 @@ def test_wire_restore_grace_and_orphans():
     assert t.orphans(SERVICES) == [ghost]
     assert t.wire(SERVICES, drop=[a.id]) == []
     b = t.plan("web", "127.0.0.1:8002", 1, 3.0, {}, max_ttl=60.0, scope=None)
-    assert {w["id"] for w in t.wire(SERVICES, add=b)} == {a.id, b.id}
+    assert {w["id"] for w in t.wire(SERVICES, adds=[b])} == {a.id, b.id}
     fresh = leases.LeaseTable()
-    assert fresh.restore(t.wire(SERVICES, add=b) + [ghost.to_wire()], SERVICES, 500.0) == (2, 1)
+    assert fresh.restore(t.wire(SERVICES, adds=[b]) + [ghost.to_wire()], SERVICES, 500.0) == (2, 1)
     assert fresh.expired(503.9) == [fresh.leases[b.id]]   # one TTL from the restart
     assert fresh.expired(502.9) == []
     assert fresh.leases[a.id].metadata == {"k": "v"}

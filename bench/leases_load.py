@@ -2,20 +2,22 @@
 path's latency beside it (issue 13, "Tests and figures").
 
 fastlb with workers = 1 (the admin and the lease sweep share the data path's process: the worst
-case), a TCP admin, a state file, and two services: "data" (an echo backend) and "reg" (with a
-registration table). A client makes 64-byte round trips through "data" for --seconds (quiet);
-then --instances asyncio clients, each on its own admin connection authenticated by the
-registration token, register an address in "reg" (every registration is written to the state
-file before its reply) and renew every --every seconds, while the round trips go on for
---seconds more (renewing). Prints, per phase, the round trips' median and 99th percentile, and
-the registrations' wall time and the renewals' reply latency.
+case; --workers 2 puts the data path in worker processes), a TCP admin, a state file, and two
+services: "data" (an echo backend) and "reg" (with a registration table). A client makes 64-byte
+round trips through "data" for --seconds (quiet); then --instances asyncio clients (in another
+process), each on its own admin connection authenticated by the registration token, start
+spread over one second, register an address in "reg" (in the state file before the reply) and
+renew every --every seconds; the round trips go on while they register, then for --seconds
+while they renew. Prints, per phase, the round trips' median and 99th percentile, the
+registrations' wall time and the renewals' reply latency.
 
-    python3 bench/leases_load.py --instances 1000 --seconds 10
+    python3 bench/leases_load.py --instances 1000 --seconds 10 [--workers 2]
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import multiprocessing
 import os
 import re
 import socket
@@ -25,6 +27,7 @@ import sys
 import tempfile
 import threading
 import time
+from typing import Any
 
 import msgpack
 
@@ -92,7 +95,7 @@ class Instance:
             self.unpacker.feed(data)
 
     async def run(self, every: float, stop: asyncio.Event, renew_lat: list[float],
-                  delay: float, done: list[int], all_in: threading.Event, n: int) -> float:
+                  delay: float, done: list[int], all_in: Any, n: int) -> float:
         await asyncio.sleep(delay)            # a fleet starting: spread over the first second
         self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.aport)
         self.ids += 1
@@ -113,8 +116,8 @@ class Instance:
         return took
 
 
-async def instances(aport: int, n: int, every: float, all_in: threading.Event,
-                    finish: threading.Event, out: dict[str, object]) -> None:
+async def instances(aport: int, n: int, every: float, all_in: Any,
+                    finish: Any, out: dict[str, object]) -> None:
     stop = asyncio.Event()
     renew_lat: list[float] = []
     done: list[int] = []
@@ -133,6 +136,12 @@ async def instances(aport: int, n: int, every: float, all_in: threading.Event,
     out.update(slowest_register=max(took), renewals=renew_lat)
 
 
+def run_instances(aport: int, n: int, every: float, all_in: Any, finish: Any, results: Any) -> None:
+    out: dict[str, object] = {}
+    asyncio.run(instances(aport, n, every, all_in, finish, out))
+    results.put(out)
+
+
 def main() -> None:
     import resource
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -141,6 +150,7 @@ def main() -> None:
     ap.add_argument("--instances", type=int, default=1000)
     ap.add_argument("--every", type=float, default=1.0, help="seconds between renewals")
     ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--workers", type=int, default=1, help="fastlb's [global] workers")
     a = ap.parse_args()
     tmp = tempfile.mkdtemp()
     for name, tok in (("token", TOKEN), ("reg.token", REG_TOKEN)):
@@ -152,7 +162,8 @@ def main() -> None:
         aport = s.getsockname()[1]
     be, be_lines = start([sys.executable, "-m", "fastlb.devservers", "echo"])
     bport = int(wait_for(be_lines, r"READY (\d+)").group(1))
-    cfg = (f'[global]\nadmin = "tcp:127.0.0.1:{aport}"\nadmin_token_file = "{tmp}/token"\n'
+    cfg = (f'[global]\nworkers = {a.workers}\nadmin = "tcp:127.0.0.1:{aport}"\n'
+           f'admin_token_file = "{tmp}/token"\n'
            f'admin_max_connections = {a.instances + 16}\nstate_file = "{tmp}/state"\n'
            f'[[service]]\nname = "data"\nlisten = "127.0.0.1:0"\n'
            f'backends = [{{ address = "127.0.0.1:{bport}" }}]\n'
@@ -166,17 +177,19 @@ def main() -> None:
         port = int(wait_for(lines, r"service data: listening on \S+:(\d+)").group(1))
         wait_for(lines, "fastlb ready")
         quiet = round_trips(port, a.seconds)
-        out: dict[str, object] = {}
-        all_in, finish = threading.Event(), threading.Event()
-        th = threading.Thread(target=lambda: asyncio.run(
-            instances(aport, a.instances, a.every, all_in, finish, out)))
+        # the instances run in their own process: not sharing a GIL with the round trips
+        ctx = multiprocessing.get_context("fork")
+        all_in, finish, results = ctx.Event(), ctx.Event(), ctx.Queue()
+        th = ctx.Process(target=run_instances, args=(aport, a.instances, a.every, all_in, finish,
+                                                     results))
         th.start()
         registering: list[float] = []
         while not all_in.is_set():
             registering += round_trips(port, 0.2)
         renewing = round_trips(port, a.seconds)
         finish.set()
-        th.join()
+        out = results.get(timeout=60)
+        th.join(30)
         renewals = sorted(out["renewals"])                      # type: ignore[arg-type]
         print("| phase | round trips | median | p99 |\n|---|---|---|---|")
         print(f"| quiet | {summary(quiet)} |")

@@ -196,7 +196,8 @@ class LeaseTable:
     def orphans(self, services: Mapping[str, Any]) -> list[Lease]:
         """Leases whose backend is not in ``services`` any more (the operator removed it or its
         service, or a reload did)."""
-        return [lease for lease in self.leases.values() if not _has(services, lease)]
+        have = _backends(services)
+        return [lease for lease in self.leases.values() if (lease.service, lease.address) not in have]
 
     def wire(self, services: Mapping[str, Any], adds: Iterable[Lease] = (),
              drop: Iterable[str] = ()) -> list[dict[str, Any]]:
@@ -209,9 +210,10 @@ class LeaseTable:
             new[(add.service, add.address)] = add
             if old := self._by_backend.get((add.service, add.address)):
                 gone.add(old)
+        have = _backends(services)
         out = [lease.to_wire() for lid, lease in self.leases.items()
-               if lid not in gone and _has(services, lease)]
-        out += [add.to_wire() for add in new.values() if _has(services, add)]
+               if lid not in gone and (lease.service, lease.address) in have]
+        out += [add.to_wire() for key, add in new.items() if key in have]
         return out
 
     def restore(self, wire: Iterable[Mapping[str, Any]], services: Mapping[str, Any],
@@ -219,10 +221,11 @@ class LeaseTable:
         """Leases read from the state file, each due one TTL from ``now`` (the grace of a
         restart). Those whose backend is not in ``services`` are dropped. (kept, dropped)"""
         kept = dropped = 0
+        have = _backends(services)
         for d in wire:
             lease = Lease(str(d["id"]), str(d["service"]), str(d["address"]), int(d["weight"]),
                           float(d["ttl"]), dict(d.get("metadata") or {}))
-            if _has(services, lease):
+            if (lease.service, lease.address) in have:
                 self.add(lease, now)
                 kept += 1
             else:
@@ -235,9 +238,11 @@ class LeaseTable:
                 "metadata": dict(lease.metadata)}
 
 
-def _has(services: Mapping[str, Any], lease: Lease) -> bool:
-    svc = services.get(lease.service)
-    return svc is not None and any(b.address.text == lease.address for b in svc.backends)
+def _backends(services: Mapping[str, Any]) -> set[tuple[str, str]]:
+    """Every (service, address) of ``services``: one pass, so a table of n leases against n
+    backends costs O(n), not O(n^2)."""
+    return {(name, b.address.text) for name, svc in services.items() if svc is not None
+            for b in svc.backends}
 
 
 def from_wire(raw: Any, where: str) -> list[dict[str, Any]]:

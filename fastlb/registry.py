@@ -92,7 +92,9 @@ class Registry:
                 raise RegistryError("invalid", f"address: {exc}") from None
             if addr.port == 0:
                 raise RegistryError("invalid", "address: a backend needs a port from 1 to 65535")
-            b = Backend(addr, args.get("weight", 1), args.get("state", "ready"))
+            # [leases] with the service's health checks, as a backend of the config gets them
+            # (config.service_from_dict); without, an added backend was never checked
+            b = Backend(addr, args.get("weight", 1), args.get("state", "ready"), svc.health)
             backends.append(b)
             event.update(weight=b.weight, state=b.state)
         else:

@@ -416,7 +416,8 @@ class Supervisor:
             raise RegistryError("invalid", f"address: {exc}") from None
         if addr.port == 0:
             raise RegistryError("invalid", "address: a backend needs a port from 1 to 65535")
-        backends = (*svc.backends, config.Backend(addr, weight, "ready"))   # as add_backend
+        # the service's checks, as a configured backend gets (service_from_dict) and add_backend
+        backends = (*svc.backends, config.Backend(addr, weight, "ready", svc.health))
         return {**services, name: dataclasses.replace(svc, backends=backends)}, lease
 
     async def _register_batch(self, batch: list[tuple[dict[str, Any], str | None,

@@ -248,3 +248,30 @@ def test_python_registration_api(lb):
     lease, present, gone = asyncio.run(main())
     assert present and gone
     lb.lb.wait_line(rf"deregister lease={lease} -> ok")
+
+
+def test_health_checks_apply_to_registered_backends(procs, tmp_path):
+    from helpers import closed_port
+    _, a = start_backend(procs, "announce", name="a")
+    aport, port = free_port(), free_port()
+    text = (f'[global]\nadmin = "tcp:127.0.0.1:{aport}"\n'
+            f'admin_token_file = "{token_file(tmp_path, "operator", OPERATOR)}"\n'
+            + service("web", [(a, 1)], listen=f"127.0.0.1:{port}",
+                      health='{ interval = "100ms", timeout = "100ms", rise = 1, fall = 1 }',
+                      registration="{ max_ttl = \"30s\" }"))
+    lb, _ = start_fastlb(procs, text)
+    dead = f"127.0.0.1:{closed_port()}"
+    with AdminClient(tcp=("127.0.0.1", aport), token=OPERATOR, timeout=20) as c:
+        c.call("register", service="web", address=dead, ttl=30)
+
+        def health() -> str:
+            return {b["address"]: b for b in c.call("backends", service="web")}[dead]["health"]
+        wait_for(lambda: health() == "down")
+        # checked down: no client is sent to it (every connection reaches a)
+        assert set(names_of(port, 10)) == {"a"}
+        # the same holds for a backend the operator adds (it was never checked before)
+        dead2 = f"127.0.0.1:{closed_port()}"
+        c.call("add_backend", service="web", address=dead2)
+        wait_for(lambda: {b["address"]: b for b in c.call("backends", service="web")}[dead2]
+                 ["health"] == "down")
+        assert set(names_of(port, 10)) == {"a"}

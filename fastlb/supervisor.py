@@ -379,7 +379,12 @@ class Supervisor:
         while self._reg_queue:
             async with self._mutation:
                 batch, self._reg_queue = self._reg_queue, []
-                await self._register_batch(batch)
+                try:
+                    await self._register_batch(batch)
+                finally:                  # cancelled at shutdown, or a bug: nobody waits forever
+                    for _, _, fut in batch:
+                        if not fut.done():
+                            fut.set_exception(RegistryError("stopping", "fastlb is stopping"))
 
     def _plan_register(self, services: dict[str, Service], args: dict[str, Any],
                        scope: str | None, planned: dict[tuple[str, str], leases.Lease]
@@ -430,7 +435,7 @@ class Supervisor:
         for args, scope, fut in batch:
             try:
                 services, lease = self._plan_register(services, args, scope, planned)
-            except FastLBError as exc:
+            except Exception as exc:  # noqa: BLE001 - refused (or a bug): this one fails alone
                 fut.set_exception(exc)
                 continue
             planned[(lease.service, lease.address)] = lease
@@ -488,6 +493,9 @@ class Supervisor:
                 except FastLBError as exc:
                     log.error("leases: %d expired lease(s) not removed yet (retrying): %s",
                               len(due), getattr(exc, "message", exc))
+                    continue
+                except Exception:  # noqa: BLE001 - a bug: say so; the sweep goes on
+                    log.exception("leases: removing %d expired lease(s) failed (a bug)", len(due))
                     continue
                 for lease in due:
                     audit("lease expiry", "deregister", {"lease": lease.id, "service": lease.service,

@@ -275,3 +275,22 @@ def test_health_checks_apply_to_registered_backends(procs, tmp_path):
         wait_for(lambda: {b["address"]: b for b in c.call("backends", service="web")}[dead2]
                  ["health"] == "down")
         assert set(names_of(port, 10)) == {"a"}
+
+
+def test_a_reload_rotates_registration_tokens_and_refuses_a_bad_one(lb, tmp_path):
+    new = "web-new-" + "n" * 36
+    token_file(tmp_path, "web.token", new)
+    with lb.client() as op:
+        op.call("reload")
+        with lb.client(new) as c:
+            c.call("register", service="web", address=lb.b_addr, ttl=5)
+        old = lb.client(WEB_TOKEN)
+        with pytest.raises(AdminError) as err:
+            old.call("ping")
+        assert err.value.code == "unauthorized"
+        old.close()
+        (tmp_path / "web.token").chmod(0o644)              # open to others: refused
+        with pytest.raises(AdminError) as err:
+            op.call("reload")
+        assert err.value.code == "invalid" and "registration.token_file" in err.value.message
+        assert "chmod 600" in err.value.message

@@ -53,11 +53,15 @@ def main(argv: list[str] | None = None) -> int:
     from fastlb import ctl, top
     ctl.add_parser(sub)
     top.add_parser(sub)
+    from fastlb.etcd import add_register_parser; add_register_parser(sub)   # noqa: E702 [etcd]
     args = p.parse_args(argv)
     if args.verb != "run":
         signals.restore()
     if args.verb == "top":
         return top.main(args)
+
+    if args.verb == "register":                                           # [etcd]
+        return int(args.func(args))
 
     if args.verb == "ctl":
         return ctl.main(args)

@@ -282,6 +282,7 @@ class Supervisor:
                 elif rt.config != svc:
                     rt.configure(svc)
             self.dns.sync(snapshot)                   # follow added entries, forget removed ones
+            self._etcd_sync(snapshot)                 # [etcd] a service added: its members
             self.listeners.adopt(new)
             for key, sock in sorted(new.items()):
                 svc = snapshot[key[0]]
@@ -379,6 +380,20 @@ class Supervisor:
         self.view.etcd_info = w.info
         return w
 
+    def _etcd_sync(self, snapshot: Mapping[str, Service]) -> None:
+        """[etcd] Services whose backends differ from what etcd says (added by a reload or the
+        admin; loaded from the state file with keys deleted meanwhile): apply etcd's, soon
+        (under the change lock). Nothing before the first list (the state file's serve)."""
+        if self.etcd is None or self.etcd.status.lists == 0:
+            return
+        from fastlb import etcd
+        for name, svc in snapshot.items():
+            entries = self.etcd.members.get(name, {})
+            if svc.discovery == "etcd" and etcd.backends_of(svc, entries) != svc.backends:
+                task = self.loop.create_task(self._on_etcd(name, dict(entries)))
+                self._tasks.append(task)                  # referenced until done
+                task.add_done_callback(self._tasks.remove)
+
     async def _on_etcd(self, service: str, entries: Mapping[str, Any]) -> None:
         """[etcd] A service's members in etcd changed: its backends become them, through the
         change pipeline (validated, persisted: a restart with etcd down serves the last known
@@ -388,6 +403,8 @@ class Supervisor:
             svc = self.registry.snapshot.get(service)
             if self._stopping or svc is None or svc.discovery != "etcd":
                 return
+            if self.etcd is not None and self.etcd.status.lists:
+                entries = self.etcd.members.get(service, {})        # the newest, under the lock
             backends = etcd.backends_of(svc, entries)
             if backends == svc.backends:
                 return
@@ -411,7 +428,13 @@ class Supervisor:
         """[etcd] handlers' hook before a mutation: a weight or state change of an etcd-managed
         service is written to etcd first (compare-and-swap: a concurrent change is refused and
         nothing changes here); adding or removing its backends is etcd's business."""
-        svc = self.registry.snapshot.get(args.get("service", ""))
+        if op == "add_service" and isinstance(args.get("service"), dict) \
+                and args["service"].get("discovery") == "etcd" and self.etcd is None:
+            raise RegistryError("invalid", "service.discovery: \"etcd\" needs a [discovery.etcd] "
+                                           "table in the config (at the next start)")
+        if op not in ("set_weight", "set_state", "add_backend", "remove_backend"):
+            return                                    # add_service carries a table
+        svc = self.registry.snapshot.get(args["service"])
         if svc is None or svc.discovery != "etcd":
             return
         if op in ("add_backend", "remove_backend"):
@@ -602,6 +625,7 @@ class Supervisor:
         await self.datapath.start()
         if self.etcd is not None:                    # [etcd] list, then watch (fastlb.etcd)
             await self.etcd.prime()
+            self._etcd_sync(self.registry.snapshot)   # services without any key: none now
             self.etcd.start()
         g = self.cfg.global_
         if g.admin:

@@ -215,6 +215,30 @@ def test_etcd_down_serves_last_members_then_resyncs(procs, etcd, tmp_path):
     assert metric("fastlb_discovery_etcd_up") == 1
 
 
+def test_restart_with_etcd_down_serves_the_state_files_members(procs, etcd, tmp_path):
+    """The members are registry backends, kept in the state file: a fastlb restarted while etcd
+    is down serves the last ones it knew; once etcd is back, keys deleted meanwhile leave."""
+    _, pa = start_backend(procs, "announce", name="a")
+    _, pb = start_backend(procs, "announce", name="b")
+    etcd.put(key("app", pa), {})
+    etcd.put(key("app", pb), {"weight": 2})
+    text = lb_config(etcd, f"{tmp_path}/admin.sock").replace(
+        "[global]\n", f'[global]\nstate_file = "{tmp_path}/state"\n')
+    lb, (port,) = start_fastlb(procs, text)
+    wait_for(lambda: names(port) == {"a", "b"})
+    lb.signal(signal.SIGTERM)
+    lb.wait()
+    etcd.kill()
+    lb2, (port,) = start_fastlb(procs, text)
+    lb2.wait_line(r"etcd unreachable")
+    assert names(port) == {"a", "b"}
+    admin = AdminClient(socket_path=f"{tmp_path}/admin.sock", timeout=20)
+    assert backends(admin) == {f"127.0.0.1:{pa}": (1, "ready"), f"127.0.0.1:{pb}": (2, "ready")}
+    etcd.start()
+    etcd.delete(key("app", pa))
+    wait_for(lambda: names(port) == {"b"}, timeout=15, what="the resync after the restart")
+
+
 def two_balancers(procs, etcd, tmp_path, policy="round_robin"):
     out = []
     for i in (1, 2):

@@ -270,6 +270,7 @@ def test_two_balancers_converge_and_agree_under_maglev(procs, etcd, tmp_path):
         wait_for(lambda w=want: set(backends(a1)) == set(backends(a2)) == {addr[n] for n in w},
                  timeout=5, what="both balancers to see the change")
         converged = time.monotonic() - t0
+        print(f"converged in {converged * 1000:.0f} ms")
         assert converged < 1.0, f"converged in {converged:.3f}s"
         assert picks(p1) == picks(p2)
     assert "a" not in picks(p1)
@@ -322,6 +323,7 @@ def test_admin_changes_written_through_etcd_conflict_refused(procs, etcd, tmp_pa
             conflicts += 1
             if conflicts >= 2:
                 break
+    print(f"{conflicts} conflict(s) in {rnd + 1} round(s)")
     assert conflicts >= 1, "no concurrent write was ever refused"
 
 

@@ -65,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--ttl", required=True, help="the lease's time to live, e.g. 10s")
     g.add_argument("--weight", type=int, default=None, help="1-1000000 (default 1)")
     g.add_argument("--meta", action="append", metavar="KEY=VALUE", help="metadata (repeatable)")
+    from fastlb.etcd import add_register_options
+    add_register_options(g)                                                   # [etcd] --etcd
     args = p.parse_args(argv)
     if args.verb != "run":
         signals.restore()
@@ -75,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         return ctl.main(args)
 
     if args.verb == "register":                                               # [leases]
+        if args.etcd:                                                         # [etcd]
+            from fastlb import etcd
+            return etcd.register_main(args)
         from fastlb import register
         return register.main(args)
 

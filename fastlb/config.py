@@ -123,6 +123,19 @@ class DnsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class EtcdConfig:
+    """[etcd] ``[discovery.etcd]``: where the members of ``discovery = "etcd"`` services are
+    (fastlb.etcd)."""
+    endpoints: tuple[str, ...] = ()       # "http://127.0.0.1:2379", ...
+    prefix: str = "/fastlb/"
+    ca: str | None = None                 # TLS: the CA to check etcd's certificate with
+    cert: str | None = None               # TLS client certificate and key
+    key: str | None = None
+    user: str | None = None               # auth: a user and the file holding its password
+    password_file: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Access:
     """[access] A service's ACL, per-source limits, PROXY protocol and client_first_byte
     (docs/config.md, "Access control, per-source limits, PROXY protocol")."""
@@ -177,6 +190,7 @@ class Service:
     tcp_keepalive: tuple[int, int, int] | None = None
     log: ConnLogConfig | None = None     # [obs] the connection log (None: off)
     registration: "Registration | None" = None   # [leases] None: the service refuses registrations
+    discovery: str | None = None         # [etcd] "etcd": backends are keys in etcd (fastlb.etcd)
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,6 +224,7 @@ class Config:
     # The text it was read from, for messages about its keys (fastlb.preflight): a config file
     # is read once (it may be a pipe), never again to find a line.
     text: str = field(default="", repr=False, compare=False)
+    etcd: EtcdConfig | None = None        # [etcd] [discovery.etcd]
 
 
 class _Checker:
@@ -423,7 +438,7 @@ def _admin_keys(c: _Checker, g: dict) -> dict[str, Any]:
 
 def from_dict(doc: dict, *, source: str = "config", text: str = "", resolve: bool = True) -> Config:
     c = _Checker(text, source)
-    c.table(doc, "", {"global", "service"})
+    c.table(doc, "", {"global", "service", "discovery"})                   # [etcd] discovery
     g = c.table(doc.get("global", {}), "global",
                 {"workers", "grace", "admin", "admin_token_file", "state_file", "metrics",
                  "log_format", "log_level",                                   # [obs] logs
@@ -485,7 +500,8 @@ def from_dict(doc: dict, *, source: str = "config", text: str = "", resolve: boo
         services.append(svc)
     if not services:
         raise c.fail("service", "no [[service]] defined; fastlb needs at least one")
-    return Config(global_=glob, services=tuple(services), source=source, text=text)
+    return Config(global_=glob, services=tuple(services), source=source, text=text,
+                  etcd=_etcd(c, doc, services_raw, services))                # [etcd]
 
 
 SERVICE_KEYS = {"name", "listen", "policy", "hash_key", "hash_balance_factor", "max_fails", "retries",
@@ -498,6 +514,7 @@ SERVICE_KEYS |= {"acl", "limits", "proxy_protocol"}                  # [access]
 TIMEOUT_KEYS = {"connect", "idle"}
 TIMEOUT_KEYS |= {"client_first_byte"}                                # [access]
 BACKEND_KEYS |= {"proxy_protocol"}                                   # [access]
+SERVICE_KEYS |= {"discovery"}                                                  # [etcd]
 SERVICE_KEYS |= {"tcp_keepalive"}                                             # [mem]
 SERVICE_KEYS |= {"registration"}                                              # [leases]
 
@@ -821,7 +838,9 @@ def service_from_dict(raw: Any, path: str, c: _Checker | None = None, *,
                    retries=retries, connect_timeout=connect, idle_timeout=idle, health=health,
                    dns_refresh=dns_refresh, access=access, **_limits(c, raw, path),
                    **_mem(c, raw, path), log=_connlog(c, raw, path),        # [obs]
-                   registration=_registration(c, raw, path))                   # [leases]
+                   registration=_registration(c, raw, path),                   # [leases]
+                   discovery=c.choice(raw["discovery"], f"{path}.discovery", ("etcd",))
+                   if "discovery" in raw else None)                              # [etcd]
 
 
 # -- [leases] self-registration (fastlb/leases.py) ----------------------------------------------
@@ -1048,6 +1067,8 @@ def service_to_dict(svc: Service) -> dict:
         d["dns"] = {"refresh": svc.dns_refresh}                                # [dns]
     _limits_to_dict(svc, d)                                                     # [limits]
     _access_to_dict(svc, d, backends)                                 # [access]
+    if svc.discovery is not None:                                             # [etcd]
+        d["discovery"] = svc.discovery
     if svc.log is not None:                                                   # [obs]
         d["log"] = {"connections": svc.log.connections, "format": svc.log.format,
                     "sample": svc.log.sample}
@@ -1086,3 +1107,54 @@ def summary(cfg: Config) -> str:
                           f" (host name, resolved every {refresh:g}s)" if not _is_ip(b.address.host)
                           else ""))
     return "\n".join(out)
+
+
+# -- [etcd] [discovery.etcd] and service.discovery (fastlb.etcd) -----------------------------------
+ETCD_KEYS = {"endpoints", "prefix", "ca", "cert", "key", "user", "password_file"}
+
+
+def _etcd(c: _Checker, doc: dict, services_raw: list, services: list[Service]) -> EtcdConfig | None:
+    """``[discovery.etcd] endpoints = [...], prefix = "/fastlb/"`` (TLS: ca, cert, key; auth:
+    user, password_file). A ``discovery = "etcd"`` service needs it, and takes its backends
+    from etcd only (a backends array there would be ambiguous: refused)."""
+    disc = c.table(doc.get("discovery", {}), "discovery", {"etcd"})
+    cfg = None
+    if "etcd" in disc:
+        t = c.table(disc["etcd"], "discovery.etcd", ETCD_KEYS, {"endpoints"})
+        eps = t["endpoints"]
+        if isinstance(eps, str):
+            eps = [eps]
+        if not isinstance(eps, list) or not eps:
+            raise c.fail("discovery.etcd.endpoints", "expected a non-empty array of URLs like "
+                                                     "\"http://127.0.0.1:2379\"")
+        for i, e in enumerate(eps):
+            if not isinstance(e, str) or not re.match(r"^https?://[^/\s]+/?$", e):
+                raise c.fail(f"discovery.etcd.endpoints[{i}]",
+                             f"expected a URL like \"http://127.0.0.1:2379\", got {_kind(e)}")
+        prefix = t.get("prefix", "/fastlb/")
+        if not isinstance(prefix, str) or not prefix.startswith("/") or not prefix.endswith("/"):
+            raise c.fail("discovery.etcd.prefix", f"expected a key prefix like \"/fastlb/\" (starting "
+                                                  f"and ending with /), got {prefix!r}")
+        for k in ("ca", "cert", "key", "user", "password_file"):
+            if k in t and (not isinstance(t[k], str) or not t[k]):
+                raise c.fail(f"discovery.etcd.{k}", f"expected a non-empty string, got {_kind(t[k])}")
+        if ("cert" in t) != ("key" in t):
+            raise c.fail("discovery.etcd.cert" if "key" in t else "discovery.etcd.key",
+                         "cert and key go together (a TLS client certificate and its key)")
+        if ("user" in t) != ("password_file" in t):
+            raise c.fail("discovery.etcd.user" if "password_file" in t else "discovery.etcd.password_file",
+                         "user and password_file go together")
+        if any(e.startswith("http://") for e in eps) and ("ca" in t or "cert" in t):
+            raise c.fail("discovery.etcd.endpoints", "TLS settings (ca, cert) need https:// endpoints")
+        cfg = EtcdConfig(tuple(e.rstrip("/") for e in eps), prefix, t.get("ca"), t.get("cert"),
+                         t.get("key"), t.get("user"), t.get("password_file"))
+    for i, (raw, svc) in enumerate(zip(services_raw, services, strict=True)):
+        if svc.discovery != "etcd":
+            continue
+        if cfg is None:
+            raise c.fail(f"service[{i}].discovery", "\"etcd\" needs a [discovery.etcd] table "
+                                                    "(endpoints = [\"http://127.0.0.1:2379\"])")
+        if raw.get("backends"):
+            raise c.fail(f"service[{i}].backends", "a service with discovery = \"etcd\" takes its "
+                                                   "backends from etcd; remove this array")
+    return cfg

@@ -99,8 +99,15 @@ def stats(snapshot: Mapping[str, Service], view: StatsView) -> list[dict[str, An
     glob = limits_of(view.gauges(None), view.maxconn)
     return [{"service": s.name, "backends": [backend_info(view, s, b, stats=True) for b in s.backends],
              "limits": limits_of(view.gauges(s.name), s.maxconn, s.queue_size),     # [limits]
-             "global": glob}
+             "global": glob, **etcd_of(view, s)}                                  # [etcd]
             for s in snapshot.values()]
+
+
+def etcd_of(view: StatsView, s: Service) -> dict[str, Any]:
+    """[etcd] An etcd-managed service's stats say whether etcd is reachable, and the last
+    revision seen (while it is not, the last known members serve)."""
+    info = getattr(view, "etcd_info", None)
+    return {"etcd": info()} if info is not None and s.discovery == "etcd" else {}
 
 
 def limits_of(gauges: dict[str, int], limit: int, queue_size: int = 0) -> dict[str, int]:
@@ -227,6 +234,9 @@ async def _run(ctx: Context, req: Request) -> Any:
             raise AdminProtocolError("unknown_op", f"op {req.op!r} is not served here", id=req.id)
         return await lease(req.op, req.args, req.scope)
     if req.op in protocol.MUTATIONS:
+        write_through = getattr(ctx, "etcd_write", None)     # [etcd] an etcd-managed service
+        if write_through is not None:
+            await write_through(req.op, req.args)
         return await ctx.mutate(req.op, req.args)
     handler = HANDLERS.get(req.op)
     if handler is None:

@@ -85,4 +85,5 @@ def snapshot(src: Sources) -> dict[str, Any]:
         })
     glob: dict[str, Any] = next((s["global"] for s in rows if "global" in s), {})   # [limits]
     return {"version": __version__, "pid": src.pid, "started": src.started, "now": now,
-            "services": services, "global": glob, "memory": dict(src.memory())}
+            "services": services, "global": glob, "memory": dict(src.memory()),
+            "etcd": next((s["etcd"] for s in rows if "etcd" in s), None)}       # [etcd]

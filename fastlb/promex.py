@@ -97,6 +97,20 @@ class FastLBCollector(Collector):
         yield from self._backends(snap["services"])
         yield from self._servers(snap["services"], snap["now"])
         yield from self._histograms()                                     # [obs]
+        yield from self._etcd(snap.get("etcd"))                           # [etcd]
+
+    def _etcd(self, info: dict[str, Any] | None) -> Iterator[Metric]:
+        """[etcd] Whether etcd is reachable (0: the last known members serve) and the last
+        revision seen; only with etcd-managed services."""
+        if info is None:
+            return
+        up = GaugeMetricFamily("fastlb_discovery_etcd_up", "1 when the etcd watch is live, 0 "
+                               "while etcd is unreachable (the last known members serve).")
+        up.add_metric([], 1 if info["up"] else 0)
+        rev = GaugeMetricFamily("fastlb_discovery_etcd_revision", "The last etcd revision "
+                                "this balancer has applied.")
+        rev.add_metric([], info["revision"])
+        yield from (up, rev)
 
     def _limits(self, snap: dict[str, Any]) -> Iterator[Metric]:
         """[limits] Connection limits, queues and refusals: per service (HAProxy's frontend

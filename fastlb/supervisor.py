@@ -108,6 +108,7 @@ def make_datapath(cfg: Config, loop: asyncio.AbstractEventLoop, shared: SharedSt
 class View:
     """The handlers' read-only view of slots, health and counters (handlers.StatsView)."""
     maxconn = 0           # [limits] [global] maxconn as resolved (fastlb.preflight.maxconn)
+    etcd_info: Any = None  # [etcd] () -> the etcd watcher's state (handlers.stats), None: no etcd
 
     def __init__(self, shared: SharedState, health: HealthChecker,
                  runtimes: Mapping[str, ServiceRuntime] | None = None,
@@ -186,6 +187,7 @@ class Supervisor:
         self.dns = dns.Watcher(cfg.global_.dns, self._on_members)   # host names and SRV entries
         self.view = View(self.shared, self.health, self.runtimes, self.dns)
         self.view.leases = self.leases                                         # [leases]
+        self.etcd = self._etcd_watcher(cfg)                                    # [etcd]
         self.view.maxconn = preflight.maxconn(cfg)                              # [limits]
         log.info("maxconn %d%s", self.view.maxconn, "" if cfg.global_.maxconn else
                  f" (derived from the fd limit {preflight.fd_limit()})")
@@ -308,6 +310,7 @@ class Supervisor:
                 elif rt.config != svc:
                     rt.configure(svc)
             self.dns.sync(snapshot)                   # follow added entries, forget removed ones
+            self._etcd_sync(snapshot)                 # [etcd] a service added: its members
             self.listeners.adopt(new)
             for key, sock in sorted(new.items()):
                 svc = snapshot[key[0]]
@@ -564,6 +567,80 @@ class Supervisor:
                           "members": [m.hostport for m in members]})
             return True
 
+    # -- [etcd] services whose backends are keys in etcd (fastlb.etcd) ---------------------------
+    def _etcd_watcher(self, cfg: Config) -> Any:
+        if cfg.etcd is None:
+            return None
+        from fastlb import etcd
+        w = etcd.Watcher(cfg.etcd, self._on_etcd)
+        self.view.etcd_info = w.info
+        return w
+
+    def _etcd_sync(self, snapshot: Mapping[str, Service]) -> None:
+        """[etcd] Services whose backends differ from what etcd says (added by a reload or the
+        admin; loaded from the state file with keys deleted meanwhile): apply etcd's, soon
+        (under the change lock). Nothing before the first list (the state file's serve)."""
+        if self.etcd is None or self.etcd.status.lists == 0:
+            return
+        from fastlb import etcd
+        for name, svc in snapshot.items():
+            entries = self.etcd.members.get(name, {})
+            if svc.discovery == "etcd" and etcd.backends_of(svc, entries) != svc.backends:
+                task = self.loop.create_task(self._on_etcd(name, dict(entries)))
+                self._tasks.append(task)                  # referenced until done
+                task.add_done_callback(self._tasks.remove)
+
+    async def _on_etcd(self, service: str, entries: Mapping[str, Any]) -> None:
+        """[etcd] A service's members in etcd changed: its backends become them, through the
+        change pipeline (validated, persisted: a restart with etcd down serves the last known
+        members, committed, applied). Leavers drain as a removed backend does."""
+        from fastlb import etcd
+        async with self._mutation:
+            svc = self.registry.snapshot.get(service)
+            if self._stopping or svc is None or svc.discovery != "etcd":
+                return
+            if self.etcd is not None and self.etcd.status.lists:
+                entries = self.etcd.members.get(service, {})        # the newest, under the lock
+            backends = etcd.backends_of(svc, entries)
+            if backends == svc.backends:
+                return
+            old = {b.address.text: b for b in svc.backends}
+            nxt = {**self.registry.snapshot, service: dataclasses.replace(svc, backends=backends)}
+            try:
+                await self._change(nxt)
+            except FastLBError as exc:
+                log.error("service %s: etcd members not applied: %s", service, getattr(exc, "message", exc))
+                return
+            words = [f"+{b.address.text}" for b in backends if b.address.text not in old] + \
+                [f"-{a}" for a in sorted(old.keys() - {b.address.text for b in backends})] + \
+                [f"{b.address.text} weight {b.weight} {b.state}" for b in backends
+                 if b.address.text in old and old[b.address.text] != b]
+            log.info("service %s: etcd: %s (revision %d)", service, ", ".join(words),
+                     self.etcd.status.revision if self.etcd else 0)
+            self.publish({"op": "etcd", "service": service, "generation": self.registry.generation,
+                          "backends": [b.address.text for b in backends]})
+
+    async def etcd_write(self, op: str, args: dict[str, Any]) -> None:
+        """[etcd] handlers' hook before a mutation: a weight or state change of an etcd-managed
+        service is written to etcd first (compare-and-swap: a concurrent change is refused and
+        nothing changes here); adding or removing its backends is etcd's business."""
+        if op == "add_service" and isinstance(args.get("service"), dict) \
+                and args["service"].get("discovery") == "etcd" and self.etcd is None:
+            raise RegistryError("invalid", "service.discovery: \"etcd\" needs a [discovery.etcd] "
+                                           "table in the config (at the next start)")
+        if op not in ("set_weight", "set_state", "add_backend", "remove_backend"):
+            return                                    # add_service carries a table
+        svc = self.registry.snapshot.get(args["service"])
+        if svc is None or svc.discovery != "etcd":
+            return
+        if op in ("add_backend", "remove_backend"):
+            raise RegistryError("etcd_managed", f"service {svc.name!r} takes its backends from etcd: "
+                                                f"put or delete its key in etcd instead")
+        if self.etcd is None:
+            raise RegistryError("etcd_unreachable", "no [discovery.etcd] in this config")
+        update = {"weight": args["weight"]} if op == "set_weight" else {"state": args["state"]}
+        await self.etcd.write(svc.name, args["address"], update)
+
     async def reload(self) -> dict[str, Any]:
         """Re-read the config file and apply what changed in it (see registry.reconcile)."""
         if not self.config_path:
@@ -758,6 +835,10 @@ class Supervisor:
         await self.dns.prime(self.registry.snapshot)   # host names' members before serving
         self.start()
         await self.datapath.start()
+        if self.etcd is not None:                    # [etcd] list, then watch (fastlb.etcd)
+            await self.etcd.prime()
+            self._etcd_sync(self.registry.snapshot)   # services without any key: none now
+            self.etcd.start()
         g = self.cfg.global_
         if g.admin:
             self.admin_server = AdminServer(               # [admin] its defences: config keys
@@ -802,6 +883,8 @@ class Supervisor:
                  f", waiting up to {grace:g}s" if grace else "")
         await self.datapath.finish(self._mode, grace)
         self.dns.stop()
+        if self.etcd is not None:                                              # [etcd]
+            await self.etcd.stop()
         if self.connlog is not None:              # [obs] the last lines, once workers are gone
             self.connlog.close()
         self.health.stop()

@@ -176,6 +176,7 @@ class Service:
     first_byte: float = 0.0
     tcp_keepalive: tuple[int, int, int] | None = None
     log: ConnLogConfig | None = None     # [obs] the connection log (None: off)
+    tls: TlsConfig | None = None         # [tls] TLS termination (None: plain TCP)
 
 
 @dataclass(frozen=True, slots=True)
@@ -498,6 +499,7 @@ TIMEOUT_KEYS = {"connect", "idle"}
 TIMEOUT_KEYS |= {"client_first_byte"}                                # [access]
 BACKEND_KEYS |= {"proxy_protocol"}                                   # [access]
 SERVICE_KEYS |= {"tcp_keepalive"}                                             # [mem]
+SERVICE_KEYS |= {"tls"}; TIMEOUT_KEYS |= {"handshake"}  # noqa: E702              # [tls]
 
 
 def _dns(c: _Checker, raw: Any, path: str, base: DnsConfig, *, top: bool) -> DnsConfig:
@@ -818,7 +820,8 @@ def service_from_dict(raw: Any, path: str, c: _Checker | None = None, *,
                    hash_key=hash_key, hash_balance_factor=balance, max_fails=max_fails,
                    retries=retries, connect_timeout=connect, idle_timeout=idle, health=health,
                    dns_refresh=dns_refresh, access=access, **_limits(c, raw, path),
-                   **_mem(c, raw, path), log=_connlog(c, raw, path))        # [obs]
+                   **_mem(c, raw, path), log=_connlog(c, raw, path),        # [obs]
+                   tls=_tls(c, raw, path))                                      # [tls]
 
 
 def _backend_address(c: _Checker, b: dict, bp: str) -> tuple[Address, str]:
@@ -1023,6 +1026,8 @@ def service_to_dict(svc: Service) -> dict:
     if svc.log is not None:                                                   # [obs]
         d["log"] = {"connections": svc.log.connections, "format": svc.log.format,
                     "sample": svc.log.sample}
+    if svc.tls is not None:                                                   # [tls]
+        d["tls"], d["timeouts"]["handshake"] = svc.tls.to_dict(), svc.tls.handshake
     return d
 
 
@@ -1054,3 +1059,80 @@ def summary(cfg: Config) -> str:
                           f" (host name, resolved every {refresh:g}s)" if not _is_ip(b.address.host)
                           else ""))
     return "\n".join(out)
+
+
+# -- [tls] TLS termination (docs/config.md, "TLS") ------------------------------------------------
+TLS_KEYS = {"cert", "key", "certs", "min_version", "alpn"}
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    """[tls] ``service.tls``: the certificates (paths as written, and their PEM contents as read
+    when the configuration was loaded: a reload reads them again), min_version, alpn, and
+    ``timeouts.handshake``."""
+    certs: tuple[tuple[str, str], ...]                      # (cert, key); the first: the default
+    pems: tuple[tuple[bytes, bytes], ...] = field(default=(), repr=False, compare=True)
+    min_version: str = "1.2"
+    alpn: tuple[str, ...] = ()
+    handshake: float = 10.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"certs": [{"cert": c, "key": k} for c, k in self.certs],
+                             "min_version": self.min_version}
+        if self.alpn:
+            d["alpn"] = list(self.alpn)
+        return d
+
+
+def _tls(c: _Checker, raw: dict, path: str) -> TlsConfig | None:
+    """[tls] ``tls = { cert, key }`` or ``tls = { certs = [{ cert, key }, ...] }``, min_version
+    ("1.2", the default, as HAProxy's ssl-min-ver default; or "1.3"), alpn, and
+    timeouts.handshake (10s, as HAProxy's `timeout client` covers it by default). The files are
+    read and built into a context now: a bad certificate or key is refused here, naming its key
+    path, and a reload keeps the running configuration. Relative paths are relative to the
+    configuration file's directory."""
+    import os
+    t = raw.get("timeouts", {})
+    if "tls" not in raw:
+        if isinstance(t, dict) and "handshake" in t:
+            raise c.fail(f"{path}.timeouts.handshake", "only meaningful with a tls table")
+        return None
+    p = f"{path}.tls"
+    tls = c.table(raw["tls"], p, TLS_KEYS)
+    if ("certs" in tls) == ("cert" in tls or "key" in tls):
+        raise c.fail(p, "expected either cert and key, or certs = [{ cert, key }, ...]")
+    if "certs" in tls:
+        if not isinstance(tls["certs"], list) or not tls["certs"]:
+            raise c.fail(f"{p}.certs", "expected a non-empty array of { cert = \"...\", key = \"...\" }")
+        entries = [(c.table(e, f"{p}.certs[{j}]", {"cert", "key"}, {"cert", "key"}), f"{p}.certs[{j}]")
+                   for j, e in enumerate(tls["certs"])]
+    else:
+        entries = [(c.table(tls, p, TLS_KEYS, {"cert", "key"}), p)]
+    base = os.path.dirname(os.path.abspath(c.source)) if os.path.isfile(c.source) else ""
+    certs, pems = [], []
+    for e, ep in entries:
+        pair = []
+        for k in ("cert", "key"):
+            if not isinstance(e[k], str) or not e[k]:
+                raise c.fail(f"{ep}.{k}", f"expected a file name, got {_kind(e[k])}")
+            fname = os.path.join(base, e[k]) if base else e[k]
+            try:
+                with open(fname, "rb") as f:
+                    pair.append(f.read())
+            except OSError as exc:
+                raise c.fail(f"{ep}.{k}", f"cannot read {fname}: {exc.strerror}") from None
+        certs.append((e["cert"], e["key"]))
+        pems.append((pair[0], pair[1]))
+        try:
+            _core.TlsContext([(pair[0], pair[1])])
+        except (ValueError, TypeError) as exc:
+            msg = str(exc).split(": ", 1)[-1]
+            raise c.fail(f"{ep}.cert", f"{e['cert']} / {e['key']}: {msg}") from None
+    minv = c.choice(tls.get("min_version", "1.2"), f"{p}.min_version", ("1.2", "1.3"))
+    alpn = tls.get("alpn", [])
+    if not isinstance(alpn, list) or not all(isinstance(a, str) and 1 <= len(a.encode()) <= 255
+                                             for a in alpn):
+        raise c.fail(f"{p}.alpn", "expected an array of protocol names like [\"h2\", \"http/1.1\"]")
+    hs = c.duration(t["handshake"], f"{path}.timeouts.handshake", hi=3600.0) \
+        if isinstance(t, dict) and "handshake" in t else 10.0
+    return TlsConfig(tuple(certs), tuple(pems), minv, tuple(alpn), hs)

@@ -174,6 +174,18 @@ class FastLBCollector(Collector):
         ]:
             if key in mem:
                 yield GaugeMetricFamily(f"fastlb_{name}", help_, value=mem[key])
+        for name, help_, key in [                              # [tls] core/tls.pxi
+            ("tls_handshakes_total", "TLS handshakes completed with clients, over every worker.",
+             "tls_handshakes"),
+            ("tls_resumptions_total", "Of those, resumed sessions (tickets or the cache).",
+             "tls_resumed"),
+            ("tls_handshake_failures_total", "TLS handshakes that failed (a bad ClientHello, no "
+             "shared version or cipher, the client leaving).", "tls_handshake_failures"),
+            ("tls_handshake_timeouts_total", "TLS handshakes not done within timeouts.handshake.",
+             "tls_handshake_timeouts"),
+        ]:
+            if key in mem:
+                yield CounterMetricFamily(f"fastlb_{name}", help_, value=mem[key])
 
     def _backends(self, services: list[dict[str, Any]]) -> Iterator[Metric]:
         for suffix, kind, help_, field in BACKEND_SUMS:

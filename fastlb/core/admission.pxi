@@ -170,6 +170,9 @@ cdef void _adm_go(Session s) noexcept:
     if s.state == S_WAITING:
         s.eng.connecting.discard(s)
         s.state = S_CONNECTING
+    if s.svc.tls is not None and s.ssl == NULL:     # [tls] the handshake first
+        tls_start(s)
+        return
     s._update()                             # read what the client sends while we connect
     if s.state != S_CLOSED:
         s._connect()

@@ -254,6 +254,10 @@ class Engine:
     tls_resumed: int
     tls_failures: int
     tls_timeouts: int
+    tls_no_cert: int
+    tls_expired: int
+    tls_untrusted: int
+    tls_authz_denied: int
     def set_buffer_budget(self, nbytes: int) -> None: ...
     def listen(self, sock: socket.socket, svc: ServiceState, shared: bool = False) -> Listener: ...
     def unlisten(self, lst: Listener) -> None: ...
@@ -376,6 +380,10 @@ class TlsContext:
     names: tuple[tuple[str, ...], ...]
     min_version: str
     alpn: tuple[str, ...]
+    verify_client: str
+    identities: tuple[str, ...]
     def __init__(self, certs: Sequence[tuple[bytes, bytes]], *, min_version: str = "1.2",
-                 alpn: Sequence[str] = (), handshake_timeout: float = 10.0) -> None: ...
+                 alpn: Sequence[str] = (), handshake_timeout: float = 10.0,
+                 client_ca: bytes | None = None, verify_client: str = "required",
+                 identities: Sequence[str] = ()) -> None: ...
     def pick(self, server_name: str) -> int: ...

@@ -183,4 +183,102 @@ static int flb_ctx_names(SSL_CTX *ctx, char *out, int outlen) {
     return n;
 }
 
+/* [tls] stage 2, mutual TLS: the client CAs (PEM, one or more) into ctx's store and its list
+ * of acceptable CAs; the client certificate asked for (required: a handshake without one fails).
+ * 0, or -1 with a message. */
+static int flb_ctx_client_ca(SSL_CTX *ctx, const char *pem, int len, int required,
+                             char *err, int errlen) {
+    BIO *bio = BIO_new_mem_buf(pem, len);
+    X509 *x;
+    int n = 0;
+    X509_STORE *st = SSL_CTX_get_cert_store(ctx);
+    STACK_OF(X509_NAME) *names = sk_X509_NAME_new_null();
+    if (bio == NULL || names == NULL) {
+        if (bio) BIO_free(bio);
+        if (names) sk_X509_NAME_free(names);
+        flb_err(err, errlen, "client_ca: out of memory");
+        return -1;
+    }
+    while ((x = PEM_read_bio_X509(bio, NULL, NULL, NULL)) != NULL) {
+        X509_STORE_add_cert(st, x);
+        sk_X509_NAME_push(names, X509_NAME_dup(X509_get_subject_name(x)));
+        X509_free(x);
+        n++;
+    }
+    ERR_clear_error();
+    BIO_free(bio);
+    if (n == 0) {
+        sk_X509_NAME_pop_free(names, X509_NAME_free);
+        snprintf(err, errlen, "client_ca holds no PEM certificate");
+        return -1;
+    }
+    SSL_CTX_set_client_CA_list(ctx, names);
+    SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER | (required ? SSL_VERIFY_FAIL_IF_NO_PEER_CERT : 0), NULL);
+    return 0;
+}
+
+/* Why a handshake failed, for the counts (before the error queue is cleared):
+ * 1 no client certificate, 2 expired (or not yet valid), 3 not trusted (a foreign CA, a bad
+ * signature...), 0 anything else. */
+static int flb_verify_reason(SSL *ssl) {
+    long v = SSL_get_verify_result(ssl);
+    unsigned long e = ERR_peek_error();
+    if (ERR_GET_LIB(e) == ERR_LIB_SSL && ERR_GET_REASON(e) == SSL_R_PEER_DID_NOT_RETURN_A_CERTIFICATE)
+        return 1;
+    if (v == X509_V_ERR_CERT_HAS_EXPIRED || v == X509_V_ERR_CERT_NOT_YET_VALID)
+        return 2;
+    if (v != X509_V_OK)
+        return 3;
+    return 0;
+}
+
+static int flb_id_match(const char *pat, const char *val, size_t len, int nocase) {
+    size_t pl = strlen(pat);
+    if (pl && pat[pl - 1] == '*')                     /* a prefix */
+        return len >= pl - 1 && (nocase ? strncasecmp(pat, val, pl - 1) : memcmp(pat, val, pl - 1)) == 0;
+    return len == pl && (nocase ? strncasecmp(pat, val, pl) : memcmp(pat, val, pl)) == 0;
+}
+
+/* Is the verified client certificate one of the identities? pats: NUL-terminated patterns back
+ * to back, an empty one last: "dns:NAME" (a DNS SAN), "cn:NAME" (the subject CN), else a URI
+ * SAN (spiffe://...); a trailing '*' matches any rest. 1 allowed, 0 not (no certificate too). */
+static int flb_authz(SSL *ssl, const char *pats) {
+    X509 *x = SSL_get_peer_certificate(ssl);
+    GENERAL_NAMES *gens;
+    const char *p;
+    char cn[256];
+    int i, ok = 0, cnlen;
+    if (x == NULL)
+        return 0;
+    gens = (GENERAL_NAMES *)X509_get_ext_d2i(x, NID_subject_alt_name, NULL, NULL);
+    for (i = 0; gens != NULL && !ok && i < sk_GENERAL_NAME_num(gens); i++) {
+        GENERAL_NAME *g = sk_GENERAL_NAME_value(gens, i);
+        const char *val;
+        size_t len;
+        if (g->type == GEN_URI) {
+            val = (const char *)ASN1_STRING_get0_data(g->d.uniformResourceIdentifier);
+            len = (size_t)ASN1_STRING_length(g->d.uniformResourceIdentifier);
+            for (p = pats; *p && !ok; p += strlen(p) + 1)
+                if (strncmp(p, "dns:", 4) != 0 && strncmp(p, "cn:", 3) != 0)
+                    ok = flb_id_match(p, val, len, 0);
+        } else if (g->type == GEN_DNS) {
+            val = (const char *)ASN1_STRING_get0_data(g->d.dNSName);
+            len = (size_t)ASN1_STRING_length(g->d.dNSName);
+            for (p = pats; *p && !ok; p += strlen(p) + 1)
+                if (strncmp(p, "dns:", 4) == 0)
+                    ok = flb_id_match(p + 4, val, len, 1);
+        }
+    }
+    if (gens != NULL)
+        GENERAL_NAMES_free(gens);
+    if (!ok) {
+        cnlen = X509_NAME_get_text_by_NID(X509_get_subject_name(x), NID_commonName, cn, sizeof(cn));
+        for (p = pats; cnlen > 0 && *p && !ok; p += strlen(p) + 1)
+            if (strncmp(p, "cn:", 3) == 0)
+                ok = flb_id_match(p + 3, cn, (size_t)cnlen, 0);
+    }
+    X509_free(x);
+    return ok;
+}
+
 #endif

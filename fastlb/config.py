@@ -499,7 +499,7 @@ TIMEOUT_KEYS = {"connect", "idle"}
 TIMEOUT_KEYS |= {"client_first_byte"}                                # [access]
 BACKEND_KEYS |= {"proxy_protocol"}                                   # [access]
 SERVICE_KEYS |= {"tcp_keepalive"}                                             # [mem]
-SERVICE_KEYS |= {"tls"}; TIMEOUT_KEYS |= {"handshake"}  # noqa: E702              # [tls]
+SERVICE_KEYS |= {"tls", "authz"}; TIMEOUT_KEYS |= {"handshake"}  # noqa: E702     # [tls]
 
 
 def _dns(c: _Checker, raw: Any, path: str, base: DnsConfig, *, top: bool) -> DnsConfig:
@@ -1028,6 +1028,8 @@ def service_to_dict(svc: Service) -> dict:
                     "sample": svc.log.sample}
     if svc.tls is not None:                                                   # [tls]
         d["tls"], d["timeouts"]["handshake"] = svc.tls.to_dict(), svc.tls.handshake
+        if svc.tls.identities:
+            d["authz"] = {"identities": list(svc.tls.identities)}
     return d
 
 
@@ -1062,7 +1064,7 @@ def summary(cfg: Config) -> str:
 
 
 # -- [tls] TLS termination (docs/config.md, "TLS") ------------------------------------------------
-TLS_KEYS = {"cert", "key", "certs", "min_version", "alpn"}
+TLS_KEYS = {"cert", "key", "certs", "min_version", "alpn", "client_ca", "verify_client"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -1075,12 +1077,19 @@ class TlsConfig:
     min_version: str = "1.2"
     alpn: tuple[str, ...] = ()
     handshake: float = 10.0
+    # stage 2: mutual TLS (the CA file and its PEM) and service.authz.identities
+    client_ca: str | None = None
+    ca_pem: bytes = field(default=b"", repr=False)
+    verify_client: str = "required"
+    identities: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"certs": [{"cert": c, "key": k} for c, k in self.certs],
                              "min_version": self.min_version}
         if self.alpn:
             d["alpn"] = list(self.alpn)
+        if self.client_ca:
+            d["client_ca"], d["verify_client"] = self.client_ca, self.verify_client
         return d
 
 
@@ -1096,6 +1105,8 @@ def _tls(c: _Checker, raw: dict, path: str) -> TlsConfig | None:
     if "tls" not in raw:
         if isinstance(t, dict) and "handshake" in t:
             raise c.fail(f"{path}.timeouts.handshake", "only meaningful with a tls table")
+        if "authz" in raw:
+            raise c.fail(f"{path}.authz", "needs tls with client_ca (identities of verified clients)")
         return None
     p = f"{path}.tls"
     tls = c.table(raw["tls"], p, TLS_KEYS)
@@ -1135,4 +1146,34 @@ def _tls(c: _Checker, raw: dict, path: str) -> TlsConfig | None:
         raise c.fail(f"{p}.alpn", "expected an array of protocol names like [\"h2\", \"http/1.1\"]")
     hs = c.duration(t["handshake"], f"{path}.timeouts.handshake", hi=3600.0) \
         if isinstance(t, dict) and "handshake" in t else 10.0
-    return TlsConfig(tuple(certs), tuple(pems), minv, tuple(alpn), hs)
+    mtls: dict[str, Any] = {}
+    if "client_ca" in tls:
+        ca = tls["client_ca"]
+        if not isinstance(ca, str) or not ca:
+            raise c.fail(f"{p}.client_ca", f"expected a file name, got {_kind(ca)}")
+        fname = os.path.join(base, ca) if base else ca
+        try:
+            with open(fname, "rb") as f:
+                mtls["ca_pem"] = f.read()
+        except OSError as exc:
+            raise c.fail(f"{p}.client_ca", f"cannot read {fname}: {exc.strerror}") from None
+        mtls["client_ca"] = ca
+        mtls["verify_client"] = c.choice(tls.get("verify_client", "required"),
+                                         f"{p}.verify_client", ("required", "optional"))
+        try:
+            _core.TlsContext([pems[0]], client_ca=mtls["ca_pem"])
+        except (ValueError, TypeError) as exc:
+            raise c.fail(f"{p}.client_ca", f"{ca}: {exc}") from None
+    elif "verify_client" in tls:
+        raise c.fail(f"{p}.verify_client", "only meaningful with client_ca")
+    if "authz" in raw:
+        az = c.table(raw["authz"], f"{path}.authz", {"identities"}, {"identities"})
+        ids = az["identities"]
+        if not isinstance(ids, list) or not ids or not all(
+                isinstance(i, str) and i and i not in ("dns:", "cn:") for i in ids):
+            raise c.fail(f"{path}.authz.identities", "expected a non-empty array like "
+                         "[\"spiffe://corp/ns/web/*\", \"dns:api.internal\", \"cn:frontend\"]")
+        if "client_ca" not in tls:
+            raise c.fail(f"{path}.authz", "needs tls.client_ca (identities of verified clients)")
+        mtls["identities"] = tuple(ids)
+    return TlsConfig(tuple(certs), tuple(pems), minv, tuple(alpn), hs, **mtls)

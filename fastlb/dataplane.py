@@ -80,7 +80,9 @@ def build_tls(plan: Plan) -> Any:
     if not plan.tls_certs:
         return None
     return _core.TlsContext(list(plan.tls_certs), min_version=plan.tls_min_version,
-                            alpn=plan.tls_alpn, handshake_timeout=plan.tls_handshake)
+                            alpn=plan.tls_alpn, handshake_timeout=plan.tls_handshake,
+                            client_ca=plan.tls_client_ca or None, verify_client=plan.tls_verify,
+                            identities=plan.tls_identities)
 
 
 def abort_backend(engine: _core.Engine, state: _core.ServiceState, slot: int) -> int:
@@ -336,7 +338,9 @@ class DataPlane:
                 "timeouts_first_byte": e.timeouts_first_byte,
                 "tls_handshakes": e.tls_handshakes, "tls_resumed": e.tls_resumed,   # [tls]
                 "tls_handshake_failures": e.tls_failures,
-                "tls_handshake_timeouts": e.tls_timeouts}
+                "tls_handshake_timeouts": e.tls_timeouts,
+                "tls_client_no_cert": e.tls_no_cert, "tls_client_expired": e.tls_expired,
+                "tls_client_untrusted": e.tls_untrusted, "tls_authz_denied": e.tls_authz_denied}
 
     def timeouts(self) -> list[tuple[float, float]]:
         """(connect, shortest of the timeouts that need a scan of every session) per service;

@@ -95,10 +95,14 @@ class Plan:
     tls_min_version: str = "1.2"
     tls_alpn: tuple[str, ...] = ()
     tls_handshake: float = 10.0
+    tls_client_ca: bytes = b""                      # stage 2: PEM CAs of client certificates
+    tls_verify: str = "required"                    # "required" | "optional"
+    tls_identities: tuple[str, ...] = ()            # service.authz.identities
 
     def tls_key(self) -> tuple[Any, ...]:
         """[tls] What the service's TlsContext is built from."""
-        return (self.tls_certs, self.tls_min_version, self.tls_alpn, self.tls_handshake)
+        return (self.tls_certs, self.tls_min_version, self.tls_alpn, self.tls_handshake,
+                self.tls_client_ca, self.tls_verify, self.tls_identities)
 
     def to_wire(self) -> dict[str, Any]:
         return {"name": self.name, "listen": [list(a) for a in self.listen],
@@ -121,7 +125,9 @@ class Plan:
                 "buffer_budget": self.buffer_budget,
                 "log_sample": self.log_sample,                                    # [obs]
                 "tls": ([[list(p) for p in self.tls_certs], self.tls_min_version,  # [tls]
-                         list(self.tls_alpn), self.tls_handshake] if self.tls_certs else None)}
+                         list(self.tls_alpn), self.tls_handshake, self.tls_client_ca,
+                         self.tls_verify, list(self.tls_identities)]
+                        if self.tls_certs else None)}
 
     @classmethod
     def from_wire(cls, w: Mapping[str, Any]) -> Plan:
@@ -148,10 +154,11 @@ def _tls_from_wire(t: Sequence[Any] | None) -> dict[str, Any]:
     """[tls] Plan's TLS fields from their wire list (absent: plain TCP)."""
     if not t:
         return {}
-    certs, minv, alpn, hs = t
+    certs, minv, alpn, hs, ca, verify, ids = (list(t) + [b"", "required", []])[:7]
     return {"tls_certs": tuple((bytes(c), bytes(k)) for c, k in certs),
             "tls_min_version": str(minv), "tls_alpn": tuple(str(a) for a in alpn),
-            "tls_handshake": float(hs)}
+            "tls_handshake": float(hs), "tls_client_ca": bytes(ca), "tls_verify": str(verify),
+            "tls_identities": tuple(str(i) for i in ids)}
 
 
 def _access_from_wire(a: Sequence[Any] | None) -> dict[str, Any]:

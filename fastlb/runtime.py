@@ -110,7 +110,8 @@ def tls_fields(svc: Service) -> dict[str, Any]:
     if t is None:
         return {}
     return {"tls_certs": t.pems, "tls_min_version": t.min_version, "tls_alpn": t.alpn,
-            "tls_handshake": t.handshake}
+            "tls_handshake": t.handshake, "tls_client_ca": t.ca_pem,
+            "tls_verify": t.verify_client, "tls_identities": t.identities}
 
 
 def limits_fields(svc: Service, slot_of: Callable[[str], int],

@@ -202,6 +202,8 @@ cdef class Engine:
     cdef readonly long long timeouts_first_byte # by first_byte
     # [tls] handshakes (core/tls.pxi): done, of which resumed; failed; past timeouts.handshake
     cdef readonly long long tls_handshakes, tls_resumed, tls_failures, tls_timeouts
+    # [tls] stage 2: client certificates refused (missing, expired, untrusted); authz refusals
+    cdef readonly long long tls_no_cert, tls_expired, tls_untrusted, tls_authz_denied
 
     def __cinit__(self):
         self.epfd = -1

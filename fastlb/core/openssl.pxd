@@ -50,3 +50,7 @@ cdef extern from "_tls.h" nogil:
                          int min_version, flb_sni *t, char *err, int errlen)
     int flb_ctx_names(SSL_CTX *ctx, char *out, int outlen)
     SSL_CTX *flb_sni_pick(const flb_sni *t, const char *name)
+    int flb_ctx_client_ca(SSL_CTX *ctx, const char *pem, int len, int required, char *err,
+                          int errlen)
+    int flb_verify_reason(SSL *ssl)
+    int flb_authz(SSL *ssl, const char *pats)

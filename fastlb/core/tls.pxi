@@ -60,8 +60,13 @@ cdef class TlsContext:
     cdef readonly tuple names            # per certificate: its DNS names (SAN, else the CN)
     cdef readonly str min_version
     cdef readonly tuple alpn
+    # stage 2: mutual TLS and authorization by identity
+    cdef readonly str verify_client     # "" (no client certificate asked), "required", "optional"
+    cdef readonly tuple identities      # service.authz.identities (empty: any verified client)
+    cdef bytes authz                    # the identities, NUL-separated, an empty one last
 
-    def __init__(self, certs, *, str min_version="1.2", alpn=(), double handshake_timeout=10.0):
+    def __init__(self, certs, *, str min_version="1.2", alpn=(), double handshake_timeout=10.0,
+                 bytes client_ca=None, str verify_client="required", identities=()):
         cdef char err[512]
         cdef char buf[8192]
         cdef int i, n, k
@@ -84,6 +89,14 @@ cdef class TlsContext:
         self.handshake_timeout = handshake_timeout
         self.min_version = min_version
         self.alpn = tuple(alpn)
+        if verify_client not in ("required", "optional"):
+            raise CoreArgumentError(f"tls.verify_client {verify_client!r}: expected \"required\" "
+                                    f"or \"optional\"")
+        if identities and not client_ca:
+            raise CoreArgumentError("authz.identities need tls.client_ca (a verified client)")
+        self.verify_client = verify_client if client_ca else ""
+        self.identities = tuple(identities)
+        self.authz = b"".join(i.encode() + b"\0" for i in identities) + b"\0"
         self.ctxs = <SSL_CTX **>calloc(len(certs), sizeof(SSL_CTX *))
         if self.ctxs == NULL:
             raise MemoryError()
@@ -96,6 +109,9 @@ cdef class TlsContext:
                 raise CoreArgumentError(f"certificate {i + 1}: {err.decode(errors='replace')}")
             self.ctxs[i] = ctx
             self.nctx = i + 1
+            if client_ca and flb_ctx_client_ca(ctx, client_ca, <int>len(client_ca),
+                                               verify_client == "required", err, sizeof(err)) < 0:
+                raise CoreArgumentError(f"tls.client_ca: {err.decode(errors='replace')}")
             n = flb_ctx_names(ctx, buf, sizeof(buf))
             names.append(tuple(x.decode(errors="replace").lower()
                                for x in buf[:n].split(b"\0") if x))
@@ -164,6 +180,13 @@ cdef void tls_on_handshake(Session s, uint32_t events) noexcept:
     elif e == SSL_ERROR_WANT_WRITE:
         want = EPOLLOUT
     else:                                   # a bad ClientHello, no shared version, EOF...
+        e = flb_verify_reason(s.ssl)        # stage 2: a client certificate refused, and why
+        if e == 1:
+            s.eng.tls_no_cert += 1
+        elif e == 2:
+            s.eng.tls_expired += 1
+        elif e == 3:
+            s.eng.tls_untrusted += 1
         ERR_clear_error()
         s.eng.tls_failures += 1
         s.term = TERM_CC                    # [obs] the client failed before connecting
@@ -178,6 +201,11 @@ cdef void _tls_established(Session s) noexcept:
     s.eng.tls_handshakes += 1
     if SSL_session_reused(s.ssl):
         s.eng.tls_resumed += 1
+    if s.tlsctx.identities and not flb_authz(s.ssl, s.tlsctx.authz):   # stage 2: authz
+        s.eng.tls_authz_denied += 1         # a valid certificate, no allowed identity: closed
+        s.term = TERM_DENY_ACL              # [obs] refused before connecting (PR)
+        s._close()
+        return
     s.eng.connecting.discard(s)
     s.state = S_CONNECTING
     s.last = s.eng.now

@@ -131,6 +131,36 @@ def test_round_trip_32mib_each_way_with_half_close(procs, tmp_path, ca):
     assert stats(tmp_path)["tls_handshakes"] == 1
 
 
+def test_workers_get_the_certificates_over_their_channel_and_a_reload(procs, tmp_path, ca):
+    """With 2 worker processes: the PEM rides the plan to each worker, which builds its own
+    contexts; a reload with a new certificate reaches every worker (all new clients get it)."""
+    _, bport = start_backend(procs, "echo")
+    crt, key = write_cert(tmp_path, "edge", ca.issue_cert("edge.test", "old.test"))
+    text = tls_service(bport, f'{{ cert = "{crt}", key = "{key}" }}').replace(
+        "[global]\n", "[global]\nworkers = 2\n")
+    p, (port,) = start(procs, tmp_path, text)
+    ctx = client_ctx(ca)
+
+    def sans():
+        with connect(port, ctx) as s:
+            s.sendall(b"w")
+            assert s.recv(1) == b"w"
+            return [v for _, v in s.getpeercert()["subjectAltName"]]
+    assert all("old.test" in sans() for _ in range(10))
+    write_cert(tmp_path, "edge", ca.issue_cert("edge.test", "new.test"))
+    p.signal(signal.SIGHUP)
+    deadline = time.monotonic() + 15
+    while "new.test" not in sans():
+        assert time.monotonic() < deadline, p.output
+        time.sleep(0.1)
+    time.sleep(1.0)
+    assert all("new.test" in sans() for _ in range(20))
+    deadline = time.monotonic() + 5                 # workers report their counts each second
+    while stats(tmp_path)["tls_handshakes"] < 31:
+        assert time.monotonic() < deadline, stats(tmp_path)
+        time.sleep(0.2)
+
+
 def test_backend_half_close_reaches_the_client_after_its_last_byte(procs, tmp_path, ca):
     """A backend that reads until EOF, then sends 4 MiB and closes: the client gets all of it,
     then EOF (close_notify and FIN)."""
@@ -296,3 +326,96 @@ def test_certificate_reload_under_load_drops_nothing_and_refuses_a_bad_one(procs
             t.join(30)
         held.close()
     assert failures == [] and done[0] > 20, (failures[:5], done[0])
+
+
+# -- stage 2: mutual TLS and authorization by identity -------------------------------------------
+def uri_cert(ca, uri, tmp_path, name):
+    """A client certificate with a URI SAN (a SPIFFE id; trustme makes DNS/IP ones only),
+    signed by trustme's ``ca``; (cert path, key path)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "workload")]))
+            .issuer_name(ca._certificate.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]),
+                           critical=False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .sign(ca._private_key, hashes.SHA256()))
+    crt, key_path = tmp_path / f"{name}.crt", tmp_path / f"{name}.key"
+    crt.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return str(crt), str(key_path)
+
+
+def mtls_attempt(port, ca, leaf=None, files=None):
+    """True when a client (with ``leaf``, a trustme cert, or ``files``) gets its bytes echoed;
+    False when it is refused (in TLS 1.3 the client's handshake ends before the server has
+    checked its certificate: the refusal shows as an alert or EOF at the first read)."""
+    ctx = client_ctx(ca)
+    if leaf is not None:
+        leaf.configure_cert(ctx)
+    if files is not None:
+        ctx.load_cert_chain(*files)
+    try:
+        with connect(port, ctx) as s:
+            s.sendall(b"hi")
+            return s.recv(2) == b"hi"
+    except (ssl.SSLError, OSError):
+        return False
+
+
+def test_mtls_refusals_counted_per_reason_and_authz_by_identity(procs, tmp_path, ca):
+    """client_ca with verify_client required (the default) and authz identities: no
+    certificate, a foreign CA, an expired certificate, valid ones with forbidden identities
+    (a DNS SAN, a URI SAN outside the prefix) are each refused and counted by reason; valid
+    ones matching a URI prefix, a dns: name or a cn: are admitted."""
+    import datetime
+    _, bport = start_backend(procs, "echo")
+    server = write_cert(tmp_path, "edge", ca.issue_cert("edge.test"))
+    clients, foreign = trustme.CA(), trustme.CA()
+    clients.cert_pem.write_to_path(str(tmp_path / "clients.pem"))
+    tls = f'{{ cert = "{server[0]}", key = "{server[1]}", client_ca = "clients.pem" }}'
+    extra = 'authz = { identities = ["spiffe://corp/ns/web/*", "dns:api.internal", "cn:ops"] }'
+    text = tls_service(bport, tls, extra=extra).replace('"clients.pem"', f'"{tmp_path}/clients.pem"')
+    _, (port,) = start(procs, tmp_path, text)
+    past = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=30)
+    assert not mtls_attempt(port, ca)                                          # no certificate
+    assert not mtls_attempt(port, ca, foreign.issue_cert("api.internal"))      # a foreign CA
+    assert not mtls_attempt(port, ca, clients.issue_cert(
+        "api.internal", not_before=past - datetime.timedelta(days=1), not_after=past))  # expired
+    assert not mtls_attempt(port, ca, clients.issue_cert("db.internal", common_name="db"))
+    assert not mtls_attempt(port, ca, files=uri_cert(clients, "spiffe://corp/ns/db/sa/x", tmp_path, "db"))
+    assert mtls_attempt(port, ca, clients.issue_cert("api.internal"))
+    assert mtls_attempt(port, ca, clients.issue_cert("x.internal", common_name="ops"))
+    assert mtls_attempt(port, ca, files=uri_cert(clients, "spiffe://corp/ns/web/sa/frontend",
+                                                 tmp_path, "web"))
+    m = stats(tmp_path)
+    assert (m["tls_client_no_cert"], m["tls_client_untrusted"], m["tls_client_expired"],
+            m["tls_authz_denied"]) == (1, 1, 1, 2), m
+    assert (m["tls_handshakes"], m["tls_handshake_failures"]) == (5, 3), m
+
+
+def test_verify_client_optional_admits_a_client_without_a_certificate_not_a_bad_one(procs, tmp_path, ca):
+    _, bport = start_backend(procs, "echo")
+    server = write_cert(tmp_path, "edge", ca.issue_cert("edge.test"))
+    clients = trustme.CA()
+    clients.cert_pem.write_to_path(str(tmp_path / "clients.pem"))
+    tls = (f'{{ cert = "{server[0]}", key = "{server[1]}", client_ca = "{tmp_path}/clients.pem", '
+           f'verify_client = "optional" }}')
+    _, (port,) = start(procs, tmp_path, tls_service(bport, tls))
+    assert mtls_attempt(port, ca)                                              # none: admitted
+    assert mtls_attempt(port, ca, clients.issue_cert("anyone.internal"))        # a valid one
+    assert not mtls_attempt(port, ca, trustme.CA().issue_cert("anyone.internal"))   # foreign
+    m = stats(tmp_path)
+    assert (m["tls_handshakes"], m["tls_client_untrusted"], m["tls_client_no_cert"]) == (2, 1, 0), m

@@ -57,6 +57,25 @@ def test_every_key_parsed_round_tripped_planned_and_built(certs, tmp_path):
     assert (ctx.min_version, ctx.alpn, ctx.handshake_timeout) == ("1.3", ("h2",), 2.5)
 
 
+def test_mtls_keys_round_trip_and_build(certs, tmp_path):
+    crt, key = certs["a"]
+    text = HEAD + (f'tls = {{ cert = "{crt}", key = "{key}", client_ca = "{crt}", '
+                   f'verify_client = "optional" }}\n'
+                   'authz = { identities = ["spiffe://corp/*", "dns:api.internal", "cn:ops"] }\n')
+    svc = load(text, tmp_path).services[0]
+    t = svc.tls
+    assert (t.client_ca, t.verify_client) == (crt, "optional") and t.ca_pem == open(crt, "rb").read()
+    assert t.identities == ("spiffe://corp/*", "dns:api.internal", "cn:ops")
+    assert config.service_from_dict(config.service_to_dict(svc), "x") == svc
+    plan = compute_plan(svc, lambda k: 0, lambda s: True, {}, 0.0)
+    wire = msgpack.unpackb(msgpack.packb(plan.to_wire(), use_bin_type=True), raw=False)
+    assert Plan.from_wire(wire) == plan and plan.tls_identities == t.identities
+    ctx = dataplane.build_tls(plan)
+    assert (ctx.verify_client, ctx.identities) == ("optional", t.identities)
+    with pytest.raises(CoreArgumentError, match="need tls.client_ca"):
+        _core.TlsContext(list(plan.tls_certs), identities=["cn:x"])
+
+
 def test_defaults(certs, tmp_path):
     crt, key = certs["a"]
     svc = load(HEAD + f'tls = {{ cert = "{crt}", key = "{key}" }}\n', tmp_path).services[0]
@@ -90,6 +109,24 @@ def bad_cases(certs, tmp_path):
          "expected an array"),
         (f'tls = {{ cert = "{a_crt}", key = "{a_key}", sni = 1 }}', "service[0].tls.sni", "unknown key"),
         ('timeouts = { handshake = "1s" }', "service[0].timeouts.handshake", "only meaningful with a tls"),
+        # stage 2
+        (f'tls = {{ cert = "{a_crt}", key = "{a_key}", client_ca = "{tmp_path}/none.pem" }}',
+         "service[0].tls.client_ca", "cannot read"),
+        (f'tls = {{ cert = "{a_crt}", key = "{a_key}", client_ca = "{tmp_path}/junk.crt" }}',
+         "service[0].tls.client_ca", "no PEM certificate"),
+        (f'tls = {{ cert = "{a_crt}", key = "{a_key}", client_ca = "{a_crt}", verify_client = "yes" }}',
+         "service[0].tls.verify_client", "not one of: required, optional"),
+        (f'tls = {{ cert = "{a_crt}", key = "{a_key}", verify_client = "optional" }}',
+         "service[0].tls.verify_client", "only meaningful with client_ca"),
+        (f'tls = {{ cert = "{a_crt}", key = "{a_key}" }}\nauthz = {{ identities = ["cn:x"] }}',
+         "service[0].authz", "needs tls.client_ca"),
+        ('authz = { identities = ["cn:x"] }', "service[0].authz", "needs tls with client_ca"),
+        (f'tls = {{ cert = "{a_crt}", key = "{a_key}", client_ca = "{a_crt}" }}\n'
+         'authz = { identities = [] }',
+         "service[0].authz.identities", "non-empty array"),
+        (f'tls = {{ cert = "{a_crt}", key = "{a_key}", client_ca = "{a_crt}" }}\n'
+         'authz = { ids = [] }',
+         "service[0].authz.ids", "unknown key"),
     ]
 
 

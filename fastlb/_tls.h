@@ -281,4 +281,20 @@ static int flb_authz(SSL *ssl, const char *pats) {
     return ok;
 }
 
+/* [tls] stage 3: the verified client certificate's subject CN into out (at most outlen - 1
+ * bytes, NUL-terminated); -1 when the client presented no certificate, else its length (0: no
+ * CN). *verified: 1 when a certificate was presented and verified. */
+static int flb_peer_cn(SSL *ssl, char *out, int outlen, int *verified) {
+    X509 *x = SSL_get_peer_certificate(ssl);
+    int n;
+    *verified = 0;
+    out[0] = 0;
+    if (x == NULL)
+        return -1;
+    *verified = SSL_get_verify_result(ssl) == X509_V_OK;
+    n = X509_NAME_get_text_by_NID(X509_get_subject_name(x), NID_commonName, out, outlen);
+    X509_free(x);
+    return n > 0 ? n : 0;
+}
+
 #endif

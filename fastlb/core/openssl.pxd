@@ -54,3 +54,5 @@ cdef extern from "_tls.h" nogil:
                           int errlen)
     int flb_verify_reason(SSL *ssl)
     int flb_authz(SSL *ssl, const char *pats)
+    int flb_peer_cn(SSL *ssl, char *out, int outlen, int *verified)
+    const char *SSL_get_version(const SSL *ssl)

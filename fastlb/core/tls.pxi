@@ -301,3 +301,39 @@ cdef inline void tls_close(Session s) noexcept:
         SSL_free(s.ssl)
         s.ssl = NULL
     s.tlsctx = None
+
+
+# -- stage 3: the client's identity to the backend in PROXY v2 TLVs ------------------------------
+cdef enum:
+    PP2_CLIENT_CERT_CONN = 0x02          # doc/proxy-protocol.txt 2.2.5
+    PP2_CLIENT_CERT_SESS = 0x04
+    TLS_PP_CN_MAX = 65                   # X.509's ub-common-name (64) and a NUL
+
+
+cdef const pp_tlvs *tls_pp_tlvs(Session s, pp_tlvs *t, char *cn) noexcept:
+    """The TLVs HAProxy's send-proxy-v2-ssl-cn sends, for a TLS session (NULL: plain TCP):
+    PP2_TYPE_AUTHORITY = the SNI; PP2_TYPE_SSL with the client bits, verify (0: a client
+    certificate was presented and verified), the version, and the client certificate's CN.
+    ``cn``: TLS_PP_CN_MAX bytes of scratch the TLVs point into (once per backend connect)."""
+    cdef const char *name
+    cdef const char *ver
+    cdef int n, verified = 0
+    if s.ssl == NULL:
+        return NULL
+    memset(t, 0, sizeof(pp_tlvs))
+    name = SSL_get_servername(s.ssl, TLSEXT_NAMETYPE_host_name)
+    if name != NULL:
+        t.authority = <const unsigned char *>name
+        t.authority_len = min(strlen(name), 255)
+    t.ssl = True
+    t.ssl_client = PP2_CLIENT_SSL
+    ver = SSL_get_version(s.ssl)
+    t.ssl_version = <const unsigned char *>ver
+    t.ssl_version_len = strlen(ver)
+    n = flb_peer_cn(s.ssl, cn, TLS_PP_CN_MAX, &verified)
+    if n >= 0:
+        t.ssl_client |= PP2_CLIENT_CERT_CONN | PP2_CLIENT_CERT_SESS
+        t.ssl_cn = <const unsigned char *>cn
+        t.ssl_cn_len = <size_t>n
+    t.ssl_verify = 0 if verified else 1
+    return t

@@ -419,3 +419,83 @@ def test_verify_client_optional_admits_a_client_without_a_certificate_not_a_bad_
     assert not mtls_attempt(port, ca, trustme.CA().issue_cert("anyone.internal"))   # foreign
     m = stats(tmp_path)
     assert (m["tls_handshakes"], m["tls_client_untrusted"], m["tls_client_no_cert"]) == (2, 1, 0), m
+
+
+# -- stage 3: the identity to the backend in PROXY v2 TLVs ---------------------------------------
+def tlv_backend():
+    """A backend that reads a PROXY v2 header, parses its TLVs itself (doc/proxy-protocol.txt
+    2.2, independently of fastlb's code), answers them as JSON and closes. (port, stop)."""
+    import struct
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(16)
+    srv.settimeout(0.2)
+    stop = threading.Event()
+
+    def parse(hdr):
+        assert hdr[:12] == b"\r\n\r\n\x00\r\nQUIT\n" and hdr[12] == 0x21, hdr[:16]
+        fam, length = hdr[13], struct.unpack("!H", hdr[14:16])[0]
+        body = hdr[16:16 + length]
+        tlvs, i = body[12 if fam == 0x11 else 36:], 0
+        out = {}
+        while i < len(tlvs):
+            t, n = tlvs[i], struct.unpack("!H", tlvs[i + 1:i + 3])[0]
+            v = tlvs[i + 3:i + 3 + n]
+            if t == 0x02:
+                out["authority"] = v.decode()
+            elif t == 0x20:
+                out["client"], out["verify"] = v[0], struct.unpack("!I", v[1:5])[0]
+                j = 5
+                while j < len(v):
+                    st, sn = v[j], struct.unpack("!H", v[j + 1:j + 3])[0]
+                    out[{0x21: "version", 0x22: "cn"}.get(st, str(st))] = v[j + 3:j + 3 + sn].decode()
+                    j += 3 + sn
+            i += 3 + n
+        return out
+
+    def serve():
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except socket.timeout:
+                continue
+            with conn:
+                conn.settimeout(5)
+                hdr = b""
+                while len(hdr) < 16 or len(hdr) < 16 + struct.unpack("!H", hdr[14:16])[0]:
+                    hdr += conn.recv(4096)
+                conn.sendall(json.dumps(parse(hdr)).encode())
+        srv.close()
+    threading.Thread(target=serve, daemon=True).start()
+    return srv.getsockname()[1], stop
+
+
+def test_proxy_v2_tlvs_carry_sni_version_and_client_cn(procs, tmp_path, ca):
+    """With proxy_protocol send = "v2" on a TLS service: the backend gets PP2_TYPE_AUTHORITY =
+    the SNI and PP2_TYPE_SSL (client bits, verify, version, the client certificate's CN);
+    without a client certificate: no CN, verify non-zero, no CERT bits."""
+    bport, stop = tlv_backend()
+    server = write_cert(tmp_path, "edge", ca.issue_cert("edge.test"))
+    clients = trustme.CA()
+    clients.cert_pem.write_to_path(str(tmp_path / "clients.pem"))
+    tls = (f'{{ cert = "{server[0]}", key = "{server[1]}", client_ca = "{tmp_path}/clients.pem", '
+           f'verify_client = "optional" }}')
+    _, (port,) = start(procs, tmp_path, tls_service(bport, tls, extra='proxy_protocol = { send = "v2" }'))
+
+    def tlvs(leaf=None):
+        ctx = client_ctx(ca)
+        if leaf is not None:
+            leaf.configure_cert(ctx)
+        with connect(port, ctx, "edge.test") as s:
+            got = b""
+            while data := s.recv(4096):
+                got += data
+        return json.loads(got)
+    try:
+        assert tlvs(clients.issue_cert("frontend.internal", common_name="frontend")) == {
+            "authority": "edge.test", "client": 0x07, "verify": 0, "version": "TLSv1.3",
+            "cn": "frontend"}
+        assert tlvs() == {"authority": "edge.test", "client": 0x01, "verify": 1,
+                          "version": "TLSv1.3"}
+    finally:
+        stop.set()

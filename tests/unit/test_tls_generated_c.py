@@ -10,7 +10,8 @@ import pytest
 
 C_FILE = os.path.join(os.path.dirname(__file__), "..", "..", "fastlb", "_core.c")
 PER_EVENT = ["tls_on_handshake", "_tls_recv", "_tls_send", "tls_interest", "tls_fill_cap",
-             "tls_shut_wr"]
+             "tls_shut_wr",
+             "tls_pp_tlvs"]      # per connection: the PROXY v2 TLVs (stage 3)
 NOT_CALLS = {"__Pyx_INCREF", "__Pyx_DECREF", "__Pyx_XDECREF", "__Pyx_XINCREF",
              "__Pyx_RefNannySetupContext", "__Pyx_RefNannyFinishContext",
              "__Pyx_RefNannyDeclarations"}

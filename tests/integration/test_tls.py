@@ -499,3 +499,52 @@ def test_proxy_v2_tlvs_carry_sni_version_and_client_cn(procs, tmp_path, ca):
                           "version": "TLSv1.3"}
     finally:
         stop.set()
+
+
+def test_hostile_client_hellos_split_byte_by_byte_or_oversized(procs, tmp_path, ca):
+    """A ClientHello sent one byte per segment still completes the handshake (OpenSSL waits for
+    the rest, WANT_READ); a record announcing more than TLS allows (2^14 + 256 bytes) is refused
+    at once, without waiting for its body; both counted."""
+    _, bport = start_backend(procs, "echo")
+    crt, key = write_cert(tmp_path, "edge", ca.issue_cert("edge.test"))
+    _, (port,) = start(procs, tmp_path, tls_service(bport, f'{{ cert = "{crt}", key = "{key}" }}'))
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = client_ctx(ca).wrap_bio(inc, out, server_hostname="edge.test")
+    with pytest.raises(ssl.SSLWantReadError):
+        obj.do_handshake()
+    hello = out.read()
+    assert hello[0] == 0x16 and len(hello) > 100
+    for i in range(len(hello)):
+        sock.sendall(hello[i:i + 1])
+        time.sleep(0.001)
+    while True:
+        inc.write(sock.recv(65536))
+        try:
+            obj.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            pass
+    sock.sendall(out.read())
+    obj.write(b"ping")
+    sock.sendall(out.read())
+    got = b""
+    while got != b"ping":
+        inc.write(sock.recv(65536))
+        try:
+            got += obj.read(4)
+        except ssl.SSLWantReadError:
+            pass
+    sock.close()
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as big:
+        big.sendall(b"\x16\x03\x01\xff\xff" + b"\x01" * 1000)
+        t0 = time.monotonic()
+        try:
+            while big.recv(100):
+                pass
+        except ConnectionResetError:
+            pass
+        assert time.monotonic() - t0 < 2.0          # refused at once, not at the timeout
+    m = stats(tmp_path)
+    assert (m["tls_handshakes"], m["tls_handshake_failures"]) == (1, 1), m

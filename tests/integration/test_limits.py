@@ -467,3 +467,30 @@ def test_maxconn_above_the_fd_limit_is_refused_by_check(tmp_path):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-x", "-q"]))
+
+
+def test_a_killed_workers_places_are_given_back(procs, tmp_path, backend):
+    """A worker killed while holding sessions never gives their places back itself: the pool
+    reclaims them (Gauges.reclaim), so the service is not left at its maxconn forever."""
+    text = config(tmp_path, svc("web", [backend.port], "maxconn = 2"), workers=2)
+    p, ports = start_fastlb(procs, text)
+    cs = clients(ports[0], 2)
+    wait_for(lambda: backend.cur == 2, what="2 sessions")
+    pids = [int(m) for m in re.findall(r"worker \d+ started, pid (\d+)", p.output)]
+    assert len(pids) == 2
+    for pid in pids:
+        os.kill(pid, 9)                       # the held places die with them
+    for s in cs:
+        s.close()
+    p.wait_line(r"worker \d+ \(pid \d+\) died", timeout=10)
+    wait_for(lambda: len(re.findall(r"worker \d+ started, pid (\d+)", p.output)) >= 4,
+             what="two new workers")
+    wait_for(lambda: {s["service"]: s for s in stats_of(tmp_path)}["web"]["limits"]["cur"] == 0,
+             what="the places given back")
+    more = clients(ports[0], 2)               # served again: not stuck at maxconn
+    try:
+        for s in more:
+            assert greeting(s, 5) is not None
+    finally:
+        for s in more:
+            s.close()

@@ -331,9 +331,13 @@ cdef const pp_tlvs *tls_pp_tlvs(Session s, pp_tlvs *t, char *cn) noexcept:
     t.ssl_version = <const unsigned char *>ver
     t.ssl_version_len = strlen(ver)
     n = flb_peer_cn(s.ssl, cn, TLS_PP_CN_MAX, &verified)
-    if n >= 0:
-        t.ssl_client |= PP2_CLIENT_CERT_CONN | PP2_CLIENT_CERT_SESS
+    if n >= 0:                              # a certificate in the session (HAProxy's bits:
+        t.ssl_client |= PP2_CLIENT_CERT_SESS    # connection.c, SRV_PP_V2_SSL), presented on
+        if not SSL_session_reused(s.ssl):   # this connection unless it was resumed
+            t.ssl_client |= PP2_CLIENT_CERT_CONN
         t.ssl_cn = <const unsigned char *>cn
         t.ssl_cn_len = <size_t>n
+    # verify: 0 when a certificate was presented and verified, else non-zero (the spec's words;
+    # HAProxy leaves 0 when there is no certificate at all)
     t.ssl_verify = 0 if verified else 1
     return t

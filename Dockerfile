@@ -6,7 +6,7 @@
 # Inside a container bind the metrics port to 0.0.0.0 if a scraper outside must reach it.
 
 FROM python:3.11-slim AS build
-RUN apt-get update && apt-get install -y --no-install-recommends build-essential \
+RUN apt-get update && apt-get install -y --no-install-recommends build-essential libssl-dev \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .

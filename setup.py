@@ -54,7 +54,8 @@ def _extensions():
         include_dirs=["fastlb"],
         extra_compile_args=cflags,
         define_macros=macros,
-        depends=["fastlb/_atomic.h", "fastlb/_xxh64.h", "fastlb/_debug.h"]
+        libraries=["ssl", "crypto"],        # [tls] OpenSSL (Debian/Ubuntu: libssl-dev to build)
+        depends=["fastlb/_atomic.h", "fastlb/_xxh64.h", "fastlb/_debug.h", "fastlb/_tls.h"]
         + [os.path.join("fastlb/core", f) for f in sorted(os.listdir("fastlb/core"))],
     )
     return cythonize(

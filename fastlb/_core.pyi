@@ -209,6 +209,7 @@ class ServiceState:
     queue_timeout: float
     qlen: int
     adm: Admission | None                 # [access] core/admission.pxi
+    tls: TlsContext | None                # [tls] core/tls.pxi
     # [mem] core/timers.pxi (seconds, 0: off) and keepalive (ka_idle 0: off, -1: kernel's)
     client_fin: float
     server_fin: float
@@ -249,6 +250,14 @@ class Engine:
     timeouts_fin: int
     timeouts_duration: int
     timeouts_first_byte: int
+    tls_handshakes: int                  # [tls] core/tls.pxi: done, resumed, failed, timed out
+    tls_resumed: int
+    tls_failures: int
+    tls_timeouts: int
+    tls_no_cert: int
+    tls_expired: int
+    tls_untrusted: int
+    tls_authz_denied: int
     def set_buffer_budget(self, nbytes: int) -> None: ...
     def listen(self, sock: socket.socket, svc: ServiceState, shared: bool = False) -> Listener: ...
     def unlisten(self, lst: Listener) -> None: ...
@@ -365,3 +374,16 @@ class Admission:
                  srctab: SourceTable | None = None, conns: int = 0, rate: int = 0,
                  burst: int = 0, row: int = -1, pp_send: dict[int, int] | None = None) -> None: ...
     def pp_version(self, slot: int) -> int: ...
+class TlsContext:
+    """[tls] A service's TLS termination (core/tls.pxi): certificates chosen by SNI."""
+    handshake_timeout: float
+    names: tuple[tuple[str, ...], ...]
+    min_version: str
+    alpn: tuple[str, ...]
+    verify_client: str
+    identities: tuple[str, ...]
+    def __init__(self, certs: Sequence[tuple[bytes, bytes]], *, min_version: str = "1.2",
+                 alpn: Sequence[str] = (), handshake_timeout: float = 10.0,
+                 client_ca: bytes | None = None, verify_client: str = "required",
+                 identities: Sequence[str] = ()) -> None: ...
+    def pick(self, server_name: str) -> int: ...

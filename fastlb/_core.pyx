@@ -11,6 +11,7 @@ cimport cython
 from libc.stdint cimport uint64_t, int64_t, uint32_t, uintptr_t
 from libc.stdlib cimport malloc, calloc, free
 from libc.errno cimport errno, EAGAIN, EINTR, EINPROGRESS, ECONNABORTED, ECONNREFUSED, ENOMEM
+from libc.errno cimport EPIPE, ECONNRESET           # [tls]
 from cpython.bytes cimport PyBytes_AS_STRING
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE, PyBUF_WRITABLE
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize
@@ -18,6 +19,7 @@ from cpython.long cimport PyLong_AsUnsignedLongLongMask
 from cpython.bytearray cimport PyByteArray_FromStringAndSize
 
 from fastlb.core.system cimport *          # epoll, sockets, time, strings: declarations only
+from fastlb.core.openssl cimport *         # [tls] libssl and fastlb/_tls.h: declarations only
 
 from fastlb.errors import CoreArgumentError, CoreTypeError
 
@@ -46,3 +48,4 @@ include "core/limits.pxi"      # connection limits, queues, local errors
 include "core/admission.pxi"         # [access] ACL, source limits, PROXY, client_first_byte
 include "core/buffers.pxi"           # [mem] buffers, budget, pool trim
 include "core/timers.pxi"            # [mem] fin/duration/first-byte timeouts, keepalive
+include "core/tls.pxi"               # [tls] TLS termination: contexts, handshake, SSL I/O

@@ -191,6 +191,7 @@ class Service:
     log: ConnLogConfig | None = None     # [obs] the connection log (None: off)
     registration: "Registration | None" = None   # [leases] None: the service refuses registrations
     discovery: str | None = None         # [etcd] "etcd": backends are keys in etcd (fastlb.etcd)
+    tls: TlsConfig | None = None         # [tls] TLS termination (None: plain TCP)
 
 
 @dataclass(frozen=True, slots=True)
@@ -517,6 +518,7 @@ BACKEND_KEYS |= {"proxy_protocol"}                                   # [access]
 SERVICE_KEYS |= {"discovery"}                                                  # [etcd]
 SERVICE_KEYS |= {"tcp_keepalive"}                                             # [mem]
 SERVICE_KEYS |= {"registration"}                                              # [leases]
+SERVICE_KEYS |= {"tls", "authz"}; TIMEOUT_KEYS |= {"handshake"}  # noqa: E702     # [tls]
 
 
 def _dns(c: _Checker, raw: Any, path: str, base: DnsConfig, *, top: bool) -> DnsConfig:
@@ -840,7 +842,8 @@ def service_from_dict(raw: Any, path: str, c: _Checker | None = None, *,
                    **_mem(c, raw, path), log=_connlog(c, raw, path),        # [obs]
                    registration=_registration(c, raw, path),                   # [leases]
                    discovery=c.choice(raw["discovery"], f"{path}.discovery", ("etcd",))
-                   if "discovery" in raw else None)                              # [etcd]
+                   if "discovery" in raw else None,                              # [etcd]
+                   tls=_tls(c, raw, path))                                      # [tls]
 
 
 # -- [leases] self-registration (fastlb/leases.py) ----------------------------------------------
@@ -1076,6 +1079,10 @@ def service_to_dict(svc: Service) -> dict:
         d["registration"] = {"max_ttl": svc.registration.max_ttl,
                              **({"token_file": svc.registration.token_file}
                                 if svc.registration.token_file else {})}
+    if svc.tls is not None:                                                   # [tls]
+        d["tls"], d["timeouts"]["handshake"] = svc.tls.to_dict(), svc.tls.handshake
+        if svc.tls.identities:
+            d["authz"] = {"identities": list(svc.tls.identities)}
     return d
 
 
@@ -1158,3 +1165,119 @@ def _etcd(c: _Checker, doc: dict, services_raw: list, services: list[Service]) -
             raise c.fail(f"service[{i}].backends", "a service with discovery = \"etcd\" takes its "
                                                    "backends from etcd; remove this array")
     return cfg
+
+
+# -- [tls] TLS termination (docs/config.md, "TLS") ------------------------------------------------
+TLS_KEYS = {"cert", "key", "certs", "min_version", "alpn", "client_ca", "verify_client"}
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    """[tls] ``service.tls``: the certificates (paths as written, and their PEM contents as read
+    when the configuration was loaded: a reload reads them again), min_version, alpn, and
+    ``timeouts.handshake``."""
+    certs: tuple[tuple[str, str], ...]                      # (cert, key); the first: the default
+    pems: tuple[tuple[bytes, bytes], ...] = field(default=(), repr=False, compare=True)
+    min_version: str = "1.2"
+    alpn: tuple[str, ...] = ()
+    handshake: float = 10.0
+    # stage 2: mutual TLS (the CA file and its PEM) and service.authz.identities
+    client_ca: str | None = None
+    ca_pem: bytes = field(default=b"", repr=False)
+    verify_client: str = "required"
+    identities: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"certs": [{"cert": c, "key": k} for c, k in self.certs],
+                             "min_version": self.min_version}
+        if self.alpn:
+            d["alpn"] = list(self.alpn)
+        if self.client_ca:
+            d["client_ca"], d["verify_client"] = self.client_ca, self.verify_client
+        return d
+
+
+def _tls(c: _Checker, raw: dict, path: str) -> TlsConfig | None:
+    """[tls] ``tls = { cert, key }`` or ``tls = { certs = [{ cert, key }, ...] }``, min_version
+    ("1.2", the default, as HAProxy's ssl-min-ver default; or "1.3"), alpn, and
+    timeouts.handshake (10s, as HAProxy's `timeout client` covers it by default). The files are
+    read and built into a context now: a bad certificate or key is refused here, naming its key
+    path, and a reload keeps the running configuration. Relative paths are relative to the
+    configuration file's directory."""
+    import os
+    t = raw.get("timeouts", {})
+    if "tls" not in raw:
+        if isinstance(t, dict) and "handshake" in t:
+            raise c.fail(f"{path}.timeouts.handshake", "only meaningful with a tls table")
+        if "authz" in raw:
+            raise c.fail(f"{path}.authz", "needs tls with client_ca (identities of verified clients)")
+        return None
+    p = f"{path}.tls"
+    tls = c.table(raw["tls"], p, TLS_KEYS)
+    if ("certs" in tls) == ("cert" in tls or "key" in tls):
+        raise c.fail(p, "expected either cert and key, or certs = [{ cert, key }, ...]")
+    if "certs" in tls:
+        if not isinstance(tls["certs"], list) or not tls["certs"]:
+            raise c.fail(f"{p}.certs", "expected a non-empty array of { cert = \"...\", key = \"...\" }")
+        entries = [(c.table(e, f"{p}.certs[{j}]", {"cert", "key"}, {"cert", "key"}), f"{p}.certs[{j}]")
+                   for j, e in enumerate(tls["certs"])]
+    else:
+        entries = [(c.table(tls, p, TLS_KEYS, {"cert", "key"}), p)]
+    base = os.path.dirname(os.path.abspath(c.source)) if os.path.isfile(c.source) else ""
+    certs, pems = [], []
+    for e, ep in entries:
+        pair = []
+        for k in ("cert", "key"):
+            if not isinstance(e[k], str) or not e[k]:
+                raise c.fail(f"{ep}.{k}", f"expected a file name, got {_kind(e[k])}")
+            fname = os.path.join(base, e[k]) if base else e[k]
+            try:
+                with open(fname, "rb") as f:
+                    pair.append(f.read())
+            except OSError as exc:
+                raise c.fail(f"{ep}.{k}", f"cannot read {fname}: {exc.strerror}") from None
+        certs.append((e["cert"], e["key"]))
+        pems.append((pair[0], pair[1]))
+        try:
+            _core.TlsContext([(pair[0], pair[1])])
+        except (ValueError, TypeError) as exc:
+            msg = str(exc).split(": ", 1)[-1]
+            raise c.fail(f"{ep}.cert", f"{e['cert']} / {e['key']}: {msg}") from None
+    minv = c.choice(tls.get("min_version", "1.2"), f"{p}.min_version", ("1.2", "1.3"))
+    alpn = tls.get("alpn", [])
+    if not isinstance(alpn, list) or not all(isinstance(a, str) and 1 <= len(a.encode()) <= 255
+                                             for a in alpn):
+        raise c.fail(f"{p}.alpn", "expected an array of protocol names like [\"h2\", \"http/1.1\"]")
+    hs = c.duration(t["handshake"], f"{path}.timeouts.handshake", hi=3600.0) \
+        if isinstance(t, dict) and "handshake" in t else 10.0
+    mtls: dict[str, Any] = {}
+    if "client_ca" in tls:
+        ca = tls["client_ca"]
+        if not isinstance(ca, str) or not ca:
+            raise c.fail(f"{p}.client_ca", f"expected a file name, got {_kind(ca)}")
+        fname = os.path.join(base, ca) if base else ca
+        try:
+            with open(fname, "rb") as f:
+                mtls["ca_pem"] = f.read()
+        except OSError as exc:
+            raise c.fail(f"{p}.client_ca", f"cannot read {fname}: {exc.strerror}") from None
+        mtls["client_ca"] = ca
+        mtls["verify_client"] = c.choice(tls.get("verify_client", "required"),
+                                         f"{p}.verify_client", ("required", "optional"))
+        try:
+            _core.TlsContext([pems[0]], client_ca=mtls["ca_pem"])
+        except (ValueError, TypeError) as exc:
+            raise c.fail(f"{p}.client_ca", f"{ca}: {exc}") from None
+    elif "verify_client" in tls:
+        raise c.fail(f"{p}.verify_client", "only meaningful with client_ca")
+    if "authz" in raw:
+        az = c.table(raw["authz"], f"{path}.authz", {"identities"}, {"identities"})
+        ids = az["identities"]
+        if not isinstance(ids, list) or not ids or not all(
+                isinstance(i, str) and i and i not in ("dns:", "cn:") for i in ids):
+            raise c.fail(f"{path}.authz.identities", "expected a non-empty array like "
+                         "[\"spiffe://corp/ns/web/*\", \"dns:api.internal\", \"cn:frontend\"]")
+        if "client_ca" not in tls:
+            raise c.fail(f"{path}.authz", "needs tls.client_ca (identities of verified clients)")
+        mtls["identities"] = tuple(ids)
+    return TlsConfig(tuple(certs), tuple(pems), minv, tuple(alpn), hs, **mtls)

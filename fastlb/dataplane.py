@@ -73,6 +73,18 @@ def build_admission(plan: Plan, sources: _core.SourceTable | None,
         pp_send={slot: v for slot, v in plan.pp_send if slot >= 0})
 
 
+def build_tls(plan: Plan) -> Any:
+    """[tls] The service's _core.TlsContext from its plan (None: plain TCP). Built when the
+    plan's TLS fields change (a reload that read new certificates), never per connection; the
+    open connections keep the context they started with."""
+    if not plan.tls_certs:
+        return None
+    return _core.TlsContext(list(plan.tls_certs), min_version=plan.tls_min_version,
+                            alpn=plan.tls_alpn, handshake_timeout=plan.tls_handshake,
+                            client_ca=plan.tls_client_ca or None, verify_client=plan.tls_verify,
+                            identities=plan.tls_identities)
+
+
 def abort_backend(engine: _core.Engine, state: _core.ServiceState, slot: int) -> int:
     """Close the open connections of one backend; the count."""
     return int(engine.close_backend(state, slot))
@@ -103,6 +115,10 @@ def check_plan(plan: Plan) -> None:
         build_admission(plan, _core.SourceTable(bytearray(_core.SourceTable.size_for(16)), 16))
     except (ValueError, TypeError) as exc:
         raise RegistryError("invalid", f"service {plan.name}: {exc}") from None
+    try:                                                                       # [tls]
+        build_tls(plan)
+    except (ValueError, TypeError) as exc:
+        raise RegistryError("invalid", f"service {plan.name}: tls: {exc}") from None
 
 
 def check_plans(snapshot: Snapshot, running: Mapping[str, Plan]) -> None:
@@ -141,6 +157,7 @@ class DataService:
         self.sources = sources                                                 # [access]
         self.access: tuple[Any, ...] | None = None    # what state.adm was built from
         self.acls: dict[tuple[Any, ...], Any] = {}
+        self.tls: tuple[Any, ...] | None = None       # [tls] what state.tls was built from
 
     def apply(self, plan: Plan) -> None:
         """Take a plan. An unchanged plan (the supervisor pushes all services when one changes)
@@ -161,6 +178,8 @@ class DataService:
         st.fall_passive = plan.fall_passive
         st.row = plan.row
         self.apply_access(plan)                                                 # [access]
+        if plan.tls_key() != self.tls:                                          # [tls]
+            self.state.tls, self.tls = build_tls(plan), plan.tls_key()
         apply_mem(self.engine, st, plan)                                    # [mem]
         st.log_sample = plan.log_sample                 # [obs] the connection log's sampling
         self.names = dict(plan.names)
@@ -195,7 +214,8 @@ class DataService:
         if p is None:
             return []
         return ([p.pp_timeout] if p.pp_accept_from else []) + (
-            [p.client_first_byte] if p.client_first_byte else [])
+            [p.client_first_byte] if p.client_first_byte else []) + (
+            [p.tls_handshake] if p.tls_certs else [])                          # [tls]
 
     def listen(self, want: set[tuple[str, int]]) -> None:
         for key in list(self.listeners):
@@ -315,7 +335,12 @@ class DataPlane:
                 "buffers_pooled": e.buffers_pooled, "buffer_waits": e.buffer_waits,
                 "buffer_budget_bytes": e.buffer_budget * _core.BUFFER_SIZE,
                 "timeouts_fin": e.timeouts_fin, "timeouts_duration": e.timeouts_duration,
-                "timeouts_first_byte": e.timeouts_first_byte}
+                "timeouts_first_byte": e.timeouts_first_byte,
+                "tls_handshakes": e.tls_handshakes, "tls_resumed": e.tls_resumed,   # [tls]
+                "tls_handshake_failures": e.tls_failures,
+                "tls_handshake_timeouts": e.tls_timeouts,
+                "tls_client_no_cert": e.tls_no_cert, "tls_client_expired": e.tls_expired,
+                "tls_client_untrusted": e.tls_untrusted, "tls_authz_denied": e.tls_authz_denied}
 
     def timeouts(self) -> list[tuple[float, float]]:
         """(connect, shortest of the timeouts that need a scan of every session) per service;

@@ -89,6 +89,20 @@ class Plan:
     tcp_keepalive: tuple[int, int, int] | None = None
     buffer_budget: int = 0
     log_sample: int = 0                             # [obs] connection log: sample x 2**32, 0 off
+    # [tls] TLS termination (config.TlsConfig): (cert PEM, key PEM) pairs, the first the default
+    # (empty: plain TCP); the data path builds the service's _core.TlsContext when they change.
+    tls_certs: tuple[tuple[bytes, bytes], ...] = ()
+    tls_min_version: str = "1.2"
+    tls_alpn: tuple[str, ...] = ()
+    tls_handshake: float = 10.0
+    tls_client_ca: bytes = b""                      # stage 2: PEM CAs of client certificates
+    tls_verify: str = "required"                    # "required" | "optional"
+    tls_identities: tuple[str, ...] = ()            # service.authz.identities
+
+    def tls_key(self) -> tuple[Any, ...]:
+        """[tls] What the service's TlsContext is built from."""
+        return (self.tls_certs, self.tls_min_version, self.tls_alpn, self.tls_handshake,
+                self.tls_client_ca, self.tls_verify, self.tls_identities)
 
     def to_wire(self) -> dict[str, Any]:
         return {"name": self.name, "listen": [list(a) for a in self.listen],
@@ -109,7 +123,11 @@ class Plan:
                 "max_duration": self.max_duration, "first_byte": self.first_byte,
                 "tcp_keepalive": list(self.tcp_keepalive) if self.tcp_keepalive else None,
                 "buffer_budget": self.buffer_budget,
-                "log_sample": self.log_sample}                                    # [obs]
+                "log_sample": self.log_sample,                                    # [obs]
+                "tls": ([[list(p) for p in self.tls_certs], self.tls_min_version,  # [tls]
+                         list(self.tls_alpn), self.tls_handshake, self.tls_client_ca,
+                         self.tls_verify, list(self.tls_identities)]
+                        if self.tls_certs else None)}
 
     @classmethod
     def from_wire(cls, w: Mapping[str, Any]) -> Plan:
@@ -128,7 +146,19 @@ class Plan:
                    max_conns=tuple((int(s), int(n)) for s, n in w.get("max_conns", ())),
                    **_access_from_wire(w.get("access")),                            # [access]
                    **_mem_from_wire(w),                                              # [mem]
-                   log_sample=int(w.get("log_sample", 0)))                           # [obs]
+                   log_sample=int(w.get("log_sample", 0)),                           # [obs]
+                   **_tls_from_wire(w.get("tls")))                                   # [tls]
+
+
+def _tls_from_wire(t: Sequence[Any] | None) -> dict[str, Any]:
+    """[tls] Plan's TLS fields from their wire list (absent: plain TCP)."""
+    if not t:
+        return {}
+    certs, minv, alpn, hs, ca, verify, ids = (list(t) + [b"", "required", []])[:7]
+    return {"tls_certs": tuple((bytes(c), bytes(k)) for c, k in certs),
+            "tls_min_version": str(minv), "tls_alpn": tuple(str(a) for a in alpn),
+            "tls_handshake": float(hs), "tls_client_ca": bytes(ca), "tls_verify": str(verify),
+            "tls_identities": tuple(str(i) for i in ids)}
 
 
 def _access_from_wire(a: Sequence[Any] | None) -> dict[str, Any]:

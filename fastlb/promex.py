@@ -188,6 +188,26 @@ class FastLBCollector(Collector):
         ]:
             if key in mem:
                 yield GaugeMetricFamily(f"fastlb_{name}", help_, value=mem[key])
+        for name, help_, key in [                              # [tls] core/tls.pxi
+            ("tls_handshakes_total", "TLS handshakes completed with clients, over every worker.",
+             "tls_handshakes"),
+            ("tls_resumptions_total", "Of those, resumed sessions (tickets or the cache).",
+             "tls_resumed"),
+            ("tls_handshake_failures_total", "TLS handshakes that failed (a bad ClientHello, no "
+             "shared version or cipher, the client leaving).", "tls_handshake_failures"),
+            ("tls_handshake_timeouts_total", "TLS handshakes not done within timeouts.handshake.",
+             "tls_handshake_timeouts"),
+            ("tls_client_cert_missing_total", "Handshakes refused: no client certificate "
+             "(verify_client = required).", "tls_client_no_cert"),
+            ("tls_client_cert_expired_total", "Handshakes refused: an expired (or not yet "
+             "valid) client certificate.", "tls_client_expired"),
+            ("tls_client_cert_untrusted_total", "Handshakes refused: a client certificate "
+             "not signed by client_ca.", "tls_client_untrusted"),
+            ("tls_authz_denied_total", "Clients with a valid certificate but no allowed "
+             "identity (service.authz), closed after the handshake.", "tls_authz_denied"),
+        ]:
+            if key in mem:
+                yield CounterMetricFamily(f"fastlb_{name}", help_, value=mem[key])
 
     def _backends(self, services: list[dict[str, Any]]) -> Iterator[Metric]:
         for suffix, kind, help_, field in BACKEND_SUMS:

@@ -100,7 +100,18 @@ def compute_plan(svc: Service, slot_of: Callable[[str], int], is_up: Callable[[i
                 client_fin=svc.client_fin, server_fin=svc.server_fin,          # [mem]
                 max_duration=svc.max_duration, first_byte=svc.first_byte,
                 tcp_keepalive=svc.tcp_keepalive, buffer_budget=buffer_budget,
-                log_sample=log_sample(svc))                                    # [obs]
+                log_sample=log_sample(svc),                                    # [obs]
+                **tls_fields(svc))                                             # [tls]
+
+
+def tls_fields(svc: Service) -> dict[str, Any]:
+    """[tls] The plan's TLS termination fields (none: plain TCP)."""
+    t = svc.tls
+    if t is None:
+        return {}
+    return {"tls_certs": t.pems, "tls_min_version": t.min_version, "tls_alpn": t.alpn,
+            "tls_handshake": t.handshake, "tls_client_ca": t.ca_pem,
+            "tls_verify": t.verify_client, "tls_identities": t.identities}
 
 
 def limits_fields(svc: Service, slot_of: Callable[[str], int],

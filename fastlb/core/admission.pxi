@@ -170,6 +170,9 @@ cdef void _adm_go(Session s) noexcept:
     if s.state == S_WAITING:
         s.eng.connecting.discard(s)
         s.state = S_CONNECTING
+    if s.svc.tls is not None and s.ssl == NULL:     # [tls] the handshake first
+        tls_start(s)
+        return
     s._update()                             # read what the client sends while we connect
     if s.state != S_CLOSED:
         s._connect()
@@ -302,6 +305,8 @@ cdef int adm_send_header(Session s) noexcept:
     cdef sockaddr_storage ss
     cdef socklen_t sslen = sizeof(ss)
     cdef flb_addr dst
+    cdef pp_tlvs tlvs                       # [tls] stage 3: the client's TLS identity
+    cdef char cn[TLS_PP_CN_MAX]
     if version == 0:
         return 0
     if s.local.family != FLB_FAM_UNSPEC:    # the destination a PROXY header told us
@@ -315,7 +320,7 @@ cdef int adm_send_header(Session s) noexcept:
     if version == 1:
         n = pp_build_v1(&s.client, &dst, <char *>out, sizeof(out))
     else:
-        n = pp_build_v2(PP_CMD_PROXY, &s.client, &dst, NULL, out, sizeof(out))
+        n = pp_build_v2(PP_CMD_PROXY, &s.client, &dst, tls_pp_tlvs(s, &tlvs, cn), out, sizeof(out))
     if n < 0:
         s._close()
         return -1

@@ -97,6 +97,7 @@ cdef class ServiceState:
     cdef bint dequeuing                  # lim_dequeue is running (no re-entry)
 
     cdef public Admission adm            # [access] ACL, source limits, PROXY (None: none)
+    cdef public TlsContext tls           # [tls] TLS termination (None: plain TCP)
     # [mem] timers (seconds, 0: off; core/timers.pxi) and TCP keepalive (ka_idle 0: off)
     cdef public double client_fin
     cdef public double server_fin
@@ -199,6 +200,10 @@ cdef class Engine:
     cdef readonly long long timeouts_fin        # sessions closed by client_fin/server_fin
     cdef readonly long long timeouts_duration   # by max_duration
     cdef readonly long long timeouts_first_byte # by first_byte
+    # [tls] handshakes (core/tls.pxi): done, of which resumed; failed; past timeouts.handshake
+    cdef readonly long long tls_handshakes, tls_resumed, tls_failures, tls_timeouts
+    # [tls] stage 2: client certificates refused (missing, expired, untrusted); authz refusals
+    cdef readonly long long tls_no_cert, tls_expired, tls_untrusted, tls_authz_denied
 
     def __cinit__(self):
         self.epfd = -1
@@ -476,6 +481,9 @@ cdef class Engine:
             self.sessions.add(s)
             if svc.adm is not None and adm_accept(s, &ss) != ADM_GO:    # [access]
                 continue                        # refused (closed, counted), or waiting
+            if svc.tls is not None:             # [tls] the handshake before the connect
+                tls_start(s)
+                continue
             s._update()                         # read what the client sends while we connect
             if s.state != S_CLOSED:
                 s._connect()
@@ -494,6 +502,8 @@ cdef class Engine:
                 s._connect_failed(0)
             elif s.state == S_WAITING and now >= s.deadline:     # [access] before connect
                 adm_expired(s)
+            elif s.state == S_HANDSHAKE and now >= s.deadline:   # [tls] timeouts.handshake
+                tls_expired(s)
         if idle:
             for s in list(self.sessions):
                 if s.state == S_OPEN and now - s.last >= s.svc.idle_timeout:

@@ -98,6 +98,11 @@ cdef class Session:
     cdef int64_t t_acc, t_conn, t_est, t_first
     cdef uint64_t nbin, nbout            # bytes client -> backend, backend -> client
 
+    # [tls] TLS termination (core/tls.pxi): the client side through OpenSSL (NULL: plain TCP)
+    cdef SSL *ssl
+    cdef TlsContext tlsctx               # its contexts (and SNI table) stay alive for it
+    cdef unsigned char tls_want          # TLSW_*: what OpenSSL asked of the other direction
+
     def __cinit__(self):
         # Every Session starts owning nothing, even one made by Session.__new__ from Python,
         # so that freeing it can never close an fd it does not own (fd 0 of a zeroed object).
@@ -145,10 +150,12 @@ cdef class Session:
         elif not self.c_eof and self.c2b.end == 0:
             cw |= EPOLLIN                       # c2b empty: read the client
         elif (not self.c_eof and (self.state == S_CONNECTING or self.state == S_QUEUED)
-                and self.c2b.end < ENGINE_BUFSIZE):
+                and self.c2b.end < tls_fill_cap(self)):     # [tls] room for a record
             cw |= EPOLLIN                       # before connect (or queued): fill c2b
         if self.b2c.end > self.b2c.start:
             cw |= EPOLLOUT                      # unsent bytes for the client
+        if self.tls_want:
+            cw |= tls_interest(self)            # [tls] OpenSSL needs the other direction
         if self.state == S_CONNECTING:
             bw = EPOLLOUT
         else:
@@ -165,7 +172,10 @@ cdef class Session:
         """Send b's unsent bytes to dst. 1: all sent, 0: would block, -1: error (closed)."""
         cdef ssize_t w
         while b.end > b.start:
-            w = send(dst, b.data + b.start, b.end - b.start, MSG_NOSIGNAL)
+            if dst == self.cfd and self.ssl != NULL:                # [tls]
+                w = _tls_send(self, b.data + b.start, b.end - b.start)
+            else:
+                w = send(dst, b.data + b.start, b.end - b.start, MSG_NOSIGNAL)
             if w > 0:
                 b.start += w
                 self.last = self.eng.now
@@ -197,7 +207,10 @@ cdef class Session:
                         self.term = TERM_NO_BUFFER  # [obs]
                         self._close()
                     return got
-            r = recv(src, b.data, ENGINE_BUFSIZE, 0)
+            if src == self.cfd and self.ssl != NULL:                # [tls]
+                r = _tls_recv(self, b.data, ENGINE_BUFSIZE)
+            else:
+                r = recv(src, b.data, ENGINE_BUFSIZE, 0)
             if r > 0:
                 if src == self.bfd and not self.b_seen:
                     self.b_seen = True
@@ -237,6 +250,7 @@ cdef class Session:
             shutdown(self.bfd, SHUT_WR)
             self.c2b_shut = True
         if self.b_eof and not self.b2c_shut and self.b2c.end == 0:
+            tls_shut_wr(self)                   # [tls] close_notify first
             shutdown(self.cfd, SHUT_WR)
             self.b2c_shut = True
         if self.c2b_shut and self.b2c_shut:
@@ -248,6 +262,12 @@ cdef class Session:
         if self.state == S_WAITING:             # [access] before connect
             adm_on_client(self, events)
             return
+        if self.state == S_HANDSHAKE:           # [tls] before connect
+            tls_on_handshake(self, events)
+            return
+        if self.tls_want:                       # [tls] what OpenSSL waited for may be here:
+            self.tls_want = 0                   # retry both directions
+            events |= EPOLLIN | EPOLLOUT
         if events & (EPOLLOUT | EPOLLERR | EPOLLHUP) and self.b2c.end > self.b2c.start:
             if self._flush(&self.b2c, self.cfd) < 0:
                 return
@@ -256,15 +276,19 @@ cdef class Session:
                 if self.c2b.end == 0:
                     if self._pump(self.cfd, self.bfd, &self.c2b, CTR_BYTES_IN, &self.c_eof) < 0:
                         return
-            elif self.c2b.end < ENGINE_BUFSIZE:  # connecting: keep what the client sends
+            elif self.c2b.end < tls_fill_cap(self):  # connecting: keep what the client sends
                 r = _buf_get(self, &self.c2b)
                 if r < 0:
                     self.term = TERM_NO_BUFFER      # [obs]
                     self._close()
                     return
                 if r > 0:                       # [mem] 0: waits for a buffer
-                    r = recv(self.cfd, self.c2b.data + self.c2b.end,
-                             ENGINE_BUFSIZE - self.c2b.end, 0)
+                    if self.ssl != NULL:        # [tls]
+                        r = _tls_recv(self, self.c2b.data + self.c2b.end,
+                                      ENGINE_BUFSIZE - self.c2b.end)
+                    else:
+                        r = recv(self.cfd, self.c2b.data + self.c2b.end,
+                                 ENGINE_BUFSIZE - self.c2b.end, 0)
                     if r > 0:
                         self.c2b.end += r
                     elif r == 0:
@@ -417,6 +441,7 @@ cdef class Session:
         cdef bint freed = lim_release(self)     # [limits] queue, backend and service places
 
         adm_close(self)                         # [access] the source entry, once
+        tls_close(self)                         # [tls] the SSL, once
         self.state = S_CLOSED
         eng.graveyard.append(self)              # alive until this batch of events is done
         eng.sessions.discard(self)
@@ -450,4 +475,6 @@ cdef class Session:
         _free_buffer(self.c2b.data, True)
         _free_buffer(self.b2c.data, True)
         free(self.pp_buf)                       # [access] a PROXY header's scratch
+        if self.ssl != NULL:                    # [tls] a session never closed
+            SSL_free(self.ssl)
         flb_dbg_add(FLB_DBG_SESSIONS, -1)

@@ -1,0 +1,150 @@
+"""[tls] The handshake phase in the debug build of the core (FASTLB_DEBUG=1): thousands of
+failed handshakes (garbage instead of a ClientHello, a ClientHello cut short then a close,
+clients gone before a byte, handshakes past the timeout) leave no session, buffer or fd behind,
+and the process's fds and RSS do not grow with them (an SSL object leaked per failure would be
+tens of MB); served clients still round-trip. The build fixture is test_core_debug's."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from test_core_debug import debug_build  # noqa: F401  (the module-scoped build fixture)
+
+trustme = pytest.importorskip("trustme")
+
+SCENARIO = textwrap.dedent('''
+    import asyncio, gc, json, os, socket, ssl, sys, threading
+    import uvloop
+    from fastlb import _core
+
+    assert _core.__file__.startswith(sys.argv[1]), _core.__file__
+    cert, key, cafile = (open(p, "rb").read() for p in sys.argv[2:5])
+
+    def echo_server():
+        srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen(64)
+        def serve(conn):
+            with conn:
+                while data := conn.recv(65536):
+                    conn.sendall(data)
+        def accept():
+            while True:
+                conn, _ = srv.accept()
+                threading.Thread(target=serve, args=(conn,), daemon=True).start()
+        threading.Thread(target=accept, daemon=True).start()
+        return srv.getsockname()[1]
+
+    def rss():
+        for line in open("/proc/self/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+
+    def nfds():
+        return len(os.listdir("/proc/self/fd"))
+
+    def garbage(port, i):
+        s = socket.create_connection(("127.0.0.1", port), timeout=5)
+        try:
+            kind = i % 3
+            if kind == 0:
+                s.sendall(b"GET / HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n")
+            elif kind == 1:
+                s.sendall(bytes.fromhex("16030100a1010000"))   # a ClientHello's start, then gone
+                s.shutdown(socket.SHUT_WR)
+            else:
+                return                                          # gone before a byte
+            while s.recv(4096):
+                pass
+        except OSError:
+            pass
+        finally:
+            s.close()
+
+    def good(port):
+        ctx = ssl.create_default_context(cadata=cafile.decode())
+        with ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=5),
+                             server_hostname="edge.test") as s:
+            s.sendall(b"ping")
+            return s.recv(4)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        n = 4
+        counters = _core.Counters(bytearray(_core.Counters.size_for(n)), n)
+        health = _core.HealthBitmap(bytearray(_core.HealthBitmap.size_for(n)), n)
+        health.mark_up(0)
+        engine = _core.Engine(loop, counters, 0)
+        svc = _core.ServiceState("edge")
+        svc.set_backends(_core.make_policy("round_robin", [0], [1], health),
+                         {0: ("127.0.0.1", echo_server())})
+        svc.tls = _core.TlsContext([(cert, key)], handshake_timeout=0.2)
+        lsock = socket.socket(); lsock.bind(("127.0.0.1", 0)); lsock.listen(512)
+        port = lsock.getsockname()[1]
+        engine.listen(lsock, svc)
+
+        async def sweeping():
+            while True:
+                await asyncio.sleep(0.03)
+                engine.sweep(False)
+        sweeper = loop.create_task(sweeping())
+        run = lambda f, *a: loop.run_in_executor(None, f, *a)
+
+        def burst(k):
+            for i in range(k):
+                garbage(port, i)
+        out = {"good": []}
+        out["good"].append((await run(good, port)).decode())
+        await run(burst, 1500)                      # warm: pools, OpenSSL's tables
+        gc.collect()
+        out["fds0"], out["rss0"] = nfds(), rss()
+        await run(burst, 6000)
+        silent = [await run(socket.create_connection, ("127.0.0.1", port)) for _ in range(50)]
+        await asyncio.sleep(0.6)                    # past the handshake timeout
+        for s in silent:
+            s.close()
+        await asyncio.sleep(0.1)
+        gc.collect()
+        out["fds1"], out["rss1"] = nfds(), rss()
+        out["good"].append((await run(good, port)).decode())
+        out["counts"] = [engine.tls_handshakes, engine.tls_failures, engine.tls_timeouts]
+        stuck = [await run(socket.create_connection, ("127.0.0.1", port)) for _ in range(3)]
+        await asyncio.sleep(0.05)
+        out["open"] = _core.debug_counts()
+        sweeper.cancel()
+        engine.close()                 # a debug build raises AssertionError if anything leaked
+        for s in stuck:
+            s.close()
+        del engine, svc
+        gc.collect()
+        out["after"] = _core.debug_counts()
+        return out
+
+    print(json.dumps(uvloop.run(main())))
+''')
+
+
+def test_failed_handshakes_leave_nothing_behind(debug_build, tmp_path):  # noqa: F811
+    root, _ = debug_build
+    ca = trustme.CA()
+    leaf = ca.issue_cert("edge.test")
+    paths = []
+    for name, pem in (("c.pem", b"".join(p.bytes() for p in leaf.cert_chain_pems)),
+                      ("k.pem", leaf.private_key_pem.bytes()), ("ca.pem", ca.cert_pem.bytes())):
+        (tmp_path / name).write_bytes(pem)
+        paths.append(str(tmp_path / name))
+    (root / "tls_scenario.py").write_text(SCENARIO)
+    env = dict(os.environ, PYTHONPATH=str(root))
+    out = subprocess.run([sys.executable, "tls_scenario.py", str(root), *paths], cwd=root,
+                         env=env, capture_output=True, text=True, timeout=240, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout.splitlines()[-1])
+    assert res["good"] == ["ping", "ping"]
+    handshakes, failures, timeouts = res["counts"]
+    assert handshakes == 2 and timeouts == 50 and failures >= 7500 - 3    # (resets may race)
+    assert res["fds1"] <= res["fds0"] + 2, res
+    assert res["rss1"] - res["rss0"] < 4096, res          # KiB: 6000 leaked SSLs would be > 20 MiB
+    assert res["open"]["sessions"] >= 3
+    assert res["after"] == {"sessions": 0, "buffers": 0, "buffers_in_use": 0, "fds": 0,
+                            "engines": 0}

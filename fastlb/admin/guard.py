@@ -149,7 +149,8 @@ class Backoff:
         if now - s.last > self.forget:
             del self._table[source]
             return 0.0
-        return max(0.0, s.until - now)
+        # at most the cap: until = then + penalty, and (then + 4.0) - then can exceed 4.0 by an ulp
+        return min(self.cap, max(0.0, s.until - now))
 
     def failure(self, source: str, now: float) -> float:
         """Record a failed attempt; returns the penalty it starts (0.0: none yet)."""

@@ -5,13 +5,13 @@ import bisect
 import json
 import mmap
 import multiprocessing as mp
-import os
 import re
 import socket
 import struct
 import time
 
 import pytest
+from generated_c import needs_c, python_calls
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -341,30 +341,15 @@ def test_plan_carries_the_sampling_threshold():
 
 
 # -- the hooks run per connection: no Python C-API call (ARCHITECTURE.md, STYLE point 5) --------
-C_FILE = os.path.join(os.path.dirname(_core.__file__), "_core.c")
 PER_CONNECTION = ["cl_accept", "cl_attempt", "cl_failed", "cl_established", "cl_close", "cl_kill",
                   "cl_refused", "hb_bucket", "7ConnLog_observe", "7ConnLog_sampled", "7ConnLog_reserve",
                   "7ConnLog_commit"]
-REFCOUNT = {"__Pyx_INCREF", "__Pyx_DECREF", "__Pyx_XDECREF", "__Pyx_RefNannySetupContext",
-            "__Pyx_RefNannyFinishContext", "__Pyx_RefNannyDeclarations"}
 
 
-@pytest.mark.skipif(not os.path.exists(C_FILE), reason="needs the generated fastlb/_core.c")
+@needs_c
 @pytest.mark.parametrize("name", PER_CONNECTION)
 def test_per_connection_hooks_make_no_python_call(name):
-    with open(C_FILE) as f:
-        src = f.read()
-    if "__Pyx_TraceLine(" in src:
-        pytest.skip("a line-traced debug build (make debug) calls the tracer on every line")
-    m = re.search(r"^static [^;\n]*__pyx_f_6fastlb_5_core_" + re.escape(name) + r"\([^)]*\) \{$",
-                  src, re.M)
-    assert m, f"{name} not found in _core.c"
-    i, depth = m.end(), 1
-    while depth:
-        depth += (src[i] == "{") - (src[i] == "}")
-        i += 1
-    code = re.sub(r"/\*.*?\*/", "", src[m.end():i], flags=re.S)
-    calls = set(re.findall(r"\b((?:_?Py|__Pyx_)\w*)\s*\(", code)) - REFCOUNT
+    calls = python_calls(name)
     assert not calls, f"{name} calls the Python C-API: {sorted(calls)}"
 
 

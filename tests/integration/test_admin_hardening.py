@@ -19,15 +19,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from fastlb.admin.client import AdminClient, AdminError
-from helpers import PY, Proc, closed_port, service, start_backend, start_fastlb
+from helpers import PY, Proc, closed_port, free_port, service, start_backend, start_fastlb
 
 TOKEN = "t0k3n-" + "k" * 38                  # 44 characters, as `head -c 32 /dev/urandom | base64`
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_token(tmp_path, token: str = TOKEN, mode: int = 0o600) -> str:

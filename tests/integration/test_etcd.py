@@ -17,7 +17,7 @@ import time
 import urllib.request
 
 import pytest
-from helpers import PY, Proc, start_backend, start_fastlb
+from helpers import PY, Proc, free_port, start_backend, start_fastlb
 
 from fastlb.admin.client import AdminClient
 from fastlb.errors import AdminError
@@ -25,14 +25,6 @@ from fastlb.errors import AdminError
 ETCD = shutil.which("etcd")
 if not ETCD and os.environ.get("FASTLB_REQUIRE_ETCD") != "1":
     pytest.skip("etcd is not installed (apt-get install etcd-server)", allow_module_level=True)
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def wait_for(predicate, timeout=10.0, what="condition"):

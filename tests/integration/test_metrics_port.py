@@ -9,13 +9,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from fastlb import httpapi
 from fastlb.admin.client import AdminClient
-from helpers import service, start_backend, start_fastlb
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from helpers import free_port, service, start_backend, start_fastlb
 
 
 def http(port, raw, timeout=10.0):

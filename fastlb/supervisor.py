@@ -856,7 +856,8 @@ class Supervisor:
             self.metrics_server = await httpapi.serve_http(g.metrics, observe.Sources(
                 stats=self.stats, services=lambda: self.registry.snapshot,
                 health=self.health.state, memory=self.datapath.memory,     # [mem]
-                histograms=self._histograms))     # [obs] histograms
+                histograms=self._histograms,      # [obs] histograms
+                admin=lambda: self.admin_server.counts if self.admin_server else {}))  # [admin]
         log.info("fastlb ready: %d service(s), %d worker(s), pid %d", len(self.runtimes),
                  g.workers, os.getpid())
         sdnotify.ready(self._status_line())

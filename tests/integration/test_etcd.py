@@ -207,6 +207,30 @@ def test_etcd_down_serves_last_members_then_resyncs(procs, etcd, tmp_path):
     assert metric("fastlb_discovery_etcd_up") == 1
 
 
+def test_a_hung_etcd_is_detected_by_the_probe_and_the_watch_resumes(procs, etcd, tmp_path):
+    """An etcd that stops answering but keeps its connections open (SIGSTOP: a hang, a dead
+    disk) is reported unreachable within the probe interval plus its timeout; the last
+    members serve; after SIGCONT the watch resumes and sees a change made meanwhile."""
+    _, pa = start_backend(procs, "announce", name="a")
+    _, pb = start_backend(procs, "announce", name="b")
+    etcd.put(key("app", pa), {})
+    lb, (port,) = start_fastlb(procs, lb_config(etcd, f"{tmp_path}/admin.sock"))
+    admin = AdminClient(socket_path=f"{tmp_path}/admin.sock", timeout=20)
+    assert admin.call("stats")[0]["etcd"]["up"] is True
+    assert etcd.proc is not None
+    os.kill(etcd.proc.pid, signal.SIGSTOP)
+    try:
+        lb.wait_line(r"etcd unreachable \(.*status probe.*\): serving the last known members",
+                     timeout=20)
+        assert names(port) == {"a"}
+        assert admin.call("stats")[0]["etcd"]["up"] is False
+    finally:
+        os.kill(etcd.proc.pid, signal.SIGCONT)
+    etcd.put(key("app", pb), {})
+    wait_for(lambda: names(port) == {"a", "b"}, timeout=20, what="the watch to resume")
+    lb.wait_line(r"etcd: reachable again")
+
+
 def test_restart_with_etcd_down_serves_the_state_files_members(procs, etcd, tmp_path):
     """The members are registry backends, kept in the state file: a fastlb restarted while etcd
     is down serves the last ones it knew; once etcd is back, keys deleted meanwhile leave."""

@@ -24,6 +24,7 @@ import base64
 import json
 import logging
 import signal
+import ssl
 import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, Callable, Mapping
@@ -140,6 +141,16 @@ class Compacted(Exception):
     """The watch's start revision was compacted: list again."""
 
 
+def tls_context(cfg: EtcdConfig) -> ssl.SSLContext:
+    """The client side of TLS to etcd: its CA (else the system's) and our certificate. Built
+    here, not from httpx's ``verify=path, cert=(crt, key)``: httpx 0.28 took those and sent no
+    client certificate, so an etcd with --client-cert-auth closed every request."""
+    ctx = ssl.create_default_context(cafile=cfg.ca) if cfg.ca else ssl.create_default_context()
+    if cfg.cert and cfg.key:
+        ctx.load_cert_chain(cfg.cert, cfg.key)
+    return ctx
+
+
 class Client:
     """etcd's v3 JSON gateway over HTTP(S), one endpoint at a time (the next on failure)."""
 
@@ -148,10 +159,7 @@ class Client:
         self.cfg = cfg
         self.endpoints = list(cfg.endpoints)
         self.current = 0
-        verify: Any = cfg.ca if cfg.ca else True
-        cert = (cfg.cert, cfg.key) if cfg.cert and cfg.key else None
-        self.http = httpx.AsyncClient(verify=verify, cert=cert,
-                                      timeout=httpx.Timeout(REQUEST_TIMEOUT))
+        self.http = httpx.AsyncClient(verify=tls_context(cfg), timeout=httpx.Timeout(REQUEST_TIMEOUT))
         self.token: str | None = None
 
     @property

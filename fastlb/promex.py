@@ -208,6 +208,13 @@ class FastLBCollector(Collector):
         ]:
             if key in mem:
                 yield CounterMetricFamily(f"fastlb_{name}", help_, value=mem[key])
+        for name, help_, key in [                              # [lean] core/lean.pxi
+            ("accept_wakeups_total", "Wake-ups of a worker for a listening socket, over every "
+             "worker (one per connection: one worker woken for it).", "accept_wakeups"),
+            ("accepted_total", "Client connections accepted, over every worker.", "accepted"),
+        ]:
+            if key in mem:
+                yield CounterMetricFamily(f"fastlb_{name}", help_, value=mem[key])
 
     def _backends(self, services: list[dict[str, Any]]) -> Iterator[Metric]:
         for suffix, kind, help_, field in BACKEND_SUMS:

@@ -126,6 +126,7 @@ cdef class Session:
         set when the kernel refused (the caller closes the session: it could never wake)."""
         cdef epoll_event ev
         cdef int op
+        want = lean_interest(want)              # [lean] EPOLLRDHUP with EPOLLIN
         if want == cur[0] or fd < 0:
             return 0
         ev.events = want
@@ -167,8 +168,8 @@ cdef class Session:
                 bw |= EPOLLIN
             if self.c2b.end > self.c2b.start:
                 bw |= EPOLLOUT
-        if (self._watch(self.cfd, &self.cev, lean_interest(cw), TAG_CLIENT) < 0     # [lean]
-                or self._watch(self.bfd, &self.bev, lean_interest(bw), TAG_BACKEND) < 0):
+        if (self._watch(self.cfd, &self.cev, cw, TAG_CLIENT) < 0
+                or self._watch(self.bfd, &self.bev, bw, TAG_BACKEND) < 0):
             self.eng._epoll_failed(self, errno)
 
     # -- moving bytes -------------------------------------------------------------------------

@@ -209,9 +209,10 @@ class FastLBCollector(Collector):
             if key in mem:
                 yield CounterMetricFamily(f"fastlb_{name}", help_, value=mem[key])
         for name, help_, key in [                              # [lean] core/lean.pxi
-            ("accept_wakeups_total", "Wake-ups of a worker for a listening socket, over every "
+            ("process_accept_wakeups_total", "Wake-ups of a worker for a listening socket, over every "
              "worker (one per connection: one worker woken for it).", "accept_wakeups"),
-            ("accepted_total", "Client connections accepted, over every worker.", "accepted"),
+            ("process_connections_total", "Client connections accepted, over every worker.",
+             "accepted"),
         ]:
             if key in mem:
                 yield CounterMetricFamily(f"fastlb_{name}", help_, value=mem[key])

@@ -44,6 +44,7 @@ include "core/policy_table.pxi"
 include "core/engine.pxi"
 include "core/session.pxi"
 include "core/limits.pxi"      # connection limits, queues, local errors
+include "core/lean.pxi"        # [lean] the lean connection path, one wake-up per connection
 
 include "core/admission.pxi"         # [access] ACL, source limits, PROXY, client_first_byte
 include "core/buffers.pxi"           # [mem] buffers, budget, pool trim

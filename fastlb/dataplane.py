@@ -340,7 +340,8 @@ class DataPlane:
                 "tls_handshake_failures": e.tls_failures,
                 "tls_handshake_timeouts": e.tls_timeouts,
                 "tls_client_no_cert": e.tls_no_cert, "tls_client_expired": e.tls_expired,
-                "tls_client_untrusted": e.tls_untrusted, "tls_authz_denied": e.tls_authz_denied}
+                "tls_client_untrusted": e.tls_untrusted, "tls_authz_denied": e.tls_authz_denied,
+                "accept_wakeups": e.accept_wakeups, "accepted": e.accepted}     # [lean]
 
     def timeouts(self) -> list[tuple[float, float]]:
         """(connect, shortest of the timeouts that need a scan of every session) per service;

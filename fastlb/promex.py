@@ -223,6 +223,14 @@ class FastLBCollector(Collector):
         ]:
             if key in mem:
                 yield CounterMetricFamily(f"fastlb_{name}", help_, value=mem[key])
+        for name, help_, key in [                              # [lean] core/lean.pxi
+            ("process_accept_wakeups_total", "Wake-ups of a worker for a listening socket, over every "
+             "worker (one per connection: one worker woken for it).", "accept_wakeups"),
+            ("process_connections_total", "Client connections accepted, over every worker.",
+             "accepted"),
+        ]:
+            if key in mem:
+                yield CounterMetricFamily(f"fastlb_{name}", help_, value=mem[key])
 
     def _backends(self, services: list[dict[str, Any]]) -> Iterator[Metric]:
         for suffix, kind, help_, field in BACKEND_SUMS:

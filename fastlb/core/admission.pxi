@@ -324,6 +324,7 @@ cdef int adm_send_header(Session s) noexcept:
     if n < 0:
         s._close()
         return -1
+    lean_before_send(s)                      # [lean] a send to the backend (TCP_NODELAY)
     while True:
         w = send(s.bfd, out, <size_t>n, MSG_NOSIGNAL | (MSG_MORE if s.c2b.end > s.c2b.start else 0))
         if w < 0 and errno == EINTR:

@@ -149,6 +149,15 @@ cdef class Listener:
     cdef uint32_t events                 # [limits] its epoll interest, to re-arm it after a pause
     cdef int paused                      # [limits] PAUSE_*: out of the epoll set (0: armed)
     cdef double paused_at                # [limits] coarse clock of the pause
+    # [lean] (core/lean.pxi) the epoll set it is in (the engine's, or the event loop's with an
+    # eventfd reader of its own), the event data it is registered with, TCP_NODELAY inherited
+    cdef int lepfd
+    cdef int lean_efd
+    cdef uint64_t ldata
+    cdef bint nodelay
+
+    def __cinit__(self):
+        self.lean_efd = -1
 
 
 @cython.final
@@ -204,9 +213,14 @@ cdef class Engine:
     cdef readonly long long tls_handshakes, tls_resumed, tls_failures, tls_timeouts
     # [tls] stage 2: client certificates refused (missing, expired, untrusted); authz refusals
     cdef readonly long long tls_no_cert, tls_expired, tls_untrusted, tls_authz_denied
+    # [lean] (core/lean.pxi) the event loop's epoll fd (-2: not looked for yet, -1: none);
+    # listener events handled and connections accepted (wake-ups per connection)
+    cdef int lean_loopfd
+    cdef readonly long long accept_wakeups, accepted
 
     def __cinit__(self):
         self.epfd = -1
+        self.lean_loopfd = -2             # [lean]
 
     def __init__(self, loop, Counters counters, int block=0, Gauges gauges=None):
         if block < 0 or block >= counters.nblocks:
@@ -382,6 +396,7 @@ cdef class Engine:
         connection (EPOLLEXCLUSIVE), not all of them."""
         cdef Listener lst = Listener.__new__(Listener)
         cdef epoll_event ev
+        cdef int one = 1, err
         if not self.alive:
             raise CoreArgumentError("listen() on a closed Engine")
         sock.setblocking(False)
@@ -391,8 +406,15 @@ cdef class Engine:
         lst.port = sock.getsockname()[1]        # [obs]
         ev.events = EPOLLIN | (EPOLLEXCLUSIVE if shared else 0)
         ev.data.u64 = (<uint64_t><uintptr_t><void *>lst) | TAG_LISTENER
-        if epoll_ctl(self.epfd, EPOLL_CTL_ADD, lst.fd, &ev) < 0:
-            raise OSError(errno, f"epoll_ctl(ADD) of listener fd {lst.fd}: {strerror(errno).decode()}")
+        lst.lepfd = self.epfd                   # [lean] in the loop's set when shared
+        if shared:
+            lean_listen_shared(self, lst, &ev)
+        lst.nodelay = setsockopt(lst.fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(int)) == 0
+        if epoll_ctl(lst.lepfd, EPOLL_CTL_ADD, lst.fd, &ev) < 0:
+            err = errno
+            lean_unlisten(self, lst)
+            raise OSError(err, f"epoll_ctl(ADD) of listener fd {lst.fd}: {strerror(err).decode()}")
+        lst.ldata = ev.data.u64                 # [lean]
         lst.registered = True
         lst.events = ev.events            # [limits] to re-arm it after a pause
         self.listeners[lst.fd] = lst
@@ -402,7 +424,8 @@ cdef class Engine:
         """Stop accepting on ``lst`` and close this process's socket object (new connects are
         refused once no process holds the socket)."""
         if lst.registered:
-            epoll_ctl(self.epfd, EPOLL_CTL_DEL, lst.fd, NULL)   # the close below drops it anyway
+            epoll_ctl(lst.lepfd, EPOLL_CTL_DEL, lst.fd, NULL)  # (a socket other processes hold
+            lean_unlisten(self, lst)                            # stays in a set: delete it)
             lst.registered = False
             self.listeners.pop(lst.fd, None)
             self.graveyard.append(lst)          # an event of this batch may still name it
@@ -441,12 +464,23 @@ cdef class Engine:
         self.in_batch = False
         self._bury()
 
+    def _on_listener(self, Listener lst):
+        """[lean] A shared listener's event, from the event loop's own epoll (core/lean.pxi)."""
+        if not self.alive or not lst.registered:
+            return
+        self.now = _coarse_now()
+        self.in_batch = True
+        self._accept(lst)
+        self.in_batch = False
+        self._bury()
+
     cdef void _accept(self, Listener lst) noexcept:
         cdef int i, fd, err, one = 1
         cdef sockaddr_storage ss
         cdef socklen_t sslen
         cdef Session s
         cdef ServiceState svc = lst.svc
+        self.accept_wakeups += 1                # [lean]
         for i in range(ACCEPT_BATCH):
             if not lst.registered or lst.paused:  # a callback of this batch stopped it
                 return
@@ -466,7 +500,9 @@ cdef class Engine:
                                    (OSError(err, strerror(err).decode()),))
                 return
             flb_dbg_add(FLB_DBG_FDS, 1)
-            setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(int))
+            self.accepted += 1                  # [lean]
+            if not lst.nodelay:                 # [lean] else inherited from the listener
+                setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(int))
             _keepalive(fd, svc)                 # [mem]
             s = Session.__new__(Session)
             s.eng = self

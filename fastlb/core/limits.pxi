@@ -63,7 +63,7 @@ cdef void lim_pause(Engine eng, Listener lst, int why) noexcept:
     """Take ``lst`` out of the epoll set: clients wait in the kernel's backlog."""
     if lst.paused or not lst.registered:
         return
-    epoll_ctl(eng.epfd, EPOLL_CTL_DEL, lst.fd, NULL)
+    epoll_ctl(lst.lepfd, EPOLL_CTL_DEL, lst.fd, NULL)     # [lean] its set
     lst.paused = why
     lst.paused_at = eng.now
     eng.paused.append(lst)
@@ -92,8 +92,8 @@ cdef void lim_resume(Engine eng, bint closed) noexcept:
             ok = lim_room(eng, lst.svc)
         if ok:
             ev.events = lst.events
-            ev.data.u64 = (<uint64_t><uintptr_t><void *>lst) | TAG_LISTENER
-            ok = epoll_ctl(eng.epfd, EPOLL_CTL_ADD, lst.fd, &ev) == 0
+            ev.data.u64 = lst.ldata                 # [lean] its set and data
+            ok = epoll_ctl(lst.lepfd, EPOLL_CTL_ADD, lst.fd, &ev) == 0
         if ok:
             lst.paused = PAUSE_NONE
         else:

@@ -103,6 +103,10 @@ cdef class Session:
     cdef TlsContext tlsctx               # its contexts (and SNI table) stay alive for it
     cdef unsigned char tls_want          # TLSW_*: what OpenSSL asked of the other direction
 
+    # [lean] (core/lean.pxi) TCP_NODELAY on the backend (LEAN_ND_*), FINs seen (LEAN_FIN_*)
+    cdef unsigned char lean_nd
+    cdef unsigned char lean_fin
+
     def __cinit__(self):
         # Every Session starts owning nothing, even one made by Session.__new__ from Python,
         # so that freeing it can never close an fd it does not own (fd 0 of a zeroed object).
@@ -122,6 +126,7 @@ cdef class Session:
         set when the kernel refused (the caller closes the session: it could never wake)."""
         cdef epoll_event ev
         cdef int op
+        want = lean_interest(want)              # [lean] EPOLLRDHUP with EPOLLIN
         if want == cur[0] or fd < 0:
             return 0
         ev.events = want
@@ -175,6 +180,8 @@ cdef class Session:
             if dst == self.cfd and self.ssl != NULL:                # [tls]
                 w = _tls_send(self, b.data + b.start, b.end - b.start)
             else:
+                if dst == self.bfd and self.lean_nd != LEAN_ND_SET:
+                    lean_before_send(self)      # [lean] TCP_NODELAY from the 2nd send on
                 w = send(dst, b.data + b.start, b.end - b.start, MSG_NOSIGNAL)
             if w > 0:
                 b.start += w
@@ -227,6 +234,8 @@ cdef class Session:
                 if self._flush(b, dst) <= 0:
                     return -1 if self.state == S_CLOSED else 0
                 if r < ENGINE_BUFSIZE:          # drained, most likely: let epoll say more
+                    if lean_eof_after(self, src):
+                        eof[0] = True           # [lean] the FIN is next: no recv() for it
                     return 0
             elif r == 0:
                 eof[0] = True
@@ -246,6 +255,8 @@ cdef class Session:
 
     cdef void _shut_if_done(self) noexcept:
         """Pass an EOF on once its direction is flushed; close when both directions are shut."""
+        if lean_close_both(self):               # [lean] both done: close, no shutdown()
+            return
         if self.c_eof and not self.c2b_shut and self.state == S_OPEN and self.c2b.end == 0:
             shutdown(self.bfd, SHUT_WR)
             self.c2b_shut = True
@@ -259,6 +270,7 @@ cdef class Session:
     # -- events --------------------------------------------------------------------------------
     cdef void on_client(self, uint32_t events) noexcept:
         cdef ssize_t r
+        lean_saw(self, events, LEAN_FIN_C)      # [lean]
         if self.state == S_WAITING:             # [access] before connect
             adm_on_client(self, events)
             return
@@ -302,16 +314,15 @@ cdef class Session:
         self._update()
 
     cdef void on_backend(self, uint32_t events) noexcept:
-        cdef int err = 0
-        cdef socklen_t elen = sizeof(int)
+        cdef int err
         if self.state == S_CONNECTING:
-            if getsockopt(self.bfd, SOL_SOCKET, SO_ERROR, &err, &elen) < 0:
-                err = errno
-            if err == 0 and not (events & EPOLLERR):
+            err = lean_connect_error(self, events)      # [lean] no getsockopt when connected
+            if err == 0:
                 self._established()
             else:
-                self._connect_failed(err or ECONNREFUSED)
+                self._connect_failed(err)
             return
+        lean_saw(self, events, LEAN_FIN_B)      # [lean]
         if events & (EPOLLOUT | EPOLLERR | EPOLLHUP) and self.c2b.end > self.c2b.start:
             if self._flush(&self.c2b, self.bfd) < 0:
                 return
@@ -326,7 +337,7 @@ cdef class Session:
         """Connect to the next pick; on immediate failure try the next; none left: close.
         A callback run on a failure may have closed the session (the loop stops then)."""
         cdef ServiceState svc = self.svc
-        cdef int slot, fd, r, one = 1
+        cdef int slot, fd, r
         cdef bytes sa
         cdef const char *sap
         while self.state != S_CLOSED and self.attempts <= svc.retries and svc.policy is not None:
@@ -352,7 +363,7 @@ cdef class Session:
                 self._failed_attempt(errno)
                 continue
             flb_dbg_add(FLB_DBG_FDS, 1)
-            setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(int))
+            self.lean_nd = LEAN_ND_NONE         # [lean] TCP_NODELAY before its 2nd send
             _keepalive(fd, svc)                 # [mem]
             self.bfd = fd
             self.bev = 0

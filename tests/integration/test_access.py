@@ -281,13 +281,21 @@ def test_per_source_conns_hold_across_two_workers_other_sources_unaffected(procs
                                            extra="limits = { per_source_conns = 3 }")
     lb, (port,) = start_fastlb(procs, cfg)
     held = hold(port, "127.0.0.2", 3)
-    # the 3 places must be held by both workers, so that the cap is shown to hold in total
+    # the 3 places must be held by both workers, so that the cap is shown to hold in total.
+    # [lean] One idle worker is woken per connection (EPOLLEXCLUSIVE, the first registered
+    # while it sleeps), so connections one at a time all go to it: connect 3 at once, so that
+    # the second arrives while the first worker is busy and wakes the other.
     for _ in range(20):
         if sum(1 for n in active_by_worker(lb, 2) if n) == 2:
             break
-        held.pop().close()
-        time.sleep(0.1)
-        held += hold(port, "127.0.0.2", 1)
+        for s in held:
+            s.close()
+        time.sleep(0.2)
+        socks = [client(port, "127.0.0.2") for _ in range(3)]
+        for s in socks:
+            s.sendall(MARK)
+            assert s.recv(100) == MARK
+        held = socks
     assert sorted(active_by_worker(lb, 2), reverse=True)[:2] in ([2, 1], [1, 2]), \
         active_by_worker(lb, 2)
     try:

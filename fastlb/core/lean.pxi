@@ -1,0 +1,168 @@
+# [lean] issue 15: a leaner connection path, and one wake-up per connection across workers.
+#
+# Syscalls of one proxied short connection (measured with bench/syscalls.py, strace -c over a
+# `Connection: close` load; docs/ARCHITECTURE.md, "A leaner connection path"). What this file
+# takes out of the path, each as HAProxy does it:
+#   - getsockopt(SO_ERROR) after a connect: the connect result comes with the event. EPOLLOUT
+#     without EPOLLERR/EPOLLHUP is a connected socket; only a failure asks SO_ERROR for its errno
+#     (lean_connect_error). HAProxy's sock_conn_check() likewise trusts the poller's flags.
+#   - TCP_NODELAY on every accepted socket: set once on the listening socket, the accepted ones
+#     inherit it (Linux copies the listener's tcp_sock; tests/unit/test_lean.py checks this
+#     kernel). A listener where that setsockopt fails keeps the per-accept call.
+#   - TCP_NODELAY on every backend socket: Nagle only holds a small segment back while earlier
+#     data is unacknowledged, so the first send of a connection never waits; the option is set
+#     just before the second send to the backend (lean_before_send), in time for anything
+#     that could wait. A short request/response connection sends once and never pays for it.
+#   - the recv() that returns 0 after the last data: with EPOLLRDHUP in the interest, an event
+#     that says the peer's FIN is in and a read shorter than asked mean the FIN comes next
+#     (TCP delivers in order, the read stopped at it): EOF without another recv (HAProxy's
+#     raw_sock_to_buf: "ret < try" and FD_POLL_HUP -> read0).
+#   - shutdown(SHUT_WR) before a close() that ends both directions: once both peers have sent
+#     their EOF and both buffers are flushed, close() alone sends the FINs, after what the kernel
+#     still holds (no unread data is left on either socket, so close() sends no RST).
+#
+# One wake-up per connection across workers. The listening socket is shared by the workers and
+# registered with EPOLLEXCLUSIVE. The kernel honours "exclusive" only where a task sleeps in
+# epoll_wait on that very epoll set (ep_poll_callback counts an exclusive wake only when the
+# set's own wait queue has a waiter); the engine's epoll set is itself watched by the event
+# loop's epoll (nested), so nobody sleeps on it directly, and every worker's loop was woken for
+# each connection (measured: docs/ARCHITECTURE.md). So a shared listener is registered in the
+# EVENT LOOP's own epoll set, with EPOLLEXCLUSIVE, its event data naming a private eventfd that
+# is never written and that the loop watches with add_reader: libuv (and asyncio's selector)
+# dispatch an epoll event by the fd in its data, so the exclusive wake-up lands on that reader,
+# which accepts (Engine._on_listener). The loop's epoll fd is found once, as the set that holds
+# the engine's own epoll fd (/proc/self/fdinfo). Where it cannot be found (a loop that has not
+# polled yet), the listener goes into the engine's set as before.
+#
+# Counters: Engine.accept_wakeups (listener events handled) and Engine.accepted (connections
+# accepted); their ratio is the wake-ups per connection (stats "memory": accept_wakeups,
+# accepted, summed over the workers).
+
+cdef extern from "<sys/epoll.h>" nogil:
+    enum:
+        EPOLLRDHUP
+
+cdef extern from "<sys/eventfd.h>" nogil:
+    enum:
+        EFD_CLOEXEC
+        EFD_NONBLOCK
+    int eventfd(unsigned int initval, int flags)
+
+cdef enum:
+    # Session.lean_nd: TCP_NODELAY on the backend socket
+    LEAN_ND_NONE = 0        # nothing sent yet (the first send cannot wait on Nagle)
+    LEAN_ND_ONE = 1         # one send done: set it before the next
+    LEAN_ND_SET = 2         # set (or not wanted: a caller that sets it itself puts SET)
+    # Session.lean_fin: the peer's FIN was seen in an event (EPOLLRDHUP) of
+    LEAN_FIN_C = 1          # the client socket
+    LEAN_FIN_B = 2          # the backend socket
+
+
+cdef inline int lean_connect_error(Session s, uint32_t events) noexcept:
+    """The outcome of a non-blocking connect, from its event (the backend socket is watched for
+    EPOLLOUT only while connecting): 0 connected, else the errno. SO_ERROR is asked on failure
+    only (an error with no errno reported counts as a refusal, as before)."""
+    cdef int err = 0
+    cdef socklen_t elen = sizeof(int)
+    if not (events & (EPOLLERR | EPOLLHUP)):
+        return 0
+    if getsockopt(s.bfd, SOL_SOCKET, SO_ERROR, &err, &elen) < 0:
+        err = errno
+    return err if err != 0 else ECONNREFUSED
+
+
+cdef inline void lean_before_send(Session s) noexcept:
+    """Before a send() to the backend: from the second send on, TCP_NODELAY (see the header)."""
+    cdef int one = 1
+    if s.lean_nd == LEAN_ND_NONE:
+        s.lean_nd = LEAN_ND_ONE
+    elif s.lean_nd == LEAN_ND_ONE:
+        setsockopt(s.bfd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(int))
+        s.lean_nd = LEAN_ND_SET
+
+
+cdef inline void lean_saw(Session s, uint32_t events, int which) noexcept:
+    """An event of one socket: remember a FIN it reports (EPOLLRDHUP is for good once set)."""
+    if events & EPOLLRDHUP:
+        s.lean_fin |= which
+
+
+cdef inline bint lean_eof_after(Session s, int src) noexcept:
+    """_pump read fewer bytes than asked from ``src``: is the FIN next? (plain TCP only: OpenSSL
+    may hold bytes of a record the kernel no longer has)."""
+    if src == s.cfd:
+        return (s.lean_fin & LEAN_FIN_C) != 0 and s.ssl == NULL
+    return (s.lean_fin & LEAN_FIN_B) != 0
+
+
+cdef inline uint32_t lean_interest(uint32_t want) noexcept:
+    """The interest to register: EPOLLRDHUP with every EPOLLIN (a FIN is then reported as such)."""
+    return want | EPOLLRDHUP if want & EPOLLIN else want
+
+
+cdef inline bint lean_close_both(Session s) noexcept:
+    """Both directions are done (each peer sent its EOF and what it sent is flushed, or the
+    direction is shut already): close without shutdown(); close() sends the FINs. True: closed."""
+    if not (s.c2b_shut or (s.c_eof and s.state == S_OPEN and s.c2b.end == 0)):
+        return False
+    if not (s.b2c_shut or (s.b_eof and s.b2c.end == 0)):
+        return False
+    if not s.b2c_shut:
+        tls_shut_wr(s)                      # [tls] close_notify before the FIN
+    s.c2b_shut = True                       # [obs] a normal end (connlog's TERM_NORMAL)
+    s.b2c_shut = True
+    s._close()
+    return True
+
+
+# -- listeners: the wake-up arrangement -----------------------------------------------------------
+def _loop_epoll_fd(int engine_epfd):
+    """The epoll fd of this process that watches ``engine_epfd`` with it as event data (the
+    event loop's: libuv and asyncio's selector register fds so), or -1. Cold path: once."""
+    import os
+    import re
+    pattern = re.compile(r"tfd:\s*(\d+)\s+events:\s*[0-9a-fA-F]+\s+data:\s*([0-9a-fA-F]+)")
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd == engine_epfd:
+            continue
+        try:
+            if os.readlink(f"/proc/self/fd/{name}") != "anon_inode:[eventpoll]":
+                continue
+            with open(f"/proc/self/fdinfo/{name}") as f:
+                text = f.read()
+        except OSError:
+            continue
+        for m in pattern.finditer(text):
+            if int(m.group(1)) == engine_epfd and int(m.group(2), 16) & 0xffffffff == engine_epfd:
+                return fd
+    return -1
+
+
+cdef void lean_listen_shared(Engine eng, Listener lst, epoll_event *ev):
+    """A listener shared by worker processes: register it in the event loop's epoll set with
+    EPOLLEXCLUSIVE, its events carried to a reader of its own (see the header). Leaves ``lst``
+    on the engine's set when the loop's set is not found. Raises OSError (nothing kept)."""
+    if eng.lean_loopfd == -2:
+        eng.lean_loopfd = _loop_epoll_fd(eng.epfd)
+    if eng.lean_loopfd < 0:
+        return
+    cdef int efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)
+    if efd < 0:
+        raise OSError(errno, f"eventfd for listener fd {lst.fd}: {strerror(errno).decode()}")
+    try:
+        eng.loop.add_reader(efd, eng._on_listener, lst)
+    except BaseException:
+        close(efd)
+        raise
+    lst.lean_efd = efd
+    lst.lepfd = eng.lean_loopfd
+    ev.data.u64 = <uint64_t>efd             # libuv/asyncio read data.fd: the reader's fd
+
+
+cdef void lean_unlisten(Engine eng, Listener lst):
+    """After the listener left its epoll set: drop its reader and eventfd."""
+    if lst.lean_efd >= 0:
+        eng.loop.remove_reader(lst.lean_efd)
+        close(lst.lean_efd)
+        lst.lean_efd = -1

@@ -226,10 +226,13 @@ def test_hostname_verified_unless_sni_names_the_certificate(procs, tmp_path, ca,
     ca.cert_pem.write_to_path(str(crt))
     p, (port,) = start_fastlb(procs, config(
         tmp_path, f'{{ address = "127.0.0.1:{b.port}" }}',
-        service_extra=f'backend_tls = {{ ca = "{crt}" }}\nretries = 0'))
+        service_extra=f'backend_tls = {{ ca = "{crt}" }}\nretries = 0\n'
+                      f'log = {{ connections = true, format = "json" }}'))
     assert ask(port) == b""
     assert b.done == 0 and memory(tmp_path)["tls_backend_failures"] == 1
     p.wait_line(r"TLS handshake failed \(certificate refused: IP address mismatch\)")
+    rec = json.loads(p.wait_line(r'^\{.*"service".*\}$').group(0))
+    assert (rec["term"], rec["backend"]) == ("SC", f"127.0.0.1:{b.port}")   # as a refused connect
     p.stop()
     _, (port,) = start_fastlb(procs, config(
         tmp_path, f'{{ address = "127.0.0.1:{b.port}" }}',
@@ -388,3 +391,31 @@ def test_workers_build_their_own_contexts_from_the_plan(procs, tmp_path, ca, bac
     for i in range(8):
         assert ask(port, b"x%d" % i) == b"x%d" % i
     assert b.done == 8 and not b.failed
+
+
+def test_a_stalled_backend_handshake_times_out_under_the_connect_timeout(procs, tmp_path, ca,
+                                                                         backends):
+    """A backend that accepts TCP and never answers the ClientHello: the attempt fails at
+    timeouts.connect (a connect timeout, counted) and the client is carried by the next one."""
+    good = backends(ca.issue_cert("127.0.0.1"), mode="name", name="GOOD")
+    stall = socket.create_server(("127.0.0.1", 0))
+    held = []
+    threading.Thread(target=lambda: held.extend(iter(stall.accept, None)), daemon=True).start()
+    crt = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(crt))
+    try:
+        p, (port,) = start_fastlb(procs, config(
+            tmp_path, f'{{ address = "127.0.0.1:{stall.getsockname()[1]}" }}, '
+                      f'{{ address = "127.0.0.1:{good.port}" }}',
+            service_extra=f'backend_tls = {{ ca = "{crt}" }}\ntimeouts = {{ connect = "500ms" }}'))
+        t0 = time.monotonic()
+        assert [ask(port) for _ in range(2)] == [b"GOOD"] * 2
+        assert time.monotonic() - t0 < 10
+        p.wait_line(rf"backend 127\.0\.0\.1:{stall.getsockname()[1]}: connect timeout")
+        st = backend_stats(tmp_path)
+        assert st[f"127.0.0.1:{stall.getsockname()[1]}"]["connect_failures"] >= 1
+        assert memory(tmp_path)["tls_backend_handshakes"] == 2
+    finally:
+        stall.close()
+        for c in held:
+            c[0].close()

@@ -194,6 +194,8 @@ class HealthChecker:
         backend is simply up. ``tls``, ``name`` [orig]: check over TLS (the name verified and
         sent as SNI unless tls.sni says)."""
         key = (service, address)
+        if cfg is not None and cfg.port:   # [orig] a check port of its own: plain, as HAProxy
+            tls = None                     # inherits `ssl` for checks only without `port`
         old = self.states.get(key)
         if (old is not None and old.cfg == cfg and self.slots.get(key) == slot
                 and self.tls.get(key, (None, "")) == (tls, name)):

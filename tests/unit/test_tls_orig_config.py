@@ -53,3 +53,22 @@ def test_orig_context_refuses_bad_input():
         _core.OrigContext([(b"", True, b"x", b"")])
     with pytest.raises(ValueError, match="no profile 1"):
         _core.OrigContext([(b"", False, b"", b"")], [(0, 1, "a")])
+
+
+def test_checks_use_the_backend_tls_unless_they_have_a_port_of_their_own():
+    """HAProxy inherits `ssl` for checks only when the check has no `port` of its own."""
+    import asyncio
+
+    from fastlb.config import HealthConfig, OrigTls
+    from fastlb.health import HealthChecker
+
+    async def main():
+        hc = HealthChecker(_core.HealthBitmap(bytearray(_core.HealthBitmap.size_for(4)), 4),
+                           lambda *a: None)
+        o = OrigTls(verify=False)
+        hc.track("s", "a", 0, "127.0.0.1", 1, HealthConfig(), o, "127.0.0.1")
+        hc.track("s", "b", 1, "127.0.0.1", 1, HealthConfig(port=2), o, "127.0.0.1")
+        got = (hc.tls.get(("s", "a")), hc.tls.get(("s", "b")))
+        hc.stop()
+        return got
+    assert asyncio.run(main()) == ((OrigTls(verify=False), "127.0.0.1"), None)

@@ -419,3 +419,14 @@ def test_a_stalled_backend_handshake_times_out_under_the_connect_timeout(procs, 
         stall.close()
         for c in held:
             c[0].close()
+
+
+def test_without_ca_the_system_store_decides(procs, tmp_path, ca, backends):
+    """tls = true (no ca): the backend's certificate must chain to the system's CAs; a private
+    CA's certificate is refused (and the client closed: no retry left)."""
+    b = backends(ca.issue_cert("127.0.0.1"), mode="name", name="PRIVATE")
+    _, (port,) = start_fastlb(procs, config(
+        tmp_path, f'{{ address = "127.0.0.1:{b.port}", tls = true }}',
+        service_extra="retries = 0"))
+    assert ask(port) == b""
+    assert b.done == 0 and memory(tmp_path)["tls_backend_failures"] == 1

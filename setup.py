@@ -55,7 +55,8 @@ def _extensions():
         extra_compile_args=cflags,
         define_macros=macros,
         libraries=["ssl", "crypto"],        # [tls] OpenSSL (Debian/Ubuntu: libssl-dev to build)
-        depends=["fastlb/_atomic.h", "fastlb/_xxh64.h", "fastlb/_debug.h", "fastlb/_tls.h"]
+        depends=["fastlb/_atomic.h", "fastlb/_xxh64.h", "fastlb/_debug.h", "fastlb/_tls.h",
+                 "fastlb/_tls_orig.h"]
         + [os.path.join("fastlb/core", f) for f in sorted(os.listdir("fastlb/core"))],
     )
     return cythonize(

@@ -210,6 +210,7 @@ class ServiceState:
     qlen: int
     adm: Admission | None                 # [access] core/admission.pxi
     tls: TlsContext | None                # [tls] core/tls.pxi
+    orig: OrigContext | None              # [orig] core/tls_orig.pxi
     # [mem] core/timers.pxi (seconds, 0: off) and keepalive (ka_idle 0: off, -1: kernel's)
     client_fin: float
     server_fin: float
@@ -260,6 +261,10 @@ class Engine:
     tls_authz_denied: int
     accept_wakeups: int                  # [lean] core/lean.pxi: listener wake-ups, accepts
     accepted: int
+
+    orig_handshakes: int                  # [orig] core/tls_orig.pxi
+    orig_resumed: int
+    orig_failures: int
     def set_buffer_budget(self, nbytes: int) -> None: ...
     def listen(self, sock: socket.socket, svc: ServiceState, shared: bool = False) -> Listener: ...
     def unlisten(self, lst: Listener) -> None: ...
@@ -389,3 +394,13 @@ class TlsContext:
                  client_ca: bytes | None = None, verify_client: str = "required",
                  identities: Sequence[str] = ()) -> None: ...
     def pick(self, server_name: str) -> int: ...
+
+
+class OrigContext:
+    """[orig] A service's TLS to its backends (core/tls_orig.pxi): client contexts by profile
+    (ca PEM, verify, client cert PEM, key PEM), and per slot (slot, profile, name)."""
+    profiles: tuple[tuple[bytes, bool, bytes, bytes], ...]
+    def __init__(self, profiles: Sequence[tuple[bytes, bool, bytes, bytes]],
+                 slots: Sequence[tuple[int, int, str]] = ...) -> None: ...
+    def uses_tls(self, slot: int) -> bool: ...
+    def cached(self, slot: int) -> bool: ...

@@ -112,6 +112,8 @@ class Backend:
     srv: bool = False         # [dns] address.text is an SRV name (`srv = "..."`), port 0
     max_conns: int = 0        # [limits] connections at once over every worker (0: no cap)
     proxy_protocol: str | None = None    # [access] "v1" | "v2": PROXY header sent (None: the service's)
+    tls: OrigTls | None = None           # [orig] its own tls table, merged over the service's
+    plain: bool = False                  # [orig] tls = false: plain TCP despite backend_tls
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +194,7 @@ class Service:
     registration: "Registration | None" = None   # [leases] None: the service refuses registrations
     discovery: str | None = None         # [etcd] "etcd": backends are keys in etcd (fastlb.etcd)
     tls: TlsConfig | None = None         # [tls] TLS termination (None: plain TCP)
+    backend_tls: OrigTls | None = None   # [orig] TLS to every backend without its own tls
 
 
 @dataclass(frozen=True, slots=True)
@@ -519,6 +522,7 @@ SERVICE_KEYS |= {"discovery"}                                                  #
 SERVICE_KEYS |= {"tcp_keepalive"}                                             # [mem]
 SERVICE_KEYS |= {"registration"}                                              # [leases]
 SERVICE_KEYS |= {"tls", "authz"}; TIMEOUT_KEYS |= {"handshake"}  # noqa: E702     # [tls]
+SERVICE_KEYS |= {"backend_tls"}; BACKEND_KEYS |= {"tls"}  # noqa: E702         # [orig]
 
 
 def _dns(c: _Checker, raw: Any, path: str, base: DnsConfig, *, top: bool) -> DnsConfig:
@@ -812,6 +816,7 @@ def service_from_dict(raw: Any, path: str, c: _Checker | None = None, *,
     dns_refresh = _dns(c, raw["dns"], f"{path}.dns", DnsConfig(), top=False).refresh \
         if "dns" in raw else None                                              # [dns]
     access, pp_backends = _access(c, raw, path)                       # [access]
+    backend_tls, tls_backends = _orig(c, raw, path)                             # [orig]
     backends_raw = raw.get("backends", [])
     if not isinstance(backends_raw, list):
         raise c.fail(f"{path}.backends", "expected an array of { address = \"host:port\", weight = N }"
@@ -834,6 +839,7 @@ def service_from_dict(raw: Any, path: str, c: _Checker | None = None, *,
                                                 f"{bp}.weight", 1, MAX_WEIGHT),
                                 c.choice(b.get("state", "ready"), f"{bp}.state", STATES),
                                 bhealth, srv=key == "srv", proxy_protocol=pp_backends[j],
+                                tls=tls_backends[j] or None, plain=tls_backends[j] is False,  # [orig]
                                 **_backend_limits(c, b, bp)))
     return Service(name=name, listen=listen, backends=tuple(backends), policy=policy,
                    hash_key=hash_key, hash_balance_factor=balance, max_fails=max_fails,
@@ -843,7 +849,8 @@ def service_from_dict(raw: Any, path: str, c: _Checker | None = None, *,
                    registration=_registration(c, raw, path),                   # [leases]
                    discovery=c.choice(raw["discovery"], f"{path}.discovery", ("etcd",))
                    if "discovery" in raw else None,                              # [etcd]
-                   tls=_tls(c, raw, path))                                      # [tls]
+                   tls=_tls(c, raw, path),                                      # [tls]
+                   backend_tls=backend_tls)                                     # [orig]
 
 
 # -- [leases] self-registration (fastlb/leases.py) ----------------------------------------------
@@ -1079,6 +1086,7 @@ def service_to_dict(svc: Service) -> dict:
         d["registration"] = {"max_ttl": svc.registration.max_ttl,
                              **({"token_file": svc.registration.token_file}
                                 if svc.registration.token_file else {})}
+    _orig_to_dict(svc, d, backends)                                           # [orig]
     if svc.tls is not None:                                                   # [tls]
         d["tls"], d["timeouts"]["handshake"] = svc.tls.to_dict(), svc.tls.handshake
         if svc.tls.identities:
@@ -1299,3 +1307,119 @@ def _tls(c: _Checker, raw: dict, path: str) -> TlsConfig | None:
             raise c.fail(f"{path}.authz", "needs tls.client_ca (identities of verified clients)")
         mtls["identities"] = tuple(ids)
     return TlsConfig(tuple(certs), tuple(pems), minv, tuple(alpn), hs, **mtls)
+
+
+# -- [orig] TLS origination (docs/config.md, "TLS to backends") ----------------------------------
+ORIG_KEYS = {"ca", "sni", "verify", "cert", "key"}
+_LABEL = r"[A-Za-z0-9_][A-Za-z0-9_-]{0,62}"
+_SNI_RX = re.compile(rf"(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*\.?")
+
+
+@dataclass(frozen=True, slots=True)
+class OrigTls:
+    """[orig] ``backends[].tls`` / ``service.backend_tls``: connect to the backend over TLS.
+    Paths as written; their PEM contents as read at load (a reload reads them again)."""
+    ca: str | None = None            # None: the system's CA store
+    sni: str | None = None           # the name sent and verified (None: the backend's host)
+    verify: bool = True
+    cert: str | None = None          # a client certificate for mTLS (with key)
+    key: str | None = None
+    ca_pem: bytes = field(default=b"", repr=False)
+    cert_pem: bytes = field(default=b"", repr=False)
+    key_pem: bytes = field(default=b"", repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k in ("ca", "sni", "verify", "cert", "key")
+                if (v := getattr(self, k)) is not None}
+
+    def profile(self) -> tuple[bytes, bool, bytes, bytes]:
+        """What the data path builds a client context from (plan.orig_profiles)."""
+        return (self.ca_pem, self.verify, self.cert_pem, self.key_pem)
+
+
+def _orig(c: _Checker, raw: dict, path: str) -> tuple[OrigTls | None, list[Any]]:
+    """[orig] ``service.backend_tls`` (the default of every backend, those added at run time
+    too) and each ``backends[j].tls``: a table merged key by key over the service's (HAProxy's
+    `default-server` and `server` lines), or ``false`` (plain TCP). Files are read and built
+    into a context now: a bad one is refused naming its key path. Returns the default and, per
+    backend, its own OrigTls, False (plain) or None (the default)."""
+    base = _orig_table(c, raw["backend_tls"], f"{path}.backend_tls") \
+        if "backend_tls" in raw else None
+    out: list[Any] = []
+    for j, b in enumerate(raw.get("backends", []) if isinstance(raw.get("backends"), list) else []):
+        if not isinstance(b, dict) or "tls" not in b:
+            out.append(None)
+        elif b["tls"] is False:
+            out.append(False)
+        else:
+            out.append(_orig_table(c, b["tls"], f"{path}.backends[{j}].tls",
+                                   base, f"{path}.backend_tls"))
+    return base, out
+
+
+def _orig_table(c: _Checker, t: Any, p: str, base: OrigTls | None = None,
+                bp: str = "") -> OrigTls:
+    import logging
+    import os
+    if t is True:
+        t = {}
+    t = c.table(t, p, ORIG_KEYS)
+    merged: dict[str, Any] = dict(base.to_dict()) if base is not None else {}
+    merged.update(t)
+
+    def at(k: str) -> str:
+        return f"{p}.{k}" if k in t or base is None else f"{bp}.{k}"
+    if not isinstance(merged.get("verify", True), bool):
+        raise c.fail(at("verify"), f"expected true or false, got {_kind(merged['verify'])}")
+    verify = merged.get("verify", True)
+    sni = merged.get("sni")
+    if sni is not None and (not isinstance(sni, str) or not _SNI_RX.fullmatch(sni)):
+        raise c.fail(at("sni"), f"{sni!r}: expected a host name like \"api.internal\"")
+    if ("cert" in merged) != ("key" in merged):
+        k = "key" if "cert" in merged else "cert"
+        raise c.fail(f"{p}.{k}", "cert and key go together (the client certificate fastlb "
+                                 "presents to the backend)")
+    src = os.path.dirname(os.path.abspath(c.source)) if os.path.isfile(c.source) else ""
+    pems: dict[str, bytes] = {}
+    for k in ("ca", "cert", "key"):
+        if k not in merged:
+            continue
+        v = merged[k]
+        if not isinstance(v, str) or not v:
+            raise c.fail(at(k), f"expected a file name, got {_kind(v)}")
+        fname = os.path.join(src, v) if src else v
+        try:
+            with open(fname, "rb") as f:
+                pems[k] = f.read()
+        except OSError as exc:
+            raise c.fail(at(k), f"cannot read {fname}: {exc.strerror}") from None
+    o = OrigTls(ca=merged.get("ca"), sni=sni, verify=verify, cert=merged.get("cert"),
+                key=merged.get("key"), ca_pem=pems.get("ca", b""), cert_pem=pems.get("cert", b""),
+                key_pem=pems.get("key", b""))
+    try:
+        _core.OrigContext([o.profile()])
+    except (ValueError, TypeError) as exc:
+        k, _, msg = str(exc).partition(": ")
+        key = k if k in ("ca", "cert", "key") else "ca"
+        raise c.fail(at(key), f"{merged.get(key)}: {msg or exc}") from None
+    if not verify:
+        logging.getLogger("fastlb.config").warning(
+            "%s.verify = false: the backend's certificate is not checked (anyone on the path "
+            "can impersonate it)", p if "verify" in t or base is None else bp)
+    return o
+
+
+def _orig_to_dict(svc: Service, d: dict[str, Any], backends: list[dict[str, Any]]) -> None:
+    """[orig] service_to_dict's part: backend_tls, and each backend's own tls (or false)."""
+    if svc.backend_tls is not None:
+        d["backend_tls"] = svc.backend_tls.to_dict()
+    for b, bd in zip(svc.backends, backends, strict=True):
+        if b.plain:
+            bd["tls"] = False
+        elif b.tls is not None and b.tls != svc.backend_tls:
+            bd["tls"] = b.tls.to_dict()
+
+
+def orig_of(svc: Service, b: Backend) -> OrigTls | None:
+    """[orig] The TLS a backend of ``svc`` is reached with (None: plain TCP)."""
+    return None if b.plain else (b.tls or svc.backend_tls)

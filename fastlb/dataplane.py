@@ -85,6 +85,16 @@ def build_tls(plan: Plan) -> Any:
                             identities=plan.tls_identities)
 
 
+def build_orig(plan: Plan) -> Any:
+    """[orig] The service's _core.OrigContext (TLS to its backends) from its plan (None: plain
+    TCP). Built when the plan's origination fields change, never per connection; the open
+    connections keep the context they started with."""
+    if not plan.orig_slots:
+        return None
+    # a plan being checked before its slots are taken names them -1 (as pp_send's)
+    return _core.OrigContext(list(plan.orig_profiles), [x for x in plan.orig_slots if x[0] >= 0])
+
+
 def abort_backend(engine: _core.Engine, state: _core.ServiceState, slot: int) -> int:
     """Close the open connections of one backend; the count."""
     return int(engine.close_backend(state, slot))
@@ -119,6 +129,10 @@ def check_plan(plan: Plan) -> None:
         build_tls(plan)
     except (ValueError, TypeError) as exc:
         raise RegistryError("invalid", f"service {plan.name}: tls: {exc}") from None
+    try:                                                                       # [orig]
+        build_orig(plan)
+    except (ValueError, TypeError) as exc:
+        raise RegistryError("invalid", f"service {plan.name}: backend tls: {exc}") from None
 
 
 def check_plans(snapshot: Snapshot, running: Mapping[str, Plan]) -> None:
@@ -158,6 +172,7 @@ class DataService:
         self.access: tuple[Any, ...] | None = None    # what state.adm was built from
         self.acls: dict[tuple[Any, ...], Any] = {}
         self.tls: tuple[Any, ...] | None = None       # [tls] what state.tls was built from
+        self.orig: tuple[Any, ...] | None = None      # [orig] what state.orig was built from
 
     def apply(self, plan: Plan) -> None:
         """Take a plan. An unchanged plan (the supervisor pushes all services when one changes)
@@ -180,6 +195,8 @@ class DataService:
         self.apply_access(plan)                                                 # [access]
         if plan.tls_key() != self.tls:                                          # [tls]
             self.state.tls, self.tls = build_tls(plan), plan.tls_key()
+        if plan.orig_key() != self.orig:                                        # [orig]
+            self.state.orig, self.orig = build_orig(plan), plan.orig_key()
         apply_mem(self.engine, st, plan)                                    # [mem]
         st.log_sample = plan.log_sample                 # [obs] the connection log's sampling
         self.names = dict(plan.names)
@@ -341,7 +358,10 @@ class DataPlane:
                 "tls_handshake_timeouts": e.tls_timeouts,
                 "tls_client_no_cert": e.tls_no_cert, "tls_client_expired": e.tls_expired,
                 "tls_client_untrusted": e.tls_untrusted, "tls_authz_denied": e.tls_authz_denied,
-                "accept_wakeups": e.accept_wakeups, "accepted": e.accepted}     # [lean]
+                "accept_wakeups": e.accept_wakeups, "accepted": e.accepted,     # [lean]
+                "tls_backend_handshakes": e.orig_handshakes,                        # [orig]
+                "tls_backend_resumed": e.orig_resumed,
+                "tls_backend_failures": e.orig_failures}
 
     def timeouts(self) -> list[tuple[float, float]]:
         """(connect, shortest of the timeouts that need a scan of every session) per service;

@@ -17,12 +17,13 @@ import errno
 import logging
 import random
 import re
+import ssl
 import time
 from dataclasses import dataclass
 from typing import Callable
 
 from fastlb._core import HealthBitmap
-from fastlb.config import HealthConfig
+from fastlb.config import HealthConfig, OrigTls
 
 log = logging.getLogger("fastlb.health")
 
@@ -101,13 +102,49 @@ class HealthState:
         return self.downtime + (0.0 if self.up or not self.since else time.monotonic() - self.since)
 
 
-async def check_once(host: str, port: int, cfg: HealthConfig) -> tuple[bool | None, str]:
+def _orig_context(o: OrigTls) -> ssl.SSLContext:
+    """[orig] The check's client context for a backend reached over TLS: the data path's
+    settings (ca or the system store, verify, the client certificate). Built once per OrigTls
+    (the client certificate is read from its file: Python's ssl loads no PEM from memory)."""
+    ctx = ssl.create_default_context(cadata=o.ca_pem.decode("ascii", "replace") if o.ca_pem else None)
+    if not o.verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    if o.cert and o.key:
+        ctx.load_cert_chain(o.cert, o.key)
+    return ctx
+
+
+_ORIG_CONTEXTS: dict[OrigTls, ssl.SSLContext] = {}
+
+
+def orig_tls(o: OrigTls | None, name: str) -> tuple[ssl.SSLContext, str] | None:
+    """[orig] (context, name to verify and send as SNI) for checks over TLS (None: plain)."""
+    if o is None:
+        return None
+    ctx = _ORIG_CONTEXTS.get(o)
+    if ctx is None:
+        if len(_ORIG_CONTEXTS) > 256:            # configurations come and go: keep it bounded
+            _ORIG_CONTEXTS.clear()
+        ctx = _ORIG_CONTEXTS[o] = _orig_context(o)
+    return ctx, o.sni or name
+
+
+async def check_once(host: str, port: int, cfg: HealthConfig,
+                     tls: tuple[ssl.SSLContext, str] | None = None) -> tuple[bool | None, str]:
     """One check, bounded by cfg.timeout. Returns (passed, detail); passed is None when the
-    check could not be made for a local reason (LOCAL_ERRNOS). Holds nothing afterwards."""
+    check could not be made for a local reason (LOCAL_ERRNOS). Holds nothing afterwards.
+    ``tls`` [orig]: (context, name): the check connects over TLS as the data path does (the
+    same verification, SNI and client certificate); a failed handshake fails the check."""
     writer = None
     try:
         async with asyncio.timeout(cfg.timeout):
-            reader, writer = await asyncio.open_connection(host, port)
+            if tls is not None:                                                # [orig]
+                reader, writer = await asyncio.open_connection(
+                    host, port, ssl=tls[0], server_hostname=tls[1] or None,
+                    ssl_handshake_timeout=cfg.timeout)
+            else:
+                reader, writer = await asyncio.open_connection(host, port)
             if cfg.kind == "tcp":
                 return True, "connected"
             if cfg.send:
@@ -124,6 +161,8 @@ async def check_once(host: str, port: int, cfg: HealthConfig) -> tuple[bool | No
             return False, f"unexpected reply {data[:40]!r}"
     except TimeoutError:
         return False, f"timeout after {cfg.timeout:g}s"
+    except ssl.SSLError as exc:                                                 # [orig]
+        return False, f"TLS: {getattr(exc, 'verify_message', None) or exc.reason or exc}"
     except OSError as exc:
         if exc.errno in LOCAL_ERRNOS:
             return None, f"not checked: {exc.strerror} (a local error, not the backend's)"
@@ -146,17 +185,24 @@ class HealthChecker:
         self.slots: dict[tuple[str, str], int] = {}
         self.tasks: dict[tuple[str, str], asyncio.Task[None]] = {}
         self.targets: dict[tuple[str, str], tuple[str, int]] = {}
+        self.tls: dict[tuple[str, str], tuple[OrigTls | None, str]] = {}   # [orig]
         self._local_log = (-LOCAL_LOG_INTERVAL, 0)       # (last line, checks since): local errors
 
     def track(self, service: str, address: str, slot: int, host: str, port: int,
-              cfg: HealthConfig | None) -> None:
+              cfg: HealthConfig | None, tls: OrigTls | None = None, name: str = "") -> None:
         """Start (or restart, when its config changed) checking a backend. Without a config the
-        backend is simply up."""
+        backend is simply up. ``tls``, ``name`` [orig]: check over TLS (the name verified and
+        sent as SNI unless tls.sni says)."""
         key = (service, address)
+        if cfg is not None and cfg.port:   # [orig] a check port of its own: plain, as HAProxy
+            tls = None                     # inherits `ssl` for checks only without `port`
         old = self.states.get(key)
-        if old is not None and old.cfg == cfg and self.slots.get(key) == slot:
+        if (old is not None and old.cfg == cfg and self.slots.get(key) == slot
+                and self.tls.get(key, (None, "")) == (tls, name)):
             return
         self.untrack(service, address)
+        if tls is not None:
+            self.tls[key] = (tls, name)
         self.slots[key] = slot
         if cfg is None:
             self.health.mark_up(slot)
@@ -176,6 +222,7 @@ class HealthChecker:
         self.states.pop(key, None)
         self.slots.pop(key, None)
         self.targets.pop(key, None)
+        self.tls.pop(key, None)
 
     def stop(self) -> None:
         for key in list(self.tasks):
@@ -195,11 +242,18 @@ class HealthChecker:
     async def _run(self, key: tuple[str, str]) -> None:
         st = self.states[key]
         host, port = self.targets[key]
+        o, name = self.tls.get(key, (None, ""))
+        tls, tls_error = None, ""
+        try:
+            tls = orig_tls(o, name)                                             # [orig]
+        except (OSError, ValueError) as exc:    # the client certificate's file changed since
+            tls_error = f"TLS settings: {exc}"  # the load: every check fails, said why
         rnd = random.Random()
         while True:
             interval = st.next_interval()
             await asyncio.sleep(interval * (1 + st.cfg.jitter * (2 * rnd.random() - 1)))
-            ok, detail = await check_once(host, port, st.cfg)
+            ok, detail = (False, tls_error) if tls_error else \
+                await check_once(host, port, st.cfg, tls)
             if ok is None:                      # a local error: no verdict on the backend
                 self._local_error(key, detail)
                 continue

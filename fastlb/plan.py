@@ -103,6 +103,15 @@ class Plan:
         """[tls] What the service's TlsContext is built from."""
         return (self.tls_certs, self.tls_min_version, self.tls_alpn, self.tls_handshake,
                 self.tls_client_ca, self.tls_verify, self.tls_identities)
+    # [orig] TLS to backends (config.OrigTls): the distinct profiles (ca PEM, verify, client
+    # cert PEM, key PEM) and (slot, profile index, name verified and sent as SNI) per TLS slot;
+    # the data path builds the service's _core.OrigContext when they change.
+    orig_profiles: tuple[tuple[bytes, bool, bytes, bytes], ...] = ()
+    orig_slots: tuple[tuple[int, int, str], ...] = ()
+
+    def orig_key(self) -> tuple[Any, ...]:
+        """[orig] What the service's OrigContext is built from."""
+        return (self.orig_profiles, self.orig_slots)
 
     def to_wire(self) -> dict[str, Any]:
         return {"name": self.name, "listen": [list(a) for a in self.listen],
@@ -127,7 +136,9 @@ class Plan:
                 "tls": ([[list(p) for p in self.tls_certs], self.tls_min_version,  # [tls]
                          list(self.tls_alpn), self.tls_handshake, self.tls_client_ca,
                          self.tls_verify, list(self.tls_identities)]
-                        if self.tls_certs else None)}
+                        if self.tls_certs else None),
+                "orig": ([[list(p) for p in self.orig_profiles],                     # [orig]
+                          [list(x) for x in self.orig_slots]] if self.orig_slots else None)}
 
     @classmethod
     def from_wire(cls, w: Mapping[str, Any]) -> Plan:
@@ -147,7 +158,18 @@ class Plan:
                    **_access_from_wire(w.get("access")),                            # [access]
                    **_mem_from_wire(w),                                              # [mem]
                    log_sample=int(w.get("log_sample", 0)),                           # [obs]
-                   **_tls_from_wire(w.get("tls")))                                   # [tls]
+                   **_tls_from_wire(w.get("tls")),                                   # [tls]
+                   **_orig_from_wire(w.get("orig")))                                 # [orig]
+
+
+def _orig_from_wire(o: Sequence[Any] | None) -> dict[str, Any]:
+    """[orig] Plan's origination fields from their wire list (absent: plain TCP)."""
+    if not o:
+        return {}
+    profiles, slots = o
+    return {"orig_profiles": tuple((bytes(ca), bool(v), bytes(c), bytes(k))
+                                   for ca, v, c, k in profiles),
+            "orig_slots": tuple((int(s), int(i), str(n)) for s, i, n in slots)}
 
 
 def _tls_from_wire(t: Sequence[Any] | None) -> dict[str, Any]:

@@ -220,6 +220,13 @@ class FastLBCollector(Collector):
              "not signed by client_ca.", "tls_client_untrusted"),
             ("tls_authz_denied_total", "Clients with a valid certificate but no allowed "
              "identity (service.authz), closed after the handshake.", "tls_authz_denied"),
+            ("tls_backend_handshakes_total", "TLS handshakes completed with backends "  # [orig]
+             "(backends[].tls).", "tls_backend_handshakes"),
+            ("tls_backend_resumptions_total", "Of those, resumed sessions (cached per backend).",
+             "tls_backend_resumed"),
+            ("tls_backend_handshake_failures_total", "TLS handshakes with backends that failed "
+             "(refused verification, protocol errors), each a failed connect.",
+             "tls_backend_failures"),
         ]:
             if key in mem:
                 yield CounterMetricFamily(f"fastlb_{name}", help_, value=mem[key])

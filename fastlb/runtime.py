@@ -17,7 +17,7 @@ from types import MappingProxyType
 from typing import Any, Callable, Mapping
 
 from fastlb import _core, dns
-from fastlb.config import MAX_WEIGHT, Backend, GlobalConfig, Service
+from fastlb.config import MAX_WEIGHT, Backend, GlobalConfig, Service, orig_of
 from fastlb.health import HealthChecker
 from fastlb.plan import Plan, PlanBackend
 from fastlb.shm import SERVICE_ROW, SharedState
@@ -101,7 +101,27 @@ def compute_plan(svc: Service, slot_of: Callable[[str], int], is_up: Callable[[i
                 max_duration=svc.max_duration, first_byte=svc.first_byte,
                 tcp_keepalive=svc.tcp_keepalive, buffer_budget=buffer_budget,
                 log_sample=log_sample(svc),                                    # [obs]
-                **tls_fields(svc))                                             # [tls]
+                **tls_fields(svc),                                             # [tls]
+                **orig_fields(svc, slot_of, members))                          # [orig]
+
+
+def orig_fields(svc: Service, slot_of: Callable[[str], int],
+                members: Mapping[str, dns.Members] = NO_MEMBERS) -> dict[str, Any]:
+    """[orig] The plan's TLS-to-backends fields: each distinct profile once, and per slot of a
+    TLS backend its profile and the name verified (``sni``, else the backend's host as written;
+    an SRV member: its target's host)."""
+    profiles: dict[tuple[bytes, bool, bytes, bytes], int] = {}
+    slots = []
+    for t in dns.targets(svc, members):
+        o = orig_of(svc, t.backend)
+        if o is None:
+            continue
+        idx = profiles.setdefault(o.profile(), len(profiles))
+        name = o.sni or (t.host if t.backend.srv else t.backend.address.host)
+        slots.append((slot_of(t.id), idx, name))
+    if not slots:
+        return {}
+    return {"orig_profiles": tuple(profiles), "orig_slots": tuple(sorted(slots))}
 
 
 def tls_fields(svc: Service) -> dict[str, Any]:
@@ -196,7 +216,9 @@ class ServiceRuntime:
             slot = self.shared.slot_for(svc.name, key)
             if old is not None and key not in self.targets and slowstart > 0:
                 self.ramp[key] = time.monotonic()           # added: eased in
-            self.health.track(svc.name, key, slot, t.host, t.port, t.backend.health)
+            o = orig_of(svc, t.backend)                                         # [orig]
+            self.health.track(svc.name, key, slot, t.host, t.port, t.backend.health, o,
+                              t.host if t.backend.srv else t.backend.address.host)
         self.targets = new
 
     def set_members(self, entry: str, members: dns.Members) -> None:

@@ -98,6 +98,7 @@ cdef class ServiceState:
 
     cdef public Admission adm            # [access] ACL, source limits, PROXY (None: none)
     cdef public TlsContext tls           # [tls] TLS termination (None: plain TCP)
+    cdef public OrigContext orig         # [orig] TLS to the backends (None: plain TCP)
     # [mem] timers (seconds, 0: off; core/timers.pxi) and TCP keepalive (ka_idle 0: off)
     cdef public double client_fin
     cdef public double server_fin
@@ -217,6 +218,9 @@ cdef class Engine:
     # listener events handled and connections accepted (wake-ups per connection)
     cdef int lean_loopfd
     cdef readonly long long accept_wakeups, accepted
+
+    # [orig] TLS to backends (core/tls_orig.pxi): handshakes done, of which resumed; failed
+    cdef readonly long long orig_handshakes, orig_resumed, orig_failures
 
     def __cinit__(self):
         self.epfd = -1

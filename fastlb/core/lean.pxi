@@ -81,6 +81,15 @@ cdef inline void lean_before_send(Session s) noexcept:
         s.lean_nd = LEAN_ND_SET
 
 
+cdef inline void lean_nodelay_now(Session s) noexcept:
+    """[orig] A backend spoken to through OpenSSL sends several records (the handshake's, then
+    data right after its Finished): TCP_NODELAY at once, as main did for every backend."""
+    cdef int one = 1
+    if s.lean_nd != LEAN_ND_SET:
+        setsockopt(s.bfd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(int))
+        s.lean_nd = LEAN_ND_SET
+
+
 cdef inline void lean_saw(Session s, uint32_t events, int which) noexcept:
     """An event of one socket: remember a FIN it reports (EPOLLRDHUP is for good once set)."""
     if events & EPOLLRDHUP:
@@ -92,7 +101,7 @@ cdef inline bint lean_eof_after(Session s, int src) noexcept:
     may hold bytes of a record the kernel no longer has)."""
     if src == s.cfd:
         return (s.lean_fin & LEAN_FIN_C) != 0 and s.ssl == NULL
-    return (s.lean_fin & LEAN_FIN_B) != 0
+    return (s.lean_fin & LEAN_FIN_B) != 0 and s.bssl == NULL       # [orig] TLS to the backend
 
 
 cdef inline uint32_t lean_interest(uint32_t want) noexcept:

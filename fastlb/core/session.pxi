@@ -107,6 +107,15 @@ cdef class Session:
     cdef unsigned char lean_nd
     cdef unsigned char lean_fin
 
+    # [orig] TLS origination (core/tls_orig.pxi): the backend side through OpenSSL (NULL: plain)
+    cdef SSL *bssl
+    cdef OrigContext origctx             # its contexts and session cache stay alive for it
+    cdef bint bhs                        # the backend handshake runs (state S_CONNECTING)
+    cdef uint32_t bhs_want               # ... and waits for this backend event
+    cdef unsigned char btls_want         # TLSW_*: what OpenSSL asked of the backend
+    cdef bint btls_failed                # the last attempt's handshake failed ...
+    cdef long bverify                    # ... with this verify result (0: not verification)
+
     def __cinit__(self):
         # Every Session starts owning nothing, even one made by Session.__new__ from Python,
         # so that freeing it can never close an fd it does not own (fd 0 of a zeroed object).
@@ -162,12 +171,14 @@ cdef class Session:
         if self.tls_want:
             cw |= tls_interest(self)            # [tls] OpenSSL needs the other direction
         if self.state == S_CONNECTING:
-            bw = EPOLLOUT
+            bw = self.bhs_want if self.bhs else EPOLLOUT    # [orig] the backend handshake
         else:
             if not self.b_eof and self.b2c.end == 0 and not (self.bwait & BUF_WAIT_B2C):
                 bw |= EPOLLIN
             if self.c2b.end > self.c2b.start:
                 bw |= EPOLLOUT
+            if self.btls_want:
+                bw |= orig_interest(self)       # [orig] OpenSSL needs the other direction
         if (self._watch(self.cfd, &self.cev, cw, TAG_CLIENT) < 0
                 or self._watch(self.bfd, &self.bev, bw, TAG_BACKEND) < 0):
             self.eng._epoll_failed(self, errno)
@@ -179,6 +190,8 @@ cdef class Session:
         while b.end > b.start:
             if dst == self.cfd and self.ssl != NULL:                # [tls]
                 w = _tls_send(self, b.data + b.start, b.end - b.start)
+            elif dst == self.bfd and self.bssl != NULL:             # [orig]
+                w = _orig_send(self, b.data + b.start, b.end - b.start)
             else:
                 if dst == self.bfd and self.lean_nd != LEAN_ND_SET:
                     lean_before_send(self)      # [lean] TCP_NODELAY from the 2nd send on
@@ -216,6 +229,8 @@ cdef class Session:
                     return got
             if src == self.cfd and self.ssl != NULL:                # [tls]
                 r = _tls_recv(self, b.data, ENGINE_BUFSIZE)
+            elif src == self.bfd and self.bssl != NULL:             # [orig]
+                r = _orig_recv(self, b.data, ENGINE_BUFSIZE)
             else:
                 r = recv(src, b.data, ENGINE_BUFSIZE, 0)
             if r > 0:
@@ -258,6 +273,7 @@ cdef class Session:
         if lean_close_both(self):               # [lean] both done: close, no shutdown()
             return
         if self.c_eof and not self.c2b_shut and self.state == S_OPEN and self.c2b.end == 0:
+            orig_shut_wr(self)                  # [orig] close_notify first
             shutdown(self.bfd, SHUT_WR)
             self.c2b_shut = True
         if self.b_eof and not self.b2c_shut and self.b2c.end == 0:
@@ -315,6 +331,12 @@ cdef class Session:
 
     cdef void on_backend(self, uint32_t events) noexcept:
         cdef int err
+        if self.bhs:                            # [orig] the backend handshake
+            orig_on_handshake(self, events)
+            return
+        if self.btls_want:                      # [orig] what OpenSSL waited for may be here
+            self.btls_want = 0
+            events |= EPOLLIN | EPOLLOUT
         if self.state == S_CONNECTING:
             err = lean_connect_error(self, events)      # [lean] no getsockopt when connected
             if err == 0:
@@ -388,6 +410,7 @@ cdef class Session:
         cl_failed(self, err)                    # [obs] SC / sC / RC unless a later one connects
         if lim_local_error(self, err):          # [limits] ours, not the backend's: closed
             return
+        orig_drop(self)                         # [orig] the backend's SSL, before its fd
         if self.bfd >= 0:
             _close_fd(self.bfd)        # also leaves the epoll set
             self.bfd = -1
@@ -402,7 +425,8 @@ cdef class Session:
         self.eng._passive_failure(svc, slot, err)
         if svc.on_connect_error is not None:
             self.eng._callback(svc, "on_connect_error", svc.on_connect_error,
-                               (slot, OSError(err, strerror(err).decode()) if err
+                               (slot, orig_exc(self, err) if self.btls_failed     # [orig]
+                                else OSError(err, strerror(err).decode()) if err
                                 else TimeoutError("connect timeout")))
 
     cdef void _connect_failed(self, int err) noexcept:
@@ -422,13 +446,16 @@ cdef class Session:
         self._close()
 
     cdef void _established(self) noexcept:
+        if orig_begin(self):                    # [orig] the TLS handshake with the backend first
+            return
         self.eng.connecting.discard(self)
         self.state = S_OPEN
         cl_established(self)                    # [obs] Tc, the connect-time histogram
         self.counted = True
         self.eng.counters.add_c(self.eng.block, self.slot, CTR_ACTIVE, 1)
         self.eng.counters.add_c(self.eng.block, self.slot, CTR_TOTAL, 1)
-        if self.svc.adm is not None and adm_send_header(self) < 0:   # [access] PROXY send
+        if (self.svc.adm is not None and self.bssl == NULL      # [orig] sent before TLS
+                and adm_send_header(self) < 0):                 # [access] PROXY send
             return
         if self.c2b.end > 0:                    # what the client sent meanwhile
             self.eng.counters.add_c(self.eng.block, self.slot, CTR_BYTES_IN, self.c2b.end)
@@ -453,6 +480,8 @@ cdef class Session:
 
         adm_close(self)                         # [access] the source entry, once
         tls_close(self)                         # [tls] the SSL, once
+        orig_drop(self)                         # [orig] the backend's SSL
+        self.origctx = None
         self.state = S_CLOSED
         eng.graveyard.append(self)              # alive until this batch of events is done
         eng.sessions.discard(self)
@@ -488,4 +517,6 @@ cdef class Session:
         free(self.pp_buf)                       # [access] a PROXY header's scratch
         if self.ssl != NULL:                    # [tls] a session never closed
             SSL_free(self.ssl)
+        if self.bssl != NULL:                   # [orig]
+            SSL_free(self.bssl)
         flb_dbg_add(FLB_DBG_SESSIONS, -1)

@@ -1,0 +1,159 @@
+"""[orig] Backend TLS in the debug build of the core (FASTLB_DEBUG=1): thousands of failed
+backend handshakes (a certificate from a foreign CA) and stalled ones (past the connect
+timeout) leave no session, buffer or fd behind, the fds and RSS do not grow with them (an SSL
+leaked per failure would be tens of MB), and good backends still round-trip, resuming their
+cached session. The build fixture is test_core_debug's."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from test_core_debug import debug_build  # noqa: F401  (the module-scoped build fixture)
+
+trustme = pytest.importorskip("trustme")
+
+SCENARIO = textwrap.dedent('''
+    import asyncio, gc, json, os, socket, ssl, sys, threading
+    import uvloop
+    from fastlb import _core
+
+    assert _core.__file__.startswith(sys.argv[1]), _core.__file__
+    good_c, good_k, bad_c, bad_k, cafile = (open(p, "rb").read() for p in sys.argv[2:7])
+
+    def tls_server(cert, key):
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        d = sys.argv[1]
+        open(d + "/c.pem", "wb").write(cert); open(d + "/k.pem", "wb").write(key)
+        ctx.load_cert_chain(d + "/c.pem", d + "/k.pem")
+        srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen(512)
+        def serve(raw):
+            try:
+                with ctx.wrap_socket(raw, server_side=True) as conn:
+                    while data := conn.recv(65536):
+                        conn.sendall(data)
+                    conn.unwrap()   # a clean close: OpenSSL servers drop the session otherwise
+            except OSError:
+                pass
+        def accept():
+            while True:
+                raw, _ = srv.accept()
+                raw.settimeout(5)
+                threading.Thread(target=serve, args=(raw,), daemon=True).start()
+        threading.Thread(target=accept, daemon=True).start()
+        return srv.getsockname()[1]
+
+    def stall_server():
+        srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen(512)
+        held = []
+        threading.Thread(target=lambda: held.extend(iter(srv.accept, None)), daemon=True).start()
+        return srv.getsockname()[1], held
+
+    def rss():
+        for line in open("/proc/self/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+
+    def nfds():
+        return len(os.listdir("/proc/self/fd"))
+
+    def ask(port):
+        s = socket.create_connection(("127.0.0.1", port), timeout=5)
+        try:
+            s.sendall(b"ping")
+            s.shutdown(socket.SHUT_WR)
+            out = b""
+            while data := s.recv(4096):
+                out += data
+            return out
+        except OSError:
+            return b"reset"
+        finally:
+            s.close()
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        n = 4
+        counters = _core.Counters(bytearray(_core.Counters.size_for(n)), n)
+        health = _core.HealthBitmap(bytearray(_core.HealthBitmap.size_for(n)), n)
+        for i in range(3):
+            health.mark_up(i)
+        engine = _core.Engine(loop, counters, 0)
+        stall_port, held = stall_server()
+        ports = {0: tls_server(bad_c, bad_k), 1: tls_server(good_c, good_k), 2: stall_port}
+        prof = (cafile, True, b"", b"")
+        listen = {}
+        for name, slot in (("bad", 0), ("good", 1), ("stall", 2)):
+            svc = _core.ServiceState(name)
+            svc.retries = 0
+            svc.connect_timeout = 0.2
+            svc.set_backends(_core.make_policy("round_robin", [slot], [1], health),
+                             {slot: ("127.0.0.1", ports[slot])})
+            svc.orig = _core.OrigContext([prof], [(slot, 0, "127.0.0.1")])
+            lsock = socket.socket(); lsock.bind(("127.0.0.1", 0)); lsock.listen(512)
+            engine.listen(lsock, svc)
+            listen[name] = (lsock.getsockname()[1], svc)
+
+        async def sweeping():
+            while True:
+                await asyncio.sleep(0.03)
+                engine.sweep(False)
+        sweeper = loop.create_task(sweeping())
+        run = lambda f, *a: loop.run_in_executor(None, f, *a)
+
+        def burst(k):
+            return [ask(listen["bad"][0]) for _ in range(k)]
+        out = {"good": [(await run(ask, listen["good"][0])).decode() for _ in range(3)]}
+        out["cached"] = listen["good"][1].orig.cached(1)
+        await run(burst, 500)                       # warm: pools, OpenSSL's tables
+        gc.collect()
+        out["fds0"], out["rss0"] = nfds(), rss()
+        answers = await run(burst, 2500)
+        out["answered"] = sum(1 for a in answers if a not in (b"", b"reset"))
+        out["stalled"] = await asyncio.gather(*(run(ask, listen["stall"][0]) for _ in range(20)))
+        out["stalled"] = [a.decode() for a in out["stalled"]]
+        await asyncio.sleep(0.1)
+        gc.collect()
+        out["fds1"], out["rss1"] = nfds() - len(held), rss()   # held: the stall server's own
+        out["good"].append((await run(ask, listen["good"][0])).decode())
+        out["counts"] = [engine.orig_handshakes, engine.orig_resumed, engine.orig_failures]
+        out["open"] = _core.debug_counts()
+        sweeper.cancel()
+        engine.close()                 # a debug build raises AssertionError if anything leaked
+        for c in held:
+            c[0].close()
+        del engine, listen
+        gc.collect()
+        out["after"] = _core.debug_counts()
+        return out
+
+    print(json.dumps(uvloop.run(main())))
+''')
+
+
+def test_failed_backend_handshakes_leave_nothing_behind(debug_build, tmp_path):  # noqa: F811
+    root, _ = debug_build
+    ca = trustme.CA()
+    good, bad = ca.issue_cert("127.0.0.1"), trustme.CA().issue_cert("127.0.0.1")
+    paths = []
+    for name, pem in (("g.pem", good.cert_chain_pems[0].bytes()), ("gk.pem", good.private_key_pem.bytes()),
+                      ("b.pem", bad.cert_chain_pems[0].bytes()), ("bk.pem", bad.private_key_pem.bytes()),
+                      ("ca.pem", ca.cert_pem.bytes())):
+        (tmp_path / name).write_bytes(pem)
+        paths.append(str(tmp_path / name))
+    (root / "orig_scenario.py").write_text(SCENARIO)
+    env = dict(os.environ, PYTHONPATH=str(root))
+    out = subprocess.run([sys.executable, "orig_scenario.py", str(root), *paths], cwd=root,
+                         env=env, capture_output=True, text=True, timeout=240, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout.splitlines()[-1])
+    assert res["good"] == ["ping"] * 4 and res["cached"]
+    assert res["answered"] == 0 and res["stalled"] == [""] * 20
+    handshakes, resumed, failures = res["counts"]
+    assert handshakes == 4 and resumed >= 2 and failures == 3000
+    assert res["fds1"] <= res["fds0"] + 2, res
+    assert res["rss1"] - res["rss0"] < 4096, res          # KiB: 2500 leaked SSLs would be > 10 MiB
+    assert res["after"] == {"sessions": 0, "buffers": 0, "buffers_in_use": 0, "fds": 0,
+                            "engines": 0}

@@ -805,6 +805,14 @@ def tables(loads: list[str], peers: list[str], samples: dict[tuple[str, str], li
     return "\n".join(lines) + "\n"
 
 
+def tables_from_json(data: dict) -> str:
+    """The tables of a results file (bench/README.md's are those of bench/e2e-readme.json)."""
+    def split(d: dict) -> dict:
+        return {tuple(k.split("/", 1)): v for k, v in d.items()}
+    return tables(data["loads"], data["peers"], split(data["samples"]),
+                  split(data.get("syscalls", {})), data.get("rss", {}))
+
+
 def machine() -> dict:
     with open("/proc/loadavg") as f:
         load = f.read().split()[:3]
@@ -816,7 +824,7 @@ def machine() -> dict:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
-    ap.add_argument("--runs", type=int, default=2)
+    ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--duration", type=float, default=3)
     ap.add_argument("--connections", type=int, default=64)
     ap.add_argument("--only", default=",".join(PEERS),

@@ -595,6 +595,22 @@ register_load(Load("mixed", "req/s", ("http", "iperf"), run_mixed, _wrk_warmup(F
                    title="keep-alive while a bulk transfer runs through the same proxy"))
 
 
+# Other benches' loads, peers and backends: a module of bench/ named here is imported by main()
+# (after this one is importable as ``e2e``), and registers into LOADS (register_load, default=
+# False to stay out of the default run), PEER_STARTERS, BACKENDS and TOOLS. Missing: skipped.
+PLUGINS = ["e2e_tls"]
+
+
+def load_plugins() -> None:
+    import importlib
+    for name in PLUGINS:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+
+
 # ---------------------------------------------------------------------------------------------
 # Measuring
 
@@ -747,12 +763,13 @@ def tables(loads: list[str], peers: list[str], samples: dict[tuple[str, str], li
     for name in loads:
         load = LOADS[name]
         refs = [r for r in load.refs if r in peers]
+        latency = any(get(name, p, "p99_ms") is not None for p in peers)
         lines += ["", f"**{name}** ({load.title}; {load.unit})", ""]
-        head = ["proxy", load.unit] + [f"x {r}" for r in refs] + ["p50 ms", "p99 ms", "cpu %",
-                                                                   "per core"]
+        head = ["proxy", load.unit] + [f"x {r}" for r in refs[:1]]
+        head += (["p50 ms", "p99 ms"] if latency else []) + ["cpu %", "per core"]
         head += [f"per core x {r}" for r in refs]
         if name == "mixed":
-            head += [f"p99 x {r}" for r in refs] + ["p99 x its keepalive p99",
+            head += [f"p99 x {r}" for r in refs] + ["p99 x its own keepalive p99",
                                                      "bulk Gbit/s meanwhile"]
         if load.per:
             head += [f"syscalls per {load.per}"]
@@ -764,9 +781,9 @@ def tables(loads: list[str], peers: list[str], samples: dict[tuple[str, str], li
                 lines.append(f"| {peer} | failed" + " |" * (len(head) - 1))
                 continue
             row = [peer, _num(m["value"], load.unit)]
-            row += [_ratio(m["value"], get(name, r, "value")).strip(" ()") or "-" for r in refs]
-            row += [_num(m["p50_ms"]), _num(m["p99_ms"]), _num(m["cpu_pct"]),
-                    _num(m["per_core"], load.unit)]
+            row += [_ratio(m["value"], get(name, r, "value")).strip(" ()") or "-" for r in refs[:1]]
+            row += [_num(m["p50_ms"]), _num(m["p99_ms"])] if latency else []
+            row += [_num(m["cpu_pct"]), _num(m["per_core"], load.unit)]
             row += [_ratio(m["per_core"], get(name, r, "per_core")).strip(" ()") or "-"
                     for r in refs]
             if name == "mixed":
@@ -787,10 +804,11 @@ def tables(loads: list[str], peers: list[str], samples: dict[tuple[str, str], li
             s = sysc.get((name, peer))
             if s and s["count"]:
                 for call, n in s["calls"].items():
-                    if call != "total":
-                        top[call] = max(top.get(call, 0.0), n / s["count"])
-        names = [c for c, v in sorted(top.items(), key=lambda kv: -kv[1]) if v >= 0.05][:10]
-        lines += ["", f"**syscalls per {per}, {name}** (strace -c; the 10 most frequent)", ""]
+                    if call != "total":           # summed over the proxies: what most make
+                        top[call] = top.get(call, 0.0) + n / s["count"]
+        names = [c for c, v in sorted(top.items(), key=lambda kv: -kv[1]) if v >= 0.05][:12]
+        lines += ["", f"**syscalls per {per}, {name}** (strace -c; the 12 most frequent over "
+                  "all the proxies)", ""]
         lines.append("| proxy | total | " + " | ".join(names) + " | other |")
         lines.append("|---" * (len(names) + 3) + "|")
         for peer in peers:
@@ -811,6 +829,17 @@ def tables_from_json(data: dict) -> str:
         return {tuple(k.split("/", 1)): v for k, v in d.items()}
     return tables(data["loads"], data["peers"], split(data["samples"]),
                   split(data.get("syscalls", {})), data.get("rss", {}))
+
+
+def report(data: dict) -> str:
+    """The markdown of a results file: a line saying when, how long and how loaded, the tables."""
+    info = data.get("machine", {})
+    head = (f"{info.get('date', '?')}, {data['runs']} runs x {data['duration']:g} s, medians; "
+            f"strace rounds of {data.get('strace', 0):g} s; RSS after {data.get('rss_conns', 0)} "
+            f"idle connections; load average {info.get('loadavg', '?')} before, "
+            f"{info.get('loadavg_after', '?')} after, {info.get('cpus', '?')} CPUs; "
+            f"{info.get('minutes', 0):.1f} minutes")
+    return head + "\n\n" + tables_from_json(data)
 
 
 def machine() -> dict:
@@ -854,6 +883,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="where the markdown tables go")
     ap.add_argument("--charts", default=os.path.join(HERE, "results", "charts"),
                     help="where the PNG charts go ('' for none)")
+    ap.add_argument("--report", metavar="JSON",
+                    help="measure nothing: write the tables (--md) of this results file")
     return ap.parse_args(argv)
 
 
@@ -906,7 +937,15 @@ def required_tools(a: argparse.Namespace, peers: list[str], loads: list[str]) ->
 def main(argv: list[str] | None = None) -> int:
     sys.modules.setdefault("e2e", sys.modules[__name__])   # idle_rss imports us: one module
     sys.path.insert(0, HERE)
+    load_plugins()
     a = parse_args(argv)
+    if a.report:
+        with open(a.report) as f:
+            md = report(json.load(f))
+        with open(a.md, "w") as f:
+            f.write(md)
+        print(md)
+        return 0
     peers = peer_list(a)
     loads = (a.loads or ",".join(DEFAULT_LOADS)).split(",")
     for name in loads:
@@ -980,29 +1019,26 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         stack.close()
 
-    elapsed = time.monotonic() - t_start
     info["loadavg_after"] = machine()["loadavg"]
-    head = (f"{info['date']}, {a.runs} runs x {a.duration:g} s, medians; strace rounds of "
-            f"{a.strace:g} s; RSS after {a.rss_conns} idle connections; load average "
-            f"{info['loadavg']} before, {info['loadavg_after']} after, {info['cpus']} CPUs; "
-            f"{elapsed / 60:.1f} minutes")
-    md = head + "\n\n" + tables(loads, peers, samples, sysc, rss)
-    print("\n" + md)
+    info["minutes"] = round((time.monotonic() - t_start) / 60, 1)
     med = medians(samples)
+    data = {"runs": a.runs, "duration": a.duration, "connections": a.connections,
+            "strace": a.strace, "rss_conns": a.rss_conns, "machine": info, "peers": peers,
+            "loads": loads, "units": {n: LOADS[n].unit for n in loads},
+            "titles": {n: LOADS[n].title for n in loads},
+            "per": {n: LOADS[n].per for n in loads if LOADS[n].per},
+            "medians": {f"{load}/{p}": v for (load, p), v in med.items()},
+            "samples": {f"{load}/{p}": v for (load, p), v in samples.items()},
+            "syscalls": {f"{load}/{p}": v for (load, p), v in sysc.items()},
+            "rss": rss}
+    md = report(data)
+    print("\n" + md)
     for path in (a.json, a.md):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(a.md, "w") as f:
         f.write(md)
     with open(a.json, "w") as f:
-        json.dump({"runs": a.runs, "duration": a.duration, "connections": a.connections,
-                   "machine": info, "peers": peers, "loads": loads,
-                   "units": {n: LOADS[n].unit for n in loads},
-                   "titles": {n: LOADS[n].title for n in loads},
-                   "per": {n: LOADS[n].per for n in loads if LOADS[n].per},
-                   "medians": {f"{load}/{p}": v for (load, p), v in med.items()},
-                   "samples": {f"{load}/{p}": v for (load, p), v in samples.items()},
-                   "syscalls": {f"{load}/{p}": v for (load, p), v in sysc.items()},
-                   "rss": rss}, f, indent=1)
+        json.dump(data, f, indent=1)
     print(f"markdown: {a.md}\nJSON: {a.json}")
     if a.charts:
         try:

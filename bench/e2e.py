@@ -771,7 +771,8 @@ def tables(loads: list[str], peers: list[str], samples: dict[tuple[str, str], li
         if name == "mixed":
             head += [f"p99 x {r}" for r in refs] + ["p99 x its own keepalive p99",
                                                      "bulk Gbit/s meanwhile"]
-        if load.per:
+        traced = load.per and any((name, p) in sysc for p in peers)
+        if traced:
             head += [f"syscalls per {load.per}"]
         lines.append("| " + " | ".join(head) + " |")
         lines.append("|---" * len(head) + "|")
@@ -790,13 +791,28 @@ def tables(loads: list[str], peers: list[str], samples: dict[tuple[str, str], li
                 row += [_ratio(m["p99_ms"], get(name, r, "p99_ms")).strip(" ()") or "-" for r in refs]
                 row += [_ratio(m["p99_ms"], get("keepalive", peer, "p99_ms")).strip(" ()") or "-",
                         _num(m["bulk_gbps"], "Gbit/s")]
-            if load.per:
+            if traced:
                 row += [_num(per_unit(sysc.get((name, peer), {})))]
             if m["errors"]:
                 row[1] += f" ({m['errors']:.0f} errors)"
             lines.append("| " + " | ".join(row) + " |")
 
-    # 3. the syscalls of the strace rounds, per unit, the most frequent first
+    # 3. what a variant costs (--connlog, --acl): its figure per core against its plain peer's,
+    # per sample (figure / the CPU it took), then the median: steadier than a ratio of medians on
+    # a shared machine, where another process's load moves both at once
+    variants = [(p, p.rsplit("-", 1)[0]) for p in peers
+                if p.endswith(("-log", "-acl")) and p.rsplit("-", 1)[0] in peers]
+    if variants:
+        lines += ["", "**variants** (figure per proxy core, with / without)", ""]
+        lines += ["| load | variant | without | with | ratio |", "|---|---|---|---|---|"]
+        for name in loads:
+            for p, plain in variants:
+                on, off = get(name, p, "per_core"), get(name, plain, "per_core")
+                if on and off:
+                    lines.append(f"| {name} | {p} | {_num(off, LOADS[name].unit)} | "
+                                 f"{_num(on, LOADS[name].unit)} | {on / off:.2f}x |")
+
+    # 4. the syscalls of the strace rounds, per unit, the most frequent first
     for name in sys_cols:
         per = LOADS[name].per
         top: dict[str, float] = {}
@@ -834,9 +850,11 @@ def tables_from_json(data: dict) -> str:
 def report(data: dict) -> str:
     """The markdown of a results file: a line saying when, how long and how loaded, the tables."""
     info = data.get("machine", {})
+    strace, conns = data.get("strace", 0), data.get("rss_conns", 0)
     head = (f"{info.get('date', '?')}, {data['runs']} runs x {data['duration']:g} s, medians; "
-            f"strace rounds of {data.get('strace', 0):g} s; RSS after {data.get('rss_conns', 0)} "
-            f"idle connections; load average {info.get('loadavg', '?')} before, "
+            + (f"strace rounds of {strace:g} s; " if strace else "no strace round; ")
+            + (f"RSS after {conns} idle connections; " if conns else "no RSS round; ")
+            + f"load average {info.get('loadavg', '?')} before, "
             f"{info.get('loadavg_after', '?')} after, {info.get('cpus', '?')} CPUs; "
             f"{info.get('minutes', 0):.1f} minutes")
     return head + "\n\n" + tables_from_json(data)

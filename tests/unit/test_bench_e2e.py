@@ -135,3 +135,33 @@ def test_peer_line_up(e2e):
     assert e2e.DEFAULT_LOADS == ["keepalive", "close", "bulk_up", "bulk_down", "mixed"]
     with pytest.raises(SystemExit, match="unknown peer 'varnish'"):
         e2e.peer_list(e2e.parse_args(["--only", "varnish"]))
+
+
+def test_other_benches_register_loads_peers_and_backends(e2e, tmp_path, monkeypatch):
+    """A module named in PLUGINS (bench/e2e_tls.py, say) adds its load, its peer and its backend;
+    the tables and the tool check take them in; a missing plugin is skipped."""
+    (tmp_path / "e2e_fake_plugin.py").write_text(
+        "import e2e\n"
+        "e2e.BACKENDS['fake'] = lambda stack: 1\n"
+        "e2e.TOOLS['fake'] = ['fake-tool']\n"
+        "e2e.PEER_STARTERS['fake-proxy'] = lambda stack, backends: (None, backends)\n"
+        "e2e.register_load(e2e.Load('fake_load', 'hs/s', ('fake',), lambda ports, d, o: {},\n"
+        "                           per='handshake', title='fake handshakes'), default=False)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(sys.modules, "e2e", e2e)
+    monkeypatch.setattr(e2e, "PLUGINS", ["e2e_no_such_plugin", "e2e_fake_plugin"])
+    try:
+        e2e.load_plugins()
+        assert "fake_load" in e2e.LOADS and "fake_load" not in e2e.DEFAULT_LOADS
+        a = e2e.parse_args(["--only", "fake-proxy,fastlb", "--loads", "fake_load"])
+        peers = e2e.peer_list(a)
+        assert "fake-tool" in e2e.required_tools(a, peers, ["fake_load"])
+        md = e2e.tables(["fake_load"], ["fake-proxy"],
+                        {("fake_load", "fake-proxy"): [{"value": 900.0, "cpu_pct": 50.0}]}, {}, {})
+        assert "| fake-proxy | 1,800 |" in md and "**fake_load** (fake handshakes; hs/s)" in md
+    finally:
+        e2e.LOADS.pop("fake_load", None)
+        e2e.PEER_STARTERS.pop("fake-proxy", None)
+        e2e.BACKENDS.pop("fake", None)
+        e2e.TOOLS.pop("fake", None)
+        sys.modules.pop("e2e_fake_plugin", None)

@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -19,7 +20,28 @@ pytestmark = [
 ]
 
 
+def _strace_can_attach():
+    """strace -p needs ptrace rights over our own children (containers may deny them)."""
+    sleeper = subprocess.Popen(["sleep", "10"])
+    tracer = subprocess.Popen(["strace", "-o", os.devnull, "-p", str(sleeper.pid)],
+                              stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline and tracer.poll() is None:
+            with open(f"/proc/{sleeper.pid}/status") as f:
+                if any(line.split() == ["TracerPid:", str(tracer.pid)] for line in f):
+                    return True
+            time.sleep(0.02)
+        return False
+    finally:
+        for p in (tracer, sleeper):
+            p.kill()
+            p.wait()
+
+
 def test_one_tiny_run(tmp_path):
+    if not _strace_can_attach():
+        pytest.skip("strace cannot attach to a process here (no ptrace rights)")
     out = tmp_path / "e2e.json"
     md = tmp_path / "e2e.md"
     proc = subprocess.run(

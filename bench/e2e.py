@@ -596,9 +596,10 @@ register_load(Load("mixed", "req/s", ("http", "iperf"), run_mixed, _wrk_warmup(F
 
 
 # Other benches' loads, peers and backends: a module of bench/ named here is imported by main()
+# (bench/e2e_tls.py runs its TLS loads on its own: --tls, the hook in main())
 # (after this one is importable as ``e2e``), and registers into LOADS (register_load, default=
 # False to stay out of the default run), PEER_STARTERS, BACKENDS and TOOLS. Missing: skipped.
-PLUGINS = ["e2e_tls"]
+PLUGINS: list[str] = []
 
 
 def load_plugins() -> None:
@@ -896,6 +897,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--connlog", nargs="?", const="stderr", metavar="DEST",
                     help="also run fastlb with its connection log on (peers *-log), lines to DEST "
                          "(a [global] connlog value; default stderr)")
+    ap.add_argument("--tls", action="store_true",  # [tlsbench] bench/e2e_tls.py
+                    help="the TLS loads (tls_keepalive, tls_close, tls_bulk): fastlb, haproxy, naive-ssl")
     ap.add_argument("--json", default=os.path.join(HERE, "results", "e2e.json"))
     ap.add_argument("--md", default=os.path.join(HERE, "results", "e2e.md"),
                     help="where the markdown tables go")
@@ -964,8 +967,16 @@ def main(argv: list[str] | None = None) -> int:
             f.write(md)
         print(md)
         return 0
-    peers = peer_list(a)
     loads = (a.loads or ",".join(DEFAULT_LOADS)).split(",")
+    if a.tls or any(x.startswith("tls_") for x in loads):   # [tlsbench] bench/e2e_tls.py's
+        try:
+            import e2e_tls
+        except ModuleNotFoundError as exc:
+            if exc.name != "e2e_tls":
+                raise
+            raise SystemExit("the TLS loads are bench/e2e_tls.py's, missing here") from None
+        return e2e_tls.run(a, [x for x in loads if x.startswith("tls_")] or e2e_tls.LOADS)
+    peers = peer_list(a)
     for name in loads:
         if name not in LOADS:
             raise SystemExit(f"unknown load {name!r}: one of {', '.join(LOADS)}")

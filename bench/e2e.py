@@ -596,9 +596,9 @@ register_load(Load("mixed", "req/s", ("http", "iperf"), run_mixed, _wrk_warmup(F
 
 
 # Other benches' loads, peers and backends: a module of bench/ named here is imported by main()
-# (bench/e2e_tls.py runs its TLS loads on its own: --tls, the hook in main())
 # (after this one is importable as ``e2e``), and registers into LOADS (register_load, default=
 # False to stay out of the default run), PEER_STARTERS, BACKENDS and TOOLS. Missing: skipped.
+# (bench/e2e_tls.py runs its TLS loads on its own instead: --tls, the hook in main().)
 PLUGINS: list[str] = []
 
 

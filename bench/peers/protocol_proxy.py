@@ -1,6 +1,8 @@
 """Naive peer: a TCP proxy as a plain asyncio.Protocol pair on uvloop.
 
-python bench/peers/protocol_proxy.py LISTEN_PORT BACKEND_HOST BACKEND_PORT
+python bench/peers/protocol_proxy.py LISTEN_PORT BACKEND_HOST BACKEND_PORT [...]
+
+(more triples: more routes in the same process)
 """
 import asyncio
 import sys
@@ -68,12 +70,15 @@ class Client(Side):
             self.peer.transport.write_eof()
 
 
-async def main(port, bhost, bport):
+async def main(routes):
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: Client((bhost, bport)), "127.0.0.1", port, backlog=4096)
+    servers = [await loop.create_server(lambda b=(bhost, bport): Client(b), "127.0.0.1", port,
+                                        backlog=4096) for port, bhost, bport in routes]
     print("READY", flush=True)
-    await server.serve_forever()
+    await asyncio.gather(*(s.serve_forever() for s in servers))
 
 
 if __name__ == "__main__":
-    uvloop.run(main(int(sys.argv[1]), sys.argv[2], int(sys.argv[3])))
+    # LISTEN_PORT BACKEND_HOST BACKEND_PORT, repeated for more routes in one process
+    args = sys.argv[1:]
+    uvloop.run(main([(int(args[i]), args[i + 1], int(args[i + 2])) for i in range(0, len(args), 3)]))

@@ -19,7 +19,7 @@ async def pipe(reader, writer):
         writer.close()
 
 
-async def main(port, bhost, bport):
+async def route(port, bhost, bport):
     async def handle(creader, cwriter):
         try:
             breader, bwriter = await asyncio.open_connection(bhost, bport)
@@ -30,10 +30,16 @@ async def main(port, bhost, bport):
         cwriter.close()
         bwriter.close()
 
-    server = await asyncio.start_server(handle, "127.0.0.1", port, backlog=4096)
+    return await asyncio.start_server(handle, "127.0.0.1", port, backlog=4096)
+
+
+async def main(routes):
+    servers = [await route(*r) for r in routes]
     print("READY", flush=True)
-    await server.serve_forever()
+    await asyncio.gather(*(s.serve_forever() for s in servers))
 
 
 if __name__ == "__main__":
-    uvloop.run(main(int(sys.argv[1]), sys.argv[2], int(sys.argv[3])))
+    # LISTEN_PORT BACKEND_HOST BACKEND_PORT, repeated for more routes in one process
+    args = sys.argv[1:]
+    uvloop.run(main([(int(args[i]), args[i + 1], int(args[i + 2])) for i in range(0, len(args), 3)]))

@@ -1,10 +1,13 @@
-"""bench/plot.py: the committed charts are embedded in bench/README.md and drawn from its table;
-a results file in bench/e2e.py's format plots into three PNGs."""
+"""bench/plot.py: the committed charts are embedded in bench/README.md and drawn from the run its
+tables come from (bench/e2e-readme.json); a results file in bench/e2e.py's format plots into
+three PNGs, four with the syscall and RSS figures."""
 import importlib.util
 import json
 import os
 import re
 import struct
+
+import sys
 
 import pytest
 
@@ -32,36 +35,35 @@ def test_readme_embeds_every_committed_chart():
     with open(os.path.join(BENCH, "README.md")) as f:
         linked = set(re.findall(r"!\[[^\]]*\]\((charts/[^)]+\.png)\)", f.read()))
     on_disk = {f"charts/{n}" for n in os.listdir(os.path.join(BENCH, "charts"))}
-    assert linked == on_disk == {"charts/e2e-loads.png", "charts/e2e-per-core.png", "charts/e2e-p99.png"}
+    assert linked == on_disk == {"charts/e2e-loads.png", "charts/e2e-per-core.png", "charts/e2e-p99.png",
+                                 "charts/e2e-cost.png"}
     for name in on_disk:
         w, h = _png_size(os.path.join(BENCH, name))
         assert w >= 800 and h >= 300 and os.path.getsize(os.path.join(BENCH, name)) < 300_000
 
 
 def test_the_charts_data_is_the_readme_table():
+    """bench/README.md's cost tables are, verbatim, the tables of the run the charts plot."""
+    spec = importlib.util.spec_from_file_location("bench_e2e_tables", os.path.join(BENCH, "e2e.py"))
+    e2e = importlib.util.module_from_spec(spec)
+    sys.modules["bench_e2e_tables"] = e2e           # dataclasses look their module up
+    try:
+        spec.loader.exec_module(e2e)
+        with open(os.path.join(BENCH, "e2e-readme.json")) as f:
+            data = json.load(f)
+        tables = e2e.tables_from_json(data)
+    finally:
+        sys.modules.pop("bench_e2e_tables", None)
     with open(os.path.join(BENCH, "README.md")) as f:
-        lines = f.read().splitlines()
-    # the charted table: the one whose columns start with "direct" (the README has others)
-    start = next(i for i, line in enumerate(lines) if line.startswith("| load | direct |"))
-    table = []
-    for line in lines[start + 2:]:
-        if not line.startswith("| "):
-            break
-        table.append(line)
-    assert [row.split("|")[1].split()[0] for row in table] == [
-        "keepalive", "close", "bulk_up", "bulk_down"]
-    with open(os.path.join(BENCH, "e2e-readme.json")) as f:
-        med = json.load(f)["medians"]
+        readme = f.read()
+    assert tables in readme
     loads, peers, _ = _plot_module().load_results(os.path.join(BENCH, "e2e-readme.json"))
-    assert loads == ["keepalive", "close", "bulk_up", "bulk_down"] and "fastlb" in peers
-    for line in table:
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        for peer, cell in zip(peers, cells[1:], strict=False):
-            figure = float(cell.split(" ")[0].rstrip(",").replace(",", ""))
-            assert med[f"{cells[0].split()[0]}/{peer}"]["value"] == figure
+    assert loads == ["keepalive", "close", "bulk_up", "bulk_down", "mixed"]
+    assert {"fastlb", "fastlb-2w", "haproxy", "haproxy-splice-auto", "nginx"} <= set(peers)
+    assert data["syscalls"] and data["rss"]
 
 
-def test_plot_writes_three_charts(tmp_path):
+def test_plot_writes_the_charts(tmp_path):
     pytest.importorskip("matplotlib", reason="the bench extra: pip install -e '.[bench]'")
     medians = {}
     for load, scale in (("keepalive", 1e5), ("close", 3e4), ("bulk_up", 17), ("bulk_down", 17)):
@@ -78,3 +80,12 @@ def test_plot_writes_three_charts(tmp_path):
     assert names == ["e2e-loads.png", "e2e-p99.png", "e2e-per-core.png"]
     for n in names:
         assert _png_size(tmp_path / "charts" / n)[0] >= 800
+    # with the strace rounds and the RSS round: the cost chart too
+    data = json.loads(path.read_text())
+    data["per"] = {"close": "connection"}
+    data["syscalls"] = {f"close/{p}": {"calls": {"total": 2000 + 100 * i}, "count": 100, "value": 1}
+                        for i, p in enumerate(("haproxy", "fastlb"))}
+    data["rss"] = {"haproxy": {"per_conn_kib": 3.3}, "fastlb": {"per_conn_kib": 0.4}}
+    path.write_text(json.dumps(data))
+    assert _plot_module().main([str(path), "--out", str(tmp_path / "charts2")]) == 0
+    assert "e2e-cost.png" in os.listdir(tmp_path / "charts2")

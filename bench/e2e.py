@@ -336,9 +336,14 @@ def main() -> int:
     ap.add_argument("--connlog", nargs="?", const="stderr", metavar="DEST",
                     help="also run fastlb with its connection log on (peers *-log), lines to DEST "
                          "(a [global] connlog value; default stderr)")
+    ap.add_argument("--tls", action="store_true",  # [tlsbench] bench/e2e_tls.py
+                    help="the TLS loads (tls_keepalive, tls_close, tls_bulk): fastlb, haproxy, naive-ssl")
     ap.add_argument("--json", default=os.path.join(HERE, "results", "e2e.json"))
     a = ap.parse_args()
     peers, loads = a.only.split(","), a.loads.split(",")
+    if a.tls or any(x.startswith("tls_") for x in loads):   # [tlsbench] bench/e2e_tls.py's
+        import e2e_tls
+        return e2e_tls.run(a, [x for x in loads if x.startswith("tls_")] or e2e_tls.LOADS)
     if a.baseline:
         global BASELINE_PYTHON
         BASELINE_PYTHON = a.baseline

@@ -22,11 +22,13 @@ Loads (wrk -t1, HTTPS to the proxy, plain HTTP from the proxy to nginx):
   (tls_resumptions_total) to show it is 0.
 - tls_bulk: an 8 MiB body (a file nginx sends) on 8 kept-alive connections (Gbit/s of body
   received by wrk).
-The table it prints last (markdown) is bench/README.md's TLS table: per proxy core is the
+The TLS loads run alone (plain loads named beside them are not run). The table it prints last
+(markdown; the samples also go to results/e2e_tls.json) is bench/README.md's TLS table: per proxy core is the
 median over runs of (figure / the proxy's CPU share in that run).
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -256,6 +258,12 @@ def run(a, loads: list[str]) -> int:
     finally:
         stack.close()
     print(table(samples, peers, loads, a, load_before, uptime()))
+    path = os.path.join(os.path.dirname(a.json), "e2e_tls.json")   # beside e2e.py's JSON
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"runs": a.runs, "duration": a.duration, "uptime": [load_before, uptime()],
+                   "samples": {f"{load}/{p}": v for (load, p), v in samples.items()}}, f, indent=1)
+    print(f"\nJSON: {path}")
     return 0
 
 

@@ -23,8 +23,9 @@ Loads (wrk -t1, HTTPS to the proxy, plain HTTP from the proxy to nginx):
 - tls_bulk: an 8 MiB body (a file nginx sends) on 8 kept-alive connections (Gbit/s of body
   received by wrk).
 The TLS loads run alone (plain loads named beside them are not run). The table it prints last
-(markdown; the samples also go to results/e2e_tls.json) is bench/README.md's TLS table: per proxy core is the
-median over runs of (figure / the proxy's CPU share in that run).
+(markdown; the samples also go to results/e2e_tls.json) is bench/README.md's TLS table: per
+proxy core is the median over runs of (figure / the proxy's CPU share in that run); a ratio is
+the median over runs of (figure / HAProxy's figure in the same run), paired by run.
 """
 from __future__ import annotations
 
@@ -248,6 +249,7 @@ def run(a, loads: list[str]) -> int:
                     except RuntimeError as exc:
                         print(f"run {run_no + 1}/{a.runs} {load:<13} {peer:<11} FAILED: {exc}", flush=True)
                         continue
+                    r["run"] = run_no
                     samples.setdefault((load, peer), []).append(r)
                     print(f"run {run_no + 1}/{a.runs} {load:<13} {peer:<11} {r['value']:>10.2f}"
                           + (f"  p99 {r['p99_ms']:.2f} ms" if r["p99_ms"] is not None else "")
@@ -267,41 +269,47 @@ def run(a, loads: list[str]) -> int:
     return 0
 
 
+def paired(samples: dict, load: str, peer: str, key) -> float | None:
+    """The median over runs of key(peer's sample) / key(HAProxy's sample of the same run):
+    machine noise that moves between runs hits both sides of each ratio alike."""
+    base = {r["run"]: r for r in samples.get((load, "haproxy"), [])}
+    ratios = [key(r) / key(base[r["run"]]) for r in samples.get((load, peer), []) if r["run"] in base]
+    return statistics.median(ratios) if ratios else None
+
+
 def table(samples: dict, peers: list[str], loads: list[str], a, before: str, after: str) -> str:
     def fmt(load: str, v: float) -> str:
         return f"{v:.2f}" if UNITS[load] == "Gbit/s" else f"{v:,.0f}"
 
-    lines = [f"\nTLS, medians of {a.runs} runs x {a.duration:g} s; ratio = figure / HAProxy's "
-             f"figure in the same run", f"command: {' '.join(sys.argv)}",
+    def value(r: dict) -> float:
+        return r["value"]
+
+    def core(r: dict) -> float:
+        return r["value"] * 100 / r["cpu_pct"]
+
+    lines = [f"\nTLS, medians of {a.runs} runs x {a.duration:g} s; (ratio) = the median over runs "
+             f"of figure / HAProxy's figure in the same run", f"command: {' '.join(sys.argv)}",
              f"uptime before: {before}", f"uptime after:  {after}", "",
              "| load | " + " | ".join(peers) + " |", "|---" * (len(peers) + 1) + "|"]
     for load in loads:
-        per_core, raw = {}, {}
-        for peer in peers:
-            rs = samples.get((load, peer), [])
-            if rs:
-                per_core[peer] = statistics.median(r["value"] * 100 / r["cpu_pct"] for r in rs)
-                raw[peer] = {f: statistics.median(r[f] for r in rs) if rs[0][f] is not None else None
-                             for f in ("value", "p99_ms", "cpu_pct")}
-        base, pbase = per_core.get("haproxy"), raw.get("haproxy")
         cells, cores = [], []
         for peer in peers:
-            if peer not in raw:
+            rs = samples.get((load, peer), [])
+            if not rs:
                 cells.append("failed")
                 cores.append("-")
                 continue
-            m = raw[peer]
-            cell = fmt(load, m["value"])
-            if pbase and peer != "haproxy":
-                cell += f" ({m['value'] / pbase['value']:.2f}x)"
-            if m["p99_ms"] is not None:
-                cell += f", p99 {m['p99_ms']:.2f} ms"
-            cell += f", cpu {m['cpu_pct']:.0f}%"
+            cell = fmt(load, statistics.median(map(value, rs)))
+            per_core = fmt(load, statistics.median(map(core, rs)))
+            ratio, core_ratio = paired(samples, load, peer, value), paired(samples, load, peer, core)
+            if peer != "haproxy" and ratio is not None and core_ratio is not None:
+                cell += f" ({ratio:.2f}x)"
+                per_core = f"**{per_core} ({core_ratio:.2f}x)**"
+            if rs[0]["p99_ms"] is not None:
+                cell += f", p99 {statistics.median(r['p99_ms'] for r in rs):.2f} ms"
+            cell += f", cpu {statistics.median(r['cpu_pct'] for r in rs):.0f}%"
             cells.append(cell)
-            core = fmt(load, per_core[peer])
-            if base and peer != "haproxy":
-                core = f"**{core} ({per_core[peer] / base:.2f}x)**"
-            cores.append(core)
+            cores.append(per_core)
         lines.append(f"| {load} ({UNITS[load]}) | " + " | ".join(cells) + " |")
         lines.append(f"| {load}, per proxy core | " + " | ".join(cores) + " |")
     return "\n".join(lines)

@@ -26,6 +26,7 @@ cdef extern from "_tls.h" nogil:
     int SSL_shutdown(SSL *ssl)
     void SSL_set_quiet_shutdown(SSL *ssl, int mode)
     int SSL_session_reused(const SSL *ssl)
+    int SSL_has_pending(const SSL *ssl)     # [tlsbench] _tls_recv's early return
     int SSL_version(const SSL *ssl)
     const char *SSL_get_servername(const SSL *ssl, int type)
     void SSL_get0_alpn_selected(const SSL *ssl, const unsigned char **data, unsigned int *len)

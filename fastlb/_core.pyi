@@ -258,6 +258,10 @@ class Engine:
     tls_expired: int
     tls_untrusted: int
     tls_authz_denied: int
+    tls_protocol: int                    # [tlsops] the other failure reasons; versions
+    tls_other: int
+    tls_v12: int
+    tls_v13: int
     def set_buffer_budget(self, nbytes: int) -> None: ...
     def listen(self, sock: socket.socket, svc: ServiceState, shared: bool = False) -> Listener: ...
     def unlisten(self, lst: Listener) -> None: ...
@@ -385,5 +389,8 @@ class TlsContext:
     def __init__(self, certs: Sequence[tuple[bytes, bytes]], *, min_version: str = "1.2",
                  alpn: Sequence[str] = (), handshake_timeout: float = 10.0,
                  client_ca: bytes | None = None, verify_client: str = "required",
-                 identities: Sequence[str] = ()) -> None: ...
+                 identities: Sequence[str] = (), ticket_lifetime: float = 300.0,
+                 session_context: bytes = b"fastlb") -> None: ...
+    ticket_lifetime: float                                # [tlsops]
+    def set_ticket_keys(self, keys: bytes) -> None: ...   # [tlsops] fastlb.tickets
     def pick(self, server_name: str) -> int: ...

@@ -1169,6 +1169,10 @@ def _etcd(c: _Checker, doc: dict, services_raw: list, services: list[Service]) -
 
 # -- [tls] TLS termination (docs/config.md, "TLS") ------------------------------------------------
 TLS_KEYS = {"cert", "key", "certs", "min_version", "alpn", "client_ca", "verify_client"}
+TLS_KEYS |= {"ticket_lifetime"}                                                # [tlsops]
+# [tlsops] tls.ticket_lifetime's default: HAProxy's tune.ssl.lifetime and nginx's
+# ssl_session_timeout are both 5 minutes
+TICKET_LIFETIME = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -1186,6 +1190,7 @@ class TlsConfig:
     ca_pem: bytes = field(default=b"", repr=False)
     verify_client: str = "required"
     identities: tuple[str, ...] = ()
+    ticket_lifetime: float = TICKET_LIFETIME    # [tlsops] sessions' lifetime, keys' rotation
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"certs": [{"cert": c, "key": k} for c, k in self.certs],
@@ -1194,6 +1199,8 @@ class TlsConfig:
             d["alpn"] = list(self.alpn)
         if self.client_ca:
             d["client_ca"], d["verify_client"] = self.client_ca, self.verify_client
+        if self.ticket_lifetime != TICKET_LIFETIME:                             # [tlsops]
+            d["ticket_lifetime"] = self.ticket_lifetime
         return d
 
 
@@ -1280,4 +1287,15 @@ def _tls(c: _Checker, raw: dict, path: str) -> TlsConfig | None:
         if "client_ca" not in tls:
             raise c.fail(f"{path}.authz", "needs tls.client_ca (identities of verified clients)")
         mtls["identities"] = tuple(ids)
-    return TlsConfig(tuple(certs), tuple(pems), minv, tuple(alpn), hs, **mtls)
+    return TlsConfig(tuple(certs), tuple(pems), minv, tuple(alpn), hs, **mtls,
+                     **_tls_ops(c, tls, p))                                     # [tlsops]
+
+
+def _tls_ops(c: _Checker, tls: dict, p: str) -> dict[str, Any]:
+    """[tlsops] tls.ticket_lifetime: how long a session (a ticket) may be resumed, and the
+    period at which the shared ticket keys rotate (fastlb.tickets; a key decrypts for two
+    periods). From 1 s to 7 days (TLS 1.3's ticket_lifetime limit, RFC 8446 4.6.1)."""
+    if "ticket_lifetime" not in tls:
+        return {}
+    return {"ticket_lifetime": c.duration(tls["ticket_lifetime"], f"{p}.ticket_lifetime",
+                                          lo=1.0, hi=7 * 86400.0)}

@@ -73,6 +73,9 @@ VERBS: list[tuple[str, str, list[tuple[str, dict[str, Any]]]]] = [
       ("--weight", {"type": int, "help": "1-1000000 (default 1)"}),
       ("--meta", {"action": "append", "metavar": "KEY=VALUE", "help": "metadata (repeatable)"})]),
     ("renew", "renew a lease for another TTL", [("lease", {})]),
+    # [tlsops] HAProxy's `set ssl tls-key`: tickets of the key dropped are no longer accepted
+    ("rotate-tickets", "turn the TLS session ticket keys now (a service's, or every one)",
+     [("service", {"nargs": "?"})]),
     ("deregister", "give a lease back: its backend is removed (open connections go on)",
      [("lease", {})]),
 ]
@@ -121,6 +124,8 @@ def _request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         return "log_level", {"level": args.level} if args.level else {}
     if v == "backends":
         return "backends", {"service": args.service}
+    if v == "rotate-tickets":                                                 # [tlsops]
+        return "rotate_tickets", {"service": args.service} if args.service else {}
     if v in ("renew", "deregister"):                                          # [leases]
         return v, {"lease": args.lease}
     if v == "register":                                                       # [leases]
@@ -204,6 +209,25 @@ def _limits_table(result: list[dict[str, Any]]) -> str:
     return _table(rows, ["service", "cur", "max", "limit", "queued", "queue_size", "total", *fields])
 
 
+def _tls_lines(result: list[dict[str, Any]]) -> str:
+    """[tlsops] The TLS counts (every worker, every service): handshakes, resumptions,
+    versions, failures by reason; the ticket key rings."""
+    t = result[0].get("global", {}).get("tls") if result else None
+    if not t:
+        return ""
+    fail = {"timeout": t.get("handshake_timeouts", 0), "no_client_cert": t.get("client_no_cert", 0),
+            "expired": t.get("client_expired", 0), "untrusted": t.get("client_untrusted", 0),
+            "identity_refused": t.get("authz_denied", 0), "protocol": t.get("protocol_errors", 0),
+            "other": t.get("other_failures", 0)}
+    lines = [f"TLS handshakes {t.get('handshakes', 0)} (resumed {t.get('resumed', 0)}; "
+             f"TLSv1.2 {t.get('v1_2', 0)}, TLSv1.3 {t.get('v1_3', 0)})",
+             "TLS failures " + " ".join(f"{k}={v}" for k, v in fail.items())]
+    for svc, ring in sorted(t.get("tickets", {}).items()):
+        lines.append(f"TLS tickets {svc}: lifetime {ring['ticket_lifetime']:g}s, "
+                     f"rotations {ring['rotations']}")
+    return "\n\n" + "\n".join(lines)
+
+
 def _show(verb: str, result: Any) -> str:
     if verb == "services":
         return _table([{**r, "listen": ",".join(r["listen"])} for r in result],
@@ -217,7 +241,7 @@ def _show(verb: str, result: Any) -> str:
         return (_table(rows, ["service", "address", "state", "health", "weight", "active", "total",
                               "bytes_in", "bytes_out", "connect_failures", "check_failures",
                               "max", "limit"])
-                + "\n\n" + _limits_table(result))
+                + "\n\n" + _limits_table(result) + _tls_lines(result))
     if verb == "register":                                                    # [leases]
         return str(result["lease"])
     if isinstance(result, dict):

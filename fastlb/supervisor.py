@@ -36,6 +36,7 @@ import time
 from typing import Any, Mapping
 
 from fastlb import _core, config, dns, leases, preflight, sdnotify, signals, statefile
+from fastlb import tickets                                                     # [tlsops]
 from fastlb.admin.protocol import Request
 from fastlb.admin.server import AdminServer, admin_token, clear_stale_socket
 from fastlb.config import Config, Service
@@ -194,6 +195,7 @@ class Supervisor:
         self.listeners = Listeners()
         self.gen = 0                               # of the last snapshot pushed
         self.datapath = make_datapath(cfg, loop, self.shared, self._on_passive, log_level)
+        self.tickets = tickets.TicketKeys(time.monotonic)   # [tlsops] shared ticket keys
         self.shared.acked = self.datapath.acked
         self.admin_server: AdminServer | None = None
         self.metrics_server: Any = None          # fastlb.httpapi's server on [global] metrics
@@ -332,6 +334,8 @@ class Supervisor:
                 rt.tick(plan, now)
                 plans.append(plan)
             wanted = wanted_listeners({name: rt.svc for name, rt in self.runtimes.items()})
+            if self.tickets.sync({p.name: p.tls_ticket_lifetime for p in plans if p.tls_certs}):
+                self.datapath.set_tickets(self.tickets.wire())                  # [tlsops]
             self.gen += 1
             self.datapath.apply(Snapshot(self.gen, tuple(plans), tuple(sorted(wanted)),
                                          maxconn=self.view.maxconn),            # [limits]
@@ -751,12 +755,33 @@ class Supervisor:
         self._apply(self.registry.snapshot, new)
         self._tasks = [self.loop.create_task(self._ramp_loop()), self.loop.create_task(self._reap_loop()),
                        self.loop.create_task(self._lease_loop())]                  # [leases]
+        self._tasks.append(self.loop.create_task(self._ticket_loop()))                  # [tlsops]
         if self.state is not None and not self.state.save_at_start(
                 self.registry.snapshot, self.cfg_services, self.leases.wire(self.registry.snapshot)):
             # logged loudly; fastlb serves, and admin changes are refused until a write works
             self._tasks.append(self.loop.create_task(
                 self.state.retry(lambda: (self.registry.snapshot, self.cfg_services,
                                           self.leases.wire(self.registry.snapshot)))))
+
+    async def _ticket_loop(self) -> None:
+        """[tlsops] Turn the ticket key rings whose tls.ticket_lifetime is over (fastlb.
+        tickets) and give the keys to the data paths; checked once a second."""
+        while True:
+            await asyncio.sleep(1.0)
+            if self.tickets.turn_due():
+                self.datapath.set_tickets(self.tickets.wire())
+
+    def rotate_tickets(self, service: str | None = None) -> dict[str, Any]:
+        """[tlsops] The admin's rotate_tickets: turn one service's ring (or every one) now,
+        as HAProxy's `set ssl tls-key` pushes a key: tickets of the key dropped are refused."""
+        names = [service] if service is not None else list(self.tickets.rings)
+        if service is not None and service not in self.tickets.rings:
+            raise RegistryError("unknown_service", f"no TLS service {service!r}; TLS services: "
+                                f"{', '.join(sorted(self.tickets.rings)) or '(none)'}")
+        for name in names:
+            self.tickets.turn(name)
+        self.datapath.set_tickets(self.tickets.wire())
+        return {"rotated": names}
 
     def request_stop(self, mode: str) -> None:
         if self._stop.is_set():

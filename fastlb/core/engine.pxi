@@ -204,6 +204,9 @@ cdef class Engine:
     cdef readonly long long tls_handshakes, tls_resumed, tls_failures, tls_timeouts
     # [tls] stage 2: client certificates refused (missing, expired, untrusted); authz refusals
     cdef readonly long long tls_no_cert, tls_expired, tls_untrusted, tls_authz_denied
+    # [tlsops] the other failure reasons (a protocol error; the client left or sent an alert),
+    # and the versions of the handshakes done
+    cdef readonly long long tls_protocol, tls_other, tls_v12, tls_v13
 
     def __cinit__(self):
         self.epfd = -1

@@ -64,9 +64,12 @@ cdef class TlsContext:
     cdef readonly str verify_client     # "" (no client certificate asked), "required", "optional"
     cdef readonly tuple identities      # service.authz.identities (empty: any verified client)
     cdef bytes authz                    # the identities, NUL-separated, an empty one last
+    # [tlsops] tls.ticket_lifetime (the sessions' lifetime; the keys rotate at this period)
+    cdef readonly double ticket_lifetime
 
     def __init__(self, certs, *, str min_version="1.2", alpn=(), double handshake_timeout=10.0,
-                 bytes client_ca=None, str verify_client="required", identities=()):
+                 bytes client_ca=None, str verify_client="required", identities=(),
+                 double ticket_lifetime=300.0, bytes session_context=b"fastlb"):
         cdef char err[512]
         cdef char buf[8192]
         cdef int i, n, k
@@ -97,6 +100,9 @@ cdef class TlsContext:
         self.verify_client = verify_client if client_ca else ""
         self.identities = tuple(identities)
         self.authz = b"".join(i.encode() + b"\0" for i in identities) + b"\0"
+        if ticket_lifetime < 1 or not 1 <= len(session_context) <= 32:     # [tlsops]
+            raise CoreArgumentError("tls: ticket_lifetime >= 1 s, a session context of 1-32 bytes")
+        self.ticket_lifetime = ticket_lifetime
         self.ctxs = <SSL_CTX **>calloc(len(certs), sizeof(SSL_CTX *))
         if self.ctxs == NULL:
             raise MemoryError()
@@ -109,6 +115,8 @@ cdef class TlsContext:
                 raise CoreArgumentError(f"certificate {i + 1}: {err.decode(errors='replace')}")
             self.ctxs[i] = ctx
             self.nctx = i + 1
+            flb_ctx_ops(ctx, &self.sni, <long>ticket_lifetime, session_context,    # [tlsops]
+                        <unsigned int>len(session_context))
             if client_ca and flb_ctx_client_ca(ctx, client_ca, <int>len(client_ca),
                                                verify_client == "required", err, sizeof(err)) < 0:
                 raise CoreArgumentError(f"tls.client_ca: {err.decode(errors='replace')}")
@@ -135,6 +143,14 @@ cdef class TlsContext:
                 SSL_CTX_free(self.ctxs[i])      # sessions' SSLs hold their own references
             free(self.ctxs)
         free(self.sni.e)
+
+    def set_ticket_keys(self, bytes keys):
+        """[tlsops] The service's session ticket keys (fastlb/tickets.py: previous, current,
+        next; 80 bytes each), shared by every worker: a ticket one worker issued resumes on
+        another. Before the first call OpenSSL's own per-context keys serve."""
+        if len(keys) != 240:
+            raise CoreArgumentError("ticket keys: 3 keys of 80 bytes (name, AES key, HMAC key)")
+        flb_tickets_set(&self.sni, self.ctxs, self.nctx, keys)
 
     def pick(self, str server_name):
         """The index of the certificate a client naming ``server_name`` gets (SNI)."""
@@ -187,6 +203,10 @@ cdef void tls_on_handshake(Session s, uint32_t events) noexcept:
             s.eng.tls_expired += 1
         elif e == 3:
             s.eng.tls_untrusted += 1
+        elif e == 4:                        # [tlsops] not TLS, a bad or oversized message...
+            s.eng.tls_protocol += 1
+        else:                               # [tlsops] the client left, or sent an alert
+            s.eng.tls_other += 1
         ERR_clear_error()
         s.eng.tls_failures += 1
         s.term = TERM_CC                    # [obs] the client failed before connecting
@@ -201,6 +221,10 @@ cdef void _tls_established(Session s) noexcept:
     s.eng.tls_handshakes += 1
     if SSL_session_reused(s.ssl):
         s.eng.tls_resumed += 1
+    if SSL_version(s.ssl) == TLS1_3_VERSION:   # [tlsops] min_version is 1.2: 1.2 or 1.3
+        s.eng.tls_v13 += 1
+    else:
+        s.eng.tls_v12 += 1
     if s.tlsctx.identities and not flb_authz(s.ssl, s.tlsctx.authz):   # stage 2: authz
         s.eng.tls_authz_denied += 1         # a valid certificate, no allowed identity: closed
         s.term = TERM_DENY_ACL              # [obs] refused before connecting (PR)
@@ -318,9 +342,12 @@ cdef const pp_tlvs *tls_pp_tlvs(Session s, pp_tlvs *t, char *cn) noexcept:
     cdef const char *name
     cdef const char *ver
     cdef int n, verified = 0
+    cdef unsigned int alen
     if s.ssl == NULL:
         return NULL
     memset(t, 0, sizeof(pp_tlvs))
+    t.alpn = flb_alpn_of(s.ssl, &alen)      # [tlsops] PP2_TYPE_ALPN when ALPN was negotiated
+    t.alpn_len = alen
     name = SSL_get_servername(s.ssl, TLSEXT_NAMETYPE_host_name)
     if name != NULL:
         t.authority = <const unsigned char *>name

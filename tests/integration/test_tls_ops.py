@@ -1,0 +1,203 @@
+"""[tlsops] TLS operations through `fastlb run` (issue 12): handshake failures counted per reason,
+resumptions and versions in ctl stats and /metrics; session ticket keys shared by the workers
+and rotated (HAProxy's previous/current/next); and the hostile inputs: renegotiation, a
+ClientHello over OpenSSL's bound, 10,000 failed handshakes without fd or memory growth, the
+certificate swapped by `ctl reload` under load without a failed connection. Certificates are
+made by trustme in each test."""
+import concurrent.futures
+import datetime
+import json
+import socket
+import ssl
+import subprocess
+import time
+
+import pytest
+
+from helpers import PY, start_backend
+from test_tls import client_ctx, connect, http_get, start, write_cert
+
+trustme = pytest.importorskip("trustme")
+
+
+@pytest.fixture
+def ca():
+    return trustme.CA()
+
+
+def config(tmp_path, backend_port, tls, *, workers=1, extra="", timeouts=""):
+    """One TLS service "edge", an admin socket and the metrics port ({mport}: test_tls.start)."""
+    return (f'[global]\nworkers = {workers}\nadmin = "unix:{tmp_path}/admin.sock"\n'
+            f'metrics = "127.0.0.1:{{mport}}"\n[[service]]\nname = "edge"\n'
+            f'listen = ["127.0.0.1:0"]\ntls = {tls}\n{extra}\n'
+            + (f"timeouts = {{ {timeouts} }}\n" if timeouts else "")
+            + f'backends = [ {{ address = "127.0.0.1:{backend_port}" }} ]\n')
+
+
+def ctl(tmp_path, *args):
+    out = subprocess.run([PY, "-m", "fastlb", "ctl", "--socket", f"{tmp_path}/admin.sock", *args],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def tls_stats(tmp_path):
+    """ctl stats --json's TLS counts (balancer-wide: the first row's global)."""
+    return json.loads(ctl(tmp_path, "--json", "stats"))[0]["global"].get("tls", {})
+
+
+def echo_once(port, ctx, session=None, name="edge.test"):
+    """One connection: a byte echoed; (session_reused, the session to keep)."""
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    with ctx.wrap_socket(raw, server_hostname=name, session=session) as s:
+        s.sendall(b"x")
+        assert s.recv(1) == b"x"             # TLS 1.3 tickets come before this byte
+        return s.session_reused, s.session
+
+
+def refused(port, ctx, name="edge.test"):
+    """True when the handshake (or the first byte after it) fails."""
+    try:
+        with connect(port, ctx, name) as s:
+            s.sendall(b"x")
+            return s.recv(1) != b"x"
+    except (ssl.SSLError, OSError):
+        return True
+
+
+def wait_for(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(0.1)
+
+
+# -- 1. observability ------------------------------------------------------------------------------
+def test_every_failure_reason_resumptions_and_versions_in_ctl_stats_and_metrics(procs, tmp_path, ca):
+    """One real client per reason: silent (timeout), no certificate, an expired one, one of a
+    foreign CA, a valid one with a forbidden identity, an HTTP request (protocol), one that
+    refuses our certificate with an alert (other); and admitted TLS 1.2 and 1.3 clients, one
+    resumed. Each reason counted once, in ctl stats (text and JSON) and in /metrics."""
+    _, bport = start_backend(procs, "echo")
+    server = write_cert(tmp_path, "edge", ca.issue_cert("edge.test"))
+    clients, foreign = trustme.CA(), trustme.CA()
+    clients.cert_pem.write_to_path(str(tmp_path / "clients.pem"))
+    tls = f'{{ cert = "{server[0]}", key = "{server[1]}", client_ca = "{tmp_path}/clients.pem" }}'
+    _, (port,) = start(procs, tmp_path, config(tmp_path, bport, tls, timeouts='handshake = "300ms"',
+                                               extra='authz = { identities = ["dns:ok.internal"] }'))
+
+    def with_cert(leaf, **kw):
+        ctx = client_ctx(ca, **kw)
+        if leaf is not None:
+            leaf.configure_cert(ctx)
+        return ctx
+    good = clients.issue_cert("ok.internal")
+    past = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=30)
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as silent:        # timeout
+        assert silent.recv(10) in (b"", b"\x15")
+    assert refused(port, with_cert(None))                                           # no_client_cert
+    assert refused(port, with_cert(clients.issue_cert(
+        "ok.internal", not_before=past - datetime.timedelta(days=1), not_after=past)))  # expired
+    assert refused(port, with_cert(foreign.issue_cert("ok.internal")))            # untrusted
+    assert refused(port, with_cert(clients.issue_cert("no.internal")))            # identity_refused
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as g:             # protocol
+        g.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        try:
+            while g.recv(100):
+                pass
+        except ConnectionResetError:
+            pass
+    stranger = ssl.create_default_context()                                         # other: the
+    trustme.CA().configure_trust(stranger)                                          # client's alert
+    good.configure_cert(stranger)
+    assert refused(port, stranger)
+    ctx12 = with_cert(good, maximum_version=ssl.TLSVersion.TLSv1_2)
+    assert echo_once(port, ctx12)[0] is False
+    ctx13 = with_cert(good)
+    _, session = echo_once(port, ctx13)
+    assert echo_once(port, ctx13, session)[0] is True
+    t = tls_stats(tmp_path)
+    assert (t["handshake_timeouts"], t["client_no_cert"], t["client_expired"], t["client_untrusted"],
+            t["authz_denied"], t["protocol_errors"], t["other_failures"]) == (1, 1, 1, 1, 1, 1, 1), t
+    # handshakes done: the identity refusal (done, then closed), 1.2, and two 1.3 (one resumed)
+    assert (t["handshakes"], t["resumed"], t["v1_2"], t["v1_3"]) == (4, 1, 1, 3), t
+    text = ctl(tmp_path, "stats")
+    assert ("TLS failures timeout=1 no_client_cert=1 expired=1 untrusted=1 identity_refused=1 "
+            "protocol=1 other=1") in text, text
+    assert "TLS handshakes 4 (resumed 1; TLSv1.2 1, TLSv1.3 3)" in text, text
+    body = http_get(tmp_path, "/metrics")
+    for reason in ("timeout", "no_client_cert", "expired", "untrusted", "identity_refused",
+                   "protocol", "other"):
+        assert f'fastlb_tls_failures_total{{reason="{reason}"}} 1.0' in body, reason
+    assert 'fastlb_tls_handshakes_by_version_total{version="TLSv1.2"} 1.0' in body
+    assert 'fastlb_tls_handshakes_by_version_total{version="TLSv1.3"} 3.0' in body
+    assert "fastlb_tls_resumptions_total 1.0" in body
+
+
+# -- 2. session tickets shared by the workers, rotated ---------------------------------------------
+def worker_totals(tmp_path):
+    return [w["connections"] for w in json.loads(ctl(tmp_path, "--json", "workers"))]
+
+
+def test_a_ticket_resumes_on_every_worker_and_rotation_retires_it_after_two_turns(procs, tmp_path, ca):
+    """Two workers: 60 connections (8 at a time) resuming one ticket all resume, and both
+    workers served some (each worker had its own keys before: half failed). After one
+    rotation the ticket still resumes (the previous key decrypts); after two it does not (a
+    full handshake), while a ticket of the new current key resumes."""
+    _, bport = start_backend(procs, "echo")
+    crt, key = write_cert(tmp_path, "edge", ca.issue_cert("edge.test"))
+    _, (port,) = start(procs, tmp_path, config(tmp_path, bport, f'{{ cert = "{crt}", key = "{key}" }}',
+                                               workers=2))
+    ctx = client_ctx(ca)
+    _, ticket = echo_once(port, ctx)
+
+    def resume_many(session, n=60):
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            return list(pool.map(lambda _: echo_once(port, ctx, session)[0], range(n)))
+    before = worker_totals(tmp_path)
+    assert all(resume_many(ticket))
+    after = worker_totals(tmp_path)
+    assert all(b > a for a, b in zip(before, after, strict=True)), (before, after)  # both workers
+    assert "rotated" in ctl(tmp_path, "rotate-tickets", "edge")
+    assert all(resume_many(ticket, 16))                                  # the previous key
+    assert "rotated" in ctl(tmp_path, "rotate-tickets")
+    assert not any(resume_many(ticket, 16))                              # dropped: full handshakes
+    _, fresh = echo_once(port, ctx)
+    assert all(resume_many(fresh, 16))
+    t = tls_stats(tmp_path)
+    assert t["tickets"]["edge"]["rotations"] == 2, t
+
+
+def test_ticket_keys_survive_a_reload_and_a_worker_restart_and_rotate_on_time(procs, tmp_path, ca):
+    """A reload that reads a new certificate (new contexts) and a restart of every worker keep
+    the keys: the ticket taken before still resumes (no rotation meanwhile)."""
+    _, bport = start_backend(procs, "echo")
+    crt, key = write_cert(tmp_path, "edge", ca.issue_cert("edge.test"))
+    _, (port,) = start(procs, tmp_path, config(tmp_path, bport, f'{{ cert = "{crt}", key = "{key}" }}',
+                                               workers=2))
+    ctx = client_ctx(ca)
+    _, ticket = echo_once(port, ctx)
+    write_cert(tmp_path, "edge", ca.issue_cert("edge.test", "new.test"))
+    ctl(tmp_path, "reload")
+    with connect(port, client_ctx(ca, check_hostname=False)) as s:          # the new certificate
+        assert ("DNS", "new.test") in s.getpeercert()["subjectAltName"]
+    assert all(echo_once(port, ctx, ticket)[0] for _ in range(8))
+    ctl(tmp_path, "restart-workers")
+    assert all(echo_once(port, ctx, ticket)[0] for _ in range(8))
+    assert tls_stats(tmp_path)["tickets"]["edge"] == {"ticket_lifetime": 300.0, "rotations": 0}
+
+
+def test_ticket_lifetime_rotates_the_keys_on_its_timer(procs, tmp_path, ca):
+    """tls.ticket_lifetime = "1s": the ring turns about once a second (ctl stats counts the
+    turns), and a ticket from two turns ago is refused."""
+    _, bport = start_backend(procs, "echo")
+    crt, key = write_cert(tmp_path, "edge", ca.issue_cert("edge.test"))
+    _, (port,) = start(procs, tmp_path, config(
+        tmp_path, bport, f'{{ cert = "{crt}", key = "{key}", ticket_lifetime = "1s" }}'))
+    ctx = client_ctx(ca)
+    _, ticket = echo_once(port, ctx)
+    assert wait_for(lambda: tls_stats(tmp_path)["tickets"]["edge"]["rotations"] >= 3, 10.0)
+    assert echo_once(port, ctx, ticket)[0] is False
+    assert tls_stats(tmp_path)["tickets"]["edge"]["ticket_lifetime"] == 1.0

@@ -214,6 +214,7 @@ class GlobalConfig:
     source_table_size: int = DEFAULT_SOURCE_TABLE   # [access] entries of the per-source table
     buffer_budget: int = 256 << 20         # [mem] bytes of connection buffers, all workers (_mem_global)
     connlog: str = "stderr"                # [obs] the connection log's destination (_connlog)
+    admin_tls: "AdminTls | None" = None    # [tlsops] the TCP admin over TLS (_admin_tls)
 
 
 @dataclass(frozen=True, slots=True)
@@ -398,6 +399,7 @@ def loads(text: str, source: str = "config", *, resolve: bool = True) -> Config:
 
 ADMIN_KEYS = {"admin_max_connections", "admin_idle_timeout", "admin_frame_timeout",
               "admin_allow_remote"}
+ADMIN_KEYS |= {"admin_tls"}                                                    # [tlsops]
 
 
 def _admin_keys(c: _Checker, g: dict) -> dict[str, Any]:
@@ -428,13 +430,83 @@ def _admin_keys(c: _Checker, g: dict) -> dict[str, Any]:
             except OSError:
                 pass
         outside = sorted(h for h in hosts if not ipaddress.ip_address(h).is_loopback)
-        if outside and not remote:
+        if outside and not remote and "admin_tls" not in g:     # [tlsops] TLS protects it
             raise c.fail("global.admin", f"tcp:{addr.text}: {', '.join(outside)} is not a loopback "
                          f"address, and the admin protocol has no encryption yet: the token and "
                          f"every change would cross the network in clear. Listen on 127.0.0.1 or "
-                         f"[::1] (reach it through ssh), or set [global] admin_allow_remote = true "
-                         f"to accept that risk until TLS protects the admin")
+                         f"[::1] (reach it through ssh), protect it with [global] admin_tls = "
+                         f"{{ cert, key }}, or set [global] admin_allow_remote = true to accept "
+                         f"that risk")
     return out
+
+
+
+@dataclass(frozen=True, slots=True)
+class AdminTls:
+    """[tlsops] ``[global] admin_tls``: the TCP admin's certificate and key, and the CAs of the
+    client certificates it asks for (None: no client certificate; the token authenticates)."""
+    cert: str
+    key: str
+    client_ca: str | None = None
+    verify_client: str = "required"
+
+
+def admin_cert_only(g: dict) -> bool:
+    """[tlsops] A client certificate is required (admin_tls.client_ca, verify_client
+    "required"): it authenticates the admin's clients, and the token becomes optional."""
+    t = g.get("admin_tls")
+    return (isinstance(t, dict) and "client_ca" in t
+            and t.get("verify_client", "required") == "required")
+
+
+def _admin_tls(c: _Checker, g: dict) -> dict[str, Any]:
+    """[tlsops] ``[global] admin_tls = { cert, key, client_ca, verify_client }``: the TCP admin
+    speaks TLS (1.2 at least), and with client_ca asks for a client certificate signed by it
+    (verify_client "required", the default: beside the token, or instead of it when
+    admin_token_file is not set; "optional": the token still authenticates). A TLS admin may
+    listen on other than loopback without admin_allow_remote. The files are loaded now: a bad
+    one names its key. Relative paths: from the configuration file's directory."""
+    import os
+    import ssl
+    if "admin_tls" not in g:
+        return {}
+    p = "global.admin_tls"
+    t = c.table(g["admin_tls"], p, {"cert", "key", "client_ca", "verify_client"}, {"cert", "key"})
+    admin = g.get("admin")
+    if not (isinstance(admin, str) and admin.startswith("tcp:")):
+        raise c.fail(p, "only for a tcp admin socket ([global] admin = \"tcp:HOST:PORT\"); a "
+                        "unix socket is protected by its file mode")
+    base = os.path.dirname(os.path.abspath(c.source)) if os.path.isfile(c.source) else ""
+    paths: dict[str, str] = {}
+    for k in ("cert", "key", "client_ca"):
+        if k in t:
+            if not isinstance(t[k], str) or not t[k]:
+                raise c.fail(f"{p}.{k}", f"expected a file name, got {_kind(t[k])}")
+            paths[k] = os.path.join(base, t[k]) if base else t[k]
+            try:
+                with open(paths[k], "rb"):
+                    pass
+            except OSError as exc:
+                raise c.fail(f"{p}.{k}", f"cannot read {paths[k]}: {exc.strerror}") from None
+    if "verify_client" in t and "client_ca" not in t:
+        raise c.fail(f"{p}.verify_client", "only meaningful with client_ca")
+    verify = c.choice(t.get("verify_client", "required"), f"{p}.verify_client",
+                      ("required", "optional"))
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        ctx.load_cert_chain(paths["cert"], paths["key"])
+    except (OSError, ssl.SSLError) as exc:
+        raise c.fail(f"{p}.cert", f"{paths['cert']} / {paths['key']}: "
+                                  f"{getattr(exc, 'reason', None) or exc} (a PEM "
+                                  f"certificate and its unencrypted PEM key)") from None
+    if "client_ca" in paths:
+        try:
+            ctx.load_verify_locations(cafile=paths["client_ca"])
+        except (OSError, ssl.SSLError) as exc:
+            raise c.fail(f"{p}.client_ca", f"cannot load {paths['client_ca']}: "
+                                           f"{getattr(exc, 'reason', None) or exc.strerror or exc}"
+                         ) from None
+    return {"admin_tls": AdminTls(paths["cert"], paths["key"], paths.get("client_ca"), verify)}
 
 
 def from_dict(doc: dict, *, source: str = "config", text: str = "", resolve: bool = True) -> Config:
@@ -463,9 +535,11 @@ def from_dict(doc: dict, *, source: str = "config", text: str = "", resolve: boo
                                          f"\"tcp:127.0.0.1:9000\"")
         if admin.startswith("tcp:"):
             c.address(admin[4:], "global.admin", resolve=True)
-            if "admin_token_file" not in g:
+            if "admin_token_file" not in g and not admin_cert_only(g):         # [tlsops]
                 raise c.fail("global.admin", "a tcp admin socket needs admin_token_file "
-                                             "(a file holding the token clients must send)")
+                                             "(a file holding the token clients must send), or "
+                                             "admin_tls with client_ca and verify_client = "
+                                             "\"required\" (a client certificate instead)")
     for key in ("admin_token_file", "state_file"):
         if key in g and (not isinstance(g[key], str) or not g[key]):
             raise c.fail(f"global.{key}", f"expected a file path, got {_kind(g[key])}")
@@ -482,7 +556,8 @@ def from_dict(doc: dict, *, source: str = "config", text: str = "", resolve: boo
                         **_global_limits(c, g),                                                 # [limits]
                         source_table_size=_source_table_size(c, g),                             # [access]
                         **_mem_global(c, g, workers),                                           # [mem]
-                        connlog=_connlog_destination(c, g.get("connlog", "stderr")))            # [obs]
+                        connlog=_connlog_destination(c, g.get("connlog", "stderr")),            # [obs]
+                        **_admin_tls(c, g))                                                     # [tlsops]
     services_raw = doc.get("service", [])
     if not isinstance(services_raw, list):
         raise c.fail("service", "expected an array of tables ([[service]])")

@@ -39,6 +39,7 @@ from fastlb import _core, config, dns, leases, preflight, sdnotify, signals, sta
 from fastlb import tickets                                                     # [tlsops]
 from fastlb.admin.protocol import Request
 from fastlb.admin.server import AdminServer, admin_token, clear_stale_socket
+from fastlb.admin.server import load_tls, tls_context                          # [tlsops]
 from fastlb.config import Config, Service
 from fastlb.dataplane import LocalDataPath
 from fastlb.errors import ConfigError, FastLBError, RegistryError, StateFileError
@@ -670,6 +671,7 @@ class Supervisor:
             await self._change(nxt, new_services, g_new.workers if g_new.workers != g_old.workers else None)
             if token is not None and self.admin_server is not None:   # [admin] rotated
                 self.admin_server.token = token
+            self._reload_admin_tls(new_cfg)                               # [tlsops]
             if reg_tokens is not None and self.admin_server is not None:    # [leases]
                 self.admin_server.set_registration_tokens(reg_tokens)
             ev = {"op": "reload", "generation": self.registry.generation, "services": sorted(nxt)}
@@ -690,6 +692,18 @@ class Supervisor:
             return admin_token(new_cfg)
         except FastLBError as exc:
             raise RegistryError("invalid", f"reload refused, nothing changed: {exc}") from None
+
+    def _reload_admin_tls(self, new_cfg: Config) -> None:
+        """[tlsops] The admin's certificate files read again (renewed in place), when the
+        running admin is TLS and admin_tls names the same files; never fails the reload (the
+        files were checked when the configuration was read)."""
+        srv, t = self.admin_server, new_cfg.global_.admin_tls
+        if srv is None or srv.tls is None or t is None or t != self.cfg.global_.admin_tls:
+            return
+        try:
+            load_tls(srv.tls, t)
+        except (OSError, ValueError) as exc:
+            log.error("reload: [global] admin_tls: %s; the admin keeps its certificate", exc)
 
     def publish(self, ev: dict[str, Any]) -> None:
         if self.admin_server is not None:
@@ -869,7 +883,7 @@ class Supervisor:
             self.admin_server = AdminServer(               # [admin] its defences: config keys
                 g.admin, self.admin, token=admin_token(self.cfg),
                 max_connections=g.admin_max_connections, idle_timeout=g.admin_idle_timeout,
-                frame_timeout=g.admin_frame_timeout)
+                frame_timeout=g.admin_frame_timeout, tls=tls_context(self.cfg))   # [tlsops]
             self.admin_server.set_registration_tokens(reg_tokens)             # [leases]
             await self.admin_server.start()
         if g.metrics:   # the metrics port: Prometheus, JSON API, status page (fastlb.httpapi)

@@ -29,11 +29,15 @@
 #     unexpected EOF is an EOF (SSL_OP_IGNORE_UNEXPECTED_EOF), as a TCP FIN.
 #   - SNI: exact names, then wildcards of one label; no match or no SNI: the first certificate
 #     (HAProxy's default certificate). ALPN: the first of our list the client offers.
-#   - Session tickets: on (OpenSSL's default; a key per context and worker, new at each reload).
+#   - Session tickets: on. [tlsops] Keys made by the supervisor and shared by every worker
+#     (fastlb/tickets.py -> TlsContext.set_ticket_keys -> flb_ticket_cb in _tls.h), rotated
+#     every tls.ticket_lifetime (also the sessions' timeout); the session id context is the
+#     service's (dataplane.tls_ops_args): a session resumes only where it was made.
 #   - A session keeps a reference to its TlsContext: a reload builds a new one for new clients
 #     while open connections keep theirs (and its SNI table, the callback's argument).
 #   - Counted per engine (Engine.tls_*; summed over workers in ctl stats and /metrics):
-#     handshakes done, resumed, failed, timed out. No Gauges field: the Gauges' 16 are taken.
+#     handshakes done, resumed, failed, timed out; [tlsops] failures by reason (protocol, other
+#     beside the certificate ones), versions. No Gauges field: the Gauges' 16 are taken.
 # The per-event functions (tls_on_handshake, _tls_recv, _tls_send, tls_interest, tls_shut_wr)
 # make no Python C-API call (tests/unit/test_tls_generated_c.py).
 

@@ -394,3 +394,6 @@ class TlsContext:
     ticket_lifetime: float                                # [tlsops]
     def set_ticket_keys(self, keys: bytes) -> None: ...   # [tlsops] fastlb.tickets
     def pick(self, server_name: str) -> int: ...
+
+
+def tls_counts(st: ServiceState) -> dict[str, int]: ...   # [tlsops] a service's TLS counts

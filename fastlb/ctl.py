@@ -239,6 +239,11 @@ def _tls_lines(result: list[dict[str, Any]]) -> str:
     lines = [f"TLS handshakes {t.get('handshakes', 0)} (resumed {t.get('resumed', 0)}; "
              f"TLSv1.2 {t.get('v1_2', 0)}, TLSv1.3 {t.get('v1_3', 0)})",
              "TLS failures " + " ".join(f"{k}={v}" for k, v in fail.items())]
+    per = t.get("services") or {}
+    if per:
+        names = ["handshakes", "resumed", "v1_2", "v1_3", *fail]
+        lines += ["", _table([{"service": s, **c} for s, c in sorted(per.items())],
+                             ["service", *names])]
     for svc, ring in sorted(t.get("tickets", {}).items()):
         lines.append(f"TLS tickets {svc}: lifetime {ring['ticket_lifetime']:g}s, "
                      f"rotations {ring['rotations']}")

@@ -363,7 +363,13 @@ class DataPlane:
                 "tls_client_no_cert": e.tls_no_cert, "tls_client_expired": e.tls_expired,
                 "tls_client_untrusted": e.tls_untrusted, "tls_authz_denied": e.tls_authz_denied,
                 "tls_protocol_errors": e.tls_protocol, "tls_other_failures": e.tls_other,  # [tlsops]
-                "tls_v1_2": e.tls_v12, "tls_v1_3": e.tls_v13}
+                "tls_v1_2": e.tls_v12, "tls_v1_3": e.tls_v13, **self.tls_by_service()}
+
+    def tls_by_service(self) -> dict[str, int]:
+        """[tlsops] Each TLS service's counts as "tls.SERVICE.NAME" keys (summed over workers
+        by sum_memory like the others; read back by promex and handlers)."""
+        return {f"tls.{name}.{k}": int(v) for name, ds in self.services.items()
+                if ds.state.tls is not None for k, v in _core.tls_counts(ds.state).items()}
 
     def timeouts(self) -> list[tuple[float, float]]:
         """(connect, shortest of the timeouts that need a scan of every session) per service;

@@ -150,6 +150,13 @@ def tls_of(memory: Mapping[str, int], keys: Any) -> dict[str, Any]:
     """[tlsops] The data paths' TLS counts (DataPlane.memory, summed over workers), with the
     failures by reason, and the ticket key rings (fastlb.tickets); {} without TLS."""
     out: dict[str, Any] = {k[4:]: v for k, v in memory.items() if k.startswith("tls_")}
+    per: dict[str, dict[str, int]] = {}
+    for k, v in memory.items():                      # "tls.SERVICE.NAME" (DataPlane.tls_by_service)
+        if k.startswith("tls."):
+            svc, _, name = k[4:].rpartition(".")
+            per.setdefault(svc, {})[name] = v
+    if per:
+        out["services"] = per
     if keys is not None and keys.rings:
         out["tickets"] = keys.info()
     return out if (keys is not None and keys.rings) or any(out.values()) else {}

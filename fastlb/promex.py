@@ -325,3 +325,34 @@ def tls_by_label(mem: Mapping[str, int]) -> Iterator[Metric]:
     for version, key in TLS_VERSIONS:
         ver.add_metric([version], mem.get(key, 0))
     yield from (fail, ver)
+    yield from tls_by_service(mem)
+
+
+def tls_by_service(mem: Mapping[str, int]) -> Iterator[Metric]:
+    """[tlsops] The same per service ("tls.SERVICE.NAME" memory keys): fastlb_frontend_tls_*
+    {proxy}, as HAProxy's frontend families."""
+    per: dict[str, dict[str, int]] = {}
+    for k, v in mem.items():
+        if k.startswith("tls."):
+            svc, _, name = k[4:].rpartition(".")
+            per.setdefault(svc, {})[name] = v
+    if not per:
+        return
+    hs = CounterMetricFamily("fastlb_frontend_tls_handshakes", "TLS handshakes completed with "
+                             "the service's clients.", labels=["proxy"])
+    res = CounterMetricFamily("fastlb_frontend_tls_resumptions", "Of those, resumed sessions.",
+                              labels=["proxy"])
+    fail = CounterMetricFamily("fastlb_frontend_tls_failures", "The service's TLS clients "
+                               "refused, per reason (as fastlb_tls_failures_total).",
+                               labels=["proxy", "reason"])
+    ver = CounterMetricFamily("fastlb_frontend_tls_handshakes_by_version", "The service's TLS "
+                              "handshakes per negotiated version.", labels=["proxy", "version"])
+    for svc, c in sorted(per.items()):
+        hs.add_metric([svc], c.get("handshakes", 0))
+        res.add_metric([svc], c.get("resumed", 0))
+        for reason in ("timeout", "no_client_cert", "expired", "untrusted", "identity_refused",
+                       "protocol", "other"):
+            fail.add_metric([svc, reason], c.get(reason, 0))
+        for version, key in (("TLSv1.2", "v1_2"), ("TLSv1.3", "v1_3")):
+            ver.add_metric([svc, version], c.get(key, 0))
+    yield from (hs, res, fail, ver)

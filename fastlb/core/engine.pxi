@@ -107,6 +107,7 @@ cdef class ServiceState:
     cdef public int ka_interval
     cdef public int ka_count
     cdef public unsigned long long log_sample  # [obs] connection log: sample x 2**32 (0: off)
+    cdef long long tlsn[11]              # [tlsops] this service's TLS counts (tls.pxi TLSN_*)
 
     def __init__(self, str name):
         self.name = name

@@ -52,6 +52,19 @@ cdef enum:
 
 TLS_VERSIONS = {"1.2": TLS1_2_VERSION, "1.3": TLS1_3_VERSION}
 
+# [tlsops] the per-service TLS counts (ServiceState.tlsn, 11 of them; the engine's tls_* are the
+# balancer-wide ones): handshakes done, resumed, per version; refusals per reason
+cdef enum:
+    TLSN_HANDSHAKES, TLSN_RESUMED, TLSN_V12, TLSN_V13, TLSN_TIMEOUT, TLSN_NO_CERT, TLSN_EXPIRED
+    TLSN_UNTRUSTED, TLSN_IDENTITY, TLSN_PROTOCOL, TLSN_OTHER
+TLSN_NAMES = ("handshakes", "resumed", "v1_2", "v1_3", "timeout", "no_client_cert", "expired",
+              "untrusted", "identity_refused", "protocol", "other")
+
+
+def tls_counts(ServiceState st):
+    """[tlsops] A service's TLS counts in this engine: {name: count} (TLSN_NAMES)."""
+    return {n: st.tlsn[i] for i, n in enumerate(TLSN_NAMES)}
+
 
 @cython.final
 cdef class TlsContext:
@@ -203,14 +216,19 @@ cdef void tls_on_handshake(Session s, uint32_t events) noexcept:
         e = flb_verify_reason(s.ssl)        # stage 2: a client certificate refused, and why
         if e == 1:
             s.eng.tls_no_cert += 1
+            s.svc.tlsn[TLSN_NO_CERT] += 1
         elif e == 2:
             s.eng.tls_expired += 1
+            s.svc.tlsn[TLSN_EXPIRED] += 1
         elif e == 3:
             s.eng.tls_untrusted += 1
+            s.svc.tlsn[TLSN_UNTRUSTED] += 1
         elif e == 4:                        # [tlsops] not TLS, a bad or oversized message...
             s.eng.tls_protocol += 1
+            s.svc.tlsn[TLSN_PROTOCOL] += 1
         else:                               # [tlsops] the client left, or sent an alert
             s.eng.tls_other += 1
+            s.svc.tlsn[TLSN_OTHER] += 1
         ERR_clear_error()
         s.eng.tls_failures += 1
         s.term = TERM_CC                    # [obs] the client failed before connecting
@@ -223,14 +241,19 @@ cdef void tls_on_handshake(Session s, uint32_t events) noexcept:
 cdef void _tls_established(Session s) noexcept:
     """The handshake is done (once per connection): connect, as a plain session does."""
     s.eng.tls_handshakes += 1
+    s.svc.tlsn[TLSN_HANDSHAKES] += 1        # [tlsops] per service too
     if SSL_session_reused(s.ssl):
         s.eng.tls_resumed += 1
+        s.svc.tlsn[TLSN_RESUMED] += 1
     if SSL_version(s.ssl) == TLS1_3_VERSION:   # [tlsops] min_version is 1.2: 1.2 or 1.3
         s.eng.tls_v13 += 1
+        s.svc.tlsn[TLSN_V13] += 1
     else:
         s.eng.tls_v12 += 1
+        s.svc.tlsn[TLSN_V12] += 1
     if s.tlsctx.identities and not flb_authz(s.ssl, s.tlsctx.authz):   # stage 2: authz
         s.eng.tls_authz_denied += 1         # a valid certificate, no allowed identity: closed
+        s.svc.tlsn[TLSN_IDENTITY] += 1
         s.term = TERM_DENY_ACL              # [obs] refused before connecting (PR)
         s._close()
         return
@@ -245,6 +268,7 @@ cdef void _tls_established(Session s) noexcept:
 cdef void tls_expired(Session s) noexcept:
     """The sweep found a handshake past timeouts.handshake."""
     s.eng.tls_timeouts += 1
+    s.svc.tlsn[TLSN_TIMEOUT] += 1           # [tlsops]
     s.term = TERM_cR                        # [obs] the client did not finish in time
     s._close()
 

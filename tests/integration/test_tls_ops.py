@@ -8,6 +8,7 @@ import concurrent.futures
 import datetime
 import json
 import os
+import re
 import shutil
 import socket
 import ssl
@@ -138,6 +139,39 @@ def test_every_failure_reason_resumptions_and_versions_in_ctl_stats_and_metrics(
     assert 'fastlb_tls_handshakes_by_version_total{version="TLSv1.2"} 1.0' in body
     assert 'fastlb_tls_handshakes_by_version_total{version="TLSv1.3"} 3.0' in body
     assert "fastlb_tls_resumptions_total 1.0" in body
+
+
+def test_tls_counts_per_service_in_ctl_stats_and_metrics(procs, tmp_path, ca):
+    """Two TLS services over two workers: each one's handshakes, versions and refusals are its
+    own (ctl stats' per-service table and JSON, fastlb_frontend_tls_*{proxy})."""
+    _, bport = start_backend(procs, "echo")
+    crt, key = write_cert(tmp_path, "edge", ca.issue_cert("edge.test"))
+    tls = f'{{ cert = "{crt}", key = "{key}" }}'
+    text = config(tmp_path, bport, tls, workers=2) + (
+        f'[[service]]\nname = "api"\nlisten = ["127.0.0.1:0"]\ntls = {tls}\n'
+        f'backends = [ {{ address = "127.0.0.1:{bport}" }} ]\n')
+    lb, _ = start(procs, tmp_path, text)
+    edge, api = (int(re.search(rf"service {n}: listening on \S+:(\d+)", lb.output).group(1))
+                 for n in ("edge", "api"))
+    ctx = client_ctx(ca)
+    for _ in range(3):
+        echo_once(edge, ctx)
+    echo_once(api, client_ctx(ca, maximum_version=ssl.TLSVersion.TLSv1_2))
+    for _ in range(2):
+        refused_at_once(api, b"GET / HTTP/1.1\r\n\r\n")
+
+    def per_service():
+        return tls_stats(tmp_path).get("services", {})
+    want = {"edge": (3, 0, 3, 0), "api": (1, 1, 0, 2)}
+    assert wait_for(lambda: {n: (c["handshakes"], c["v1_2"], c["v1_3"], c["protocol"])
+                             for n, c in per_service().items()} == want, 5), per_service()
+    text = ctl(tmp_path, "stats")
+    assert re.search(r"^api +1 +0 +1 +0 +0 +0 +0 +0 +0 +2 +0 *$", text, re.M), text
+    body = http_get(tmp_path, "/metrics")
+    assert 'fastlb_frontend_tls_handshakes_total{proxy="edge"} 3.0' in body
+    assert 'fastlb_frontend_tls_failures_total{proxy="api",reason="protocol"} 2.0' in body
+    assert 'fastlb_frontend_tls_failures_total{proxy="edge",reason="protocol"} 0.0' in body
+    assert 'fastlb_frontend_tls_handshakes_by_version_total{proxy="api",version="TLSv1.2"} 1.0' in body
 
 
 # -- 2. session tickets shared by the workers, rotated ---------------------------------------------

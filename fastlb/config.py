@@ -1244,7 +1244,7 @@ def _etcd(c: _Checker, doc: dict, services_raw: list, services: list[Service]) -
 
 # -- [tls] TLS termination (docs/config.md, "TLS") ------------------------------------------------
 TLS_KEYS = {"cert", "key", "certs", "min_version", "alpn", "client_ca", "verify_client"}
-TLS_KEYS |= {"ticket_lifetime"}                                                # [tlsops]
+TLS_KEYS |= {"ticket_lifetime", "ticket_keys"}                                # [tlsops]
 # [tlsops] tls.ticket_lifetime's default: HAProxy's tune.ssl.lifetime and nginx's
 # ssl_session_timeout are both 5 minutes
 TICKET_LIFETIME = 300.0
@@ -1266,6 +1266,8 @@ class TlsConfig:
     verify_client: str = "required"
     identities: tuple[str, ...] = ()
     ticket_lifetime: float = TICKET_LIFETIME    # [tlsops] sessions' lifetime, keys' rotation
+    ticket_keys: bytes = field(default=b"", repr=False)   # [tlsops] the file's last 3 keys
+    ticket_keys_file: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"certs": [{"cert": c, "key": k} for c, k in self.certs],
@@ -1276,6 +1278,8 @@ class TlsConfig:
             d["client_ca"], d["verify_client"] = self.client_ca, self.verify_client
         if self.ticket_lifetime != TICKET_LIFETIME:                             # [tlsops]
             d["ticket_lifetime"] = self.ticket_lifetime
+        if self.ticket_keys_file:
+            d["ticket_keys"] = self.ticket_keys_file
         return d
 
 
@@ -1370,7 +1374,31 @@ def _tls_ops(c: _Checker, tls: dict, p: str) -> dict[str, Any]:
     """[tlsops] tls.ticket_lifetime: how long a session (a ticket) may be resumed, and the
     period at which the shared ticket keys rotate (fastlb.tickets; a key decrypts for two
     periods). From 1 s to 7 days (TLS 1.3's ticket_lifetime limit, RFC 8446 4.6.1)."""
-    if "ticket_lifetime" not in tls:
-        return {}
-    return {"ticket_lifetime": c.duration(tls["ticket_lifetime"], f"{p}.ticket_lifetime",
-                                          lo=1.0, hi=7 * 86400.0)}
+    import base64
+    import binascii
+    import os
+    out: dict[str, Any] = {}
+    if "ticket_lifetime" in tls:
+        out["ticket_lifetime"] = c.duration(tls["ticket_lifetime"], f"{p}.ticket_lifetime",
+                                            lo=1.0, hi=7 * 86400.0)
+    if "ticket_keys" in tls:      # HAProxy's tls-ticket-keys file (its 80-byte, AES-256 keys)
+        path = tls["ticket_keys"]
+        if not isinstance(path, str) or not path:
+            raise c.fail(f"{p}.ticket_keys", f"expected a file name, got {_kind(path)}")
+        base = os.path.dirname(os.path.abspath(c.source)) if os.path.isfile(c.source) else ""
+        fname = os.path.join(base, path) if base else path
+        try:
+            with open(fname) as f:
+                lines = [ln.strip() for ln in f if ln.strip()]
+            keys = [base64.b64decode(ln, validate=True) for ln in lines]
+        except OSError as exc:
+            raise c.fail(f"{p}.ticket_keys", f"cannot read {fname}: {exc.strerror}") from None
+        except (binascii.Error, ValueError):
+            keys = []
+        if len(keys) < 3 or any(len(k) != 80 for k in keys):
+            raise c.fail(f"{p}.ticket_keys", f"{fname}: expected at least 3 lines, each 80 "
+                                             f"random bytes in base64 (openssl rand 80 | "
+                                             f"openssl base64 -A); the last three are used, the "
+                                             f"last but one encrypts")
+        out["ticket_keys"], out["ticket_keys_file"] = b"".join(keys[-3:]), path
+    return out

@@ -335,7 +335,9 @@ class Supervisor:
                 rt.tick(plan, now)
                 plans.append(plan)
             wanted = wanted_listeners({name: rt.svc for name, rt in self.runtimes.items()})
-            if self.tickets.sync({p.name: p.tls_ticket_lifetime for p in plans if p.tls_certs}):
+            if self.tickets.sync({p.name: p.tls_ticket_lifetime for p in plans if p.tls_certs},
+                                 {n: rt.svc.tls.ticket_keys for n, rt in self.runtimes.items()
+                                  if rt.svc.tls is not None and rt.svc.tls.ticket_keys}):
                 self.datapath.set_tickets(self.tickets.wire())                  # [tlsops]
             self.gen += 1
             self.datapath.apply(Snapshot(self.gen, tuple(plans), tuple(sorted(wanted)),
@@ -792,6 +794,10 @@ class Supervisor:
         if service is not None and service not in self.tickets.rings:
             raise RegistryError("unknown_service", f"no TLS service {service!r}; TLS services: "
                                 f"{', '.join(sorted(self.tickets.rings)) or '(none)'}")
+        if service is not None and self.tickets.rings[service].fixed:
+            raise RegistryError("invalid", f"service {service!r} takes its ticket keys from "
+                                f"tls.ticket_keys: append a key to the file and reload")
+        names = [n for n in names if not self.tickets.rings[n].fixed]
         for name in names:
             self.tickets.turn(name)
         self.datapath.set_tickets(self.tickets.wire())

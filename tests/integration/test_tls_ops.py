@@ -241,6 +241,43 @@ def test_ticket_lifetime_rotates_the_keys_on_its_timer(procs, tmp_path, ca):
     assert tls_stats(tmp_path)["tickets"]["edge"]["ticket_lifetime"] == 1.0
 
 
+def test_ticket_keys_from_a_file_resume_across_balancers_and_rotate_by_reload(procs, tmp_path, ca):
+    """tls.ticket_keys (HAProxy's tls-ticket-keys file: base64 80-byte keys, the last three
+    used, the last but one encrypting): two balancers with the same file resume each other's
+    tickets; appending a key and reloading turns the ring (the ticket still resumes), two
+    appended keys retire it; rotate-tickets leaves such a service to its file."""
+    import base64
+    _, bport = start_backend(procs, "echo")
+    crt, key = write_cert(tmp_path, "edge", ca.issue_cert("edge.test"))
+    keyfile = tmp_path / "tickets.keys"
+    keyfile.write_text("".join(base64.b64encode(os.urandom(80)).decode() + "\n" for _ in range(3)))
+    tls = f'{{ cert = "{crt}", key = "{key}", ticket_keys = "{keyfile}" }}'
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    _, (port_a,) = start(procs, tmp_path / "a", config(tmp_path / "a", bport, tls))
+    _, (port_b,) = start(procs, tmp_path / "b", config(tmp_path / "b", bport, tls, workers=2))
+    ctx = client_ctx(ca)
+    _, ticket = echo_once(port_a, ctx)
+    assert all(echo_once(port_b, ctx, ticket)[0] for _ in range(6))      # the other balancer
+    with open(keyfile, "a") as f:
+        f.write(base64.b64encode(os.urandom(80)).decode() + "\n")
+    ctl(tmp_path / "b", "reload")
+    assert all(echo_once(port_b, ctx, ticket)[0] for _ in range(6))      # now the previous key
+    with open(keyfile, "a") as f:
+        f.write(base64.b64encode(os.urandom(80)).decode() + "\n")
+    ctl(tmp_path / "b", "reload")
+    assert not any(echo_once(port_b, ctx, ticket)[0] for _ in range(6))  # gone
+    assert echo_once(port_a, ctx, ticket)[0]                              # A did not reload
+    out = subprocess.run([PY, "-m", "fastlb", "ctl", "--socket", f"{tmp_path}/b/admin.sock",
+                          "rotate-tickets", "edge"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 1 and "append a key to the file and reload" in out.stderr
+    assert tls_stats(tmp_path / "b")["tickets"]["edge"]["keys"] == "file"
+    keyfile.write_text("bm90IGEga2V5\n")                                 # "not a key"
+    out = subprocess.run([PY, "-m", "fastlb", "ctl", "--socket", f"{tmp_path}/b/admin.sock",
+                          "reload"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 1 and "service[0].tls.ticket_keys" in out.stderr, out.stderr
+
+
 # -- 5. hostile input -------------------------------------------------------------------------------
 def worker_pids(tmp_path):
     return [w["pid"] for w in json.loads(ctl(tmp_path, "--json", "workers"))]

@@ -40,3 +40,17 @@ def test_rings_follow_the_services_and_the_timer():
     assert t.next_due() == 115.0
     assert t.sync({"b": 30.0}) and set(t.wire()) == {"b"}  # a service without TLS any more
     assert t.sync({"b": 30.0, "c": 1.0}) and len(t.wire()["c"]) == 3 * KEY_SIZE
+
+
+def test_the_users_keys_are_the_ring_and_never_turn_by_themselves():
+    clock = [0.0]
+    t = TicketKeys(lambda: clock[0], keys_of(100))
+    given = bytes([7]) * KEY_SIZE + bytes([8]) * KEY_SIZE + bytes([9]) * KEY_SIZE
+    assert t.sync({"edge": 1.0}, {"edge": given})
+    assert t.wire()["edge"] == given and t.next_due() == float("inf")
+    clock[0] = 1e9
+    assert not t.turn_due() and t.wire()["edge"] == given
+    assert not t.sync({"edge": 1.0}, {"edge": given})            # the same file: no change
+    assert t.info()["edge"]["keys"] == "file"
+    assert t.sync({"edge": 1.0})                                  # the file dropped: random keys
+    assert t.wire()["edge"] != given and t.next_due() == 1e9 + 1.0

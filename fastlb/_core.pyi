@@ -265,6 +265,11 @@ class Engine:
     orig_handshakes: int                  # [orig] core/tls_orig.pxi
     orig_resumed: int
     orig_failures: int
+
+    tls_protocol: int                    # [tlsops] the other failure reasons; versions
+    tls_other: int
+    tls_v12: int
+    tls_v13: int
     def set_buffer_budget(self, nbytes: int) -> None: ...
     def listen(self, sock: socket.socket, svc: ServiceState, shared: bool = False) -> Listener: ...
     def unlisten(self, lst: Listener) -> None: ...
@@ -392,7 +397,10 @@ class TlsContext:
     def __init__(self, certs: Sequence[tuple[bytes, bytes]], *, min_version: str = "1.2",
                  alpn: Sequence[str] = (), handshake_timeout: float = 10.0,
                  client_ca: bytes | None = None, verify_client: str = "required",
-                 identities: Sequence[str] = ()) -> None: ...
+                 identities: Sequence[str] = (), ticket_lifetime: float = 300.0,
+                 session_context: bytes = b"fastlb") -> None: ...
+    ticket_lifetime: float                                # [tlsops]
+    def set_ticket_keys(self, keys: bytes) -> None: ...   # [tlsops] fastlb.tickets
     def pick(self, server_name: str) -> int: ...
 
 
@@ -404,3 +412,5 @@ class OrigContext:
                  slots: Sequence[tuple[int, int, str]] = ...) -> None: ...
     def uses_tls(self, slot: int) -> bool: ...
     def cached(self, slot: int) -> bool: ...
+
+def tls_counts(st: ServiceState) -> dict[str, int]: ...   # [tlsops] a service's TLS counts

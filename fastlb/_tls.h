@@ -29,6 +29,11 @@ typedef struct flb_sni {
     flb_sni_entry *e;
     unsigned char alpn[256];   /* the ALPN list in wire form (length-prefixed) */
     unsigned int alpn_len;
+    /* [tlsops] session ticket keys shared by every worker (flb_ticket_cb): previous, current,
+     * next, each HAProxy's 80-byte form (name 16 | AES-256 32 | HMAC-SHA256 32); tk_on 0:
+     * OpenSSL's own per-context keys (a context not given keys yet) */
+    unsigned char tk[3][80];
+    int tk_on;
 } flb_sni;
 
 /* The context for a server name: an exact name first, then a wildcard matching its first
@@ -219,7 +224,9 @@ static int flb_ctx_client_ca(SSL_CTX *ctx, const char *pem, int len, int require
 
 /* Why a handshake failed, for the counts (before the error queue is cleared):
  * 1 no client certificate, 2 expired (or not yet valid), 3 not trusted (a foreign CA, a bad
- * signature...), 0 anything else. */
+ * signature...), 4 [tlsops] a protocol error of the client (not TLS, a bad or oversized
+ * message, no shared version or cipher: an SSL-library error that is not an alert the client
+ * sent us), 0 anything else (the client left or sent an alert, a socket error). */
 static int flb_verify_reason(SSL *ssl) {
     long v = SSL_get_verify_result(ssl);
     unsigned long e = ERR_peek_error();
@@ -229,6 +236,8 @@ static int flb_verify_reason(SSL *ssl) {
         return 2;
     if (v != X509_V_OK)
         return 3;
+    if (e != 0 && ERR_GET_LIB(e) == ERR_LIB_SSL && ERR_GET_REASON(e) < SSL_AD_REASON_OFFSET)
+        return 4;
     return 0;
 }
 
@@ -295,6 +304,72 @@ static int flb_peer_cn(SSL *ssl, char *out, int outlen, int *verified) {
     n = X509_NAME_get_text_by_NID(X509_get_subject_name(x), NID_commonName, out, outlen);
     X509_free(x);
     return n > 0 ? n : 0;
+}
+
+/* -- [tlsops] session tickets shared across workers, with rotation ----------------------------
+ * The supervisor makes the keys and sends them to every worker (fastlb/tickets.py); the
+ * contexts of a service all point at one flb_sni (app data), where the keys are. HAProxy's
+ * scheme (ssl_tlsext_ticket_key_cb, TLS_TICKETS_NO = 3): the middle key encrypts, all three
+ * decrypt; a ticket of the previous key is accepted and renewed (2), one of a key no longer
+ * held is not (0: a full handshake). OpenSSL 3's EVP callback (no deprecated HMAC_CTX). */
+#include <openssl/rand.h>
+#include <openssl/core_names.h>
+
+static int flb_ticket_cb(SSL *ssl, unsigned char *name, unsigned char *iv, EVP_CIPHER_CTX *ectx,
+                         EVP_MAC_CTX *hctx, int enc) {
+    flb_sni *t = (flb_sni *)SSL_CTX_get_app_data(SSL_get_SSL_CTX(ssl));
+    const unsigned char *k;
+    OSSL_PARAM params[3];
+    int i = 1;
+    if (t == NULL || !t->tk_on)
+        return 0;
+    if (enc) {
+        k = t->tk[1];
+        memcpy(name, k, 16);
+        if (RAND_bytes(iv, 16) <= 0 || !EVP_EncryptInit_ex(ectx, EVP_aes_256_cbc(), NULL, k + 16, iv))
+            return -1;
+    } else {
+        for (i = 0; i < 3 && memcmp(name, t->tk[i], 16) != 0; i++)
+            ;
+        if (i == 3)
+            return 0;                      /* a key no longer held: not resumed */
+        k = t->tk[i];
+        if (!EVP_DecryptInit_ex(ectx, EVP_aes_256_cbc(), NULL, k + 16, iv))
+            return -1;
+    }
+    params[0] = OSSL_PARAM_construct_octet_string(OSSL_MAC_PARAM_KEY, (void *)(k + 48), 32);
+    params[1] = OSSL_PARAM_construct_utf8_string(OSSL_MAC_PARAM_DIGEST, (char *)"SHA256", 0);
+    params[2] = OSSL_PARAM_construct_end();
+    if (!EVP_MAC_CTX_set_params(hctx, params))
+        return -1;
+    return i == 1 ? 1 : 2;                 /* not the current key: renew the ticket */
+}
+
+/* The keys (240 bytes: previous, current, next) into t; the callback on each context. */
+static void flb_tickets_set(flb_sni *t, SSL_CTX **ctxs, int n, const unsigned char *keys) {
+    int i;
+    memcpy(t->tk, keys, sizeof(t->tk));
+    t->tk_on = 1;
+    for (i = 0; i < n; i++)
+        SSL_CTX_set_tlsext_ticket_key_evp_cb(ctxs[i], flb_ticket_cb);
+}
+
+/* Each context's settings of this part: the flb_sni as app data (the ticket callback's way
+ * to the keys), the session lifetime (the ticket's lifetime hint; a session older is not
+ * resumed) and the session id context (sessions of one service resume only there). */
+static int flb_ctx_ops(SSL_CTX *ctx, flb_sni *t, long lifetime, const unsigned char *sid,
+                       unsigned int sidlen) {
+    SSL_CTX_set_app_data(ctx, t);
+    SSL_CTX_set_timeout(ctx, lifetime);
+    return SSL_CTX_set_session_id_context(ctx, sid, sidlen);
+}
+
+/* The negotiated ALPN protocol (NULL, 0: none) for the PROXY v2 TLV. */
+static const unsigned char *flb_alpn_of(const SSL *ssl, unsigned int *len) {
+    const unsigned char *p = NULL;
+    *len = 0;
+    SSL_get0_alpn_selected(ssl, &p, len);
+    return *len ? p : NULL;
 }
 
 #endif

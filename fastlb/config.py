@@ -217,6 +217,7 @@ class GlobalConfig:
     source_table_size: int = DEFAULT_SOURCE_TABLE   # [access] entries of the per-source table
     buffer_budget: int = 256 << 20         # [mem] bytes of connection buffers, all workers (_mem_global)
     connlog: str = "stderr"                # [obs] the connection log's destination (_connlog)
+    admin_tls: "AdminTls | None" = None    # [tlsops] the TCP admin over TLS (_admin_tls)
 
 
 @dataclass(frozen=True, slots=True)
@@ -401,6 +402,7 @@ def loads(text: str, source: str = "config", *, resolve: bool = True) -> Config:
 
 ADMIN_KEYS = {"admin_max_connections", "admin_idle_timeout", "admin_frame_timeout",
               "admin_allow_remote"}
+ADMIN_KEYS |= {"admin_tls"}                                                    # [tlsops]
 
 
 def _admin_keys(c: _Checker, g: dict) -> dict[str, Any]:
@@ -431,13 +433,83 @@ def _admin_keys(c: _Checker, g: dict) -> dict[str, Any]:
             except OSError:
                 pass
         outside = sorted(h for h in hosts if not ipaddress.ip_address(h).is_loopback)
-        if outside and not remote:
+        if outside and not remote and "admin_tls" not in g:     # [tlsops] TLS protects it
             raise c.fail("global.admin", f"tcp:{addr.text}: {', '.join(outside)} is not a loopback "
                          f"address, and the admin protocol has no encryption yet: the token and "
                          f"every change would cross the network in clear. Listen on 127.0.0.1 or "
-                         f"[::1] (reach it through ssh), or set [global] admin_allow_remote = true "
-                         f"to accept that risk until TLS protects the admin")
+                         f"[::1] (reach it through ssh), protect it with [global] admin_tls = "
+                         f"{{ cert, key }}, or set [global] admin_allow_remote = true to accept "
+                         f"that risk")
     return out
+
+
+
+@dataclass(frozen=True, slots=True)
+class AdminTls:
+    """[tlsops] ``[global] admin_tls``: the TCP admin's certificate and key, and the CAs of the
+    client certificates it asks for (None: no client certificate; the token authenticates)."""
+    cert: str
+    key: str
+    client_ca: str | None = None
+    verify_client: str = "required"
+
+
+def admin_cert_only(g: dict) -> bool:
+    """[tlsops] A client certificate is required (admin_tls.client_ca, verify_client
+    "required"): it authenticates the admin's clients, and the token becomes optional."""
+    t = g.get("admin_tls")
+    return (isinstance(t, dict) and "client_ca" in t
+            and t.get("verify_client", "required") == "required")
+
+
+def _admin_tls(c: _Checker, g: dict) -> dict[str, Any]:
+    """[tlsops] ``[global] admin_tls = { cert, key, client_ca, verify_client }``: the TCP admin
+    speaks TLS (1.2 at least), and with client_ca asks for a client certificate signed by it
+    (verify_client "required", the default: beside the token, or instead of it when
+    admin_token_file is not set; "optional": the token still authenticates). A TLS admin may
+    listen on other than loopback without admin_allow_remote. The files are loaded now: a bad
+    one names its key. Relative paths: from the configuration file's directory."""
+    import os
+    import ssl
+    if "admin_tls" not in g:
+        return {}
+    p = "global.admin_tls"
+    t = c.table(g["admin_tls"], p, {"cert", "key", "client_ca", "verify_client"}, {"cert", "key"})
+    admin = g.get("admin")
+    if not (isinstance(admin, str) and admin.startswith("tcp:")):
+        raise c.fail(p, "only for a tcp admin socket ([global] admin = \"tcp:HOST:PORT\"); a "
+                        "unix socket is protected by its file mode")
+    base = os.path.dirname(os.path.abspath(c.source)) if os.path.isfile(c.source) else ""
+    paths: dict[str, str] = {}
+    for k in ("cert", "key", "client_ca"):
+        if k in t:
+            if not isinstance(t[k], str) or not t[k]:
+                raise c.fail(f"{p}.{k}", f"expected a file name, got {_kind(t[k])}")
+            paths[k] = os.path.join(base, t[k]) if base else t[k]
+            try:
+                with open(paths[k], "rb"):
+                    pass
+            except OSError as exc:
+                raise c.fail(f"{p}.{k}", f"cannot read {paths[k]}: {exc.strerror}") from None
+    if "verify_client" in t and "client_ca" not in t:
+        raise c.fail(f"{p}.verify_client", "only meaningful with client_ca")
+    verify = c.choice(t.get("verify_client", "required"), f"{p}.verify_client",
+                      ("required", "optional"))
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        ctx.load_cert_chain(paths["cert"], paths["key"])
+    except (OSError, ssl.SSLError) as exc:
+        raise c.fail(f"{p}.cert", f"{paths['cert']} / {paths['key']}: "
+                                  f"{getattr(exc, 'reason', None) or exc} (a PEM "
+                                  f"certificate and its unencrypted PEM key)") from None
+    if "client_ca" in paths:
+        try:
+            ctx.load_verify_locations(cafile=paths["client_ca"])
+        except (OSError, ssl.SSLError) as exc:
+            raise c.fail(f"{p}.client_ca", f"cannot load {paths['client_ca']}: "
+                                           f"{getattr(exc, 'reason', None) or exc.strerror or exc}"
+                         ) from None
+    return {"admin_tls": AdminTls(paths["cert"], paths["key"], paths.get("client_ca"), verify)}
 
 
 def from_dict(doc: dict, *, source: str = "config", text: str = "", resolve: bool = True) -> Config:
@@ -466,9 +538,11 @@ def from_dict(doc: dict, *, source: str = "config", text: str = "", resolve: boo
                                          f"\"tcp:127.0.0.1:9000\"")
         if admin.startswith("tcp:"):
             c.address(admin[4:], "global.admin", resolve=True)
-            if "admin_token_file" not in g:
+            if "admin_token_file" not in g and not admin_cert_only(g):         # [tlsops]
                 raise c.fail("global.admin", "a tcp admin socket needs admin_token_file "
-                                             "(a file holding the token clients must send)")
+                                             "(a file holding the token clients must send), or "
+                                             "admin_tls with client_ca and verify_client = "
+                                             "\"required\" (a client certificate instead)")
     for key in ("admin_token_file", "state_file"):
         if key in g and (not isinstance(g[key], str) or not g[key]):
             raise c.fail(f"global.{key}", f"expected a file path, got {_kind(g[key])}")
@@ -485,7 +559,8 @@ def from_dict(doc: dict, *, source: str = "config", text: str = "", resolve: boo
                         **_global_limits(c, g),                                                 # [limits]
                         source_table_size=_source_table_size(c, g),                             # [access]
                         **_mem_global(c, g, workers),                                           # [mem]
-                        connlog=_connlog_destination(c, g.get("connlog", "stderr")))            # [obs]
+                        connlog=_connlog_destination(c, g.get("connlog", "stderr")),            # [obs]
+                        **_admin_tls(c, g))                                                     # [tlsops]
     services_raw = doc.get("service", [])
     if not isinstance(services_raw, list):
         raise c.fail("service", "expected an array of tables ([[service]])")
@@ -1195,6 +1270,10 @@ def _etcd(c: _Checker, doc: dict, services_raw: list, services: list[Service]) -
 
 # -- [tls] TLS termination (docs/config.md, "TLS") ------------------------------------------------
 TLS_KEYS = {"cert", "key", "certs", "min_version", "alpn", "client_ca", "verify_client"}
+TLS_KEYS |= {"ticket_lifetime", "ticket_keys"}                                # [tlsops]
+# [tlsops] tls.ticket_lifetime's default: HAProxy's tune.ssl.lifetime and nginx's
+# ssl_session_timeout are both 5 minutes
+TICKET_LIFETIME = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -1212,6 +1291,9 @@ class TlsConfig:
     ca_pem: bytes = field(default=b"", repr=False)
     verify_client: str = "required"
     identities: tuple[str, ...] = ()
+    ticket_lifetime: float = TICKET_LIFETIME    # [tlsops] sessions' lifetime, keys' rotation
+    ticket_keys: bytes = field(default=b"", repr=False)   # [tlsops] the file's last 3 keys
+    ticket_keys_file: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"certs": [{"cert": c, "key": k} for c, k in self.certs],
@@ -1220,6 +1302,10 @@ class TlsConfig:
             d["alpn"] = list(self.alpn)
         if self.client_ca:
             d["client_ca"], d["verify_client"] = self.client_ca, self.verify_client
+        if self.ticket_lifetime != TICKET_LIFETIME:                             # [tlsops]
+            d["ticket_lifetime"] = self.ticket_lifetime
+        if self.ticket_keys_file:
+            d["ticket_keys"] = self.ticket_keys_file
         return d
 
 
@@ -1306,7 +1392,8 @@ def _tls(c: _Checker, raw: dict, path: str) -> TlsConfig | None:
         if "client_ca" not in tls:
             raise c.fail(f"{path}.authz", "needs tls.client_ca (identities of verified clients)")
         mtls["identities"] = tuple(ids)
-    return TlsConfig(tuple(certs), tuple(pems), minv, tuple(alpn), hs, **mtls)
+    return TlsConfig(tuple(certs), tuple(pems), minv, tuple(alpn), hs, **mtls,
+                     **_tls_ops(c, tls, p))                                     # [tlsops]
 
 
 # -- [orig] TLS origination (docs/config.md, "TLS to backends") ----------------------------------
@@ -1423,3 +1510,37 @@ def _orig_to_dict(svc: Service, d: dict[str, Any], backends: list[dict[str, Any]
 def orig_of(svc: Service, b: Backend) -> OrigTls | None:
     """[orig] The TLS a backend of ``svc`` is reached with (None: plain TCP)."""
     return None if b.plain else (b.tls or svc.backend_tls)
+
+
+def _tls_ops(c: _Checker, tls: dict, p: str) -> dict[str, Any]:
+    """[tlsops] tls.ticket_lifetime: how long a session (a ticket) may be resumed, and the
+    period at which the shared ticket keys rotate (fastlb.tickets; a key decrypts for two
+    periods). From 1 s to 7 days (TLS 1.3's ticket_lifetime limit, RFC 8446 4.6.1)."""
+    import base64
+    import binascii
+    import os
+    out: dict[str, Any] = {}
+    if "ticket_lifetime" in tls:
+        out["ticket_lifetime"] = c.duration(tls["ticket_lifetime"], f"{p}.ticket_lifetime",
+                                            lo=1.0, hi=7 * 86400.0)
+    if "ticket_keys" in tls:      # HAProxy's tls-ticket-keys file (its 80-byte, AES-256 keys)
+        path = tls["ticket_keys"]
+        if not isinstance(path, str) or not path:
+            raise c.fail(f"{p}.ticket_keys", f"expected a file name, got {_kind(path)}")
+        base = os.path.dirname(os.path.abspath(c.source)) if os.path.isfile(c.source) else ""
+        fname = os.path.join(base, path) if base else path
+        try:
+            with open(fname) as f:
+                lines = [ln.strip() for ln in f if ln.strip()]
+            keys = [base64.b64decode(ln, validate=True) for ln in lines]
+        except OSError as exc:
+            raise c.fail(f"{p}.ticket_keys", f"cannot read {fname}: {exc.strerror}") from None
+        except (binascii.Error, ValueError):
+            keys = []
+        if len(keys) < 3 or any(len(k) != 80 for k in keys):
+            raise c.fail(f"{p}.ticket_keys", f"{fname}: expected at least 3 lines, each 80 "
+                                             f"random bytes in base64 (openssl rand 80 | "
+                                             f"openssl base64 -A); the last three are used, the "
+                                             f"last but one encrypts")
+        out["ticket_keys"], out["ticket_keys_file"] = b"".join(keys[-3:]), path
+    return out

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import os
+import ssl
 import sys
 import tomllib
 from typing import Any
@@ -28,6 +30,7 @@ examples:
   fastlb ctl stats --json                      options may come before or after the verb
   fastlb ctl --socket /tmp/fastlb.sock watch
   fastlb ctl --tcp 127.0.0.1:9000 --token-file /etc/fastlb/token ping
+  fastlb ctl --tcp lb1:9000 --tls-ca ca.pem --tls-cert me.pem --tls-key me.key stats
 
 The socket is the one [global] admin names in fastlb's config (default {DEFAULT_SOCKET}).
 exit codes: 0 ok; 1 the server refused the request (its message on stderr);
@@ -76,6 +79,9 @@ VERBS: list[tuple[str, str, list[tuple[str, dict[str, Any]]]]] = [
       ("--weight", {"type": int, "help": "1-1000000 (default 1)"}),
       ("--meta", {"action": "append", "metavar": "KEY=VALUE", "help": "metadata (repeatable)"})]),
     ("renew", "renew a lease for another TTL", [("lease", {})]),
+    # [tlsops] HAProxy's `set ssl tls-key`: tickets of the key dropped are no longer accepted
+    ("rotate-tickets", "turn the TLS session ticket keys now (a service's, or every one)",
+     [("service", {"nargs": "?"})]),
     ("deregister", "give a lease back: its backend is removed (open connections go on)",
      [("lease", {})]),
 ]
@@ -90,11 +96,25 @@ def connection_options() -> argparse.ArgumentParser:
                    help=f"Unix admin socket ([global] admin = \"unix:...\"; "
                         f"default {DEFAULT_SOCKET})")
     g.add_argument("--tcp", metavar="HOST:PORT", default=argparse.SUPPRESS,
-                   help="TCP admin socket (needs --token-file)")
+                   help="TCP admin socket (needs --token-file, or a client certificate)")
     g.add_argument("--token-file", default=argparse.SUPPRESS,
                    help="file holding the admin token (TCP)")
     g.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                    help="print the raw result as JSON, for scripts")
+    # [tlsops] a TCP admin with [global] admin_tls; each also from FASTLB_TLS_CA, ..._CERT...
+    g.add_argument("--tls", action="store_true", default=argparse.SUPPRESS,
+                   help="TLS to the TCP admin (implied by the --tls-* options)")
+    g.add_argument("--tls-ca", metavar="FILE", default=argparse.SUPPRESS,
+                   help="CA file the admin's certificate is checked against (default: the "
+                        "system's CAs; env FASTLB_TLS_CA)")
+    g.add_argument("--tls-cert", metavar="FILE", default=argparse.SUPPRESS,
+                   help="client certificate, for an admin with admin_tls.client_ca "
+                        "(env FASTLB_TLS_CERT)")
+    g.add_argument("--tls-key", metavar="FILE", default=argparse.SUPPRESS,
+                   help="the client certificate's key (env FASTLB_TLS_KEY)")
+    g.add_argument("--tls-server-name", metavar="NAME", default=argparse.SUPPRESS,
+                   help="the name the admin's certificate must carry (default: the --tcp host; "
+                        "env FASTLB_TLS_SERVER_NAME)")
     return p
 
 
@@ -124,6 +144,8 @@ def _request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         return "log_level", {"level": args.level} if args.level else {}
     if v == "backends":
         return "backends", {"service": args.service}
+    if v == "rotate-tickets":                                                 # [tlsops]
+        return "rotate_tickets", {"service": args.service} if args.service else {}
     if v in ("renew", "deregister"):                                          # [leases]
         return v, {"lease": args.lease}
     if v == "register":                                                       # [leases]
@@ -209,6 +231,30 @@ def _limits_table(result: list[dict[str, Any]]) -> str:
     return _table(rows, ["service", "cur", "max", "limit", "queued", "queue_size", "total", *fields])
 
 
+def _tls_lines(result: list[dict[str, Any]]) -> str:
+    """[tlsops] The TLS counts (every worker, every service): handshakes, resumptions,
+    versions, failures by reason; the ticket key rings."""
+    t = result[0].get("global", {}).get("tls") if result else None
+    if not t:
+        return ""
+    fail = {"timeout": t.get("handshake_timeouts", 0), "no_client_cert": t.get("client_no_cert", 0),
+            "expired": t.get("client_expired", 0), "untrusted": t.get("client_untrusted", 0),
+            "identity_refused": t.get("authz_denied", 0), "protocol": t.get("protocol_errors", 0),
+            "other": t.get("other_failures", 0)}
+    lines = [f"TLS handshakes {t.get('handshakes', 0)} (resumed {t.get('resumed', 0)}; "
+             f"TLSv1.2 {t.get('v1_2', 0)}, TLSv1.3 {t.get('v1_3', 0)})",
+             "TLS failures " + " ".join(f"{k}={v}" for k, v in fail.items())]
+    per = t.get("services") or {}
+    if per:
+        names = ["handshakes", "resumed", "v1_2", "v1_3", *fail]
+        lines += ["", _table([{"service": s, **c} for s, c in sorted(per.items())],
+                             ["service", *names])]
+    for svc, ring in sorted(t.get("tickets", {}).items()):
+        lines.append(f"TLS tickets {svc}: lifetime {ring['ticket_lifetime']:g}s, "
+                     f"rotations {ring['rotations']}")
+    return "\n\n" + "\n".join(lines)
+
+
 def _show(verb: str, result: Any) -> str:
     if verb == "services":
         return _table([{**r, "listen": ",".join(r["listen"])} for r in result],
@@ -222,7 +268,7 @@ def _show(verb: str, result: Any) -> str:
         return (_table(rows, ["service", "address", "state", "health", "weight", "active", "total",
                               "bytes_in", "bytes_out", "connect_failures", "check_failures",
                               "max", "limit"])
-                + "\n\n" + _limits_table(result))
+                + "\n\n" + _limits_table(result) + _tls_lines(result))
     if verb == "register":                                                    # [leases]
         return str(result["lease"])
     if isinstance(result, dict):
@@ -232,57 +278,84 @@ def _show(verb: str, result: Any) -> str:
 
 def target(args: argparse.Namespace) -> dict[str, Any]:
     """The admin socket the options name: {"socket": path} or {"tcp": (host, port), "token":
-    token}. Raises SystemExit with the problem (also used by `fastlb register`)."""
+    token}, with [tlsops] "tls" (an ssl.SSLContext) and "server_hostname" when a TLS option is
+    given. Raises SystemExit with the problem (also used by `fastlb register`)."""
     tcp, socket_path = getattr(args, "tcp", None), getattr(args, "socket", None)
     token_file = getattr(args, "token_file", None)
     if tcp and socket_path:
         raise SystemExit("fastlb ctl: give --socket or --tcp, not both")
+    tls = tls_options(args)                                                    # [tlsops]
     if not tcp:
+        if tls:
+            raise SystemExit("fastlb ctl: the --tls options are for a TCP admin (--tcp)")
         return {"socket": socket_path or DEFAULT_SOCKET}
-    if not token_file:
+    if not token_file and not (tls and tls.get("cert")):
         raise SystemExit("fastlb ctl: --tcp needs --token-file (the file named by "
                          "[global] admin_token_file in fastlb's config, or a service's "
-                         "registration.token_file)")
-    try:
-        with open(token_file) as f:
-            token = f.read().strip()
-    except OSError as exc:
-        raise SystemExit(f"fastlb ctl: cannot read the token file {token_file}: "
-                         f"{exc.strerror}") from None
-    try:
-        addr = parse_address(tcp, resolve=False)
-    except ValueError as exc:
-        raise SystemExit(f"fastlb ctl: --tcp {tcp}: {exc}") from None
-    return {"tcp": (addr.host, addr.port), "token": token}
-
-
-def _connect(args: argparse.Namespace) -> AdminClient:
-    """Raises SystemExit(2) with a message naming what was tried and what to check."""
-    tcp, socket_path = getattr(args, "tcp", None), getattr(args, "socket", None)
-    token_file = getattr(args, "token_file", None)
-    if tcp and socket_path:
-        raise SystemExit("fastlb ctl: give --socket or --tcp, not both")
-    if tcp:
-        if not token_file:
-            raise SystemExit("fastlb ctl: --tcp needs --token-file (the file named by "
-                             "[global] admin_token_file in fastlb's config)")
+                         "registration.token_file), or --tls-cert/--tls-key when the admin "
+                         "takes a client certificate instead ([global] admin_tls)")
+    token = None
+    if token_file:
         try:
             with open(token_file) as f:
                 token = f.read().strip()
         except OSError as exc:
             raise SystemExit(f"fastlb ctl: cannot read the token file {token_file}: "
                              f"{exc.strerror}") from None
+    try:
+        addr = parse_address(tcp, resolve=False)
+    except ValueError as exc:
+        raise SystemExit(f"fastlb ctl: --tcp {tcp}: {exc}") from None
+    out: dict[str, Any] = {"tcp": (addr.host, addr.port), "token": token}
+    if tls:
+        out["tls"], out["server_hostname"] = tls_context(tls), tls.get("server_name")
+    return out
+
+
+def tls_options(args: argparse.Namespace) -> dict[str, Any]:
+    """[tlsops] The --tls options given ({}: plain TCP); each may also come from the
+    environment (FASTLB_TLS_CA, FASTLB_TLS_CERT, FASTLB_TLS_KEY, FASTLB_TLS_SERVER_NAME)."""
+    out: dict[str, Any] = {}
+    for opt in ("ca", "cert", "key", "server_name"):
+        value = getattr(args, f"tls_{opt}", None) or os.environ.get(f"FASTLB_TLS_{opt.upper()}")
+        if value:
+            out[opt] = value
+    if out or getattr(args, "tls", False):
+        out["on"] = True
+    if ("cert" in out) != ("key" in out):
+        raise SystemExit("fastlb ctl: --tls-cert and --tls-key go together (the client "
+                         "certificate and its key)")
+    return out
+
+
+def tls_context(opts: dict[str, Any]) -> ssl.SSLContext:
+    """[tlsops] The client context: the server checked against --tls-ca (else the system's
+    CAs) and its name; the client certificate when given."""
+    try:
+        ctx = ssl.create_default_context(cafile=opts.get("ca"))
+        if "cert" in opts:
+            ctx.load_cert_chain(opts["cert"], opts["key"])
+    except (OSError, ssl.SSLError) as exc:
+        raise SystemExit(f"fastlb ctl: the --tls files: {exc}") from None
+    return ctx
+
+
+def _connect(args: argparse.Namespace) -> AdminClient:
+    """Raises SystemExit(2) with a message naming what was tried and what to check."""
+    t = target(args)
+    if "tcp" in t:
+        tcp = getattr(args, "tcp", "")
         try:
-            addr = parse_address(tcp, resolve=False)
-        except ValueError as exc:
-            raise SystemExit(f"fastlb ctl: --tcp {tcp}: {exc}") from None
-        try:
-            return AdminClient(tcp=(addr.host, addr.port), token=token)
+            return AdminClient(**t)
+        except ssl.SSLError as exc:                                             # [tlsops]
+            raise SystemExit(f"fastlb ctl: TLS with the admin at {tcp} failed: {exc.reason or exc}"
+                             f" (is [global] admin_tls on? --tls-ca must hold its CA, "
+                             f"--tls-server-name the name in its certificate)") from None
         except OSError as exc:
             raise SystemExit(f"fastlb ctl: cannot reach the TCP admin socket {tcp}: "
                              f"{exc.strerror or exc}; is fastlb running with [global] admin = "
                              f"\"tcp:{tcp}\"?") from None
-    path = socket_path or DEFAULT_SOCKET
+    path = t["socket"]
     try:
         return AdminClient(socket_path=path)
     except OSError as exc:

@@ -82,7 +82,18 @@ def build_tls(plan: Plan) -> Any:
     return _core.TlsContext(list(plan.tls_certs), min_version=plan.tls_min_version,
                             alpn=plan.tls_alpn, handshake_timeout=plan.tls_handshake,
                             client_ca=plan.tls_client_ca or None, verify_client=plan.tls_verify,
-                            identities=plan.tls_identities)
+                            identities=plan.tls_identities,
+                            **tls_ops_args(plan))                                  # [tlsops]
+
+
+def tls_ops_args(plan: Plan) -> dict[str, Any]:
+    """[tlsops] The TlsContext's ticket lifetime and session id context: a hash of the
+    service's name and client verification, so a session resumes only in the service (and
+    the client CAs) it was made for, whatever keys the tickets share."""
+    import hashlib
+    sid = hashlib.sha256(b"\0".join([plan.name.encode(), plan.tls_client_ca, plan.tls_verify.encode(),
+                                     *(i.encode() for i in plan.tls_identities)])).digest()
+    return {"ticket_lifetime": plan.tls_ticket_lifetime, "session_context": sid}
 
 
 def build_orig(plan: Plan) -> Any:
@@ -305,6 +316,7 @@ class DataPlane:
         self.stopping = False
         self._last_accept_error = 0.0
         self._sweeper = loop.create_task(sweep_forever(self.engine, self.timeouts))
+        self.tickets: dict[str, bytes] = {}     # [tlsops] service -> its ticket keys (fastlb.tickets)
 
     def apply(self, snapshot: Snapshot, sockets: Mapping[ListenKey, socket.socket]) -> None:
         """Run ``snapshot``; ``sockets`` holds this process's listening socket of each key."""
@@ -325,6 +337,7 @@ class DataPlane:
                     shared_listeners=self.shared_listeners, sources=self.sources)
             ds.apply(plan)
         self.gen = snapshot.gen
+        self.set_tickets(self.tickets)                                          # [tlsops]
         if log.isEnabledFor(logging.DEBUG):
             log.debug("data path (pid %d): generation %d applied: %s", os.getpid(), snapshot.gen,
                       "; ".join(f"{p.name} {len(p.backends)}/{len(p.names)} backend(s) usable"
@@ -345,6 +358,14 @@ class DataPlane:
     def connections(self) -> int:
         return len(self.engine.sessions)
 
+    def set_tickets(self, keys: Mapping[str, bytes]) -> None:
+        """[tlsops] The supervisor's ticket keys (service -> 240 bytes) onto the services'
+        current TLS contexts (a context built later gets them at the end of apply)."""
+        self.tickets = dict(keys)
+        for name, ds in self.services.items():
+            if ds.state.tls is not None and name in self.tickets:
+                ds.state.tls.set_ticket_keys(self.tickets[name])
+
     def memory(self) -> dict[str, int]:
         """[mem] This engine's buffers and timer counts (MEMORY_FIELDS)."""
         e = self.engine
@@ -361,7 +382,15 @@ class DataPlane:
                 "accept_wakeups": e.accept_wakeups, "accepted": e.accepted,     # [lean]
                 "tls_backend_handshakes": e.orig_handshakes,                        # [orig]
                 "tls_backend_resumed": e.orig_resumed,
-                "tls_backend_failures": e.orig_failures}
+                "tls_backend_failures": e.orig_failures,
+                "tls_protocol_errors": e.tls_protocol, "tls_other_failures": e.tls_other,  # [tlsops]
+                "tls_v1_2": e.tls_v12, "tls_v1_3": e.tls_v13, **self.tls_by_service()}
+
+    def tls_by_service(self) -> dict[str, int]:
+        """[tlsops] Each TLS service's counts as "tls.SERVICE.NAME" keys (summed over workers
+        by sum_memory like the others; read back by promex and handlers)."""
+        return {f"tls.{name}.{k}": int(v) for name, ds in self.services.items()
+                if ds.state.tls is not None for k, v in _core.tls_counts(ds.state).items()}
 
     def timeouts(self) -> list[tuple[float, float]]:
         """(connect, shortest of the timeouts that need a scan of every session) per service;
@@ -513,6 +542,9 @@ class LocalDataPath:
 
     def memory(self) -> dict[str, int]:
         return self.plane.memory()
+
+    def set_tickets(self, keys: Mapping[str, bytes]) -> None:                  # [tlsops]
+        self.plane.set_tickets(keys)
 
     def info(self) -> list[dict[str, Any]]:
         return [{"index": 0, "pid": os.getpid(), "generation": self.plane.gen, "stopping": False,

@@ -53,6 +53,7 @@ class Context(Protocol):
     def datapath(self) -> DataPath: ...
     async def mutate(self, op: str, args: dict[str, Any]) -> dict[str, Any]: ...
     async def reload(self) -> dict[str, Any]: ...
+    def rotate_tickets(self, service: str | None) -> dict[str, Any]: ...   # [tlsops]
 
 
 # -- reads: pure functions of (snapshot, view) ---------------------------------------------------
@@ -137,7 +138,33 @@ async def _backends(ctx: Context, args: dict[str, Any]) -> Any:
 
 
 async def _stats(ctx: Context, args: dict[str, Any]) -> Any:
-    return stats(ctx.snapshot, ctx.view)
+    rows = stats(ctx.snapshot, ctx.view)
+    if rows:                                     # [tlsops] the TLS counts, balancer-wide
+        tls = tls_of(ctx.datapath.memory(), getattr(ctx, "tickets", None))
+        if tls:
+            rows[0]["global"] = {**rows[0]["global"], "tls": tls}
+    return rows
+
+
+def tls_of(memory: Mapping[str, int], keys: Any) -> dict[str, Any]:
+    """[tlsops] The data paths' TLS counts (DataPlane.memory, summed over workers), with the
+    failures by reason, and the ticket key rings (fastlb.tickets); {} without TLS."""
+    out: dict[str, Any] = {k[4:]: v for k, v in memory.items() if k.startswith("tls_")}
+    per: dict[str, dict[str, int]] = {}
+    for k, v in memory.items():                      # "tls.SERVICE.NAME" (DataPlane.tls_by_service)
+        if k.startswith("tls."):
+            svc, _, name = k[4:].rpartition(".")
+            per.setdefault(svc, {})[name] = v
+    if per:
+        out["services"] = per
+    if keys is not None and keys.rings:
+        out["tickets"] = keys.info()
+    return out if (keys is not None and keys.rings) or any(out.values()) else {}
+
+
+async def _rotate_tickets(ctx: Context, args: dict[str, Any]) -> Any:
+    """[tlsops] Turn the TLS session ticket keys now (one service, or all)."""
+    return ctx.rotate_tickets(args.get("service"))
 
 
 async def _workers(ctx: Context, args: dict[str, Any]) -> Any:
@@ -178,6 +205,7 @@ HANDLERS: dict[str, Handler] = {
     "ping": _ping, "version": _version, "services": _services, "backends": _backends,
     "stats": _stats, "workers": _workers, "restart_workers": _restart_workers, "reload": _reload,
     "log_level": _log_level,                                                  # [obs]
+    "rotate_tickets": _rotate_tickets,                                        # [tlsops]
 }
 
 

@@ -98,11 +98,13 @@ class Plan:
     tls_client_ca: bytes = b""                      # stage 2: PEM CAs of client certificates
     tls_verify: str = "required"                    # "required" | "optional"
     tls_identities: tuple[str, ...] = ()            # service.authz.identities
+    tls_ticket_lifetime: float = 300.0              # [tlsops] tls.ticket_lifetime (fastlb.tickets)
 
     def tls_key(self) -> tuple[Any, ...]:
         """[tls] What the service's TlsContext is built from."""
         return (self.tls_certs, self.tls_min_version, self.tls_alpn, self.tls_handshake,
-                self.tls_client_ca, self.tls_verify, self.tls_identities)
+                self.tls_client_ca, self.tls_verify, self.tls_identities,
+                self.tls_ticket_lifetime, self.name)                       # [tlsops]
     # [orig] TLS to backends (config.OrigTls): the distinct profiles (ca PEM, verify, client
     # cert PEM, key PEM) and (slot, profile index, name verified and sent as SNI) per TLS slot;
     # the data path builds the service's _core.OrigContext when they change.
@@ -138,7 +140,8 @@ class Plan:
                          self.tls_verify, list(self.tls_identities)]
                         if self.tls_certs else None),
                 "orig": ([[list(p) for p in self.orig_profiles],                     # [orig]
-                          [list(x) for x in self.orig_slots]] if self.orig_slots else None)}
+                          [list(x) for x in self.orig_slots]] if self.orig_slots else None),
+                "tls_tickets": self.tls_ticket_lifetime}                           # [tlsops]
 
     @classmethod
     def from_wire(cls, w: Mapping[str, Any]) -> Plan:
@@ -159,7 +162,8 @@ class Plan:
                    **_mem_from_wire(w),                                              # [mem]
                    log_sample=int(w.get("log_sample", 0)),                           # [obs]
                    **_tls_from_wire(w.get("tls")),                                   # [tls]
-                   **_orig_from_wire(w.get("orig")))                                 # [orig]
+                   **_orig_from_wire(w.get("orig")),                                 # [orig]
+                   tls_ticket_lifetime=float(w.get("tls_tickets", 300.0)))          # [tlsops]
 
 
 def _orig_from_wire(o: Sequence[Any] | None) -> dict[str, Any]:
@@ -241,6 +245,7 @@ class DataPath(Protocol):
     def close_backend(self, service: str, slot: int, why: str) -> None: ...
     def connections(self) -> int: ...
     def memory(self) -> dict[str, int]: ...      # [mem] buffers and timer counts, summed
+    def set_tickets(self, keys: Mapping[str, bytes]) -> None: ...   # [tlsops] fastlb.tickets
     def info(self) -> list[dict[str, Any]]: ...
     async def start(self) -> None: ...           # serve the snapshot applied (workers: spawn)
     async def resize(self, n: int) -> bool: ...  # True: n data paths run now

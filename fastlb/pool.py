@@ -16,6 +16,9 @@ one message per packet (msgpack maps):
                          checked out, then on every change
                          {"stop": "term" | "int"}
                          {"close": [service, slot, why]}   close that backend's connections
+                         {"tickets": {service: keys}}  [tlsops] the session ticket keys (fastlb.
+                                                      tickets): before the first snapshot, then
+                                                      at every rotation
 
 A worker that dies is restarted on the same counter block once it has exited (its active counts
 zeroed: its connections are gone; its totals stay). One that dies before running its first
@@ -84,6 +87,7 @@ class WorkerPool:
         self.exiting: list[Worker] = []       # channel closed, process not reaped yet
         self.free_blocks = list(range(counters.nblocks - 1, -1, -1))
         self.snapshot: tuple[bytes, list[int]] | None = None
+        self.tickets: dict[str, bytes] = {}         # [tlsops] the last session ticket keys
         self.plans: dict[str, Plan] = {}       # of the last snapshot
         self.generation = 0
         self.closing = False
@@ -230,6 +234,9 @@ class WorkerPool:
                 w.proc.kill()
                 return
             w.verified = True
+            if self.tickets:                                # [tlsops] before its first contexts
+                with contextlib.suppress(OSError):
+                    w.sock.send(msgpack.packb({"tickets": self.tickets}, use_bin_type=True))
             if self.snapshot is not None:
                 self._send(w, *self.snapshot)
         elif "ack" in msg:
@@ -246,6 +253,11 @@ class WorkerPool:
         """[obs] The admin's log_level: every worker now, and those started later."""
         self.log_level = level
         self.tell_all({"log_level": level})
+
+    def set_tickets(self, keys: Mapping[str, bytes]) -> None:
+        """[tlsops] The session ticket keys: every worker now, and those started later."""
+        self.tickets = dict(keys)
+        self.tell_all({"tickets": self.tickets})
 
     def tell_all(self, msg: dict[str, Any]) -> None:
         data = msgpack.packb(msg, use_bin_type=True)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import resource
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Mapping
 
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily,
@@ -238,6 +238,7 @@ class FastLBCollector(Collector):
         ]:
             if key in mem:
                 yield CounterMetricFamily(f"fastlb_{name}", help_, value=mem[key])
+        yield from tls_by_label(mem)                           # [tlsops]
 
     def _backends(self, services: list[dict[str, Any]]) -> Iterator[Metric]:
         for suffix, kind, help_, field in BACKEND_SUMS:
@@ -326,3 +327,62 @@ def registry(sources: observe.Sources) -> CollectorRegistry:
 def render(reg: CollectorRegistry) -> bytes:
     """The exposition text of one scrape."""
     return generate_latest(reg)
+
+
+# [tlsops] every TLS client refused, once, under one reason (the label), and the versions of the
+# handshakes done; the [tls] memory keys they come from (DataPlane.memory, summed over workers)
+TLS_FAILURE_REASONS = (("timeout", "tls_handshake_timeouts"), ("no_client_cert", "tls_client_no_cert"),
+                       ("expired", "tls_client_expired"), ("untrusted", "tls_client_untrusted"),
+                       ("identity_refused", "tls_authz_denied"),
+                       ("protocol", "tls_protocol_errors"), ("other", "tls_other_failures"))
+TLS_VERSIONS = (("TLSv1.2", "tls_v1_2"), ("TLSv1.3", "tls_v1_3"))
+
+
+def tls_by_label(mem: Mapping[str, int]) -> Iterator[Metric]:
+    """[tlsops] fastlb_tls_failures_total{reason} and fastlb_tls_handshakes_by_version_total
+    {version}, over every worker and service (none without the counts)."""
+    if "tls_v1_3" not in mem:
+        return
+    fail = CounterMetricFamily("fastlb_tls_failures", "TLS clients refused, per reason: timeout "
+                               "(timeouts.handshake), no_client_cert, expired, untrusted (client "
+                               "certificates), identity_refused (service.authz), protocol (not "
+                               "TLS, a bad or oversized message, no shared version), other (the "
+                               "client left or sent an alert).", labels=["reason"])
+    for reason, key in TLS_FAILURE_REASONS:
+        fail.add_metric([reason], mem.get(key, 0))
+    ver = CounterMetricFamily("fastlb_tls_handshakes_by_version", "TLS handshakes completed, "
+                              "per negotiated protocol version.", labels=["version"])
+    for version, key in TLS_VERSIONS:
+        ver.add_metric([version], mem.get(key, 0))
+    yield from (fail, ver)
+    yield from tls_by_service(mem)
+
+
+def tls_by_service(mem: Mapping[str, int]) -> Iterator[Metric]:
+    """[tlsops] The same per service ("tls.SERVICE.NAME" memory keys): fastlb_frontend_tls_*
+    {proxy}, as HAProxy's frontend families."""
+    per: dict[str, dict[str, int]] = {}
+    for k, v in mem.items():
+        if k.startswith("tls."):
+            svc, _, name = k[4:].rpartition(".")
+            per.setdefault(svc, {})[name] = v
+    if not per:
+        return
+    hs = CounterMetricFamily("fastlb_frontend_tls_handshakes", "TLS handshakes completed with "
+                             "the service's clients.", labels=["proxy"])
+    res = CounterMetricFamily("fastlb_frontend_tls_resumptions", "Of those, resumed sessions.",
+                              labels=["proxy"])
+    fail = CounterMetricFamily("fastlb_frontend_tls_failures", "The service's TLS clients "
+                               "refused, per reason (as fastlb_tls_failures_total).",
+                               labels=["proxy", "reason"])
+    ver = CounterMetricFamily("fastlb_frontend_tls_handshakes_by_version", "The service's TLS "
+                              "handshakes per negotiated version.", labels=["proxy", "version"])
+    for svc, c in sorted(per.items()):
+        hs.add_metric([svc], c.get("handshakes", 0))
+        res.add_metric([svc], c.get("resumed", 0))
+        for reason in ("timeout", "no_client_cert", "expired", "untrusted", "identity_refused",
+                       "protocol", "other"):
+            fail.add_metric([svc, reason], c.get(reason, 0))
+        for version, key in (("TLSv1.2", "v1_2"), ("TLSv1.3", "v1_3")):
+            ver.add_metric([svc, version], c.get(key, 0))
+    yield from (hs, res, fail, ver)

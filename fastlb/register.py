@@ -51,12 +51,14 @@ class Registration:
     def __init__(self, service: str, address: str, *, ttl: float = 10.0, weight: int | None = None,
                  metadata: dict[str, str] | None = None, socket: str | None = None,
                  tcp: tuple[str, int] | None = None, token: str | None = None,
-                 timeout: float = CALL_TIMEOUT) -> None:
+                 timeout: float = CALL_TIMEOUT, tls: Any = None,
+                 server_hostname: str | None = None) -> None:
         if (socket is None) == (tcp is None):
             raise ValueError("give exactly one of socket and tcp")
         self.service, self.address, self.ttl = service, address, float(ttl)
         self.weight, self.metadata = weight, metadata
         self.socket, self.tcp, self.token, self.timeout = socket, tcp, token, timeout
+        self.tls, self.server_hostname = tls, server_hostname     # [tlsops] a TLS admin
         self.lease: str | None = None
         self.registrations = 0          # how many times a lease was granted (1 + re-registrations)
         self._client: AdminClient | None = None
@@ -68,7 +70,8 @@ class Registration:
         try:
             if self._client is None:
                 self._client = AdminClient(socket_path=self.socket, tcp=self.tcp, token=self.token,
-                                           timeout=self.timeout)
+                                           timeout=self.timeout, tls=self.tls,
+                                           server_hostname=self.server_hostname)   # [tlsops]
             return self._client.call(op, **fields)
         except (OSError, ConnectionError):
             if self._client is not None:

@@ -131,7 +131,8 @@ def tls_fields(svc: Service) -> dict[str, Any]:
         return {}
     return {"tls_certs": t.pems, "tls_min_version": t.min_version, "tls_alpn": t.alpn,
             "tls_handshake": t.handshake, "tls_client_ca": t.ca_pem,
-            "tls_verify": t.verify_client, "tls_identities": t.identities}
+            "tls_verify": t.verify_client, "tls_identities": t.identities,
+            "tls_ticket_lifetime": t.ticket_lifetime}                          # [tlsops]
 
 
 def limits_fields(svc: Service, slot_of: Callable[[str], int],

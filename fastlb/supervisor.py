@@ -36,8 +36,10 @@ import time
 from typing import Any, Mapping
 
 from fastlb import _core, config, dns, leases, preflight, sdnotify, signals, statefile
+from fastlb import tickets                                                     # [tlsops]
 from fastlb.admin.protocol import Request
 from fastlb.admin.server import AdminServer, admin_token, clear_stale_socket
+from fastlb.admin.server import load_tls, tls_context                          # [tlsops]
 from fastlb.config import Config, Service
 from fastlb.dataplane import LocalDataPath
 from fastlb.errors import ConfigError, FastLBError, RegistryError, StateFileError
@@ -194,6 +196,7 @@ class Supervisor:
         self.listeners = Listeners()
         self.gen = 0                               # of the last snapshot pushed
         self.datapath = make_datapath(cfg, loop, self.shared, self._on_passive, log_level)
+        self.tickets = tickets.TicketKeys(time.monotonic)   # [tlsops] shared ticket keys
         self.shared.acked = self.datapath.acked
         self.admin_server: AdminServer | None = None
         self.metrics_server: Any = None          # fastlb.httpapi's server on [global] metrics
@@ -332,6 +335,10 @@ class Supervisor:
                 rt.tick(plan, now)
                 plans.append(plan)
             wanted = wanted_listeners({name: rt.svc for name, rt in self.runtimes.items()})
+            if self.tickets.sync({p.name: p.tls_ticket_lifetime for p in plans if p.tls_certs},
+                                 {n: rt.svc.tls.ticket_keys for n, rt in self.runtimes.items()
+                                  if rt.svc.tls is not None and rt.svc.tls.ticket_keys}):
+                self.datapath.set_tickets(self.tickets.wire())                  # [tlsops]
             self.gen += 1
             self.datapath.apply(Snapshot(self.gen, tuple(plans), tuple(sorted(wanted)),
                                          maxconn=self.view.maxconn),            # [limits]
@@ -670,6 +677,7 @@ class Supervisor:
             await self._change(nxt, new_services, g_new.workers if g_new.workers != g_old.workers else None)
             if token is not None and self.admin_server is not None:   # [admin] rotated
                 self.admin_server.token = token
+            self._reload_admin_tls(new_cfg)                               # [tlsops]
             if reg_tokens is not None and self.admin_server is not None:    # [leases]
                 self.admin_server.set_registration_tokens(reg_tokens)
             ev = {"op": "reload", "generation": self.registry.generation, "services": sorted(nxt)}
@@ -690,6 +698,18 @@ class Supervisor:
             return admin_token(new_cfg)
         except FastLBError as exc:
             raise RegistryError("invalid", f"reload refused, nothing changed: {exc}") from None
+
+    def _reload_admin_tls(self, new_cfg: Config) -> None:
+        """[tlsops] The admin's certificate files read again (renewed in place), when the
+        running admin is TLS and admin_tls names the same files; never fails the reload (the
+        files were checked when the configuration was read)."""
+        srv, t = self.admin_server, new_cfg.global_.admin_tls
+        if srv is None or srv.tls is None or t is None or t != self.cfg.global_.admin_tls:
+            return
+        try:
+            load_tls(srv.tls, t)
+        except (OSError, ValueError) as exc:
+            log.error("reload: [global] admin_tls: %s; the admin keeps its certificate", exc)
 
     def publish(self, ev: dict[str, Any]) -> None:
         if self.admin_server is not None:
@@ -755,12 +775,37 @@ class Supervisor:
         self._apply(self.registry.snapshot, new)
         self._tasks = [self.loop.create_task(self._ramp_loop()), self.loop.create_task(self._reap_loop()),
                        self.loop.create_task(self._lease_loop())]                  # [leases]
+        self._tasks.append(self.loop.create_task(self._ticket_loop()))                  # [tlsops]
         if self.state is not None and not self.state.save_at_start(
                 self.registry.snapshot, self.cfg_services, self.leases.wire(self.registry.snapshot)):
             # logged loudly; fastlb serves, and admin changes are refused until a write works
             self._tasks.append(self.loop.create_task(
                 self.state.retry(lambda: (self.registry.snapshot, self.cfg_services,
                                           self.leases.wire(self.registry.snapshot)))))
+
+    async def _ticket_loop(self) -> None:
+        """[tlsops] Turn the ticket key rings whose tls.ticket_lifetime is over (fastlb.
+        tickets) and give the keys to the data paths; checked once a second."""
+        while True:
+            await asyncio.sleep(1.0)
+            if self.tickets.turn_due():
+                self.datapath.set_tickets(self.tickets.wire())
+
+    def rotate_tickets(self, service: str | None = None) -> dict[str, Any]:
+        """[tlsops] The admin's rotate_tickets: turn one service's ring (or every one) now,
+        as HAProxy's `set ssl tls-key` pushes a key: tickets of the key dropped are refused."""
+        names = [service] if service is not None else list(self.tickets.rings)
+        if service is not None and service not in self.tickets.rings:
+            raise RegistryError("unknown_service", f"no TLS service {service!r}; TLS services: "
+                                f"{', '.join(sorted(self.tickets.rings)) or '(none)'}")
+        if service is not None and self.tickets.rings[service].fixed:
+            raise RegistryError("invalid", f"service {service!r} takes its ticket keys from "
+                                f"tls.ticket_keys: append a key to the file and reload")
+        names = [n for n in names if not self.tickets.rings[n].fixed]
+        for name in names:
+            self.tickets.turn(name)
+        self.datapath.set_tickets(self.tickets.wire())
+        return {"rotated": names}
 
     def request_stop(self, mode: str) -> None:
         if self._stop.is_set():
@@ -848,7 +893,7 @@ class Supervisor:
             self.admin_server = AdminServer(               # [admin] its defences: config keys
                 g.admin, self.admin, token=admin_token(self.cfg),
                 max_connections=g.admin_max_connections, idle_timeout=g.admin_idle_timeout,
-                frame_timeout=g.admin_frame_timeout)
+                frame_timeout=g.admin_frame_timeout, tls=tls_context(self.cfg))   # [tlsops]
             self.admin_server.set_registration_tokens(reg_tokens)             # [leases]
             await self.admin_server.start()
         if g.metrics:   # the metrics port: Prometheus, JSON API, status page (fastlb.httpapi)

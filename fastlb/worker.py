@@ -97,6 +97,8 @@ class WorkerProcess:
             self.plane.close_backend(service, slot, why)
         elif "log_level" in msg:                 # [obs] the admin's log_level
             logging.getLogger().setLevel(str(msg["log_level"]).upper())
+        elif "tickets" in msg:                   # [tlsops] the shared session ticket keys
+            self.plane.set_tickets({str(k): bytes(v) for k, v in msg["tickets"].items()})
 
     def apply(self, snapshot: Snapshot, fds: list[int]) -> None:
         for key, fd in zip(snapshot.listen, fds, strict=False):

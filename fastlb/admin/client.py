@@ -8,12 +8,17 @@ Over TCP the connection authenticates once, with its first message: the client s
 carrying the token in front of its first request (pipelined: no extra round trip). A connection
 the server closed while it was idle ([global] admin_idle_timeout) is opened again, and
 authenticated again, before the next request.
+
+[tlsops] ``tls``: an ssl.SSLContext for a TCP admin with [global] admin_tls (its CA, and the
+client certificate when the admin asks for one); ``server_hostname`` the name its certificate
+is checked against (default: the host given). With a client certificate the token may be None.
 """
 from __future__ import annotations
 
 import itertools
 import select
 import socket
+import ssl
 from typing import Any, Iterator
 
 from fastlb.admin import protocol
@@ -24,10 +29,12 @@ __all__ = ["AdminClient", "AdminError"]
 
 class AdminClient:
     def __init__(self, socket_path: str | None = None, tcp: tuple[str, int] | None = None,
-                 token: str | None = None, timeout: float = 30.0) -> None:
+                 token: str | None = None, timeout: float = 30.0,
+                 tls: ssl.SSLContext | None = None, server_hostname: str | None = None) -> None:
         if (socket_path is None) == (tcp is None):
             raise ValueError("give exactly one of socket_path and tcp")
         self.socket_path, self.tcp, self.timeout = socket_path, tcp, timeout
+        self.tls, self.server_hostname = tls, server_hostname        # [tlsops]
         self.token = token
         self.ids = itertools.count(1)
         self._open()
@@ -44,6 +51,13 @@ class AdminClient:
         else:
             assert self.tcp is not None      # exactly one of the two, checked in __init__
             self.sock = socket.create_connection(self.tcp, timeout=self.timeout)
+            if self.tls is not None:                                  # [tlsops]
+                try:
+                    self.sock = self.tls.wrap_socket(
+                        self.sock, server_hostname=self.server_hostname or self.tcp[0])
+                except BaseException:
+                    self.sock.close()
+                    raise
         self.decoder = protocol.Decoder(protocol.REPLY_LIMITS.max_buffer, protocol.REPLY_LIMITS)
         self.pending: list[Any] = []
         self.authenticated = self.token is None
@@ -56,6 +70,8 @@ class AdminClient:
             readable, _, _ = select.select([self.sock], [], [], 0)
             if not readable:
                 return False
+            if isinstance(self.sock, ssl.SSLSocket):   # [tlsops] no peeking under TLS: the
+                return True                            # server spoke first (its notice): reopen
             data = self.sock.recv(65536, socket.MSG_PEEK)
         except OSError:
             return True

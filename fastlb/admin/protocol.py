@@ -103,6 +103,7 @@ OPS: dict[str, dict[str, tuple[Any, bool]]] = {
     "workers": {},
     "restart_workers": {},
     "log_level": {"level": (_STR, False)},          # [obs] get (no level) or set
+    "rotate_tickets": {"service": (_STR, False)},   # [tlsops] turn the TLS ticket keys now
     # [leases] self-registration (fastlb/leases.py): ttl in seconds, metadata a map of strings
     "register": {"service": (_STR, True), "address": (_STR, True), "weight": (_INT, False),
                  "ttl": (_NUM, True), "metadata": (_MAP, False)},
@@ -113,6 +114,7 @@ MUTATIONS = frozenset({"add_backend", "remove_backend", "set_weight", "set_state
                        "add_service", "remove_service", "set_max_conns"})
 # What the audit trail logs (fastlb.handlers.dispatch): every op that changes something.
 CHANGES = MUTATIONS | {"reload", "restart_workers"}
+CHANGES |= {"rotate_tickets"}                 # [tlsops]
 CHANGES |= {"register", "deregister"}     # [leases] renew is not a change (1 line/s per instance)
 # [leases] What a connection authenticated by a service's registration token may send (its
 # first message is a ping carrying the token); any other op is refused with "forbidden".

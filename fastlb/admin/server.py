@@ -19,6 +19,9 @@ Defences (docs/admin-protocol.md, "Connections"):
   - Refusals are logged at most once per LOG_INTERVAL per kind, with the count of the others
     (guard.LogLimiter): a flood of bad connections writes a few lines, not one each.
 The unix socket (mode 0600: its owner only) needs no token, as the file's mode is the check.
+[tlsops] A TCP admin may speak TLS ([global] admin_tls: ``tls_context``), and ask for a client
+certificate: beside the token, or instead of it (no admin_token_file: the verified certificate
+is the authentication, and its subject names the client in the audit trail).
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ import logging
 import math
 import os
 import socket
+import ssl
 import stat
 import struct
 from typing import Any, Awaitable, Callable, Mapping
@@ -134,17 +138,43 @@ def admin_token(cfg: Config) -> str | None:
     g = cfg.global_
     if not g.admin or not g.admin.startswith("tcp:"):
         return None
+    if not g.admin_token_file and g.admin_tls is not None:     # [tlsops] client certificates
+        return None
     try:
         return guard.read_token(g.admin_token_file or "")
     except guard.TokenFileError as exc:
         raise FastLBError(f"[global] admin_token_file: {exc}") from None
 
 
+def tls_context(cfg: Config) -> ssl.SSLContext | None:
+    """[tlsops] The TCP admin's server context from [global] admin_tls (None: plain TCP):
+    TLS 1.2 at least, and with client_ca a client certificate asked for (required, or
+    optional). The files were checked when the configuration was read."""
+    t = cfg.global_.admin_tls
+    if t is None:
+        return None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    load_tls(ctx, t)
+    return ctx
+
+
+def load_tls(ctx: ssl.SSLContext, t: Any) -> None:
+    """[tlsops] admin_tls's files into ``ctx`` (at start, and again at a reload: a renewed
+    certificate serves the next handshakes; CAs are added, none removed until a restart)."""
+    ctx.load_cert_chain(t.cert, t.key)
+    if t.client_ca:
+        ctx.load_verify_locations(cafile=t.client_ca)
+        ctx.verify_mode = ssl.CERT_REQUIRED if t.verify_client == "required" else ssl.CERT_OPTIONAL
+
+
 class AdminServer:
     def __init__(self, address: str, handler: Handler, *, token: str | None = None,
                  max_size: int = protocol.MAX_MESSAGE, max_connections: int = MAX_CONNECTIONS,
-                 idle_timeout: float = IDLE_TIMEOUT, frame_timeout: float = FRAME_TIMEOUT) -> None:
+                 idle_timeout: float = IDLE_TIMEOUT, frame_timeout: float = FRAME_TIMEOUT,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.address = address
+        self.tls = tls                  # [tlsops] TLS on the TCP admin (None: plain)
         self.handler = handler
         self.token = token
         # [leases] sha256(registration token) -> its service: a connection authenticated by one
@@ -210,9 +240,12 @@ class AdminServer:
             os.chmod(path, 0o600)
         else:
             host, _, port = self.address[4:].rpartition(":")
-            self.server = await asyncio.start_server(self._client, host.strip("[]"), int(port))
+            self.server = await asyncio.start_server(                   # [tlsops] ssl
+                self._client, host.strip("[]"), int(port), ssl=self.tls,
+                ssl_handshake_timeout=self.frame_timeout if self.tls is not None else None)
             bound = [str(s.getsockname()[0]) for s in self.server.sockets]
-            if any(not ipaddress.ip_address(h.partition("%")[0]).is_loopback for h in bound):
+            if self.tls is None and any(not ipaddress.ip_address(h.partition("%")[0]).is_loopback
+                                        for h in bound):
                 # only with [global] admin_allow_remote = true (fastlb.config refuses it else)
                 log.warning("admin socket %s is reachable from other machines and not encrypted "
                             "(admin_allow_remote = true): the token and every change cross the "
@@ -262,8 +295,10 @@ class AdminServer:
 
     # -- one connection ---------------------------------------------------------------------------
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        tcp = self.token is not None
+        tcp = not self.address.startswith("unix:")  # [tlsops] may have no token (certificates)
         who, source = _who(writer, tcp)
+        if self.tls is not None:
+            who = _with_cert(writer, who)
         loop = asyncio.get_running_loop()
         if tcp and (left := math.ceil(self.backoff.blocked(source, loop.time()))):
             self._refuse("backoff", f"connection from {who} refused: too many failed "
@@ -283,7 +318,7 @@ class AdminServer:
         try:
             rest = b""
             scope = None
-            if tcp:
+            if tcp and self.token is not None:
                 first = await self._authenticate(reader, writer, who, source)
                 if first is None:
                     return
@@ -454,6 +489,15 @@ _PLURAL = {"over_cap": "connections refused over the cap", "backoff": "connectio
            "during a backoff", "unauthorized": "connections refused: failed authentication",
            "timeout": "connections closed at a deadline", "idle": "idle connections closed"}
 _PEERCRED = struct.Struct("3i")          # struct ucred: pid, uid, gid
+
+
+def _with_cert(writer: asyncio.StreamWriter, who: str) -> str:
+    """[tlsops] who, with the verified client certificate's subject CN when there is one."""
+    cert = writer.get_extra_info("peercert")
+    if not cert:
+        return who
+    cn = next((v for rdn in cert.get("subject", ()) for k, v in rdn if k == "commonName"), None)
+    return f"{who} (certificate CN={cn})" if cn else f"{who} (client certificate)"
 
 
 def _who(writer: asyncio.StreamWriter, tcp: bool) -> tuple[str, str]:

@@ -108,6 +108,7 @@ cdef class ServiceState:
     cdef public int ka_interval
     cdef public int ka_count
     cdef public unsigned long long log_sample  # [obs] connection log: sample x 2**32 (0: off)
+    cdef long long tlsn[11]              # [tlsops] this service's TLS counts (tls.pxi TLSN_*)
 
     def __init__(self, str name):
         self.name = name
@@ -221,6 +222,10 @@ cdef class Engine:
 
     # [orig] TLS to backends (core/tls_orig.pxi): handshakes done, of which resumed; failed
     cdef readonly long long orig_handshakes, orig_resumed, orig_failures
+
+    # [tlsops] the other failure reasons (a protocol error; the client left or sent an alert),
+    # and the versions of the handshakes done
+    cdef readonly long long tls_protocol, tls_other, tls_v12, tls_v13
 
     def __cinit__(self):
         self.epfd = -1

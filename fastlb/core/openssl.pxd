@@ -57,3 +57,9 @@ cdef extern from "_tls.h" nogil:
     int flb_authz(SSL *ssl, const char *pats)
     int flb_peer_cn(SSL *ssl, char *out, int outlen, int *verified)
     const char *SSL_get_version(const SSL *ssl)
+
+    # [tlsops] shared session tickets, the counts' reasons, the ALPN TLV
+    void flb_tickets_set(flb_sni *t, SSL_CTX **ctxs, int n, const unsigned char *keys)
+    int flb_ctx_ops(SSL_CTX *ctx, flb_sni *t, long lifetime, const unsigned char *sid,
+                    unsigned int sidlen)
+    const unsigned char *flb_alpn_of(const SSL *ssl, unsigned int *len)

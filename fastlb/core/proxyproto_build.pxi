@@ -17,6 +17,8 @@ ctypedef struct pp_tlvs:
     const unsigned char *ssl_cn
     size_t ssl_cn_len
     bint crc32c               # append a PP2_TYPE_CRC32C TLV (last) with the header's checksum
+    const unsigned char *alpn # [tlsops] PP2_TYPE_ALPN: the negotiated protocol (first TLV)
+    size_t alpn_len
 
 
 # -- building ----------------------------------------------------------------------------------
@@ -71,6 +73,8 @@ cdef Py_ssize_t pp_build_v2(int command, const flb_addr *src, const flb_addr *ds
         fam = 0x11 if (src.family == FLB_FAM_INET and dst.family == FLB_FAM_INET) else 0x21
     need += 12 if fam == 0x11 else (36 if fam == 0x21 else 0)
     if tlvs != NULL:
+        if tlvs.alpn_len:                                           # [tlsops]
+            need += 3 + tlvs.alpn_len
         if tlvs.authority_len:
             need += 3 + tlvs.authority_len
         if tlvs.ssl:
@@ -97,6 +101,11 @@ cdef Py_ssize_t pp_build_v2(int command, const flb_addr *src, const flb_addr *ds
         memcpy(p + 16, dst.ip, 16)
         p = _put16(_put16(p + 32, src.port), dst.port)
     if tlvs != NULL:
+        if tlvs.alpn_len:                   # [tlsops] HAProxy's order: ALPN, then AUTHORITY
+            p[0] = PP2_TYPE_ALPN
+            p = _put16(p + 1, <unsigned int>tlvs.alpn_len)
+            memcpy(p, tlvs.alpn, tlvs.alpn_len)
+            p += tlvs.alpn_len
         if tlvs.authority_len:
             p[0] = PP2_TYPE_AUTHORITY
             p = _put16(p + 1, <unsigned int>tlvs.authority_len)

@@ -29,11 +29,15 @@
 #     unexpected EOF is an EOF (SSL_OP_IGNORE_UNEXPECTED_EOF), as a TCP FIN.
 #   - SNI: exact names, then wildcards of one label; no match or no SNI: the first certificate
 #     (HAProxy's default certificate). ALPN: the first of our list the client offers.
-#   - Session tickets: on (OpenSSL's default; a key per context and worker, new at each reload).
+#   - Session tickets: on. [tlsops] Keys made by the supervisor and shared by every worker
+#     (fastlb/tickets.py -> TlsContext.set_ticket_keys -> flb_ticket_cb in _tls.h), rotated
+#     every tls.ticket_lifetime (also the sessions' timeout); the session id context is the
+#     service's (dataplane.tls_ops_args): a session resumes only where it was made.
 #   - A session keeps a reference to its TlsContext: a reload builds a new one for new clients
 #     while open connections keep theirs (and its SNI table, the callback's argument).
 #   - Counted per engine (Engine.tls_*; summed over workers in ctl stats and /metrics):
-#     handshakes done, resumed, failed, timed out. No Gauges field: the Gauges' 16 are taken.
+#     handshakes done, resumed, failed, timed out; [tlsops] failures by reason (protocol, other
+#     beside the certificate ones), versions. No Gauges field: the Gauges' 16 are taken.
 # The per-event functions (tls_on_handshake, _tls_recv, _tls_send, tls_interest, tls_shut_wr)
 # make no Python C-API call (tests/unit/test_tls_generated_c.py).
 
@@ -47,6 +51,19 @@ cdef enum:
     TLS_RECORD = 16384       # the most plaintext of one TLS record (RFC 8446 5.1)
 
 TLS_VERSIONS = {"1.2": TLS1_2_VERSION, "1.3": TLS1_3_VERSION}
+
+# [tlsops] the per-service TLS counts (ServiceState.tlsn, 11 of them; the engine's tls_* are the
+# balancer-wide ones): handshakes done, resumed, per version; refusals per reason
+cdef enum:
+    TLSN_HANDSHAKES, TLSN_RESUMED, TLSN_V12, TLSN_V13, TLSN_TIMEOUT, TLSN_NO_CERT, TLSN_EXPIRED
+    TLSN_UNTRUSTED, TLSN_IDENTITY, TLSN_PROTOCOL, TLSN_OTHER
+TLSN_NAMES = ("handshakes", "resumed", "v1_2", "v1_3", "timeout", "no_client_cert", "expired",
+              "untrusted", "identity_refused", "protocol", "other")
+
+
+def tls_counts(ServiceState st):
+    """[tlsops] A service's TLS counts in this engine: {name: count} (TLSN_NAMES)."""
+    return {n: st.tlsn[i] for i, n in enumerate(TLSN_NAMES)}
 
 
 @cython.final
@@ -64,9 +81,12 @@ cdef class TlsContext:
     cdef readonly str verify_client     # "" (no client certificate asked), "required", "optional"
     cdef readonly tuple identities      # service.authz.identities (empty: any verified client)
     cdef bytes authz                    # the identities, NUL-separated, an empty one last
+    # [tlsops] tls.ticket_lifetime (the sessions' lifetime; the keys rotate at this period)
+    cdef readonly double ticket_lifetime
 
     def __init__(self, certs, *, str min_version="1.2", alpn=(), double handshake_timeout=10.0,
-                 bytes client_ca=None, str verify_client="required", identities=()):
+                 bytes client_ca=None, str verify_client="required", identities=(),
+                 double ticket_lifetime=300.0, bytes session_context=b"fastlb"):
         cdef char err[512]
         cdef char buf[8192]
         cdef int i, n, k
@@ -97,6 +117,9 @@ cdef class TlsContext:
         self.verify_client = verify_client if client_ca else ""
         self.identities = tuple(identities)
         self.authz = b"".join(i.encode() + b"\0" for i in identities) + b"\0"
+        if ticket_lifetime < 1 or not 1 <= len(session_context) <= 32:     # [tlsops]
+            raise CoreArgumentError("tls: ticket_lifetime >= 1 s, a session context of 1-32 bytes")
+        self.ticket_lifetime = ticket_lifetime
         self.ctxs = <SSL_CTX **>calloc(len(certs), sizeof(SSL_CTX *))
         if self.ctxs == NULL:
             raise MemoryError()
@@ -109,6 +132,8 @@ cdef class TlsContext:
                 raise CoreArgumentError(f"certificate {i + 1}: {err.decode(errors='replace')}")
             self.ctxs[i] = ctx
             self.nctx = i + 1
+            flb_ctx_ops(ctx, &self.sni, <long>ticket_lifetime, session_context,    # [tlsops]
+                        <unsigned int>len(session_context))
             if client_ca and flb_ctx_client_ca(ctx, client_ca, <int>len(client_ca),
                                                verify_client == "required", err, sizeof(err)) < 0:
                 raise CoreArgumentError(f"tls.client_ca: {err.decode(errors='replace')}")
@@ -135,6 +160,14 @@ cdef class TlsContext:
                 SSL_CTX_free(self.ctxs[i])      # sessions' SSLs hold their own references
             free(self.ctxs)
         free(self.sni.e)
+
+    def set_ticket_keys(self, bytes keys):
+        """[tlsops] The service's session ticket keys (fastlb/tickets.py: previous, current,
+        next; 80 bytes each), shared by every worker: a ticket one worker issued resumes on
+        another. Before the first call OpenSSL's own per-context keys serve."""
+        if len(keys) != 240:
+            raise CoreArgumentError("ticket keys: 3 keys of 80 bytes (name, AES key, HMAC key)")
+        flb_tickets_set(&self.sni, self.ctxs, self.nctx, keys)
 
     def pick(self, str server_name):
         """The index of the certificate a client naming ``server_name`` gets (SNI)."""
@@ -183,10 +216,19 @@ cdef void tls_on_handshake(Session s, uint32_t events) noexcept:
         e = flb_verify_reason(s.ssl)        # stage 2: a client certificate refused, and why
         if e == 1:
             s.eng.tls_no_cert += 1
+            s.svc.tlsn[TLSN_NO_CERT] += 1
         elif e == 2:
             s.eng.tls_expired += 1
+            s.svc.tlsn[TLSN_EXPIRED] += 1
         elif e == 3:
             s.eng.tls_untrusted += 1
+            s.svc.tlsn[TLSN_UNTRUSTED] += 1
+        elif e == 4:                        # [tlsops] not TLS, a bad or oversized message...
+            s.eng.tls_protocol += 1
+            s.svc.tlsn[TLSN_PROTOCOL] += 1
+        else:                               # [tlsops] the client left, or sent an alert
+            s.eng.tls_other += 1
+            s.svc.tlsn[TLSN_OTHER] += 1
         ERR_clear_error()
         s.eng.tls_failures += 1
         s.term = TERM_CC                    # [obs] the client failed before connecting
@@ -199,10 +241,19 @@ cdef void tls_on_handshake(Session s, uint32_t events) noexcept:
 cdef void _tls_established(Session s) noexcept:
     """The handshake is done (once per connection): connect, as a plain session does."""
     s.eng.tls_handshakes += 1
+    s.svc.tlsn[TLSN_HANDSHAKES] += 1        # [tlsops] per service too
     if SSL_session_reused(s.ssl):
         s.eng.tls_resumed += 1
+        s.svc.tlsn[TLSN_RESUMED] += 1
+    if SSL_version(s.ssl) == TLS1_3_VERSION:   # [tlsops] min_version is 1.2: 1.2 or 1.3
+        s.eng.tls_v13 += 1
+        s.svc.tlsn[TLSN_V13] += 1
+    else:
+        s.eng.tls_v12 += 1
+        s.svc.tlsn[TLSN_V12] += 1
     if s.tlsctx.identities and not flb_authz(s.ssl, s.tlsctx.authz):   # stage 2: authz
         s.eng.tls_authz_denied += 1         # a valid certificate, no allowed identity: closed
+        s.svc.tlsn[TLSN_IDENTITY] += 1
         s.term = TERM_DENY_ACL              # [obs] refused before connecting (PR)
         s._close()
         return
@@ -217,6 +268,7 @@ cdef void _tls_established(Session s) noexcept:
 cdef void tls_expired(Session s) noexcept:
     """The sweep found a handshake past timeouts.handshake."""
     s.eng.tls_timeouts += 1
+    s.svc.tlsn[TLSN_TIMEOUT] += 1           # [tlsops]
     s.term = TERM_cR                        # [obs] the client did not finish in time
     s._close()
 
@@ -324,9 +376,12 @@ cdef const pp_tlvs *tls_pp_tlvs(Session s, pp_tlvs *t, char *cn) noexcept:
     cdef const char *name
     cdef const char *ver
     cdef int n, verified = 0
+    cdef unsigned int alen
     if s.ssl == NULL:
         return NULL
     memset(t, 0, sizeof(pp_tlvs))
+    t.alpn = flb_alpn_of(s.ssl, &alen)      # [tlsops] PP2_TYPE_ALPN when ALPN was negotiated
+    t.alpn_len = alen
     name = SSL_get_servername(s.ssl, TLSEXT_NAMETYPE_host_name)
     if name != NULL:
         t.authority = <const unsigned char *>name

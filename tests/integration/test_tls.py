@@ -441,7 +441,9 @@ def tlv_backend():
         while i < len(tlvs):
             t, n = tlvs[i], struct.unpack("!H", tlvs[i + 1:i + 3])[0]
             v = tlvs[i + 3:i + 3 + n]
-            if t == 0x02:
+            if t == 0x01:                      # [tlsops] PP2_TYPE_ALPN
+                out["alpn"] = v.decode()
+            elif t == 0x02:
                 out["authority"] = v.decode()
             elif t == 0x20:
                 out["client"], out["verify"] = v[0], struct.unpack("!I", v[1:5])[0]
@@ -473,17 +475,20 @@ def tlv_backend():
 def test_proxy_v2_tlvs_carry_sni_version_and_client_cn(procs, tmp_path, ca):
     """With proxy_protocol send = "v2" on a TLS service: the backend gets PP2_TYPE_AUTHORITY =
     the SNI and PP2_TYPE_SSL (client bits, verify, version, the client certificate's CN);
-    without a client certificate: no CN, verify non-zero, no CERT bits."""
+    without a client certificate: no CN, verify non-zero, no CERT bits. [tlsops] PP2_TYPE_ALPN
+    carries the protocol ALPN negotiated, and is absent when the client offered none."""
     bport, stop = tlv_backend()
     server = write_cert(tmp_path, "edge", ca.issue_cert("edge.test"))
     clients = trustme.CA()
     clients.cert_pem.write_to_path(str(tmp_path / "clients.pem"))
     tls = (f'{{ cert = "{server[0]}", key = "{server[1]}", client_ca = "{tmp_path}/clients.pem", '
-           f'verify_client = "optional" }}')
+           f'verify_client = "optional", alpn = ["h2", "http/1.1"] }}')
     _, (port,) = start(procs, tmp_path, tls_service(bport, tls, extra='proxy_protocol = { send = "v2" }'))
 
-    def tlvs(leaf=None):
+    def tlvs(leaf=None, alpn=None):
         ctx = client_ctx(ca)
+        if alpn:
+            ctx.set_alpn_protocols(alpn)
         if leaf is not None:
             leaf.configure_cert(ctx)
         with connect(port, ctx, "edge.test") as s:
@@ -497,6 +502,8 @@ def test_proxy_v2_tlvs_carry_sni_version_and_client_cn(procs, tmp_path, ca):
             "cn": "frontend"}
         assert tlvs() == {"authority": "edge.test", "client": 0x01, "verify": 1,
                           "version": "TLSv1.3"}
+        assert tlvs(alpn=["spdy/1", "http/1.1"]) == {"alpn": "http/1.1", "authority": "edge.test",
+                                                     "client": 0x01, "verify": 1, "version": "TLSv1.3"}
     finally:
         stop.set()
 

@@ -222,7 +222,8 @@ class ServiceState:
     def __init__(self, name: str) -> None: ...
     def set_backends(self, policy: Policy | None, addrs: dict[int, tuple[str, int]]) -> None: ...
 
-class Listener: ...
+class Listener:
+    sni: SniTable | None                 # [sni]
 
 class Session:
     """Made only by an Engine; Session() raises CoreTypeError."""
@@ -254,6 +255,12 @@ class Engine:
     tls_resumed: int
     tls_failures: int
     tls_timeouts: int
+    sni_routed: int                      # [sni]
+    sni_defaulted: int
+    sni_no_route: int
+    sni_bad: int
+    sni_oversize: int
+    sni_timeouts: int
     tls_no_cert: int
     tls_expired: int
     tls_untrusted: int
@@ -387,3 +394,17 @@ class TlsContext:
                  client_ca: bytes | None = None, verify_client: str = "required",
                  identities: Sequence[str] = ()) -> None: ...
     def pick(self, server_name: str) -> int: ...
+
+
+# [sni] SNI routing without termination (core/sni.pxi)
+SNI_STATUS: tuple[str, ...]
+
+def sni_parse_bytes(data: bytes) -> tuple[str, str | None]: ...
+
+class SniTable:
+    """The services of one shared listen address, by SNI."""
+    svcs: tuple[ServiceState, ...]
+    default: ServiceState | None
+    timeout: float
+    def __init__(self, routes: Any, default: ServiceState | None = ..., timeout: float = ...) -> None: ...
+    def match(self, name: str) -> ServiceState | None: ...

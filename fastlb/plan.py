@@ -17,11 +17,24 @@ No I/O and no fastlb import here: the worker process loads this module.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Iterable, Mapping, Protocol, Sequence
 
 WIRE_VERSION = 1
 
 ListenKey = tuple[str, str, int]          # (service, host, port): one listening socket
+# [sni] the ListenKey "service" of an address shared by SNI routing: one socket for the group
+# (no service name can start with "*": config names are [A-Za-z0-9_.-])
+SNI_GROUP = "*sni"
+
+
+def sni_addresses(plans: Iterable[Any]) -> set[tuple[str, int]]:
+    """[sni] The listen addresses shared by SNI routing: those where a service (a Plan, or a
+    config Service: both have .sni and .listen) declares sni names."""
+    out: set[tuple[str, int]] = set()
+    for p in plans:
+        if p.sni:
+            out.update((a[0], a[1]) if isinstance(a, tuple) else (a.host, a.port) for a in p.listen)
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +111,10 @@ class Plan:
     tls_client_ca: bytes = b""                      # stage 2: PEM CAs of client certificates
     tls_verify: str = "required"                    # "required" | "optional"
     tls_identities: tuple[str, ...] = ()            # service.authz.identities
+    # [sni] passthrough routing: the names this service takes on a shared listen address
+    # (empty: the address's default, or a service alone on it) and the ClientHello's time
+    sni: tuple[str, ...] = ()
+    sni_handshake: float = 10.0
 
     def tls_key(self) -> tuple[Any, ...]:
         """[tls] What the service's TlsContext is built from."""
@@ -127,7 +144,8 @@ class Plan:
                 "tls": ([[list(p) for p in self.tls_certs], self.tls_min_version,  # [tls]
                          list(self.tls_alpn), self.tls_handshake, self.tls_client_ca,
                          self.tls_verify, list(self.tls_identities)]
-                        if self.tls_certs else None)}
+                        if self.tls_certs else None),
+                "sni": [list(self.sni), self.sni_handshake] if self.sni else None}   # [sni]
 
     @classmethod
     def from_wire(cls, w: Mapping[str, Any]) -> Plan:
@@ -147,7 +165,15 @@ class Plan:
                    **_access_from_wire(w.get("access")),                            # [access]
                    **_mem_from_wire(w),                                              # [mem]
                    log_sample=int(w.get("log_sample", 0)),                           # [obs]
-                   **_tls_from_wire(w.get("tls")))                                   # [tls]
+                   **_tls_from_wire(w.get("tls")),                                   # [tls]
+                   **_sni_from_wire(w.get("sni")))                                   # [sni]
+
+
+def _sni_from_wire(t: Sequence[Any] | None) -> dict[str, Any]:
+    """[sni] Plan's SNI fields from their wire list (absent: none)."""
+    if not t:
+        return {}
+    return {"sni": tuple(str(n) for n in t[0]), "sni_handshake": float(t[1])}
 
 
 def _tls_from_wire(t: Sequence[Any] | None) -> dict[str, Any]:

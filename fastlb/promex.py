@@ -12,7 +12,7 @@ Only what fastlb counts truthfully today is emitted; docs/metrics.md lists what 
 from __future__ import annotations
 
 import resource
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
@@ -208,6 +208,7 @@ class FastLBCollector(Collector):
         ]:
             if key in mem:
                 yield CounterMetricFamily(f"fastlb_{name}", help_, value=mem[key])
+        yield from sni_metrics(mem)                                             # [sni]
 
     def _backends(self, services: list[dict[str, Any]]) -> Iterator[Metric]:
         for suffix, kind, help_, field in BACKEND_SUMS:
@@ -296,3 +297,21 @@ def registry(sources: observe.Sources) -> CollectorRegistry:
 def render(reg: CollectorRegistry) -> bytes:
     """The exposition text of one scrape."""
     return generate_latest(reg)
+
+
+SNI_OUTCOMES = (("routed", "sni_routed"), ("default", "sni_defaulted"), ("no_route", "sni_no_route"),
+                ("bad_hello", "sni_bad_hello"), ("oversize", "sni_oversize"),
+                ("timeout", "sni_timeouts"))
+
+
+def sni_metrics(mem: Mapping[str, int]) -> Iterator[Metric]:
+    """[sni] Connections on addresses shared by SNI routing, by outcome (core/sni.pxi)."""
+    if "sni_routed" not in mem:
+        return
+    fam = CounterMetricFamily("fastlb_sni_connections", "Connections on a listen address shared "
+                              "by SNI routing, by outcome: routed by name, sent to the default "
+                              "service, or closed (no route, not a ClientHello, over 16 KiB, "
+                              "past timeouts.handshake).", labels=["outcome"])
+    for outcome, key in SNI_OUTCOMES:
+        fam.add_metric([outcome], mem.get(key, 0))
+    yield fam

@@ -149,6 +149,7 @@ cdef class Listener:
     cdef uint32_t events                 # [limits] its epoll interest, to re-arm it after a pause
     cdef int paused                      # [limits] PAUSE_*: out of the epoll set (0: armed)
     cdef double paused_at                # [limits] coarse clock of the pause
+    cdef public SniTable sni             # [sni] route by the ClientHello (None: lst.svc's)
 
 
 @cython.final
@@ -204,6 +205,10 @@ cdef class Engine:
     cdef readonly long long tls_handshakes, tls_resumed, tls_failures, tls_timeouts
     # [tls] stage 2: client certificates refused (missing, expired, untrusted); authz refusals
     cdef readonly long long tls_no_cert, tls_expired, tls_untrusted, tls_authz_denied
+    # [sni] passthrough routing (core/sni.pxi): routed by name; sent to the default; refused
+    # for no route, for bytes that are not a ClientHello, for an oversized one; timed out
+    cdef readonly long long sni_routed, sni_defaulted, sni_no_route, sni_bad, sni_oversize
+    cdef readonly long long sni_timeouts
 
     def __cinit__(self):
         self.epfd = -1
@@ -479,6 +484,9 @@ cdef class Engine:
             if svc.hash_mode != HASH_NONE:
                 s.key = _hash_peer(&ss, svc.hash_mode)
             self.sessions.add(s)
+            if lst.sni is not None:             # [sni] the service is named by the ClientHello
+                sni_start(s, lst.sni)
+                continue
             if svc.adm is not None and adm_accept(s, &ss) != ADM_GO:    # [access]
                 continue                        # refused (closed, counted), or waiting
             if svc.tls is not None:             # [tls] the handshake before the connect
@@ -504,6 +512,8 @@ cdef class Engine:
                 adm_expired(s)
             elif s.state == S_HANDSHAKE and now >= s.deadline:   # [tls] timeouts.handshake
                 tls_expired(s)
+            elif s.state == S_SNI and now >= s.deadline:         # [sni] the ClientHello's time
+                sni_expired(s)
         if idle:
             for s in list(self.sessions):
                 if s.state == S_OPEN and now - s.last >= s.svc.idle_timeout:

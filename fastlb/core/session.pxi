@@ -103,6 +103,11 @@ cdef class Session:
     cdef TlsContext tlsctx               # its contexts (and SNI table) stay alive for it
     cdef unsigned char tls_want          # TLSW_*: what OpenSSL asked of the other direction
 
+    # [sni] routing by the ClientHello (core/sni.pxi): the table, the bytes read so far
+    cdef SniTable sni
+    cdef unsigned char *sni_buf
+    cdef int sni_have
+
     def __cinit__(self):
         # Every Session starts owning nothing, even one made by Session.__new__ from Python,
         # so that freeing it can never close an fd it does not own (fd 0 of a zeroed object).
@@ -264,6 +269,9 @@ cdef class Session:
             return
         if self.state == S_HANDSHAKE:           # [tls] before connect
             tls_on_handshake(self, events)
+            return
+        if self.state == S_SNI:                 # [sni] before the service is known
+            sni_on_client(self, events)
             return
         if self.tls_want:                       # [tls] what OpenSSL waited for may be here:
             self.tls_want = 0                   # retry both directions
@@ -442,6 +450,7 @@ cdef class Session:
 
         adm_close(self)                         # [access] the source entry, once
         tls_close(self)                         # [tls] the SSL, once
+        sni_close(self)                         # [sni] the hello's scratch
         self.state = S_CLOSED
         eng.graveyard.append(self)              # alive until this batch of events is done
         eng.sessions.discard(self)
@@ -475,6 +484,7 @@ cdef class Session:
         _free_buffer(self.c2b.data, True)
         _free_buffer(self.b2c.data, True)
         free(self.pp_buf)                       # [access] a PROXY header's scratch
+        free(self.sni_buf)                      # [sni] a ClientHello's scratch
         if self.ssl != NULL:                    # [tls] a session never closed
             SSL_free(self.ssl)
         flb_dbg_add(FLB_DBG_SESSIONS, -1)

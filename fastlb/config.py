@@ -854,7 +854,7 @@ def service_from_dict(raw: Any, path: str, c: _Checker | None = None, *,
                    discovery=c.choice(raw["discovery"], f"{path}.discovery", ("etcd",))
                    if "discovery" in raw else None,                              # [etcd]
                    tls=_tls(c, raw, path),                                      # [tls]
-                   **_sni(c, raw, path))                                        # [sni]
+                   **_sni(c, raw, path, listen))                                # [sni]
 
 
 # -- [leases] self-registration (fastlb/leases.py) ----------------------------------------------
@@ -1300,7 +1300,7 @@ def _tls(c: _Checker, raw: dict, path: str) -> TlsConfig | None:
 SNI_LABEL = re.compile(r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?")   # RFC 1123 (and "_", as seen)
 
 
-def _sni(c: _Checker, raw: dict, path: str) -> dict[str, Any]:
+def _sni(c: _Checker, raw: dict, path: str, listen: tuple[Address, ...]) -> dict[str, Any]:
     """``sni = ["a.example.com", "*.b.example.com"]``: the names this service takes on a listen
     address it shares with others (exact, or "*." and one label; case-insensitive: kept
     lowercase), and ``timeouts.handshake`` (10s, as for TLS termination) for the whole
@@ -1316,6 +1316,10 @@ def _sni(c: _Checker, raw: dict, path: str) -> dict[str, Any]:
     if "tls" in raw:
         raise c.fail(p, "sni routes the client's TLS to a backend untouched; it cannot be combined "
                         "with tls termination (for certificates chosen by SNI use tls.certs)")
+    for j, a in enumerate(listen):
+        if a.port == 0:
+            raise c.fail(f"{path}.listen[{j}]", f"{a.text}: sni needs a fixed port to share (port 0 "
+                                                f"gives each service a port of its own)")
     names: list[str] = []
     for j, name in enumerate(value):
         if not isinstance(name, str):

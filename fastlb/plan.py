@@ -34,7 +34,7 @@ def sni_addresses(plans: Iterable[Any]) -> set[tuple[str, int]]:
     for p in plans:
         if p.sni:
             out.update((a[0], a[1]) if isinstance(a, tuple) else (a.host, a.port) for a in p.listen)
-    return out
+    return {a for a in out if a[1] != 0}          # (config refuses sni on port 0)
 
 
 @dataclass(frozen=True, slots=True)

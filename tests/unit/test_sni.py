@@ -270,6 +270,8 @@ def test_config_shared_address_rules(tmp_path):
         assert "service[0].sni" in e, (bad, e)
     e = error(conf(("a", "127.0.0.1:8443", f'sni = ["a.b"]\n{tls}')))
     assert "service[0].sni" in e and "tls.certs" in e
+    e = error(conf(("a", "127.0.0.1:0", 'sni = ["a.b"]')))
+    assert "service[0].listen[0]" in e and "fixed port" in e
     e = error(conf(("a", "127.0.0.1:8443", ""), ("b", "127.0.0.1:8443", "")))
     assert "already a listener of service 'a'" in e                   # no sni: as before
 

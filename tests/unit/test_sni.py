@@ -3,6 +3,8 @@ twin (hypothesis: well-formed hellos split into records at random, truncated, mu
 plain garbage must get the same answer from both); whole, byte by byte, with trailing data
 (h11's rule for parsers); the routing table's matching; the config's rules for a shared
 address; the per-event functions free of Python C-API calls in the generated C."""
+import os
+import socket
 import ssl
 import struct
 
@@ -247,6 +249,9 @@ def test_config_shared_address_rules(tmp_path):
     assert [s.sni for s in ok.services] == [("a.example.com", "*.b.example.com"),
                                             ("c.example.com",), (), ("only.example.com",)]
     assert ok.services[1].sni_handshake == 2.0
+    from fastlb.config import service_from_dict, service_to_dict
+    for svc in ok.services:                                 # the state file's round trip
+        assert service_from_dict(service_to_dict(svc), "service") == svc
     e = error(conf(("a", "127.0.0.1:8443", 'sni = ["a.x.y"]'), ("d", "127.0.0.1:8443", ""),
                    ("e", "127.0.0.1:8443", "")))
     assert "service[2].listen[0]" in e and "already its default" in e
@@ -305,3 +310,78 @@ def test_admin_add_service_follows_the_same_rules():
         with pytest.raises(RegistryError) as e:
             r.plan("add_service", {"service": svc})
         assert e.value.code == code and text in str(e.value), str(e.value)
+
+
+# -- the engine in-process (uvloop, real loopback sockets) --------------------------------------
+def test_thousands_of_refused_hellos_leave_no_session_fd_or_scratch(procs):
+    """3,000 clients refused before routing (garbage, no SNI without a default, oversized, and
+    some that leave half-way or stall past the timeout) leave no session and no fd; each
+    outcome counted. A client routed meanwhile reaches its backend with its bytes first."""
+    import asyncio
+
+    import uvloop
+    from helpers import start_backend
+    _, bport = start_backend(procs, "echo")
+    loop = uvloop.new_event_loop()
+    counters = _core.Counters(bytearray(_core.Counters.size_for(4)), 4)
+    health = _core.HealthBitmap(bytearray(_core.HealthBitmap.size_for(4)), 4)
+    health.mark_up(0)
+    engine = _core.Engine(loop, counters, 0)
+    svc = _core.ServiceState("a")
+    svc.set_backends(_core.make_policy("round_robin", [0], [1], health, counters=counters),
+                     {0: ("127.0.0.1", bport)})
+    router = _core.ServiceState("router")
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(4096)
+    port = sock.getsockname()[1]
+    lst = engine.listen(sock, router)
+    lst.sni = _core.SniTable([(("a.example",), svc)], None, 0.2)
+    good = records(hello(server_name((0, b"a.example"))))
+    big = records(hello(ext(21, bytes(17000))))
+    fds = len(os.listdir("/proc/self/fd"))
+
+    async def sweep():
+        while True:
+            await asyncio.sleep(0.02)
+            engine.sweep(False)
+
+    async def one(data, close_early=False):
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        w.write(data)
+        if close_early:
+            w.close()
+            return b""
+        try:
+            return await r.read(100)
+        except ConnectionResetError:
+            return b""
+        finally:
+            w.close()
+
+    async def main():
+        sweeper = loop.create_task(sweep())
+        kinds = [b"GET / HTTP/1.0\r\n\r\n", records(hello()), big, good[:30], good[:-3]]
+        for i in range(0, 3000, 100):
+            got = await asyncio.gather(*(one(kinds[(i + j) % 5], close_early=(j % 10 == 3))
+                                         for j in range(100)))
+            assert not any(got)
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        w.write(good + b"ping")
+        assert await r.readexactly(len(good) + 4) == good + b"ping"    # echoed: forwarded whole
+        w.close()
+        for _ in range(100):
+            if not engine.sessions:
+                break
+            await asyncio.sleep(0.05)
+        sweeper.cancel()
+    try:
+        loop.run_until_complete(asyncio.wait_for(main(), 60))
+        assert not engine.sessions
+        assert len(os.listdir("/proc/self/fd")) <= fds + 2        # + the asyncio client's
+        assert engine.sni_routed == 1
+        assert engine.sni_bad + engine.sni_no_route + engine.sni_oversize + engine.sni_timeouts > 2000
+        assert min(engine.sni_bad, engine.sni_no_route, engine.sni_oversize, engine.sni_timeouts) > 0
+    finally:
+        engine.close()
+        loop.close()

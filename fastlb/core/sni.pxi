@@ -388,6 +388,7 @@ cdef void sni_route(Session s, int idx) noexcept:
     lim_count(eng, s.srow, G_TOTAL)
     lim_note_max(eng, s.srow)
     s.svc = svc
+    _keepalive(s.cfd, svc)                      # [mem] the service's tcp_keepalive, as at accept
     if svc.hash_mode != HASH_NONE:
         s.key = _hash_addr(&s.client, svc.hash_mode)
     got = _buf_get(s, &s.c2b)

@@ -36,7 +36,7 @@
 #     config refuses them: a PROXY header would precede the hello; terminating needs the hello
 #     in OpenSSL): the routed session only runs the ACL and per-source limits.
 # The per-event functions sni_on_client and sni_parse make no Python C-API call
-# (tests/unit/test_sni.py); routing and refusing are once per connection.
+# (tests/unit/test_sni_core.py); routing and refusing are once per connection.
 
 cdef enum:
     S_SNI = 9                # [sni] reading the ClientHello (before the service is known)

@@ -435,3 +435,63 @@ def test_a_plain_service_gaining_sni_neighbours_keeps_its_socket_and_connections
     held.close()
     assert not failures, failures[:3]
     assert "Traceback" not in p.output and "a bug" not in p.output, p.output
+
+
+def test_admin_adds_and_removes_sni_services_on_a_live_port_with_the_state_file(procs, tmp_path, ca,
+                                                                               backends):
+    """Through the admin socket: add_service b (sni) on plain service a's port, then c, while
+    a connection to a is held open; a clash is refused with its key path and changes nothing;
+    the state file keeps the sni names across a restart; remove_service b sends its names to
+    the default; the held connection echoes throughout."""
+    from fastlb.admin.client import AdminError
+    from helpers import PY, Proc
+    from helpers import admin_client as client
+    a = backends("A", "a.example.com")
+    b = backends("B", "b.example.com")
+    c = backends("C", "c.example.com")
+    port = free_port()
+    head = (f'[global]\nadmin = "unix:{tmp_path}/admin.sock"\n'
+            f'state_file = "{tmp_path}/state.msgpack"\n')
+    cfg = tmp_path / "lb.toml"
+    cfg.write_text(head + svc("a", port, a.port))
+    p = Proc([PY, "-m", "fastlb", "run", "-c", str(cfg)], procs)
+    p.wait_line("fastlb ready")
+    ctx = client_ctx(ca)
+    got, _, held = hello_of(port, client_ctx(ca), None)
+    assert got == "A"
+
+    def echo(word):
+        held.sendall(word)
+        assert held.recv(len(word)) == word
+
+    def reaches(name):
+        nocheck = client_ctx(ca)
+        nocheck.check_hostname = False
+        with nocheck.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=5),
+                                 server_hostname=name) as s:
+            return s.recv(100).decode().strip()
+    with client(tmp_path) as cl:
+        cl.call("add_service", service={"name": "b", "listen": [f"127.0.0.1:{port}"],
+                                        "sni": ["b.example.com"],
+                                        "backends": [{"address": f"127.0.0.1:{b.port}"}]})
+        echo(b"one")
+        assert routed(port, ctx, "b.example.com")[0] == "B"
+        with pytest.raises(AdminError) as err:
+            cl.call("add_service", service={"name": "x", "listen": [f"127.0.0.1:{port}"],
+                                            "sni": ["B.example.com"],
+                                            "backends": [{"address": f"127.0.0.1:{c.port}"}]})
+        assert "service.sni[0]" in str(err.value) and "already routed to service 'b'" in str(err.value)
+        cl.call("add_service", service={"name": "c", "listen": [f"127.0.0.1:{port}"],
+                                        "sni": ["*.c.example.com"],
+                                        "backends": [{"address": f"127.0.0.1:{c.port}"}]})
+        assert reaches("x.c.example.com") == "C"
+        echo(b"two")
+        cl.call("remove_service", service="b")
+        assert reaches("b.example.com") == "A"
+        echo(b"three")
+    held.close()
+    p.signal(15)
+    p.wait(15)
+    p2 = Proc([PY, "-m", "fastlb", "run", "-c", str(cfg)], procs)   # the state file's services
+    p2.wait_line("fastlb ready")
+    assert reaches("x.c.example.com") == "C" and reaches("a.example.com") == "A"

@@ -13,51 +13,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 
 import msgpack
+from _probe import round_trips, start, wait_for
 
 TOKEN = "bench-" + "b" * 40
-
-
-def start(args: list[str], env: dict[str, str]) -> tuple[subprocess.Popen[str], list[str]]:
-    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    lines: list[str] = []
-    threading.Thread(target=lambda: [lines.append(x) for x in p.stdout or []], daemon=True).start()
-    return p, lines
-
-
-def wait_for(lines: list[str], pattern: str, timeout: float = 15.0) -> re.Match[str]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for line in list(lines):
-            if m := re.search(pattern, line):
-                return m
-        time.sleep(0.05)
-    raise SystemExit(f"no {pattern!r} in:\n" + "".join(lines))
-
-
-def round_trips(port: int, seconds: float) -> list[float]:
-    out = []
-    with socket.create_connection(("127.0.0.1", port)) as c:
-        c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            t0 = time.perf_counter()
-            c.sendall(b"x" * 64)
-            got = 0
-            while got < 64:
-                got += len(c.recv(64 - got))
-            out.append(time.perf_counter() - t0)
-            time.sleep(0.001)
-    return out
 
 
 def flood(aport: int, stop: threading.Event, source: str) -> None:

@@ -19,59 +19,18 @@ import argparse
 import asyncio
 import multiprocessing
 import os
-import re
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from typing import Any
 
 import msgpack
+from _probe import round_trips, start, summary, wait_for
 
 TOKEN = "bench-" + "o" * 40
 REG_TOKEN = "bench-reg-" + "r" * 36
-
-
-def start(args: list[str]) -> tuple[subprocess.Popen[str], list[str]]:
-    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: list[str] = []
-    threading.Thread(target=lambda: [lines.append(x) for x in p.stdout or []], daemon=True).start()
-    return p, lines
-
-
-def wait_for(lines: list[str], pattern: str, timeout: float = 20.0) -> re.Match[str]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for line in list(lines):
-            if m := re.search(pattern, line):
-                return m
-        time.sleep(0.05)
-    raise SystemExit(f"no {pattern!r} in:\n" + "".join(lines))
-
-
-def round_trips(port: int, seconds: float) -> list[float]:
-    out = []
-    with socket.create_connection(("127.0.0.1", port)) as c:
-        c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            t0 = time.perf_counter()
-            c.sendall(b"x" * 64)
-            got = 0
-            while got < 64:
-                got += len(c.recv(64 - got))
-            out.append(time.perf_counter() - t0)
-            time.sleep(0.001)
-    return out
-
-
-def summary(xs: list[float]) -> str:
-    xs = sorted(xs)
-    return (f"{len(xs):,} | {statistics.median(xs) * 1e3:.3f} ms | "
-            f"{xs[int(len(xs) * 0.99)] * 1e3:.1f} ms")
 
 
 class Instance:

@@ -1130,6 +1130,23 @@ def summary(cfg: Config) -> str:
 
 
 # -- [etcd] [discovery.etcd] and service.discovery (fastlb.etcd) -----------------------------------
+def _etcd_tls_files(c: _Checker, t: dict) -> None:
+    """[etcd] The CA and the client certificate load (as fastlb.etcd.tls_context loads them):
+    a wrong path or a key that does not match fails here, naming the key, not at the first
+    request."""
+    import ssl
+    try:
+        ctx = ssl.create_default_context(cafile=t["ca"]) if "ca" in t else None
+    except (OSError, ssl.SSLError) as exc:
+        raise c.fail("discovery.etcd.ca", f"cannot load {t['ca']}: {exc}") from None
+    if "cert" in t:
+        try:
+            (ctx or ssl.create_default_context()).load_cert_chain(t["cert"], t["key"])
+        except (OSError, ssl.SSLError) as exc:
+            raise c.fail("discovery.etcd.cert", f"cannot load {t['cert']} with {t['key']}: "
+                                                f"{exc}") from None
+
+
 ETCD_KEYS = {"endpoints", "prefix", "ca", "cert", "key", "user", "password_file"}
 
 
@@ -1166,6 +1183,7 @@ def _etcd(c: _Checker, doc: dict, services_raw: list, services: list[Service]) -
                          "user and password_file go together")
         if any(e.startswith("http://") for e in eps) and ("ca" in t or "cert" in t):
             raise c.fail("discovery.etcd.endpoints", "TLS settings (ca, cert) need https:// endpoints")
+        _etcd_tls_files(c, t)
         cfg = EtcdConfig(tuple(e.rstrip("/") for e in eps), prefix, t.get("ca"), t.get("cert"),
                          t.get("key"), t.get("user"), t.get("password_file"))
     for i, (raw, svc) in enumerate(zip(services_raw, services, strict=True)):

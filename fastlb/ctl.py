@@ -49,6 +49,9 @@ VERBS: list[tuple[str, str, list[tuple[str, dict[str, Any]]]]] = [
      [("service", {}), ("address", {})]),
     ("weight", "set a backend's weight",
      [("service", {}), ("address", {}), ("weight", {"type": int})]),
+    ("max-conns", "set a backend's connection cap over all workers (0: none); open "
+                  "connections above a lowered cap go on",
+     [("service", {}), ("address", {}), ("max_conns", {"type": int})]),
     ("drain", "no new connections to a backend; open ones go on",
      [("service", {}), ("address", {}),
       ("--timeout", {"type": float, "help": "close what is still open after this many seconds"})]),
@@ -163,6 +166,8 @@ def _request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         return "remove_backend", fields
     if v == "weight":
         return "set_weight", {**fields, "weight": args.weight}
+    if v == "max-conns":                                                        # [limits]
+        return "set_max_conns", {**fields, "max_conns": args.max_conns}
     if v == "drain":
         return "set_state", {**fields, "state": "drain",
                              **({"timeout": args.timeout} if args.timeout is not None else {})}

@@ -381,6 +381,8 @@ def entry_info(view: Any, service: str, b: Backend, members: Members, status: st
             row["priority"] = m.priority
         if stats:
             row.update(view.counters(slot) if slot is not None else dict.fromkeys(counter_fields, 0))
+            g = view.gauges(service, mid)                                       # [limits]
+            row.update(cur=g["cur"], max=g["max"], limit=b.max_conns)
             check = view.check(service, mid)
             row["check_failures"] = check[0] if check else 0
             row["health_reason"] = check[1] if check else "no checks"
@@ -391,6 +393,12 @@ def entry_info(view: Any, service: str, b: Backend, members: Members, status: st
     if stats:
         for f in counter_fields:
             info[f] = sum(r[f] for r in rows)
+        # [limits] connections now over the members; max: the sum of each member's highest (an
+        # upper bound of the entry's own peak); limit: each member's cap (max_conns applies to
+        # every member alone, as to a server of a HAProxy server-template)
+        info["cur"] = sum(r["cur"] for r in rows)
+        info["max"] = sum(r["max"] for r in rows)
+        info["limit"] = b.max_conns
         info["check_failures"] = sum(r["check_failures"] for r in rows)
         info["health_reason"] = (f"{up} of {len(rows)} member(s) up" if rows
                                  else f"no member: DNS {status}")

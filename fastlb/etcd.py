@@ -24,6 +24,7 @@ import base64
 import json
 import logging
 import signal
+import ssl
 import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, Callable, Mapping
@@ -35,6 +36,12 @@ log = logging.getLogger("fastlb.etcd")
 
 BACKOFF_MIN, BACKOFF_MAX = 0.1, 5.0
 REQUEST_TIMEOUT = 5.0
+# While a watch is open, a cheap request (maintenance status) every PROBE_INTERVAL, answered
+# within REQUEST_TIMEOUT, vouches that etcd is alive. The watch stream alone cannot: etcd's
+# progress notices come every 10 minutes by default, and an etcd that hangs (stopped, a dead
+# disk, a partition that drops packets) keeps the TCP connection open and silent. etcd's own Go
+# client does the same with HTTP/2 keepalive pings (DialKeepAliveTime / DialKeepAliveTimeout).
+PROBE_INTERVAL = 5.0
 
 
 # -- pure parts --------------------------------------------------------------------------------
@@ -134,6 +141,16 @@ class Compacted(Exception):
     """The watch's start revision was compacted: list again."""
 
 
+def tls_context(cfg: EtcdConfig) -> ssl.SSLContext:
+    """The client side of TLS to etcd: its CA (else the system's) and our certificate. Built
+    here, not from httpx's ``verify=path, cert=(crt, key)``: httpx 0.28 took those and sent no
+    client certificate, so an etcd with --client-cert-auth closed every request."""
+    ctx = ssl.create_default_context(cafile=cfg.ca) if cfg.ca else ssl.create_default_context()
+    if cfg.cert and cfg.key:
+        ctx.load_cert_chain(cfg.cert, cfg.key)
+    return ctx
+
+
 class Client:
     """etcd's v3 JSON gateway over HTTP(S), one endpoint at a time (the next on failure)."""
 
@@ -142,10 +159,7 @@ class Client:
         self.cfg = cfg
         self.endpoints = list(cfg.endpoints)
         self.current = 0
-        verify: Any = cfg.ca if cfg.ca else True
-        cert = (cfg.cert, cfg.key) if cfg.cert and cfg.key else None
-        self.http = httpx.AsyncClient(verify=verify, cert=cert,
-                                      timeout=httpx.Timeout(REQUEST_TIMEOUT))
+        self.http = httpx.AsyncClient(verify=tls_context(cfg), timeout=httpx.Timeout(REQUEST_TIMEOUT))
         self.token: str | None = None
 
     @property
@@ -234,6 +248,22 @@ class Client:
     async def revoke(self, lease: int) -> None:
         await self._post("/v3/lease/revoke", {"ID": str(lease)})
 
+    async def probe(self) -> None:
+        """Raises Unreachable unless the current endpoint answers a status request within
+        REQUEST_TIMEOUT (no failover here: the watch on this endpoint is what is in doubt)."""
+        import httpx
+        try:
+            await self._auth()
+            r = await self.http.post(self.endpoint + "/v3/maintenance/status", json={},
+                                     headers=self._headers())
+        except (httpx.HTTPError, OSError) as exc:
+            self._next()
+            raise Unreachable(f"{self.endpoint}: no answer to a status probe within "
+                              f"{REQUEST_TIMEOUT:g} s ({type(exc).__name__})") from None
+        if r.status_code != 200:
+            self._next()
+            raise Unreachable(f"{self.endpoint}/v3/maintenance/status: HTTP {r.status_code}")
+
     async def compact(self, revision: int) -> None:
         await self._post("/v3/kv/compaction", {"revision": str(revision), "physical": True})
 
@@ -301,6 +331,7 @@ class Watcher:
         self.bad: dict[str, str] = {}                        # key -> why skipped (logged once)
         self.status = Status()
         self.task: asyncio.Task[None] | None = None
+        self.watched = False                                 # the watch gave something since the last failure
 
     def info(self) -> dict[str, Any]:
         """For ctl stats and /metrics."""
@@ -387,19 +418,39 @@ class Watcher:
                     await self.relist()
                     need_list = False
                     self._set_up(True)
-                async for rev, events in self.client.watch(self.prefix, self.status.revision + 1):
-                    backoff = BACKOFF_MIN
-                    self._set_up(True)
-                    await self._events(events)
-                    self.status.revision = max(self.status.revision, rev)
+                await self._watch_probed()
             except Compacted as exc:
                 log.warning("etcd: %s: listing again", exc)
                 need_list = True
                 continue
             except (Unreachable, OSError) as exc:
                 self._set_up(False, str(exc))
+            if self.watched:                        # it worked a while: retry soon
+                backoff, self.watched = BACKOFF_MIN, False
             await asyncio.sleep(backoff)
             backoff = min(BACKOFF_MAX, backoff * 2)
+
+    async def _watch(self) -> None:
+        async for rev, events in self.client.watch(self.prefix, self.status.revision + 1):
+            self.watched = True
+            self._set_up(True)
+            await self._events(events)
+            self.status.revision = max(self.status.revision, rev)
+
+    async def _watch_probed(self) -> None:
+        """The watch, with a status probe every PROBE_INTERVAL beside it: a probe without an
+        answer ends the watch (Unreachable), as a broken stream does."""
+        watch = asyncio.ensure_future(self._watch())
+        try:
+            while True:
+                done, _ = await asyncio.wait({watch}, timeout=PROBE_INTERVAL)
+                if done:
+                    watch.result()                  # raises what ended it
+                    raise Unreachable("the watch stream ended")
+                await self.client.probe()
+        finally:
+            watch.cancel()
+            await asyncio.gather(watch, return_exceptions=True)
 
     async def _events(self, events: list[dict[str, Any]]) -> None:
         touched: set[str] = set()

@@ -40,6 +40,8 @@ class Sources:
     memory: Callable[[], Mapping[str, int]] = lambda: {}      # [mem] DataPath.memory
     # [obs] fastlb.connlog.histograms() of the running supervisor (None: not exported)
     histograms: Callable[[], dict[str, Any]] | None = None
+    # [admin] the admin server's refusal counts by reason (AdminServer.counts; {}: no admin)
+    admin: Callable[[], Mapping[str, int]] = lambda: {}
     started: float = field(default_factory=time.time)
     pid: int = field(default_factory=os.getpid)
 
@@ -86,4 +88,5 @@ def snapshot(src: Sources) -> dict[str, Any]:
     glob: dict[str, Any] = next((s["global"] for s in rows if "global" in s), {})   # [limits]
     return {"version": __version__, "pid": src.pid, "started": src.started, "now": now,
             "services": services, "global": glob, "memory": dict(src.memory()),
-            "etcd": next((s["etcd"] for s in rows if "etcd" in s), None)}       # [etcd]
+            "etcd": next((s["etcd"] for s in rows if "etcd" in s), None),       # [etcd]
+            "admin": dict(src.admin())}                                         # [admin]

@@ -63,6 +63,12 @@ def problems(cfg: Config, *, mode: Mode = "check", bind: bool = True,
     _check_maxconn(cfg, fail)                                                   # [limits]
     if g.admin and g.admin.startswith("tcp:") and g.admin_token_file:
         _check_token_file(g.admin_token_file, fail)
+    for i, svc in enumerate(cfg.services):                                      # [leases]
+        if svc.registration is not None and svc.registration.token_file:
+            _check_token_file(svc.registration.token_file, fail,
+                              f"service[{i}].registration.token_file")
+    if g.connlog.startswith("file:") and mode == "check":                       # [obs]
+        _check_log_file(g.connlog[len("file:"):], fail)
     if g.state_file and mode == "check":     # run starts anyway, and retries the writes
         _check_state_file(g.state_file, fail, warn, writable=mode == "check",
                           load=not ignore_state and mode == "check")
@@ -145,14 +151,28 @@ def _check_maxconn(cfg: Config, fail: Report) -> None:
                        f"and metrics; raise the hard limit (systemd: LimitNOFILE=; ulimit -Hn)")
 
 
-def _check_token_file(path: str, fail: Report) -> None:
+def _check_token_file(path: str, fail: Report, key: str = "global.admin_token_file") -> None:
     """Exists, is readable, is open to nobody else (no group/other bits), and holds a token of
     at least 32 characters (fastlb.admin.guard.read_token: the same rules at start and reload)."""
     from fastlb.admin.guard import TokenFileError, read_token
     try:
         read_token(path)
     except TokenFileError as exc:
-        fail("global.admin_token_file", str(exc))
+        fail(key, str(exc))
+
+
+def _check_log_file(path: str, fail: Report) -> None:
+    """The connection log's file can be opened for appending (created if missing), as
+    fastlb.connlog opens it at start; nothing is written."""
+    existed = os.path.exists(path)
+    try:
+        with open(path, "ab"):
+            pass
+    except OSError as exc:
+        fail("global.connlog", f"cannot open {path} for appending: {exc.strerror or exc}")
+        return
+    if not existed:
+        os.unlink(path)
 
 
 def _check_state_file(path: str, fail: Report, warn: Report, *, writable: bool, load: bool) -> None:

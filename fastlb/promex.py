@@ -98,6 +98,21 @@ class FastLBCollector(Collector):
         yield from self._servers(snap["services"], snap["now"])
         yield from self._histograms()                                     # [obs]
         yield from self._etcd(snap.get("etcd"))                           # [etcd]
+        yield from self._admin(snap.get("admin") or {})                   # [admin]
+
+    def _admin(self, counts: dict[str, int]) -> Iterator[Metric]:
+        """[admin] Connections the admin socket refused or closed, by reason (over_cap,
+        backoff, unauthorized, timeout, idle: fastlb.admin.server); only with an admin."""
+        if not counts:
+            return
+        fam = CounterMetricFamily("fastlb_admin_refused_connections", "Admin connections "
+                                  "refused or closed by fastlb, per reason (over the "
+                                  "connection cap, during a source's backoff, failed "
+                                  "authentication, a frame or reply timeout, idle).",
+                                  labels=["reason"])
+        for reason, n in sorted(counts.items()):
+            fam.add_metric([reason], n)
+        yield fam
 
     def _etcd(self, info: dict[str, Any] | None) -> Iterator[Metric]:
         """[etcd] Whether etcd is reachable (0: the last known members serve) and the last

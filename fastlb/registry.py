@@ -111,6 +111,9 @@ class Registry:
             elif op == "set_state":
                 backends[i] = dataclasses.replace(backends[i], state=args["state"])
                 event["state"] = args["state"]
+            elif op == "set_max_conns":                                          # [limits]
+                backends[i] = dataclasses.replace(backends[i], max_conns=args["max_conns"])
+                event["max_conns"] = args["max_conns"]
             else:
                 raise RegistryError("unknown_op", f"unknown registry op {op!r}")
         nxt[svc.name] = _with_backends(svc, backends)

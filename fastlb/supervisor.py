@@ -636,11 +636,15 @@ class Supervisor:
                 and args["service"].get("discovery") == "etcd" and self.etcd is None:
             raise RegistryError("invalid", "service.discovery: \"etcd\" needs a [discovery.etcd] "
                                            "table in the config (at the next start)")
-        if op not in ("set_weight", "set_state", "add_backend", "remove_backend"):
+        if op not in ("set_weight", "set_state", "add_backend", "remove_backend", "set_max_conns"):
             return                                    # add_service carries a table
         svc = self.registry.snapshot.get(args["service"])
         if svc is None or svc.discovery != "etcd":
             return
+        if op == "set_max_conns":                     # [limits] not in etcd's value: an etcd
+            raise RegistryError("etcd_managed",       # change would silently undo it
+                                f"service {svc.name!r} takes its backends from etcd: its "
+                                f"backends' max_conns come from the service's config")
         if op in ("add_backend", "remove_backend"):
             raise RegistryError("etcd_managed", f"service {svc.name!r} takes its backends from etcd: "
                                                 f"put or delete its key in etcd instead")
@@ -861,7 +865,8 @@ class Supervisor:
             self.metrics_server = await httpapi.serve_http(g.metrics, observe.Sources(
                 stats=self.stats, services=lambda: self.registry.snapshot,
                 health=self.health.state, memory=self.datapath.memory,     # [mem]
-                histograms=self._histograms))     # [obs] histograms
+                histograms=self._histograms,      # [obs] histograms
+                admin=lambda: self.admin_server.counts if self.admin_server else {}))  # [admin]
         log.info("fastlb ready: %d service(s), %d worker(s), pid %d", len(self.runtimes),
                  g.workers, os.getpid())
         sdnotify.ready(self._status_line())

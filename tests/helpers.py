@@ -117,6 +117,22 @@ def closed_port() -> int:
     return port
 
 
+def free_port() -> int:
+    """A loopback port free for a listener of the test (the same as closed_port: nothing listens)."""
+    return closed_port()
+
+
+def metrics_text(port: int) -> str:
+    """The body of GET /metrics on 127.0.0.1:port."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        s.settimeout(10)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    return data.partition(b"\r\n\r\n")[2].decode()
+
+
 class Blackhole:
     """A loopback port whose SYNs are dropped (a full accept queue): connects time out."""
 

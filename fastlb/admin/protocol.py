@@ -25,7 +25,7 @@ from typing import Any
 
 import msgpack
 
-from fastlb.config import MAX_WEIGHT, STATES
+from fastlb.config import MAX_CONN, MAX_WEIGHT, STATES
 from fastlb.errors import AdminProtocolError
 from fastlb.unpacking import Limits, depth, limit_error
 
@@ -91,6 +91,8 @@ OPS: dict[str, dict[str, tuple[Any, bool]]] = {
                     "state": (_STR, False)},
     "remove_backend": {"service": (_STR, True), "address": (_STR, True)},
     "set_weight": {"service": (_STR, True), "address": (_STR, True), "weight": (_INT, True)},
+    # [limits] backends[].max_conns at run time (0: no cap), HAProxy's `set maxconn server`
+    "set_max_conns": {"service": (_STR, True), "address": (_STR, True), "max_conns": (_INT, True)},
     "set_state": {"service": (_STR, True), "address": (_STR, True), "state": (_STR, True),
                   "timeout": (_NUM, False), "close": (_BOOL, False)},
     "add_service": {"service": (_MAP, True)},
@@ -108,7 +110,7 @@ OPS: dict[str, dict[str, tuple[Any, bool]]] = {
     "deregister": {"lease": (_STR, True)},
 }
 MUTATIONS = frozenset({"add_backend", "remove_backend", "set_weight", "set_state",
-                       "add_service", "remove_service"})
+                       "add_service", "remove_service", "set_max_conns"})
 # What the audit trail logs (fastlb.handlers.dispatch): every op that changes something.
 CHANGES = MUTATIONS | {"reload", "restart_workers"}
 CHANGES |= {"register", "deregister"}     # [leases] renew is not a change (1 line/s per instance)
@@ -239,6 +241,9 @@ def parse_request(obj: Any) -> Request:
     if "weight" in args and not 1 <= args["weight"] <= MAX_WEIGHT:
         raise AdminProtocolError("bad_request", f"{op}: weight {args['weight']} out of range; "
                                  f"expected 1 to {MAX_WEIGHT}", id=rid)
+    if "max_conns" in args and not 0 <= args["max_conns"] <= MAX_CONN:
+        raise AdminProtocolError("bad_request", f"{op}: max_conns {args['max_conns']} out of "
+                                 f"range; expected 0 (no cap) to {MAX_CONN}", id=rid)
     if "state" in args and op != "remove_service" and isinstance(args["state"], str) \
             and args["state"] not in STATES:
         raise AdminProtocolError("bad_request", f"{op}: state {args['state']!r} is not one of "

@@ -19,15 +19,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from fastlb.admin.client import AdminClient, AdminError
-from helpers import PY, Proc, closed_port, service, start_backend, start_fastlb
+from helpers import PY, Proc, closed_port, free_port, metrics_text, service, start_backend, start_fastlb
 
 TOKEN = "t0k3n-" + "k" * 38                  # 44 characters, as `head -c 32 /dev/urandom | base64`
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_token(tmp_path, token: str = TOKEN, mode: int = 0o600) -> str:
@@ -167,6 +161,25 @@ def test_failed_attempts_back_off_per_source(tcp_lb):
     lb.wait_line(r"admin: connection from tcp 127\.0\.0\.2:\d+ refused: wrong token$")
     lb.wait_line(r"admin: 2 more connections refused: failed authentication in the last 10 s "
                  r"\(the last: .*127\.0\.0\.2 is refused for 1 s\)", timeout=15)
+
+
+def test_refusals_are_counted_in_metrics_by_reason(procs, tmp_path):
+    """Each refused admin connection is counted by its reason in /metrics."""
+    _, be = start_backend(procs, "echo")
+    aport, mport = free_port(), free_port()
+    start_fastlb(procs, tcp_config(tmp_path, be, aport, f'metrics = "127.0.0.1:{mport}"\n'))
+    for i in range(2):                                           # two wrong tokens: two sources
+        s = connect(aport, f"127.0.0.{10 + i}")
+        s.sendall(frame(1, "ping", "wrong"))
+        assert [r["error"]["code"] for r in replies_until_closed(s)] == ["unauthorized"]
+        s.close()
+    with AdminClient(tcp=("127.0.0.1", aport), token=TOKEN) as c:   # a good one is not counted
+        assert c.call("ping") == "pong"
+    samples = {(m.group(1), m.group(2)): float(m.group(3)) for m in re.finditer(
+        r'^(fastlb_admin_refused_connections_total)\{reason="(\w+)"\} (\S+)$',
+        metrics_text(mport), re.M)}
+    assert samples[("fastlb_admin_refused_connections_total", "unauthorized")] == 2
+    assert samples[("fastlb_admin_refused_connections_total", "over_cap")] == 0
 
 
 def test_ctl_over_tcp_authenticates_and_reports_a_wrong_token(tcp_lb, tmp_path):

@@ -57,6 +57,28 @@ def test_missing_token_file(tmp_path, verb):
                 "does not exist", "create it")
 
 
+def test_missing_registration_token_file(tmp_path):
+    """A service's registration token file is read by the token rules, as run reads it."""
+    cfg = write(tmp_path, BACKEND.format(listen="127.0.0.1:0", port=closed_port())
+                + f'registration = {{ token_file = "{tmp_path}/reg-token" }}\n')
+    one_problem(fastlb("check", "-c", cfg), 5, "service[0].registration.token_file",
+                f"{tmp_path}/reg-token", "does not exist")
+
+
+def test_unopenable_connection_log_file(tmp_path):
+    # /sys/kernel refuses new files even to root
+    cfg = write(tmp_path, '[global]\nconnlog = "file:/sys/kernel/fastlb-conn.log"\n'
+                + BACKEND.format(listen="127.0.0.1:0", port=closed_port()))
+    one_problem(fastlb("check", "-c", cfg), 2, "global.connlog", "/sys/kernel/fastlb-conn.log",
+                "cannot open")
+    log = tmp_path / "conn.log"
+    cfg = write(tmp_path, f'[global]\nconnlog = "file:{log}"\n'
+                + BACKEND.format(listen="127.0.0.1:0", port=closed_port()))
+    out = fastlb("check", "-c", cfg)
+    assert out.returncode == 0, out.stderr
+    assert not log.exists()                                   # check created nothing
+
+
 def test_missing_state_directory(tmp_path):
     """check reports it; run starts anyway and retries the writes (test_statefile_live)."""
     cfg = write(tmp_path, f'[global]\nstate_file = "{tmp_path}/nope/state.msgpack"\n'

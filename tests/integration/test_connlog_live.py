@@ -12,7 +12,7 @@ import time
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from helpers import Blackhole, closed_port, service, start_backend, start_fastlb
+from helpers import Blackhole, closed_port, free_port, metrics_text, service, start_backend, start_fastlb
 
 WORKERS = pytest.mark.parametrize("workers", [1, 2])
 LOG_JSON = '{ connections = true, format = "json" }'
@@ -200,19 +200,8 @@ def test_syslog_over_udp_is_rfc5424(procs, workers):
     assert json.loads(m.group(4))["term"] == "--"
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def scrape(mport):
-    with socket.create_connection(("127.0.0.1", mport), timeout=10) as s:
-        s.sendall(b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
-        data = b""
-        while chunk := s.recv(65536):
-            data += chunk
-    body = data.partition(b"\r\n\r\n")[2].decode()
+    body = metrics_text(mport)
     return {(s.name, s.labels.get("proxy"), s.labels.get("le")): s.value
             for fam in text_string_to_metric_families(body) for s in fam.samples}
 

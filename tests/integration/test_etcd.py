@@ -12,12 +12,14 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
 import threading
 import time
+import urllib.error
 import urllib.request
 
 import pytest
-from helpers import PY, Proc, start_backend, start_fastlb
+from helpers import PY, Proc, free_port, start_backend, start_fastlb
 
 from fastlb.admin.client import AdminClient
 from fastlb.errors import AdminError
@@ -25,14 +27,6 @@ from fastlb.errors import AdminError
 ETCD = shutil.which("etcd")
 if not ETCD and os.environ.get("FASTLB_REQUIRE_ETCD") != "1":
     pytest.skip("etcd is not installed (apt-get install etcd-server)", allow_module_level=True)
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def wait_for(predicate, timeout=10.0, what="condition"):
@@ -101,6 +95,87 @@ class Etcd:
         rev = int(self.post("/v3/kv/range", {"key": b64("x")})["header"]["revision"])
         self.post("/v3/kv/compaction", {"revision": str(rev), "physical": True})
         return rev
+
+
+class SecureEtcd(Etcd):
+    """etcd over TLS that requires a client certificate (--client-cert-auth) and, once
+    ``enable_auth`` ran, a user's token: the setup [discovery.etcd] ca/cert/key/user are for."""
+
+    def __init__(self, procs, tmp_path) -> None:
+        trustme = pytest.importorskip("trustme")
+        import ssl
+        self.tmp = tmp_path
+        ca = trustme.CA()
+        ca.cert_pem.write_to_path(str(tmp_path / "etcd-ca.pem"))
+        for name, leaf in (("etcd-server", ca.issue_cert("127.0.0.1")),
+                           ("etcd-client", ca.issue_cert("fastlb-client"))):
+            leaf.private_key_pem.write_to_path(str(tmp_path / f"{name}.key"))
+            leaf.cert_chain_pems[0].write_to_path(str(tmp_path / f"{name}.crt"))
+        self.ssl = ssl.create_default_context(cafile=str(tmp_path / "etcd-ca.pem"))
+        self.ssl.load_cert_chain(str(tmp_path / "etcd-client.crt"), str(tmp_path / "etcd-client.key"))
+        self.token: str | None = None
+        super().__init__(procs, tmp_path)
+
+    def start(self) -> None:
+        self.url = self.url.replace("http://", "https://")
+        t = self.tmp
+        self.proc = Proc([ETCD, "--name", "t", "--data-dir", self.dir,
+                          "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
+                          "--listen-peer-urls", f"http://127.0.0.1:{self.peer}",
+                          "--initial-advertise-peer-urls", f"http://127.0.0.1:{self.peer}",
+                          "--initial-cluster", f"t=http://127.0.0.1:{self.peer}",
+                          "--cert-file", str(t / "etcd-server.crt"),
+                          "--key-file", str(t / "etcd-server.key"),
+                          "--trusted-ca-file", str(t / "etcd-ca.pem"), "--client-cert-auth",
+                          "--log-level", "warn"], self.procs)
+        wait_for(self._up, 20, "etcd to answer")
+
+    def post(self, path: str, body: dict) -> dict:
+        req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Authorization": self.token} if self.token else {})
+        with urllib.request.urlopen(req, timeout=5, context=self.ssl) as r:
+            return json.loads(r.read())
+
+    def enable_auth(self, password: str) -> None:
+        self.post("/v3/auth/user/add", {"name": "root", "password": password})
+        self.post("/v3/auth/user/grant", {"user": "root", "role": "root"})
+        self.post("/v3/auth/enable", {})
+        self.token = self.post("/v3/auth/authenticate", {"name": "root", "password": password})["token"]
+
+
+def test_etcd_over_tls_with_a_client_certificate_and_a_user(procs, tmp_path):
+    """[discovery.etcd] ca, cert, key, user and password_file against an etcd that requires
+    all of them: members reach traffic; a wrong password is reported, not served blindly."""
+    etcd = SecureEtcd(procs, tmp_path)
+    etcd.enable_auth("s3cret-pw")
+    with pytest.raises(urllib.error.HTTPError):                  # auth is really on
+        urllib.request.urlopen(urllib.request.Request(
+            etcd.url + "/v3/kv/put", data=json.dumps({"key": b64("x"), "value": b64("y")}).encode(),
+            method="POST"), timeout=5, context=etcd.ssl)
+    _, pa = start_backend(procs, "announce", name="a")
+    _, pb = start_backend(procs, "announce", name="b")
+    etcd.put(key("app", pa), {})
+    (tmp_path / "etcd-pw").write_text("s3cret-pw\n")
+    secure = (f'ca = "{tmp_path}/etcd-ca.pem"\ncert = "{tmp_path}/etcd-client.crt"\n'
+              f'key = "{tmp_path}/etcd-client.key"\nuser = "root"\n')
+    text = lb_config(etcd, f"{tmp_path}/admin.sock").replace(
+        'prefix = "/fastlb/"\n', f'prefix = "/fastlb/"\n{secure}password_file = "{tmp_path}/etcd-pw"\n')
+    lb, (port,) = start_fastlb(procs, text)
+    assert names(port) == {"a"}, lb.output
+    etcd.put(key("app", pb), {})
+    wait_for(lambda: names(port) == {"a", "b"}, timeout=15, what="b through the TLS watch")
+    assert AdminClient(socket_path=f"{tmp_path}/admin.sock").call("stats")[0]["etcd"]["up"] is True
+    lb.stop()
+    (tmp_path / "etcd-pw").write_text("wrong\n")
+    (tmp_path / "admin.sock").unlink(missing_ok=True)
+    (tmp_path / "lb2.toml").write_text(text)
+    lb2 = Proc([PY, "-m", "fastlb", "run", "-c", str(tmp_path / "lb2.toml")], procs)
+    lb2.wait_line(r"etcd unreachable \(.*authentication failed", timeout=20)
+    # a client certificate that does not load is a config error naming the key
+    (tmp_path / "lb3.toml").write_text(text.replace("etcd-client.key", "etcd-server.key"))
+    out = subprocess.run([PY, "-m", "fastlb", "check", "-c", str(tmp_path / "lb3.toml")],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2 and "discovery.etcd.cert: cannot load" in out.stderr, out.stderr
 
 
 @pytest.fixture
@@ -213,6 +288,30 @@ def test_etcd_down_serves_last_members_then_resyncs(procs, etcd, tmp_path):
     lb.wait_line(r"etcd: reachable again")
     assert admin.call("stats")[0]["etcd"]["up"] is True
     assert metric("fastlb_discovery_etcd_up") == 1
+
+
+def test_a_hung_etcd_is_detected_by_the_probe_and_the_watch_resumes(procs, etcd, tmp_path):
+    """An etcd that stops answering but keeps its connections open (SIGSTOP: a hang, a dead
+    disk) is reported unreachable within the probe interval plus its timeout; the last
+    members serve; after SIGCONT the watch resumes and sees a change made meanwhile."""
+    _, pa = start_backend(procs, "announce", name="a")
+    _, pb = start_backend(procs, "announce", name="b")
+    etcd.put(key("app", pa), {})
+    lb, (port,) = start_fastlb(procs, lb_config(etcd, f"{tmp_path}/admin.sock"))
+    admin = AdminClient(socket_path=f"{tmp_path}/admin.sock", timeout=20)
+    assert admin.call("stats")[0]["etcd"]["up"] is True
+    assert etcd.proc is not None
+    os.kill(etcd.proc.pid, signal.SIGSTOP)
+    try:
+        lb.wait_line(r"etcd unreachable \(.*status probe.*\): serving the last known members",
+                     timeout=20)
+        assert names(port) == {"a"}
+        assert admin.call("stats")[0]["etcd"]["up"] is False
+    finally:
+        os.kill(etcd.proc.pid, signal.SIGCONT)
+    etcd.put(key("app", pb), {})
+    wait_for(lambda: names(port) == {"a", "b"}, timeout=20, what="the watch to resume")
+    lb.wait_line(r"etcd: reachable again")
 
 
 def test_restart_with_etcd_down_serves_the_state_files_members(procs, etcd, tmp_path):

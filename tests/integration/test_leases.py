@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import time
 
@@ -15,17 +14,11 @@ import pytest
 import fastlb
 from fastlb.admin.client import AdminClient, AdminError
 from fastlb.leases import SWEEP_INTERVAL
-from helpers import PY, Proc, names_of, service, start_backend, start_fastlb
+from helpers import PY, Proc, free_port, names_of, service, start_backend, start_fastlb
 
 OPERATOR = "op-" + "o" * 41
 WEB_TOKEN = "web-" + "w" * 40
 API_TOKEN = "api-" + "a" * 40
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def token_file(tmp_path, name: str, token: str) -> str:

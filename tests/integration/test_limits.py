@@ -9,6 +9,7 @@ import os
 import re
 import resource
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -363,6 +364,42 @@ def test_max_conns_queue_serves_in_order_and_refuses_when_full(procs, tmp_path, 
     finally:
         for s in first + queued + [extra]:
             s.close()
+
+
+def test_max_conns_changed_by_the_admin_is_persisted_and_serves_the_queue(procs, tmp_path, backend):
+    """ctl max-conns: a raised cap serves the queued client (the limits sweep), a lowered one
+    closes nothing, a bad value is refused and changes nothing, the change is in the state file
+    before the reply (a restart keeps it)."""
+    text = config(tmp_path, svc("web", [backend.port], 'queue = { size = 4, timeout = "20s" }',
+                                ", max_conns = 1"), state_file=f'"{tmp_path}/state.msgpack"')
+    p, (port,) = start_fastlb(procs, text)
+    addr = f"127.0.0.1:{backend.port}"
+    first = socket.create_connection(("127.0.0.1", port), timeout=5)
+    waiting = socket.create_connection(("127.0.0.1", port), timeout=5)
+    try:
+        assert greeting(first, 5) == "b 1\n"
+        assert greeting(waiting, 0.5) is None                   # queued behind the cap of 1
+        with admin_client(tmp_path) as c:
+            with pytest.raises(Exception, match="max_conns -1 out of range"):
+                c.call("set_max_conns", service="web", address=addr, max_conns=-1)
+            assert stats_of(tmp_path)[0]["backends"][0]["limit"] == 1     # nothing changed
+            ev = c.call("set_max_conns", service="web", address=addr, max_conns=2)
+            assert ev["max_conns"] == 2
+        assert greeting(waiting, 5) == "b 2\n"                 # the raised cap served it
+        out = subprocess.run([PY, "-m", "fastlb", "ctl", "--socket", f"{tmp_path}/admin.sock",
+                              "max-conns", "web", addr, "1"], capture_output=True, text=True,
+                             timeout=20)
+        assert out.returncode == 0, out.stderr
+        (web,) = stats_of(tmp_path)
+        assert web["backends"][0]["limit"] == 1 and web["backends"][0]["cur"] == 2  # none closed
+        first.sendall(b"ping")
+        assert read_until(first, b"ping", 5) == b"ping"
+    finally:
+        first.close()
+        waiting.close()
+    p.stop()
+    p, _ = start_fastlb(procs, text)                            # the state file keeps it
+    assert stats_of(tmp_path)[0]["backends"][0]["limit"] == 1
 
 
 def test_queue_size_and_max_conns_hold_across_two_workers(procs, tmp_path, backend):

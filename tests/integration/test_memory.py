@@ -9,25 +9,13 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from helpers import service, start_backend, start_fastlb
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from helpers import free_port, metrics_text, service, start_backend, start_fastlb
 
 
 def metrics(port):
     """{name: value} of the unlabelled samples of /metrics."""
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        s.sendall(b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
-        s.settimeout(10)
-        data = b""
-        while chunk := s.recv(65536):
-            data += chunk
     return {m.group(1): float(m.group(2))
-            for m in re.finditer(r"^(fastlb_\w+) (\S+)$", data.decode(), re.M)}
+            for m in re.finditer(r"^(fastlb_\w+) (\S+)$", metrics_text(port), re.M)}
 
 
 def wait_for(pred, timeout=10.0):

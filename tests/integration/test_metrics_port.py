@@ -9,13 +9,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from fastlb import httpapi
 from fastlb.admin.client import AdminClient
-from helpers import service, start_backend, start_fastlb
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from helpers import free_port, service, start_backend, start_fastlb
 
 
 def http(port, raw, timeout=10.0):
@@ -90,7 +84,7 @@ def test_server_status_and_transitions_with_haproxy_names(procs, tmp_path):
     assert m[("process_open_fds", None, None, None)] > 0                      # the standard ones
     assert all(f.startswith(("fastlb_server_", "fastlb_backend_", "fastlb_process_", "process_",
                              "fastlb_frontend_", "fastlb_buffer",    # [limits]; [mem] fastlb_buffers_*
-                             "fastlb_tls_",                           # [tls] handshake counts
+                             "fastlb_tls_", "fastlb_admin_",         # [tls] handshakes; [admin] refusals
                              "fastlb_sni_"))                          # [sni] routing outcomes
                for f in families), families
     # traffic goes to a only; the counters follow

@@ -14,17 +14,11 @@ import zlib
 
 import pytest
 
-from helpers import service, start_backend, start_fastlb
+from helpers import free_port, service, start_backend, start_fastlb
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 if not CHROMIUM and os.environ.get("FASTLB_REQUIRE_CHROMIUM") != "1":
     pytest.skip("needs chromium (apt-get install chromium)", allow_module_level=True)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def chromium(tmp_path, url, *args):

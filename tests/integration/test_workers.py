@@ -10,13 +10,7 @@ import time
 from prometheus_client.parser import text_string_to_metric_families
 
 from fastlb.admin.client import AdminClient
-from helpers import Proc, PY, service, start_backend, start_fastlb
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from helpers import PY, Proc, free_port, service, start_backend, start_fastlb
 
 
 def head(tmp_path, workers=2, metrics=None):

@@ -169,7 +169,15 @@ def test_entry_info_shows_members_under_the_entry():
         def check(self, service, address):
             return (slot := self.slot(service, address)) and (slot, f"reason {slot}")
 
+        def gauges(self, service, address):
+            slot = self.slot(service, address)
+            return {"cur": slot, "max": 4 * slot}
+
     info = dns.entry_info(View(), "web", HOST, A, "resolved", True, ("total", "active"))
+    # the gauges: connections now summed, each member's own cap and peak beside its counters
+    assert (info["cur"], info["max"], info["limit"]) == (3, 12, HOST.max_conns)
+    assert [(m["cur"], m["max"], m["limit"]) for m in info["members"]] == [
+        (1, 4, HOST.max_conns), (2, 8, HOST.max_conns)]
     assert {k: info[k] for k in ("address", "weight", "state", "health", "total", "active",
                                  "check_failures", "health_reason", "dns")} == {
         "address": "app.test:9000", "weight": 3, "state": "ready", "health": "up", "total": 30,

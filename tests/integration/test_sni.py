@@ -224,8 +224,9 @@ def test_without_a_default_no_sni_garbage_oversized_and_stalled_hellos_are_close
     backend (it announces itself on connect); each outcome counted."""
     _, bport = start_backend(procs, "announce", name="BACKEND")
     port = free_port()
-    start(procs, tmp_path, [svc("a", port, bport, ["a.example.com"],
-                                extra='timeouts = { handshake = "400ms" }\n')])
+    p = start(procs, tmp_path, [svc("a", port, bport, ["a.example.com"],
+                                    extra='timeouts = { handshake = "400ms" }\n'
+                                          'log = { connections = true }\n')])
     for data in (raw_hello(None), raw_hello("nope.example.com"),
                  b"GET / HTTP/1.1\r\nHost: a.example.com\r\n\r\n", raw_hello("a.example.com", 20000)):
         with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
@@ -256,6 +257,10 @@ def test_without_a_default_no_sni_garbage_oversized_and_stalled_hellos_are_close
     for outcome, n in (("routed", 1), ("no_route", 2), ("bad_hello", 1), ("oversize", 1),
                        ("timeout", 1), ("default", 0)):
         assert f'fastlb_sni_connections_total{{outcome="{outcome}"}} {n}.0' in body, body
+    # the connection log: refusals before routing name no service (HAProxy logs its frontend)
+    p.wait_line(rf"<sni>:{port} <sni>/<NOSRV> .* cR ")
+    assert len([x for x in p.lines if f"<sni>:{port} <sni>/<NOSRV>" in x and " PR " in x]) == 4, p.output
+    assert len([x for x in p.lines if f" a:{port} a/" in x]) == 1, p.output    # the routed one
 
 
 def test_a_hello_split_byte_by_byte_is_still_routed_and_the_handshake_completes(

@@ -223,7 +223,8 @@ class ServiceState:
     def __init__(self, name: str) -> None: ...
     def set_backends(self, policy: Policy | None, addrs: dict[int, tuple[str, int]]) -> None: ...
 
-class Listener: ...
+class Listener:
+    sni: SniTable | None                 # [sni]
 
 class Session:
     """Made only by an Engine; Session() raises CoreTypeError."""
@@ -255,6 +256,12 @@ class Engine:
     tls_resumed: int
     tls_failures: int
     tls_timeouts: int
+    sni_routed: int                      # [sni]
+    sni_defaulted: int
+    sni_no_route: int
+    sni_bad: int
+    sni_oversize: int
+    sni_timeouts: int
     tls_no_cert: int
     tls_expired: int
     tls_untrusted: int
@@ -414,3 +421,15 @@ class OrigContext:
     def cached(self, slot: int) -> bool: ...
 
 def tls_counts(st: ServiceState) -> dict[str, int]: ...   # [tlsops] a service's TLS counts
+# [sni] SNI routing without termination (core/sni.pxi)
+SNI_STATUS: tuple[str, ...]
+
+def sni_parse_bytes(data: bytes) -> tuple[str, str | None]: ...
+
+class SniTable:
+    """The services of one shared listen address, by SNI."""
+    svcs: tuple[ServiceState, ...]
+    default: ServiceState | None
+    timeout: float
+    def __init__(self, routes: Any, default: ServiceState | None = ..., timeout: float = ...) -> None: ...
+    def match(self, name: str) -> ServiceState | None: ...

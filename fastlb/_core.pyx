@@ -51,3 +51,4 @@ include "core/buffers.pxi"           # [mem] buffers, budget, pool trim
 include "core/timers.pxi"            # [mem] fin/duration/first-byte timeouts, keepalive
 include "core/tls.pxi"               # [tls] TLS termination: contexts, handshake, SSL I/O
 include "core/tls_orig.pxi"          # [orig] TLS origination: client contexts, backend SSL I/O
+include "core/sni.pxi"               # [sni] SNI routing without termination (passthrough)

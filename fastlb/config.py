@@ -15,7 +15,7 @@ import re
 import socket
 import tomllib
 from dataclasses import dataclass, field
-from typing import AbstractSet, Any, TypedDict
+from typing import AbstractSet, Any, Iterable, TypedDict
 
 from fastlb import _core, cpus
 from fastlb.errors import ConfigError
@@ -195,6 +195,11 @@ class Service:
     discovery: str | None = None         # [etcd] "etcd": backends are keys in etcd (fastlb.etcd)
     tls: TlsConfig | None = None         # [tls] TLS termination (None: plain TCP)
     backend_tls: OrigTls | None = None   # [orig] TLS to every backend without its own tls
+    # [sni] passthrough routing on a shared listen address (_sni): names (lowercase, "*.x" a
+    # one-label wildcard; empty: the address's default or a service of its own) and the time
+    # for the whole ClientHello (timeouts.handshake)
+    sni: tuple[str, ...] = ()
+    sni_handshake: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -564,15 +569,19 @@ def from_dict(doc: dict, *, source: str = "config", text: str = "", resolve: boo
     services_raw = doc.get("service", [])
     if not isinstance(services_raw, list):
         raise c.fail("service", "expected an array of tables ([[service]])")
-    services, names = [], set()
+    services: list[Service] = []
+    names: set[str] = set()
     listens: dict[tuple[str, int], str] = {}     # (host, port): the service listening there
     for i, raw in enumerate(services_raw):
         svc = service_from_dict(raw, f"service[{i}]", c, resolve=resolve)
         if svc.name in names:
             raise c.fail(f"service[{i}].name", f"duplicate service name {svc.name!r}")
         names.add(svc.name)
+        clash = sni_clash(services, svc)                                        # [sni]
+        if clash is not None:
+            raise c.fail(f"service[{i}].{clash[0]}", clash[1])
         for j, a in enumerate(svc.listen):
-            if (a.host, a.port) in listens and a.port != 0:
+            if (a.host, a.port) in listens and a.port != 0 and not sni_shares([*services, svc], a):
                 raise c.fail(f"service[{i}].listen[{j}]",
                              f"{a.text} is already a listener of service {listens[(a.host, a.port)]!r}")
             listens[(a.host, a.port)] = svc.name
@@ -598,6 +607,7 @@ SERVICE_KEYS |= {"tcp_keepalive"}                                             # 
 SERVICE_KEYS |= {"registration"}                                              # [leases]
 SERVICE_KEYS |= {"tls", "authz"}; TIMEOUT_KEYS |= {"handshake"}  # noqa: E702     # [tls]
 SERVICE_KEYS |= {"backend_tls"}; BACKEND_KEYS |= {"tls"}  # noqa: E702         # [orig]
+SERVICE_KEYS |= {"sni"}                                                       # [sni]
 
 
 def _dns(c: _Checker, raw: Any, path: str, base: DnsConfig, *, top: bool) -> DnsConfig:
@@ -925,7 +935,8 @@ def service_from_dict(raw: Any, path: str, c: _Checker | None = None, *,
                    discovery=c.choice(raw["discovery"], f"{path}.discovery", ("etcd",))
                    if "discovery" in raw else None,                              # [etcd]
                    tls=_tls(c, raw, path),                                      # [tls]
-                   backend_tls=backend_tls)                                     # [orig]
+                   backend_tls=backend_tls,                                     # [orig]
+                   **_sni(c, raw, path, listen))                                # [sni]
 
 
 # -- [leases] self-registration (fastlb/leases.py) ----------------------------------------------
@@ -1166,6 +1177,8 @@ def service_to_dict(svc: Service) -> dict:
         d["tls"], d["timeouts"]["handshake"] = svc.tls.to_dict(), svc.tls.handshake
         if svc.tls.identities:
             d["authz"] = {"identities": list(svc.tls.identities)}
+    if svc.sni:                                                               # [sni]
+        d["sni"], d["timeouts"]["handshake"] = list(svc.sni), svc.sni_handshake
     return d
 
 
@@ -1319,7 +1332,7 @@ def _tls(c: _Checker, raw: dict, path: str) -> TlsConfig | None:
     import os
     t = raw.get("timeouts", {})
     if "tls" not in raw:
-        if isinstance(t, dict) and "handshake" in t:
+        if isinstance(t, dict) and "handshake" in t and "sni" not in raw:     # [sni] uses it too
             raise c.fail(f"{path}.timeouts.handshake", "only meaningful with a tls table")
         if "authz" in raw:
             raise c.fail(f"{path}.authz", "needs tls with client_ca (identities of verified clients)")
@@ -1544,3 +1557,92 @@ def _tls_ops(c: _Checker, tls: dict, p: str) -> dict[str, Any]:
                                              f"last but one encrypts")
         out["ticket_keys"], out["ticket_keys_file"] = b"".join(keys[-3:]), path
     return out
+
+
+# -- [sni] SNI routing without termination on a shared listen address (core/sni.pxi) -------------
+SNI_LABEL = re.compile(r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?")   # RFC 1123 (and "_", as seen)
+
+
+def _sni(c: _Checker, raw: dict, path: str, listen: tuple[Address, ...]) -> dict[str, Any]:
+    """``sni = ["a.example.com", "*.b.example.com"]``: the names this service takes on a listen
+    address it shares with others (exact, or "*." and one label; case-insensitive: kept
+    lowercase), and ``timeouts.handshake`` (10s, as for TLS termination) for the whole
+    ClientHello. Refused with ``tls``: sni routes without terminating (certificates chosen by
+    SNI are tls.certs)."""
+    if "sni" not in raw:
+        return {}
+    p = f"{path}.sni"
+    value = raw["sni"]
+    if not isinstance(value, list) or not value:
+        raise c.fail(p, "expected a non-empty array of host names, e.g. [\"a.example.com\", "
+                        "\"*.b.example.com\"]")
+    if "tls" in raw:
+        raise c.fail(p, "sni routes the client's TLS to a backend untouched; it cannot be combined "
+                        "with tls termination (for certificates chosen by SNI use tls.certs)")
+    for j, a in enumerate(listen):
+        if a.port == 0:
+            raise c.fail(f"{path}.listen[{j}]", f"{a.text}: sni needs a fixed port to share (port 0 "
+                                                f"gives each service a port of its own)")
+    names: list[str] = []
+    for j, name in enumerate(value):
+        if not isinstance(name, str):
+            raise c.fail(f"{p}[{j}]", f"expected a host name string, got {_kind(name)}")
+        low = name.lower()
+        labels = (low[2:] if low.startswith("*.") else low).split(".")
+        if (len(low) > 253 or not all(SNI_LABEL.fullmatch(x) for x in labels)
+                or (low.startswith("*.") and len(labels) < 2)):
+            raise c.fail(f"{p}[{j}]", f"{name!r}: expected a host name (letters, digits, - and "
+                                      f"_ in dot-separated labels, at most 253 characters), "
+                                      f"optionally starting with \"*.\" and at least two labels "
+                                      f"after it")
+        if low in names:
+            raise c.fail(f"{p}[{j}]", f"{name!r} is listed twice")
+        names.append(low)
+    t = raw.get("timeouts", {})
+    hs = c.duration(t["handshake"], f"{path}.timeouts.handshake", hi=3600.0) \
+        if isinstance(t, dict) and "handshake" in t else 10.0
+    return {"sni": tuple(names), "sni_handshake": hs}
+
+
+def sni_shares(services: Iterable[Service], a: Address) -> bool:
+    """[sni] ``a`` is an address that services share by SNI: one of its services has ``sni``."""
+    return any(s.sni and any((b.host, b.port) == (a.host, a.port) for b in s.listen)
+               for s in services)
+
+
+def sni_clash(services: Iterable[Service], svc: Service) -> tuple[str, str] | None:
+    """[sni] Why ``svc`` may not join the listen addresses it shares with ``services``: (its
+    key path, the message), or None. On a shared address every service but one (the default)
+    has ``sni``, no name is routed twice, and none terminates TLS or waits for a PROXY header
+    (both would need the bytes before the ClientHello, or the ClientHello itself). Two
+    services without ``sni`` on one address is the plain "already a listener" case, left to
+    the callers."""
+    services = [s for s in services if s.name != svc.name]
+    for j, a in enumerate(svc.listen):
+        if a.port == 0:
+            continue
+        others = [s for s in services if any((b.host, b.port) == (a.host, a.port) for b in s.listen)]
+        if not others or not (svc.sni or any(s.sni for s in others)):
+            continue
+        for s in [svc, *others]:
+            if s.tls is not None:
+                return (f"listen[{j}]", f"{a.text} is shared by SNI routing (services "
+                        f"{', '.join(repr(x.name) for x in [svc, *others])}), which passes TLS "
+                        f"through untouched; service {s.name!r} terminates TLS (tls): give it an "
+                        f"address of its own")
+            if s.access.pp_accept_from:
+                return (f"listen[{j}]", f"{a.text} is shared by SNI routing; service {s.name!r} "
+                        f"accepts a PROXY header (proxy_protocol.accept_from), which would come "
+                        f"before the ClientHello: give it an address of its own")
+        if not svc.sni:
+            dflt = [s.name for s in others if not s.sni]
+            if dflt:
+                return (f"listen[{j}]", f"{a.text}: service {dflt[0]!r} is already its default "
+                        f"(the service without sni); give one of them sni = [...] names")
+            continue
+        for k, name in enumerate(svc.sni):
+            for s in others:
+                if name in s.sni:
+                    return (f"sni[{k}]", f"{name!r} is already routed to service {s.name!r} on "
+                                         f"{a.text}")
+    return None

@@ -39,6 +39,7 @@ DROP_LOG_INTERVAL = 10.0     # drops and write errors: at most one line per this
 SYSLOG_PRI = 16 * 8 + 6      # facility local0, severity informational (HAProxy's default local0)
 TERM_CODES: tuple[str, ...] = tuple(_core.TERM_CODES)
 NOSRV = "<NOSRV>"            # HAProxy's name for "no server" in its logs
+SNI_UNROUTED = "<sni>"       # [sni] the "service" of a connection refused before SNI routing
 
 # A record as ConnLog.drain gives it.
 Record = tuple[int, int, int, int, int, int, int, int, "tuple[str, int] | None", int, int, int,
@@ -287,6 +288,8 @@ def names_from(slots: Mapping[tuple[str, str], int], formats: Mapping[str, str],
             rows[slot] = (service, formats.get(service, "text"))
         else:
             addrs[slot] = address
+    # [sni] refused before SNI routing named a service (core/sni.pxi): HAProxy logs its frontend
+    rows.setdefault(-1, (SNI_UNROUTED, "json" if "json" in formats.values() else "text"))
     return rows, addrs
 
 

@@ -25,7 +25,7 @@ from typing import Any, Callable, Mapping
 
 from fastlb import _core
 from fastlb.errors import RegistryError
-from fastlb.plan import ListenKey, Plan, Snapshot
+from fastlb.plan import SNI_GROUP, ListenKey, Plan, Snapshot, sni_addresses
 
 log = logging.getLogger("fastlb")
 
@@ -184,6 +184,7 @@ class DataService:
         self.acls: dict[tuple[Any, ...], Any] = {}
         self.tls: tuple[Any, ...] | None = None       # [tls] what state.tls was built from
         self.orig: tuple[Any, ...] | None = None      # [orig] what state.orig was built from
+        self.grouped: set[tuple[str, int]] = set()    # [sni] addresses its SNI group listens on
 
     def apply(self, plan: Plan) -> None:
         """Take a plan. An unchanged plan (the supervisor pushes all services when one changes)
@@ -224,7 +225,7 @@ class DataService:
             bitmap = self.all_up
         st.set_backends(build_policy(plan, bitmap, self.counters),
                         {b.slot: (b.host, b.port) for b in plan.backends})
-        self.listen(set(plan.listen))
+        self.listen(set(plan.listen) - self.grouped)                           # [sni]
         self.plan = plan          # last: a plan that failed half-way is tried again next push
 
     def apply_access(self, plan: Plan) -> None:
@@ -289,6 +290,29 @@ class DataService:
             self.on_passive(self.name, address, failures, reason)
 
 
+class SniRouter:
+    """[sni] The listener of one address shared by SNI routing, and the key of its table."""
+    __slots__ = ("state", "listener", "table", "key")
+
+    def __init__(self, state: _core.ServiceState, listener: Any) -> None:
+        self.state = state              # accepts for the group: the global maxconn only (row -1)
+        self.listener = listener
+        self.table: _core.SniTable | None = None
+        self.key: tuple[Any, ...] | None = None
+
+    def update(self, group: list[Plan], services: Mapping[str, DataService]) -> None:
+        routes = [(p.sni, services[p.name].state) for p in group if p.sni]
+        dflt = next((services[p.name].state for p in group if not p.sni), None)
+        timeout = max((p.sni_handshake for p in group if p.sni), default=10.0)
+        key = (tuple((names, id(st)) for names, st in routes), id(dflt), timeout)
+        # unrouted refusals are logged when any service of the group logs
+        self.state.log_sample = max((p.log_sample for p in group), default=0)
+        if key != self.key:
+            self.table = _core.SniTable(routes, dflt, timeout)
+            self.listener.sni = self.table
+            self.key = key
+
+
 class DataPlane:
     """The data path of one process: an Engine writing counter block ``block``, its services,
     the timeout sweeper, accept-error logging, and the drain on stop."""
@@ -312,6 +336,7 @@ class DataPlane:
         self.engine.connlog = connlog                   # [obs] None: no log, no histograms
         self.services: dict[str, DataService] = {}
         self.sockets: Mapping[ListenKey, socket.socket] = {}
+        self.routers: dict[tuple[str, int], SniRouter] = {}                    # [sni]
         self.gen = 0
         self.stopping = False
         self._last_accept_error = 0.0
@@ -325,6 +350,7 @@ class DataPlane:
         self.sockets = sockets
         self.engine.maxconn = snapshot.maxconn                                  # [limits]
         plans = {p.name: p for p in snapshot.plans}
+        shared = sni_addresses(snapshot.plans)                                  # [sni]
         for name in list(self.services):
             if name not in plans:
                 self.services.pop(name).stop_accepting()
@@ -335,13 +361,36 @@ class DataPlane:
                     name, self.engine, self.health, self.counters,
                     functools.partial(self._socket_for, name), self.on_passive,
                     shared_listeners=self.shared_listeners, sources=self.sources)
+            ds.grouped = shared                                                 # [sni]
             ds.apply(plan)
+            ds.listen(set(plan.listen) - shared)    # [sni] an unchanged plan, a changed group
+        self.route(snapshot.plans, shared)                                      # [sni]
         self.gen = snapshot.gen
         self.set_tickets(self.tickets)                                          # [tlsops]
         if log.isEnabledFor(logging.DEBUG):
             log.debug("data path (pid %d): generation %d applied: %s", os.getpid(), snapshot.gen,
                       "; ".join(f"{p.name} {len(p.backends)}/{len(p.names)} backend(s) usable"
                                 f"{' (panic)' if p.panic else ''}" for p in snapshot.plans) or "no service")
+
+    def route(self, plans: tuple[Plan, ...], shared: set[tuple[str, int]]) -> None:
+        """[sni] One listener per address shared by SNI routing, its table rebuilt when its
+        services' names, default or timeout changed and swapped in one assignment: sessions
+        keep the table and the service they started with, so no open connection is touched."""
+        for addr in [a for a in self.routers if a not in shared]:
+            self.engine.unlisten(self.routers.pop(addr).listener)
+        for addr in sorted(shared):
+            group = [p for p in plans if addr in p.listen and p.name in self.services]
+            r = self.routers.get(addr)
+            if r is None:
+                sock = self.sockets[(SNI_GROUP, *addr)].dup()
+                state = _core.ServiceState(f"sni {addr[0]}:{addr[1]}")
+                try:
+                    lst = self.engine.listen(sock, state, self.shared_listeners)
+                except BaseException:
+                    sock.close()
+                    raise
+                r = self.routers[addr] = SniRouter(state, lst)
+            r.update(group, self.services)
 
     def _socket_for(self, service: str, key: tuple[str, int]) -> socket.socket:
         return self.sockets[(service, *key)].dup()
@@ -384,7 +433,11 @@ class DataPlane:
                 "tls_backend_resumed": e.orig_resumed,
                 "tls_backend_failures": e.orig_failures,
                 "tls_protocol_errors": e.tls_protocol, "tls_other_failures": e.tls_other,  # [tlsops]
-                "tls_v1_2": e.tls_v12, "tls_v1_3": e.tls_v13, **self.tls_by_service()}
+                "tls_v1_2": e.tls_v12, "tls_v1_3": e.tls_v13, **self.tls_by_service(),
+                "sni_routed": e.sni_routed, "sni_defaulted": e.sni_defaulted,       # [sni]
+                "sni_no_route": e.sni_no_route, "sni_bad_hello": e.sni_bad,
+                "sni_oversize": e.sni_oversize, "sni_timeouts": e.sni_timeouts}
+
 
     def tls_by_service(self) -> dict[str, int]:
         """[tlsops] Each TLS service's counts as "tls.SERVICE.NAME" keys (summed over workers
@@ -396,12 +449,17 @@ class DataPlane:
         """(connect, shortest of the timeouts that need a scan of every session) per service;
         the connect figure also covers the before-connect waits ([access])."""
         return [(min([ds.state.connect_timeout, *ds.waits()]), scan_timeout(ds.state))
-                for ds in self.services.values()]
+                for ds in self.services.values()] + [
+                (r.table.timeout, scan_timeout(r.state)) for r in self.routers.values()
+                if r.table is not None]                                         # [sni]
 
     def stop_accepting(self) -> None:
         self.stopping = True
         for ds in self.services.values():
             ds.stop_accepting()
+        for r in self.routers.values():                                         # [sni]
+            self.engine.unlisten(r.listener)
+        self.routers.clear()
 
     async def finish(self, grace: float, now: Callable[[], bool]) -> None:
         """Let open connections end for ``grace`` seconds (less once ``now()``), then close."""

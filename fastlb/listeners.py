@@ -52,7 +52,11 @@ class Listeners:
         """Bind the wanted keys not held yet; all or none (RegistryError "listen_failed",
         worded for a refused change, or with ``change=False`` for a service not started)."""
         new: dict[ListenKey, socket.socket] = {}
+        held = {(k[1], k[2]): s for k, s in self.socks.items() if k[2] != 0}
         for key in sorted(set(wanted) - self.socks.keys()):
+            if (key[1], key[2]) in held:        # [sni] an address changing hands (a service and
+                new[key] = held[key[1], key[2]].dup()   # its SNI group): the same socket,
+                continue                        # never closed, so no connect is refused
             try:
                 new[key] = listen_socket(key[1], key[2])
             except OSError as exc:

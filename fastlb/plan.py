@@ -17,11 +17,24 @@ No I/O and no fastlb import here: the worker process loads this module.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Iterable, Mapping, Protocol, Sequence
 
 WIRE_VERSION = 1
 
 ListenKey = tuple[str, str, int]          # (service, host, port): one listening socket
+# [sni] the ListenKey "service" of an address shared by SNI routing: one socket for the group
+# (no service name can start with "*": config names are [A-Za-z0-9_.-])
+SNI_GROUP = "*sni"
+
+
+def sni_addresses(plans: Iterable[Any]) -> set[tuple[str, int]]:
+    """[sni] The listen addresses shared by SNI routing: those where a service (a Plan, or a
+    config Service: both have .sni and .listen) declares sni names."""
+    out: set[tuple[str, int]] = set()
+    for p in plans:
+        if p.sni:
+            out.update((a[0], a[1]) if isinstance(a, tuple) else (a.host, a.port) for a in p.listen)
+    return {a for a in out if a[1] != 0}          # (config refuses sni on port 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +112,10 @@ class Plan:
     tls_verify: str = "required"                    # "required" | "optional"
     tls_identities: tuple[str, ...] = ()            # service.authz.identities
     tls_ticket_lifetime: float = 300.0              # [tlsops] tls.ticket_lifetime (fastlb.tickets)
+    # [sni] passthrough routing: the names this service takes on a shared listen address
+    # (empty: the address's default, or a service alone on it) and the ClientHello's time
+    sni: tuple[str, ...] = ()
+    sni_handshake: float = 10.0
 
     def tls_key(self) -> tuple[Any, ...]:
         """[tls] What the service's TlsContext is built from."""
@@ -141,7 +158,8 @@ class Plan:
                         if self.tls_certs else None),
                 "orig": ([[list(p) for p in self.orig_profiles],                     # [orig]
                           [list(x) for x in self.orig_slots]] if self.orig_slots else None),
-                "tls_tickets": self.tls_ticket_lifetime}                           # [tlsops]
+                "tls_tickets": self.tls_ticket_lifetime,                           # [tlsops]
+                "sni": [list(self.sni), self.sni_handshake] if self.sni else None}   # [sni]
 
     @classmethod
     def from_wire(cls, w: Mapping[str, Any]) -> Plan:
@@ -163,7 +181,8 @@ class Plan:
                    log_sample=int(w.get("log_sample", 0)),                           # [obs]
                    **_tls_from_wire(w.get("tls")),                                   # [tls]
                    **_orig_from_wire(w.get("orig")),                                 # [orig]
-                   tls_ticket_lifetime=float(w.get("tls_tickets", 300.0)))          # [tlsops]
+                   tls_ticket_lifetime=float(w.get("tls_tickets", 300.0)),          # [tlsops]
+                   **_sni_from_wire(w.get("sni")))                                   # [sni]
 
 
 def _orig_from_wire(o: Sequence[Any] | None) -> dict[str, Any]:
@@ -174,6 +193,14 @@ def _orig_from_wire(o: Sequence[Any] | None) -> dict[str, Any]:
     return {"orig_profiles": tuple((bytes(ca), bool(v), bytes(c), bytes(k))
                                    for ca, v, c, k in profiles),
             "orig_slots": tuple((int(s), int(i), str(n)) for s, i, n in slots)}
+
+
+
+def _sni_from_wire(t: Sequence[Any] | None) -> dict[str, Any]:
+    """[sni] Plan's SNI fields from their wire list (absent: none)."""
+    if not t:
+        return {}
+    return {"sni": tuple(str(n) for n in t[0]), "sni_handshake": float(t[1])}
 
 
 def _tls_from_wire(t: Sequence[Any] | None) -> dict[str, Any]:

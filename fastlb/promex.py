@@ -12,8 +12,8 @@ Only what fastlb counts truthfully today is emitted; docs/metrics.md lists what 
 from __future__ import annotations
 
 import resource
-from collections.abc import Iterator
-from typing import Any, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily,
@@ -239,6 +239,7 @@ class FastLBCollector(Collector):
             if key in mem:
                 yield CounterMetricFamily(f"fastlb_{name}", help_, value=mem[key])
         yield from tls_by_label(mem)                           # [tlsops]
+        yield from sni_metrics(mem)                                             # [sni]
 
     def _backends(self, services: list[dict[str, Any]]) -> Iterator[Metric]:
         for suffix, kind, help_, field in BACKEND_SUMS:
@@ -386,3 +387,19 @@ def tls_by_service(mem: Mapping[str, int]) -> Iterator[Metric]:
         for version, key in (("TLSv1.2", "v1_2"), ("TLSv1.3", "v1_3")):
             ver.add_metric([svc, version], c.get(key, 0))
     yield from (hs, res, fail, ver)
+SNI_OUTCOMES = (("routed", "sni_routed"), ("default", "sni_defaulted"), ("no_route", "sni_no_route"),
+                ("bad_hello", "sni_bad_hello"), ("oversize", "sni_oversize"),
+                ("timeout", "sni_timeouts"))
+
+
+def sni_metrics(mem: Mapping[str, int]) -> Iterator[Metric]:
+    """[sni] Connections on addresses shared by SNI routing, by outcome (core/sni.pxi)."""
+    if "sni_routed" not in mem:
+        return
+    fam = CounterMetricFamily("fastlb_sni_connections", "Connections on a listen address shared "
+                              "by SNI routing, by outcome: routed by name, sent to the default "
+                              "service, or closed (no route, not a ClientHello, over 16 KiB, "
+                              "past timeouts.handshake).", labels=["outcome"])
+    for outcome, key in SNI_OUTCOMES:
+        fam.add_metric([outcome], mem.get(key, 0))
+    yield fam

@@ -66,9 +66,13 @@ class Registry:
                 raise RegistryError("invalid", str(exc)) from None
             if svc.name in nxt:
                 raise RegistryError("exists", f"service {svc.name!r} already exists")
+            clash = config.sni_clash(nxt.values(), svc)                          # [sni]
+            if clash is not None:
+                raise RegistryError("invalid", f"service.{clash[0]}: {clash[1]}")
             taken = {(a.host, a.port): s.name for s in nxt.values() for a in s.listen}
             for a in svc.listen:
-                if (a.host, a.port) in taken and a.port != 0:
+                if (a.host, a.port) in taken and a.port != 0 and not config.sni_shares(
+                        [*nxt.values(), svc], a):                                   # [sni]
                     raise RegistryError("exists", f"{a.text} is already a listener of service "
                                                   f"{taken[(a.host, a.port)]!r}")
             nxt[svc.name] = svc

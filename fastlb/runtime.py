@@ -102,7 +102,8 @@ def compute_plan(svc: Service, slot_of: Callable[[str], int], is_up: Callable[[i
                 tcp_keepalive=svc.tcp_keepalive, buffer_budget=buffer_budget,
                 log_sample=log_sample(svc),                                    # [obs]
                 **tls_fields(svc),                                             # [tls]
-                **orig_fields(svc, slot_of, members))                          # [orig]
+                **orig_fields(svc, slot_of, members),                          # [orig]
+                sni=svc.sni, sni_handshake=svc.sni_handshake)                  # [sni]
 
 
 def orig_fields(svc: Service, slot_of: Callable[[str], int],

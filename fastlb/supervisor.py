@@ -46,7 +46,7 @@ from fastlb.errors import ConfigError, FastLBError, RegistryError, StateFileErro
 from fastlb.handlers import audit, dispatch, stats
 from fastlb.health import HealthChecker
 from fastlb.listeners import Listeners, fmt
-from fastlb.plan import DataPath, ListenKey, Snapshot
+from fastlb.plan import SNI_GROUP, DataPath, ListenKey, Snapshot, sni_addresses
 from fastlb.registry import Registry, reconcile
 from fastlb.runtime import ServiceRuntime, budget_per_worker, compute_plan
 from fastlb.shm import SERVICE_ROW, SharedState, blocks_for
@@ -91,8 +91,13 @@ def what_changed(before: Mapping[str, Service], after: Mapping[str, Service]) ->
     return "; ".join(words) or "nothing changed"
 
 
-def wanted_listeners(services: Mapping[str, Service]) -> set[ListenKey]:
-    return {(s.name, a.host, a.port) for s in services.values() for a in s.listen}
+def wanted_listeners(services: Mapping[str, Service],
+                     among: Mapping[str, Service] | None = None) -> set[ListenKey]:
+    """The listening sockets ``services`` need; an address shared by SNI routing (in
+    ``among``, default ``services``) is one socket of the group (plan.SNI_GROUP)."""
+    shared = sni_addresses((among if among is not None else services).values())     # [sni]
+    return {(SNI_GROUP if (a.host, a.port) in shared else s.name, a.host, a.port)
+            for s in services.values() for a in s.listen}
 
 
 def make_datapath(cfg: Config, loop: asyncio.AbstractEventLoop, shared: SharedState,
@@ -316,6 +321,9 @@ class Supervisor:
             self._etcd_sync(snapshot)                 # [etcd] a service added: its members
             self.listeners.adopt(new)
             for key, sock in sorted(new.items()):
+                if key[0] == SNI_GROUP:                                           # [sni]
+                    log.info("listening on %s, routed by SNI", fmt(sock.getsockname()))
+                    continue
                 svc = snapshot[key[0]]
                 log.info("service %s: listening on %s (%s, %d backends)", key[0], fmt(sock.getsockname()),
                          svc.policy, len(svc.backends))
@@ -755,7 +763,8 @@ class Supervisor:
         new: dict[ListenKey, socket.socket] = {}
         for name, svc in self.registry.snapshot.items():
             try:
-                got = self.listeners.bind(wanted_listeners({name: svc}), change=False)
+                got = self.listeners.bind(wanted_listeners({name: svc}, self.registry.snapshot)
+                                          - new.keys(), change=False)      # [sni] a group's once
                 try:
                     self.datapath.check(self._trial({name: svc}))
                 except BaseException:

@@ -157,6 +157,7 @@ cdef class Listener:
     cdef int lean_efd
     cdef uint64_t ldata
     cdef bint nodelay
+    cdef public SniTable sni             # [sni] route by the ClientHello (None: lst.svc's)
 
     def __cinit__(self):
         self.lean_efd = -1
@@ -226,6 +227,10 @@ cdef class Engine:
     # [tlsops] the other failure reasons (a protocol error; the client left or sent an alert),
     # and the versions of the handshakes done
     cdef readonly long long tls_protocol, tls_other, tls_v12, tls_v13
+    # [sni] passthrough routing (core/sni.pxi): routed by name; sent to the default; refused
+    # for no route, for bytes that are not a ClientHello, for an oversized one; timed out
+    cdef readonly long long sni_routed, sni_defaulted, sni_no_route, sni_bad, sni_oversize
+    cdef readonly long long sni_timeouts
 
     def __cinit__(self):
         self.epfd = -1
@@ -524,6 +529,9 @@ cdef class Engine:
             if svc.hash_mode != HASH_NONE:
                 s.key = _hash_peer(&ss, svc.hash_mode)
             self.sessions.add(s)
+            if lst.sni is not None:             # [sni] the service is named by the ClientHello
+                sni_start(s, lst.sni)
+                continue
             if svc.adm is not None and adm_accept(s, &ss) != ADM_GO:    # [access]
                 continue                        # refused (closed, counted), or waiting
             if svc.tls is not None:             # [tls] the handshake before the connect
@@ -549,6 +557,8 @@ cdef class Engine:
                 adm_expired(s)
             elif s.state == S_HANDSHAKE and now >= s.deadline:   # [tls] timeouts.handshake
                 tls_expired(s)
+            elif s.state == S_SNI and now >= s.deadline:         # [sni] the ClientHello's time
+                sni_expired(s)
         if idle:
             for s in list(self.sessions):
                 if s.state == S_OPEN and now - s.last >= s.svc.idle_timeout:

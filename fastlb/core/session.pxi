@@ -115,6 +115,10 @@ cdef class Session:
     cdef unsigned char btls_want         # TLSW_*: what OpenSSL asked of the backend
     cdef bint btls_failed                # the last attempt's handshake failed ...
     cdef long bverify                    # ... with this verify result (0: not verification)
+    # [sni] routing by the ClientHello (core/sni.pxi): the table, the bytes read so far
+    cdef SniTable sni
+    cdef unsigned char *sni_buf
+    cdef int sni_have
 
     def __cinit__(self):
         # Every Session starts owning nothing, even one made by Session.__new__ from Python,
@@ -292,6 +296,9 @@ cdef class Session:
             return
         if self.state == S_HANDSHAKE:           # [tls] before connect
             tls_on_handshake(self, events)
+            return
+        if self.state == S_SNI:                 # [sni] before the service is known
+            sni_on_client(self, events)
             return
         if self.tls_want:                       # [tls] what OpenSSL waited for may be here:
             self.tls_want = 0                   # retry both directions
@@ -482,6 +489,7 @@ cdef class Session:
         tls_close(self)                         # [tls] the SSL, once
         orig_drop(self)                         # [orig] the backend's SSL
         self.origctx = None
+        sni_close(self)                         # [sni] the hello's scratch
         self.state = S_CLOSED
         eng.graveyard.append(self)              # alive until this batch of events is done
         eng.sessions.discard(self)
@@ -515,6 +523,7 @@ cdef class Session:
         _free_buffer(self.c2b.data, True)
         _free_buffer(self.b2c.data, True)
         free(self.pp_buf)                       # [access] a PROXY header's scratch
+        free(self.sni_buf)                      # [sni] a ClientHello's scratch
         if self.ssl != NULL:                    # [tls] a session never closed
             SSL_free(self.ssl)
         if self.bssl != NULL:                   # [orig]

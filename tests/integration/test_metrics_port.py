@@ -84,7 +84,8 @@ def test_server_status_and_transitions_with_haproxy_names(procs, tmp_path):
     assert m[("process_open_fds", None, None, None)] > 0                      # the standard ones
     assert all(f.startswith(("fastlb_server_", "fastlb_backend_", "fastlb_process_", "process_",
                              "fastlb_frontend_", "fastlb_buffer",    # [limits]; [mem] fastlb_buffers_*
-                             "fastlb_tls_", "fastlb_admin_"))        # [tls] handshakes; [admin] refusals
+                             "fastlb_tls_", "fastlb_admin_",         # [tls] handshakes; [admin] refusals
+                             "fastlb_sni_"))                          # [sni] routing outcomes
                for f in families), families
     # traffic goes to a only; the counters follow
     for _ in range(5):

@@ -307,7 +307,8 @@ def test_syslog_frame_is_rfc5424():
 
 def test_names_from_the_slot_table():
     rows, addrs = connlog.names_from({("web", ""): 4, ("web", "10.0.0.1:80"): 5}, {"web": "json"}, "")
-    assert rows == {4: ("web", "json")} and addrs == {5: "10.0.0.1:80"}
+    assert rows == {4: ("web", "json"), -1: ("<sni>", "json")} and addrs == {5: "10.0.0.1:80"}
+    # [sni] row -1: connections refused before SNI routing named a service
 
 
 BASE = '[[service]]\nname = "web"\nlisten = "127.0.0.1:0"\nbackends = [{ address = "127.0.0.1:1" }]\n'

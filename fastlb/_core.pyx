@@ -49,3 +49,4 @@ include "core/admission.pxi"         # [access] ACL, source limits, PROXY, clien
 include "core/buffers.pxi"           # [mem] buffers, budget, pool trim
 include "core/timers.pxi"            # [mem] fin/duration/first-byte timeouts, keepalive
 include "core/tls.pxi"               # [tls] TLS termination: contexts, handshake, SSL I/O
+include "core/splice.pxi"            # [splice] zero-copy bulk (pooled pipes), fairness budget

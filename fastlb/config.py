@@ -192,6 +192,7 @@ class Service:
     registration: "Registration | None" = None   # [leases] None: the service refuses registrations
     discovery: str | None = None         # [etcd] "etcd": backends are keys in etcd (fastlb.etcd)
     tls: TlsConfig | None = None         # [tls] TLS termination (None: plain TCP)
+    splice: str | None = None            # [splice] "auto" | "on" | "off" (None: [global] splice)
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,6 +215,7 @@ class GlobalConfig:
     source_table_size: int = DEFAULT_SOURCE_TABLE   # [access] entries of the per-source table
     buffer_budget: int = 256 << 20         # [mem] bytes of connection buffers, all workers (_mem_global)
     connlog: str = "stderr"                # [obs] the connection log's destination (_connlog)
+    splice: str = "auto"                   # [splice] the services' default (_splice)
 
 
 @dataclass(frozen=True, slots=True)
@@ -445,6 +447,7 @@ def from_dict(doc: dict, *, source: str = "config", text: str = "", resolve: boo
                  "log_format", "log_level",                                   # [obs] logs
                  "dns", "maxconn", "source_table_size",                       # [dns] [limits] [access]
                  "buffer_budget", "connlog"}                                  # [mem] [obs]
+                | {"splice"}                                                      # [splice]
                 | ADMIN_KEYS)                                                     # [admin]
     workers = g.get("workers", DEFAULTS["workers"])
     if workers == "auto":
@@ -482,7 +485,8 @@ def from_dict(doc: dict, *, source: str = "config", text: str = "", resolve: boo
                         **_global_limits(c, g),                                                 # [limits]
                         source_table_size=_source_table_size(c, g),                             # [access]
                         **_mem_global(c, g, workers),                                           # [mem]
-                        connlog=_connlog_destination(c, g.get("connlog", "stderr")))            # [obs]
+                        connlog=_connlog_destination(c, g.get("connlog", "stderr")),            # [obs]
+                        splice=_splice(c, g, "global") or "auto")                               # [splice]
     services_raw = doc.get("service", [])
     if not isinstance(services_raw, list):
         raise c.fail("service", "expected an array of tables ([[service]])")
@@ -490,6 +494,7 @@ def from_dict(doc: dict, *, source: str = "config", text: str = "", resolve: boo
     listens: dict[tuple[str, int], str] = {}     # (host, port): the service listening there
     for i, raw in enumerate(services_raw):
         svc = service_from_dict(raw, f"service[{i}]", c, resolve=resolve)
+        svc = dataclasses.replace(svc, splice=svc.splice or glob.splice)             # [splice]
         if svc.name in names:
             raise c.fail(f"service[{i}].name", f"duplicate service name {svc.name!r}")
         names.add(svc.name)
@@ -519,6 +524,7 @@ SERVICE_KEYS |= {"discovery"}                                                  #
 SERVICE_KEYS |= {"tcp_keepalive"}                                             # [mem]
 SERVICE_KEYS |= {"registration"}                                              # [leases]
 SERVICE_KEYS |= {"tls", "authz"}; TIMEOUT_KEYS |= {"handshake"}  # noqa: E702     # [tls]
+SERVICE_KEYS |= {"splice"}                                                    # [splice]
 
 
 def _dns(c: _Checker, raw: Any, path: str, base: DnsConfig, *, top: bool) -> DnsConfig:
@@ -843,7 +849,8 @@ def service_from_dict(raw: Any, path: str, c: _Checker | None = None, *,
                    registration=_registration(c, raw, path),                   # [leases]
                    discovery=c.choice(raw["discovery"], f"{path}.discovery", ("etcd",))
                    if "discovery" in raw else None,                              # [etcd]
-                   tls=_tls(c, raw, path))                                      # [tls]
+                   tls=_tls(c, raw, path),                                      # [tls]
+                   splice=_splice(c, raw, path))                                # [splice]
 
 
 # -- [leases] self-registration (fastlb/leases.py) ----------------------------------------------
@@ -1058,6 +1065,8 @@ def service_to_dict(svc: Service) -> dict:
                          "timeouts": {"connect": svc.connect_timeout, "idle": svc.idle_timeout},
                          "backends": backends}
     _mem_to_dict(svc, d)                                                      # [mem]
+    if svc.splice is not None:                                                # [splice]
+        d["splice"] = svc.splice
     if svc.policy == "maglev":
         d["hash_key"] = svc.hash_key
         if svc.hash_balance_factor:
@@ -1281,3 +1290,15 @@ def _tls(c: _Checker, raw: dict, path: str) -> TlsConfig | None:
             raise c.fail(f"{path}.authz", "needs tls.client_ca (identities of verified clients)")
         mtls["identities"] = tuple(ids)
     return TlsConfig(tuple(certs), tuple(pems), minv, tuple(alpn), hs, **mtls)
+
+
+# -- [splice] zero-copy bulk (docs/config.md, "Zero-copy bulk (splice)") --------------------------
+SPLICE_MODES = tuple(_core.SPLICE_MODES)          # ("auto", "off", "on")
+
+
+def _splice(c: _Checker, raw: dict, path: str) -> str | None:
+    """``splice = "auto" | "on" | "off"`` of a service or of [global] (None: not set; a service
+    then takes [global]'s, whose default is "auto", HAProxy's splice-auto)."""
+    if "splice" not in raw:
+        return None
+    return c.choice(raw["splice"], f"{path}.splice", SPLICE_MODES)

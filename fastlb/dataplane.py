@@ -181,6 +181,7 @@ class DataService:
         if plan.tls_key() != self.tls:                                          # [tls]
             self.state.tls, self.tls = build_tls(plan), plan.tls_key()
         apply_mem(self.engine, st, plan)                                    # [mem]
+        st.splice = _core.SPLICE_MODES[plan.splice]                         # [splice]
         st.log_sample = plan.log_sample                 # [obs] the connection log's sampling
         self.names = dict(plan.names)
         if old is not None:
@@ -340,7 +341,8 @@ class DataPlane:
                 "tls_handshake_failures": e.tls_failures,
                 "tls_handshake_timeouts": e.tls_timeouts,
                 "tls_client_no_cert": e.tls_no_cert, "tls_client_expired": e.tls_expired,
-                "tls_client_untrusted": e.tls_untrusted, "tls_authz_denied": e.tls_authz_denied}
+                "tls_client_untrusted": e.tls_untrusted, "tls_authz_denied": e.tls_authz_denied,
+                **splice_memory(e)}                                                 # [splice]
 
     def timeouts(self) -> list[tuple[float, float]]:
         """(connect, shortest of the timeouts that need a scan of every session) per service;
@@ -519,3 +521,10 @@ class LocalDataPath:
             self._now = True
         await self.plane.finish(grace, lambda: self._now)
 
+
+
+def splice_memory(e: _core.Engine) -> dict[str, int]:
+    """[splice] This engine's pipes and the bytes they moved (core/splice.pxi), for memory()."""
+    return {"spliced_bytes": e.spliced_bytes, "pipes_in_use": e.pipes_in_use,
+            "pipes_pooled": e.npipes, "pipes_capped": e.pipes_capped,
+            "pipe_failures": e.pipe_failures}

@@ -98,6 +98,7 @@ class Plan:
     tls_client_ca: bytes = b""                      # stage 2: PEM CAs of client certificates
     tls_verify: str = "required"                    # "required" | "optional"
     tls_identities: tuple[str, ...] = ()            # service.authz.identities
+    splice: str = "auto"                            # [splice] "auto" | "on" | "off"
 
     def tls_key(self) -> tuple[Any, ...]:
         """[tls] What the service's TlsContext is built from."""
@@ -127,7 +128,8 @@ class Plan:
                 "tls": ([[list(p) for p in self.tls_certs], self.tls_min_version,  # [tls]
                          list(self.tls_alpn), self.tls_handshake, self.tls_client_ca,
                          self.tls_verify, list(self.tls_identities)]
-                        if self.tls_certs else None)}
+                        if self.tls_certs else None),
+                "splice": self.splice}                                            # [splice]
 
     @classmethod
     def from_wire(cls, w: Mapping[str, Any]) -> Plan:
@@ -147,7 +149,8 @@ class Plan:
                    **_access_from_wire(w.get("access")),                            # [access]
                    **_mem_from_wire(w),                                              # [mem]
                    log_sample=int(w.get("log_sample", 0)),                           # [obs]
-                   **_tls_from_wire(w.get("tls")))                                   # [tls]
+                   **_tls_from_wire(w.get("tls")),                                   # [tls]
+                   splice=str(w.get("splice", "auto")))                              # [splice]
 
 
 def _tls_from_wire(t: Sequence[Any] | None) -> dict[str, Any]:

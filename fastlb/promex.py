@@ -208,6 +208,7 @@ class FastLBCollector(Collector):
         ]:
             if key in mem:
                 yield CounterMetricFamily(f"fastlb_{name}", help_, value=mem[key])
+        yield from _splice_metrics(mem)                         # [splice]
 
     def _backends(self, services: list[dict[str, Any]]) -> Iterator[Metric]:
         for suffix, kind, help_, field in BACKEND_SUMS:
@@ -296,3 +297,21 @@ def registry(sources: observe.Sources) -> CollectorRegistry:
 def render(reg: CollectorRegistry) -> bytes:
     """The exposition text of one scrape."""
     return generate_latest(reg)
+
+
+def _splice_metrics(mem: dict[str, Any]) -> Iterator[Metric]:
+    """[splice] core/splice.pxi: bytes moved through pipes and the pipes held now (HAProxy's
+    show info has PipesUsed / PipesFree; it counts no spliced bytes)."""
+    if "pipes_in_use" in mem:
+        yield GaugeMetricFamily("fastlb_pipes_in_use", "Pipes holding spliced bytes now, over "
+                                "every worker (show info PipesUsed).", value=mem["pipes_in_use"])
+        yield GaugeMetricFamily("fastlb_pipes_free", "Empty pipes kept for reuse, over every "
+                                "worker (show info PipesFree).", value=mem.get("pipes_pooled", 0))
+    if "spliced_bytes" in mem:
+        yield CounterMetricFamily("fastlb_spliced_bytes_total", "Bytes moved with splice(2) "
+                                  "through pipes (zero-copy), both directions, over every "
+                                  "worker.", value=mem["spliced_bytes"])
+        yield CounterMetricFamily("fastlb_pipes_refused_total", "Times a transfer that would "
+                                  "have been spliced used its buffer: the per-worker pipe cap "
+                                  "reached, or pipe() failed.",
+                                  value=mem.get("pipes_capped", 0) + mem.get("pipe_failures", 0))

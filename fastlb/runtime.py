@@ -101,7 +101,8 @@ def compute_plan(svc: Service, slot_of: Callable[[str], int], is_up: Callable[[i
                 max_duration=svc.max_duration, first_byte=svc.first_byte,
                 tcp_keepalive=svc.tcp_keepalive, buffer_budget=buffer_budget,
                 log_sample=log_sample(svc),                                    # [obs]
-                **tls_fields(svc))                                             # [tls]
+                **tls_fields(svc),                                             # [tls]
+                splice=svc.splice or "auto")                                   # [splice]
 
 
 def tls_fields(svc: Service) -> dict[str, Any]:

@@ -107,6 +107,7 @@ cdef class ServiceState:
     cdef public int ka_interval
     cdef public int ka_count
     cdef public unsigned long long log_sample  # [obs] connection log: sample x 2**32 (0: off)
+    cdef public int splice               # [splice] SPLICE_AUTO (0), SPLICE_OFF, SPLICE_ON
 
     def __init__(self, str name):
         self.name = name
@@ -204,6 +205,16 @@ cdef class Engine:
     cdef readonly long long tls_handshakes, tls_resumed, tls_failures, tls_timeouts
     # [tls] stage 2: client certificates refused (missing, expired, untrusted); authz refusals
     cdef readonly long long tls_no_cert, tls_expired, tls_untrusted, tls_authz_denied
+    # [splice] zero-copy bulk (core/splice.pxi): the pool of empty pipes ((read, write) fd
+    # pairs, LIFO, malloc'ed at the first pipe), pipes held by sessions, counts
+    cdef int *pipes
+    cdef readonly int npipes              # free pipes in the pool
+    cdef int pipes_low                   # lowest npipes since the last trim
+    cdef int pipes_max                   # the cap (SPLICE_PIPES_MAX, or less: the fd limit)
+    cdef readonly int pipes_in_use
+    cdef readonly long long spliced_bytes    # bytes moved through pipes
+    cdef readonly long long pipes_capped     # a pipe refused at SPLICE_PIPES_MAX (buffer used)
+    cdef readonly long long pipe_failures    # pipe2() failed (fds): buffer used
 
     def __cinit__(self):
         self.epfd = -1
@@ -255,6 +266,7 @@ cdef class Engine:
 
     cdef void _free_pool(self) noexcept:
         cdef int i
+        spl_free_pool(self)                     # [splice] pooled pipes
         if self.pool != NULL:
             for i in range(self.npool):
                 _free_buffer(self.pool[i], False)
@@ -515,6 +527,7 @@ cdef class Engine:
         if now >= self.next_trim:                   # [mem] give back what a burst left
             self.next_trim = now + 1.0
             _buf_trim(self)
+            spl_trim(self)                          # [splice] pooled pipes nobody took
         self._bury()
         return closed
 

@@ -107,7 +107,7 @@ cdef enum:
 # one direction moves in one wake-up before it yields. Chosen by measurement (bench/README.md,
 # "Zero-copy bulk and fairness"); module variables so that the bench can try others
 # (_splice_tune), constants otherwise.
-cdef int SPLICE_PIPE_SIZE = 262144
+cdef int SPLICE_PIPE_SIZE = 1048576
 cdef Py_ssize_t FAIR_BUDGET = 262144
 
 

@@ -23,8 +23,10 @@
 #     when a splice starts, given back as soon as it is drained (HAProxy's put_pipe when
 #     pipe->data is 0), so an idle connection holds none. A pipe that still holds bytes when
 #     its session closes is closed, not pooled (HAProxy's kill_pipe).
-#   - At most SPLICE_PIPES_MAX pipes per worker (HAProxy's tune.maxpipes); past it, or when
-#     pipe2() fails (fds), the direction simply uses its buffer for that wake-up.
+#   - At most SPLICE_PIPES_MAX pipes per worker (HAProxy's tune.maxpipes), and no more than
+#     the worker's buffer budget holds at SPLICE_PIPE_SIZE each (so what pipes hold is bounded
+#     as the buffers are: [global] buffer_budget bounds each); past it, or when pipe2() fails
+#     (fds), the direction simply uses its buffer for that wake-up.
 #   - splice is never used for a TLS session (the client's bytes are OpenSSL's) nor while a
 #     direction's buffer holds bytes (what the client sent while connecting, a PROXY or SNI
 #     peek): _pump, the only caller, runs with the direction empty.
@@ -133,6 +135,10 @@ cdef int spl_take(Engine eng, Buf *b) noexcept:
     (the cap is reached or pipe2 failed: the caller reads into its buffer this time)."""
     cdef int fds[2]
     cdef rlimit lim
+    if eng.buffer_budget > 0 and ((eng.pipes_in_use + 1) * <long long>(SPLICE_PIPE_SIZE or 65536)
+                                  > eng.buffer_budget * <long long>ENGINE_BUFSIZE):
+        eng.pipes_capped += 1                   # what pipes hold stays within the budget too
+        return 0
     if eng.npipes:
         eng.npipes -= 1
         b.pr = eng.pipes[2 * eng.npipes]

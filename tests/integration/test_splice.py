@@ -7,6 +7,7 @@ silently never happens."""
 import hashlib
 import json
 import os
+import re
 import socket
 import threading
 import time
@@ -152,6 +153,11 @@ def test_32mib_each_way_spliced_exact_with_both_half_closes(procs, mode):
         mem = api_stats(mport)["memory"]
         assert mem["spliced_bytes"] >= 2 * size - 4 * MIB, mem     # splice really ran
         assert mem["pipes_in_use"] == 0
+        with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        spliced = re.search(r"^fastlb_process_spliced_bytes_total (\S+)$", text, re.M)
+        assert spliced and float(spliced.group(1)) == mem["spliced_bytes"]
+        assert re.search(r"^fastlb_process_pipes_used 0\.0$", text, re.M)
     finally:
         be.close()
 

@@ -220,6 +220,7 @@ class ServiceState:
     ka_interval: int
     ka_count: int
     log_sample: int   # [obs]
+    splice: int       # [splice] a value of SPLICE_MODES
     def __init__(self, name: str) -> None: ...
     def set_backends(self, policy: Policy | None, addrs: dict[int, tuple[str, int]]) -> None: ...
 
@@ -277,6 +278,12 @@ class Engine:
     tls_other: int
     tls_v12: int
     tls_v13: int
+    # [splice] core/splice.pxi (read-only)
+    npipes: int                          # free pipes in the pool
+    pipes_in_use: int
+    spliced_bytes: int
+    pipes_capped: int
+    pipe_failures: int
     def set_buffer_budget(self, nbytes: int) -> None: ...
     def listen(self, sock: socket.socket, svc: ServiceState, shared: bool = False) -> Listener: ...
     def unlisten(self, lst: Listener) -> None: ...
@@ -433,3 +440,7 @@ class SniTable:
     timeout: float
     def __init__(self, routes: Any, default: ServiceState | None = ..., timeout: float = ...) -> None: ...
     def match(self, name: str) -> ServiceState | None: ...
+# [splice] core/splice.pxi
+SPLICE_MODES: dict[str, int]   # "auto" -> 0, "off" -> 1, "on" -> 2
+SPLICE_PIPES_MAX: int
+def _splice_tune(pipe_size: int = -1, budget: int = -1) -> tuple[int, int]: ...

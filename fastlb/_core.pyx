@@ -52,3 +52,4 @@ include "core/timers.pxi"            # [mem] fin/duration/first-byte timeouts, k
 include "core/tls.pxi"               # [tls] TLS termination: contexts, handshake, SSL I/O
 include "core/tls_orig.pxi"          # [orig] TLS origination: client contexts, backend SSL I/O
 include "core/sni.pxi"               # [sni] SNI routing without termination (passthrough)
+include "core/splice.pxi"            # [splice] zero-copy bulk (pooled pipes), fairness budget

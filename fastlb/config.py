@@ -200,6 +200,7 @@ class Service:
     # for the whole ClientHello (timeouts.handshake)
     sni: tuple[str, ...] = ()
     sni_handshake: float = 10.0
+    splice: str | None = None            # [splice] "auto" | "on" | "off" (None: [global] splice)
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,6 +224,7 @@ class GlobalConfig:
     buffer_budget: int = 256 << 20         # [mem] bytes of connection buffers, all workers (_mem_global)
     connlog: str = "stderr"                # [obs] the connection log's destination (_connlog)
     admin_tls: "AdminTls | None" = None    # [tlsops] the TCP admin over TLS (_admin_tls)
+    splice: str = "auto"                   # [splice] the services' default (_splice)
 
 
 @dataclass(frozen=True, slots=True)
@@ -525,6 +527,7 @@ def from_dict(doc: dict, *, source: str = "config", text: str = "", resolve: boo
                  "log_format", "log_level",                                   # [obs] logs
                  "dns", "maxconn", "source_table_size",                       # [dns] [limits] [access]
                  "buffer_budget", "connlog"}                                  # [mem] [obs]
+                | {"splice"}                                                      # [splice]
                 | ADMIN_KEYS)                                                     # [admin]
     workers = g.get("workers", DEFAULTS["workers"])
     if workers == "auto":
@@ -565,7 +568,8 @@ def from_dict(doc: dict, *, source: str = "config", text: str = "", resolve: boo
                         source_table_size=_source_table_size(c, g),                             # [access]
                         **_mem_global(c, g, workers),                                           # [mem]
                         connlog=_connlog_destination(c, g.get("connlog", "stderr")),            # [obs]
-                        **_admin_tls(c, g))                                                     # [tlsops]
+                        **_admin_tls(c, g),                                                     # [tlsops]
+                        splice=_splice(c, g, "global") or "auto")                               # [splice]
     services_raw = doc.get("service", [])
     if not isinstance(services_raw, list):
         raise c.fail("service", "expected an array of tables ([[service]])")
@@ -574,6 +578,7 @@ def from_dict(doc: dict, *, source: str = "config", text: str = "", resolve: boo
     listens: dict[tuple[str, int], str] = {}     # (host, port): the service listening there
     for i, raw in enumerate(services_raw):
         svc = service_from_dict(raw, f"service[{i}]", c, resolve=resolve)
+        svc = dataclasses.replace(svc, splice=svc.splice or glob.splice)             # [splice]
         if svc.name in names:
             raise c.fail(f"service[{i}].name", f"duplicate service name {svc.name!r}")
         names.add(svc.name)
@@ -608,6 +613,7 @@ SERVICE_KEYS |= {"registration"}                                              # 
 SERVICE_KEYS |= {"tls", "authz"}; TIMEOUT_KEYS |= {"handshake"}  # noqa: E702     # [tls]
 SERVICE_KEYS |= {"backend_tls"}; BACKEND_KEYS |= {"tls"}  # noqa: E702         # [orig]
 SERVICE_KEYS |= {"sni"}                                                       # [sni]
+SERVICE_KEYS |= {"splice"}                                                    # [splice]
 
 
 def _dns(c: _Checker, raw: Any, path: str, base: DnsConfig, *, top: bool) -> DnsConfig:
@@ -936,7 +942,8 @@ def service_from_dict(raw: Any, path: str, c: _Checker | None = None, *,
                    if "discovery" in raw else None,                              # [etcd]
                    tls=_tls(c, raw, path),                                      # [tls]
                    backend_tls=backend_tls,                                     # [orig]
-                   **_sni(c, raw, path, listen))                                # [sni]
+                   **_sni(c, raw, path, listen),                                # [sni]
+                   splice=_splice(c, raw, path))                                # [splice]
 
 
 # -- [leases] self-registration (fastlb/leases.py) ----------------------------------------------
@@ -1151,6 +1158,8 @@ def service_to_dict(svc: Service) -> dict:
                          "timeouts": {"connect": svc.connect_timeout, "idle": svc.idle_timeout},
                          "backends": backends}
     _mem_to_dict(svc, d)                                                      # [mem]
+    if svc.splice is not None:                                                # [splice]
+        d["splice"] = svc.splice
     if svc.policy == "maglev":
         d["hash_key"] = svc.hash_key
         if svc.hash_balance_factor:
@@ -1646,3 +1655,15 @@ def sni_clash(services: Iterable[Service], svc: Service) -> tuple[str, str] | No
                     return (f"sni[{k}]", f"{name!r} is already routed to service {s.name!r} on "
                                          f"{a.text}")
     return None
+
+
+# -- [splice] zero-copy bulk (docs/config.md, "Zero-copy bulk (splice)") --------------------------
+SPLICE_MODES = tuple(_core.SPLICE_MODES)          # ("auto", "off", "on")
+
+
+def _splice(c: _Checker, raw: dict, path: str) -> str | None:
+    """``splice = "auto" | "on" | "off"`` of a service or of [global] (None: not set; a service
+    then takes [global]'s, whose default is "auto", HAProxy's splice-auto)."""
+    if "splice" not in raw:
+        return None
+    return c.choice(raw["splice"], f"{path}.splice", SPLICE_MODES)

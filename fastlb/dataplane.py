@@ -210,6 +210,7 @@ class DataService:
         if plan.orig_key() != self.orig:                                        # [orig]
             self.state.orig, self.orig = build_orig(plan), plan.orig_key()
         apply_mem(self.engine, st, plan)                                    # [mem]
+        st.splice = _core.SPLICE_MODES[plan.splice]                         # [splice]
         st.log_sample = plan.log_sample                 # [obs] the connection log's sampling
         self.names = dict(plan.names)
         if old is not None:
@@ -436,7 +437,8 @@ class DataPlane:
                 "tls_v1_2": e.tls_v12, "tls_v1_3": e.tls_v13, **self.tls_by_service(),
                 "sni_routed": e.sni_routed, "sni_defaulted": e.sni_defaulted,       # [sni]
                 "sni_no_route": e.sni_no_route, "sni_bad_hello": e.sni_bad,
-                "sni_oversize": e.sni_oversize, "sni_timeouts": e.sni_timeouts}
+                "sni_oversize": e.sni_oversize, "sni_timeouts": e.sni_timeouts,
+                **splice_memory(e)}                                                 # [splice]
 
 
     def tls_by_service(self) -> dict[str, int]:
@@ -630,3 +632,10 @@ class LocalDataPath:
             self._now = True
         await self.plane.finish(grace, lambda: self._now)
 
+
+
+def splice_memory(e: _core.Engine) -> dict[str, int]:
+    """[splice] This engine's pipes and the bytes they moved (core/splice.pxi), for memory()."""
+    return {"spliced_bytes": e.spliced_bytes, "pipes_in_use": e.pipes_in_use,
+            "pipes_pooled": e.npipes, "pipes_capped": e.pipes_capped,
+            "pipe_failures": e.pipe_failures}

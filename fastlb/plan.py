@@ -116,6 +116,7 @@ class Plan:
     # (empty: the address's default, or a service alone on it) and the ClientHello's time
     sni: tuple[str, ...] = ()
     sni_handshake: float = 10.0
+    splice: str = "auto"                            # [splice] "auto" | "on" | "off"
 
     def tls_key(self) -> tuple[Any, ...]:
         """[tls] What the service's TlsContext is built from."""
@@ -159,7 +160,8 @@ class Plan:
                 "orig": ([[list(p) for p in self.orig_profiles],                     # [orig]
                           [list(x) for x in self.orig_slots]] if self.orig_slots else None),
                 "tls_tickets": self.tls_ticket_lifetime,                           # [tlsops]
-                "sni": [list(self.sni), self.sni_handshake] if self.sni else None}   # [sni]
+                "sni": [list(self.sni), self.sni_handshake] if self.sni else None,   # [sni]
+                "splice": self.splice}                                            # [splice]
 
     @classmethod
     def from_wire(cls, w: Mapping[str, Any]) -> Plan:
@@ -182,7 +184,8 @@ class Plan:
                    **_tls_from_wire(w.get("tls")),                                   # [tls]
                    **_orig_from_wire(w.get("orig")),                                 # [orig]
                    tls_ticket_lifetime=float(w.get("tls_tickets", 300.0)),          # [tlsops]
-                   **_sni_from_wire(w.get("sni")))                                   # [sni]
+                   **_sni_from_wire(w.get("sni")),                                   # [sni]
+                   splice=str(w.get("splice", "auto")))                              # [splice]
 
 
 def _orig_from_wire(o: Sequence[Any] | None) -> dict[str, Any]:

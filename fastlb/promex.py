@@ -240,6 +240,7 @@ class FastLBCollector(Collector):
                 yield CounterMetricFamily(f"fastlb_{name}", help_, value=mem[key])
         yield from tls_by_label(mem)                           # [tlsops]
         yield from sni_metrics(mem)                                             # [sni]
+        yield from _splice_metrics(mem)                         # [splice]
 
     def _backends(self, services: list[dict[str, Any]]) -> Iterator[Metric]:
         for suffix, kind, help_, field in BACKEND_SUMS:
@@ -403,3 +404,19 @@ def sni_metrics(mem: Mapping[str, int]) -> Iterator[Metric]:
     for outcome, key in SNI_OUTCOMES:
         fam.add_metric([outcome], mem.get(key, 0))
     yield fam
+def _splice_metrics(mem: dict[str, Any]) -> Iterator[Metric]:
+    """[splice] core/splice.pxi: bytes moved through pipes and the pipes held now (HAProxy's
+    show info has PipesUsed / PipesFree; it counts no spliced bytes)."""
+    if "pipes_in_use" in mem:
+        yield GaugeMetricFamily("fastlb_process_pipes_used", "Pipes holding spliced bytes now, over "
+                                "every worker (show info PipesUsed).", value=mem["pipes_in_use"])
+        yield GaugeMetricFamily("fastlb_process_pipes_free", "Empty pipes kept for reuse, over every "
+                                "worker (show info PipesFree).", value=mem.get("pipes_pooled", 0))
+    if "spliced_bytes" in mem:
+        yield CounterMetricFamily("fastlb_process_spliced_bytes_total", "Bytes moved with splice(2) "
+                                  "through pipes (zero-copy), both directions, over every "
+                                  "worker.", value=mem["spliced_bytes"])
+        yield CounterMetricFamily("fastlb_process_pipes_refused_total", "Times a transfer that would "
+                                  "have been spliced used its buffer: the per-worker pipe cap "
+                                  "reached, or pipe() failed.",
+                                  value=mem.get("pipes_capped", 0) + mem.get("pipe_failures", 0))

@@ -103,7 +103,8 @@ def compute_plan(svc: Service, slot_of: Callable[[str], int], is_up: Callable[[i
                 log_sample=log_sample(svc),                                    # [obs]
                 **tls_fields(svc),                                             # [tls]
                 **orig_fields(svc, slot_of, members),                          # [orig]
-                sni=svc.sni, sni_handshake=svc.sni_handshake)                  # [sni]
+                sni=svc.sni, sni_handshake=svc.sni_handshake,                  # [sni]
+                splice=svc.splice or "auto")                                   # [splice]
 
 
 def orig_fields(svc: Service, slot_of: Callable[[str], int],

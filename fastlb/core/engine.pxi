@@ -109,6 +109,7 @@ cdef class ServiceState:
     cdef public int ka_count
     cdef public unsigned long long log_sample  # [obs] connection log: sample x 2**32 (0: off)
     cdef long long tlsn[11]              # [tlsops] this service's TLS counts (tls.pxi TLSN_*)
+    cdef public int splice               # [splice] SPLICE_AUTO (0), SPLICE_OFF, SPLICE_ON
 
     def __init__(self, str name):
         self.name = name
@@ -231,6 +232,16 @@ cdef class Engine:
     # for no route, for bytes that are not a ClientHello, for an oversized one; timed out
     cdef readonly long long sni_routed, sni_defaulted, sni_no_route, sni_bad, sni_oversize
     cdef readonly long long sni_timeouts
+    # [splice] zero-copy bulk (core/splice.pxi): the pool of empty pipes ((read, write) fd
+    # pairs, LIFO, malloc'ed at the first pipe), pipes held by sessions, counts
+    cdef int *pipes
+    cdef readonly int npipes              # free pipes in the pool
+    cdef int pipes_low                   # lowest npipes since the last trim
+    cdef int pipes_max                   # the cap (SPLICE_PIPES_MAX, or less: the fd limit)
+    cdef readonly int pipes_in_use
+    cdef readonly long long spliced_bytes    # bytes moved through pipes
+    cdef readonly long long pipes_capped     # a pipe refused at SPLICE_PIPES_MAX (buffer used)
+    cdef readonly long long pipe_failures    # pipe2() failed (fds): buffer used
 
     def __cinit__(self):
         self.epfd = -1
@@ -283,6 +294,7 @@ cdef class Engine:
 
     cdef void _free_pool(self) noexcept:
         cdef int i
+        spl_free_pool(self)                     # [splice] pooled pipes
         if self.pool != NULL:
             for i in range(self.npool):
                 _free_buffer(self.pool[i], False)
@@ -570,6 +582,7 @@ cdef class Engine:
         if now >= self.next_trim:                   # [mem] give back what a burst left
             self.next_trim = now + 1.0
             _buf_trim(self)
+            spl_trim(self)                          # [splice] pooled pipes nobody took
         self._bury()
         return closed
 

@@ -33,6 +33,13 @@ cdef struct Buf:
     char *data
     Py_ssize_t start        # first unsent byte
     Py_ssize_t end          # one past the last byte read
+    # [splice] (core/splice.pxi): while `piped`, the direction's bytes are in a pipe (data NULL,
+    # start 0, end = the bytes in the pipe); the auto mode's streaks and flags (SPL_*)
+    int pr, pw              # the pipe's read and write ends (valid while piped)
+    bint piped
+    unsigned char spl
+    unsigned char large     # consecutive reads that filled the buffer
+    unsigned char small     # consecutive spliced wake-ups under SPLICE_SMALL bytes
 
 
 @cython.final
@@ -191,6 +198,8 @@ cdef class Session:
     cdef int _flush(self, Buf *b, int dst) noexcept:
         """Send b's unsent bytes to dst. 1: all sent, 0: would block, -1: error (closed)."""
         cdef ssize_t w
+        if b.piped:                             # [splice] the bytes are in a pipe
+            return spl_flush(self, b, dst)
         while b.end > b.start:
             if dst == self.cfd and self.ssl != NULL:                # [tls]
                 w = _tls_send(self, b.data + b.start, b.end - b.start)
@@ -223,6 +232,11 @@ cdef class Session:
         Precondition: b is empty. Returns -1 when the session was closed."""
         cdef ssize_t r
         cdef int got
+        cdef Py_ssize_t moved = 0               # [splice] this wake-up's bytes (fairness)
+        if spl_wanted(self, b):                 # [splice] a bulk direction: zero-copy
+            got = spl_pump(self, src, dst, b, field, eof)
+            if got != SPL_NO_PIPE:
+                return got
         while True:
             if b.data == NULL:                  # [mem] given back when drained: take one
                 got = _buf_get(self, b)
@@ -252,8 +266,9 @@ cdef class Session:
                 b.end = r
                 if self._flush(b, dst) <= 0:
                     return -1 if self.state == S_CLOSED else 0
-                if r < ENGINE_BUFSIZE:          # drained, most likely: let epoll say more
-                    if lean_eof_after(self, src):
+                moved += r
+                if spl_after_recv(self, b, r, moved):   # [splice] drained, a streamer, budget
+                    if r < ENGINE_BUFSIZE and lean_eof_after(self, src):
                         eof[0] = True           # [lean] the FIN is next: no recv() for it
                     return 0
             elif r == 0:
@@ -490,6 +505,7 @@ cdef class Session:
         orig_drop(self)                         # [orig] the backend's SSL
         self.origctx = None
         sni_close(self)                         # [sni] the hello's scratch
+        spl_close(self)                         # [splice] pipes back to the pool
         self.state = S_CLOSED
         eng.graveyard.append(self)              # alive until this batch of events is done
         eng.sessions.discard(self)
@@ -524,6 +540,7 @@ cdef class Session:
         _free_buffer(self.b2c.data, True)
         free(self.pp_buf)                       # [access] a PROXY header's scratch
         free(self.sni_buf)                      # [sni] a ClientHello's scratch
+        spl_dealloc(self)                       # [splice] pipes it still holds
         if self.ssl != NULL:                    # [tls] a session never closed
             SSL_free(self.ssl)
         if self.bssl != NULL:                   # [orig]

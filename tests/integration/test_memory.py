@@ -84,7 +84,8 @@ def test_a_small_buffer_budget_caps_many_concurrent_transfers_byte_exact(procs):
     buffers at once (fastlb_buffers_in_use_max, the engine's exact peak). Old code: no
     buffer_budget key (fastlb refuses the config)."""
     _, be = start_backend(procs, "echo")
-    lb, port, mport = start(procs, be, glob='buffer_budget = "4MiB"')
+    # [splice] buffers are what this measures: bulk stays buffered (not spliced)
+    lb, port, mport = start(procs, be, glob='buffer_budget = "4MiB"\nsplice = "off"')
     assert metrics(mport)["fastlb_buffer_budget_bytes"] == 4 << 20
     size, n = 8 << 20, 32
     seen = []
@@ -127,7 +128,7 @@ def test_the_budget_is_split_between_workers_and_reported_over_all_of_them(procs
     """workers = 2: each engine caps its half; /metrics sums the workers' reports (sent once
     a second over the control channel)."""
     _, be = start_backend(procs, "echo")
-    lb, port, mport = start(procs, be, glob='workers = 2\nbuffer_budget = "8MiB"')
+    lb, port, mport = start(procs, be, glob='workers = 2\nbuffer_budget = "8MiB"\nsplice = "off"')  # [splice]
     assert wait_for(lambda: metrics(mport).get("fastlb_buffer_budget_bytes") == 8 << 20, 10), \
         metrics(mport)
     for _ in range(4):                         # traffic through whichever worker accepts

@@ -31,24 +31,11 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
-CPU_LB, CPU_LOAD = "0", "1"
-TICK = os.sysconf("SC_CLK_TCK")
+from e2e import CPU_LB, CPU_LOAD, NGINX_HTTP, Stack, free_port, tree_pids, wait_port
 
-NGINX_HTTP = """
-worker_processes 1;
-error_log {tmp}/http-error.log;
-pid {tmp}/http.pid;
-events {{ worker_connections 4096; }}
-http {{
-  access_log off;
-  client_body_temp_path {tmp}; proxy_temp_path {tmp}; fastcgi_temp_path {tmp};
-  uwsgi_temp_path {tmp}; scgi_temp_path {tmp};
-  server {{ listen 127.0.0.1:{port} backlog=4096; location / {{ return 200 "hello from the backend\\n"; }} }}
-}}
-"""
+TICK = os.sysconf("SC_CLK_TCK")
 
 HAPROXY = """
 global
@@ -74,51 +61,6 @@ name = "bench"
 listen = ["127.0.0.1:{port}"]
 backends = [ {{ address = "127.0.0.1:{backend}" }} ]
 """
-
-
-def free_port() -> int:
-    """A port below the ephemeral range (no TIME_WAIT of the close load can hold it)."""
-    import random
-    low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
-    for _ in range(200):
-        port = random.randrange(max(1024, low - 12000), low)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no free port below the ephemeral range")
-
-
-def wait_port(port: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listening on {port}")
-
-
-def tree(pid: int) -> list[int]:
-    """pid and its descendants."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo.extend(children.get(p, []))
-    return out
 
 
 def cpu_seconds(pids: list[int]) -> float:
@@ -165,42 +107,6 @@ def parse_strace(path: str) -> dict[str, tuple[int, int]]:
     return out
 
 
-class Stack:
-    """Processes of one run, stopped by PID (their process group)."""
-
-    def __init__(self) -> None:
-        self.procs: list[subprocess.Popen] = []
-        self.tmp = tempfile.mkdtemp(prefix="fastlb-syscalls-")
-
-    def start(self, args: list[str], cpu: str) -> subprocess.Popen:
-        log = open(os.path.join(self.tmp, f"{os.path.basename(args[0])}-{len(self.procs)}.log"), "w")
-        p = subprocess.Popen(["taskset", "-c", cpu] + args, stdout=log, stderr=subprocess.STDOUT,
-                             start_new_session=True)
-        log.close()
-        self.procs.append(p)
-        return p
-
-    def write(self, name: str, text: str) -> str:
-        path = os.path.join(self.tmp, name)
-        with open(path, "w") as f:
-            f.write(text)
-        return path
-
-    def stop(self, p: subprocess.Popen) -> None:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGTERM)
-            try:
-                p.wait(5)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait(5)
-
-    def close(self) -> None:
-        for p in self.procs:
-            self.stop(p)
-        shutil.rmtree(self.tmp, ignore_errors=True)
-
-
 def start_peer(stack: Stack, name: str, backend: int) -> tuple[subprocess.Popen, int, int]:
     """(process, port, workers)."""
     port = free_port()
@@ -224,17 +130,17 @@ def measure(stack: Stack, peer: str, backend: int, args: argparse.Namespace) -> 
     p, port, workers = start_peer(stack, peer, backend)
     try:
         run_wrk(port, 1, args.connections)      # warm-up
-        pids = tree(p.pid)                      # (taskset execs the proxy: same pid)
+        pids = tree_pids(p.pid)                      # (taskset execs the proxy: same pid)
         cpu0, t0 = cpu_seconds(pids), time.monotonic()
         res = run_wrk(port, args.duration, args.connections)
         wall = time.monotonic() - t0
-        cpu = cpu_seconds(tree(p.pid)) - cpu0
+        cpu = cpu_seconds(tree_pids(p.pid)) - cpu0
         out = {"rate": res["rate"], "p99_ms": res["p99_ms"], "errors": res["errors"],
                "cpu_us_per_conn": 1e6 * cpu / max(res["requests"], 1),
                "per_core": res["rate"] / max(cpu / wall, 1e-9)}
         if args.strace:
             # the data path's processes: with workers, the workers (the supervisor accepts nothing)
-            procs = tree(p.pid)
+            procs = tree_pids(p.pid)
             target = procs if workers == 1 else [q for q in procs if _is_worker(q)]
             trace = os.path.join(stack.tmp, f"{peer}.strace")
             st = subprocess.Popen(["strace", "-c", "-f", "-o", trace]

@@ -208,6 +208,30 @@ def test_readme_config_example_is_valid_and_its_error_sample_is_real():
     assert f"fastlb: {info.value}" in readme
 
 
+def test_readme_tls_example_is_valid(tmp_path):
+    """The README's TLS / SNI / splice example loads as written, given its certificate files."""
+    import pathlib
+    import re
+    trustme = pytest.importorskip("trustme")
+    readme = (pathlib.Path(__file__).parents[2] / "README.md").read_text()
+    block = re.findall(r"```toml\n(.*?)```", readme, re.S)[1]
+    ca = trustme.CA()
+    leaf = ca.issue_cert("api.example.com")
+    leaf.cert_chain_pems[0].write_to_path(str(tmp_path / "api.pem"))
+    leaf.private_key_pem.write_to_path(str(tmp_path / "api.key"))
+    lb = ca.issue_cert("lb.internal")
+    lb.cert_chain_pems[0].write_to_path(str(tmp_path / "lb.pem"))
+    lb.private_key_pem.write_to_path(str(tmp_path / "lb.key"))
+    for name in ("clients.pem", "internal-ca.pem"):
+        ca.cert_pem.write_to_path(str(tmp_path / name))
+    (tmp_path / "fastlb.toml").write_text(block)
+    cfg = config.load(str(tmp_path / "fastlb.toml"))
+    assert [s.name for s in cfg.services] == ["api", "shop", "other"]
+    api, shop, other = cfg.services
+    assert api.tls is not None and api.backend_tls is not None
+    assert shop.sni == ("shop.example.com", "*.shop.example.com") and other.splice == "auto"
+
+
 def test_policy_options_defaults_round_trip_and_summary():
     base = "[[service]]\nname='a'\nlisten='127.0.0.1:1'\n"
     svc = config.loads(base).services[0]

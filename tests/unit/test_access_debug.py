@@ -3,33 +3,11 @@ refused by the ACL, PROXY headers accepted, malformed or late, silent clients cl
 client_first_byte, clients still waiting at close(): afterwards no session, buffer or fd is
 left, and every per-source entry is released (the table's count back at 0, not below).
 The build fixture is test_core_debug's (a copy of the package built in a temp dir)."""
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
-from test_core_debug import debug_build  # noqa: F401  (the module-scoped build fixture)
+from test_core_debug import debug_build, run_scenario  # noqa: F401  (the module-scoped build fixture)
 
 SCENARIO = textwrap.dedent('''
-    import asyncio, gc, json, socket, sys, threading
-    import uvloop
-    from fastlb import _core
-
-    assert _core.__file__.startswith(sys.argv[1]), _core.__file__
-
-    def echo_server():
-        srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen(64)
-        def serve(conn):
-            with conn:
-                while data := conn.recv(65536):
-                    conn.sendall(data)
-        def accept():
-            while True:
-                conn, _ = srv.accept()
-                threading.Thread(target=serve, args=(conn,), daemon=True).start()
-        threading.Thread(target=accept, daemon=True).start()
-        return srv.getsockname()[1]
 
     def client(port, source, data=b"", shut=False):
         s = socket.socket(); s.settimeout(5); s.bind((source, 0)); s.connect(("127.0.0.1", port))
@@ -110,12 +88,7 @@ SCENARIO = textwrap.dedent('''
 
 def test_no_resource_left_by_the_before_connect_phase(debug_build):  # noqa: F811
     root, _ = debug_build
-    (root / "access_scenario.py").write_text(SCENARIO)
-    env = dict(os.environ, PYTHONPATH=str(root))
-    out = subprocess.run([sys.executable, "access_scenario.py", str(root)], cwd=root, env=env,
-                         capture_output=True, text=True, timeout=60, check=False)
-    assert out.returncode == 0, out.stderr[-3000:]
-    res = json.loads(out.stdout.splitlines()[-1])
+    res = run_scenario(root, "access_scenario.py", SCENARIO)
     got = res["got"]
     assert got["served"] == "a" * 5000 and got["pp"] == "payload"
     assert got["acl"] == got["pp_acl"] == got["pp_bad"] == got["pp_slow"] == got["silent"] == ""

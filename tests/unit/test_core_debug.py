@@ -19,8 +19,11 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-SCENARIO = textwrap.dedent('''
-    import asyncio, gc, json, os, resource, socket, struct, sys, threading
+# What every debug-build scenario (this file's, test_access_debug's, test_tls_debug's,
+# test_tls_orig_debug's) starts with: its imports, the check that it runs the debug build, an
+# echo backend, a closed port, and the process's RSS and open fds.
+PRELUDE = textwrap.dedent('''
+    import asyncio, gc, json, os, resource, socket, ssl, struct, sys, threading
     import uvloop
     from fastlb import _core
 
@@ -45,6 +48,28 @@ SCENARIO = textwrap.dedent('''
         s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close()
         return port
 
+    def rss():
+        for line in open("/proc/self/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+
+    def nfds():
+        return len(os.listdir("/proc/self/fd"))
+''')
+
+
+def run_scenario(root, name: str, body: str, *args: str, timeout: float = 60) -> dict:
+    """PRELUDE + body as ``name`` in the debug build's directory, run against that build with
+    ``root`` and ``args`` as its argv; its last stdout line, parsed as JSON."""
+    (root / name).write_text(PRELUDE + body)
+    env = dict(os.environ, PYTHONPATH=str(root))
+    out = subprocess.run([sys.executable, name, str(root), *args], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=timeout, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.splitlines()[-1])
+
+
+SCENARIO = textwrap.dedent('''
     async def main():
         loop = asyncio.get_running_loop()
         errors = []
@@ -185,12 +210,7 @@ def debug_build(tmp_path_factory):
 
 def test_every_resource_is_released_at_engine_teardown(debug_build):
     root, seconds = debug_build
-    (root / "scenario.py").write_text(SCENARIO)
-    env = dict(os.environ, PYTHONPATH=str(root))
-    out = subprocess.run([sys.executable, "scenario.py", str(root)], cwd=root, env=env,
-                         capture_output=True, text=True, timeout=60, check=False)
-    assert out.returncode == 0, out.stderr[-3000:]
-    got = json.loads(out.stdout.splitlines()[-1])
+    got = run_scenario(root, "scenario.py", SCENARIO)
     assert got["before"] == {"sessions": 0, "buffers": 0, "buffers_in_use": 0, "fds": 1, "engines": 1}
     opened = got["open"]
     # idle sessions hold no buffer (given back when drained); the pool keeps the freed ones

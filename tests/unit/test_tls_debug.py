@@ -3,46 +3,16 @@ failed handshakes (garbage instead of a ClientHello, a ClientHello cut short the
 clients gone before a byte, handshakes past the timeout) leave no session, buffer or fd behind,
 and the process's fds and RSS do not grow with them (an SSL object leaked per failure would be
 tens of MB); served clients still round-trip. The build fixture is test_core_debug's."""
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 
-from test_core_debug import debug_build  # noqa: F401  (the module-scoped build fixture)
+from test_core_debug import debug_build, run_scenario  # noqa: F401  (the module-scoped build fixture)
 
 trustme = pytest.importorskip("trustme")
 
 SCENARIO = textwrap.dedent('''
-    import asyncio, gc, json, os, socket, ssl, sys, threading
-    import uvloop
-    from fastlb import _core
-
-    assert _core.__file__.startswith(sys.argv[1]), _core.__file__
     cert, key, cafile = (open(p, "rb").read() for p in sys.argv[2:5])
-
-    def echo_server():
-        srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen(64)
-        def serve(conn):
-            with conn:
-                while data := conn.recv(65536):
-                    conn.sendall(data)
-        def accept():
-            while True:
-                conn, _ = srv.accept()
-                threading.Thread(target=serve, args=(conn,), daemon=True).start()
-        threading.Thread(target=accept, daemon=True).start()
-        return srv.getsockname()[1]
-
-    def rss():
-        for line in open("/proc/self/status"):
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-
-    def nfds():
-        return len(os.listdir("/proc/self/fd"))
 
     def garbage(port, i):
         s = socket.create_connection(("127.0.0.1", port), timeout=5)
@@ -134,12 +104,7 @@ def test_failed_handshakes_leave_nothing_behind(debug_build, tmp_path):  # noqa:
                       ("k.pem", leaf.private_key_pem.bytes()), ("ca.pem", ca.cert_pem.bytes())):
         (tmp_path / name).write_bytes(pem)
         paths.append(str(tmp_path / name))
-    (root / "tls_scenario.py").write_text(SCENARIO)
-    env = dict(os.environ, PYTHONPATH=str(root))
-    out = subprocess.run([sys.executable, "tls_scenario.py", str(root), *paths], cwd=root,
-                         env=env, capture_output=True, text=True, timeout=240, check=False)
-    assert out.returncode == 0, out.stderr[-3000:]
-    res = json.loads(out.stdout.splitlines()[-1])
+    res = run_scenario(root, "tls_scenario.py", SCENARIO, *paths, timeout=240)
     assert res["good"] == ["ping", "ping"]
     handshakes, failures, timeouts = res["counts"]
     assert handshakes == 2 and timeouts == 50 and failures >= 7500 - 3    # (resets may race)

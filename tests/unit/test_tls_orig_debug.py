@@ -3,24 +3,15 @@ backend handshakes (a certificate from a foreign CA) and stalled ones (past the 
 timeout) leave no session, buffer or fd behind, the fds and RSS do not grow with them (an SSL
 leaked per failure would be tens of MB), and good backends still round-trip, resuming their
 cached session. The build fixture is test_core_debug's."""
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 
-from test_core_debug import debug_build  # noqa: F401  (the module-scoped build fixture)
+from test_core_debug import debug_build, run_scenario  # noqa: F401  (the module-scoped build fixture)
 
 trustme = pytest.importorskip("trustme")
 
 SCENARIO = textwrap.dedent('''
-    import asyncio, gc, json, os, socket, ssl, sys, threading
-    import uvloop
-    from fastlb import _core
-
-    assert _core.__file__.startswith(sys.argv[1]), _core.__file__
     good_c, good_k, bad_c, bad_k, cafile = (open(p, "rb").read() for p in sys.argv[2:7])
 
     def tls_server(cert, key):
@@ -50,14 +41,6 @@ SCENARIO = textwrap.dedent('''
         held = []
         threading.Thread(target=lambda: held.extend(iter(srv.accept, None)), daemon=True).start()
         return srv.getsockname()[1], held
-
-    def rss():
-        for line in open("/proc/self/status"):
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-
-    def nfds():
-        return len(os.listdir("/proc/self/fd"))
 
     def ask(port):
         s = socket.create_connection(("127.0.0.1", port), timeout=5)
@@ -143,12 +126,7 @@ def test_failed_backend_handshakes_leave_nothing_behind(debug_build, tmp_path): 
                       ("ca.pem", ca.cert_pem.bytes())):
         (tmp_path / name).write_bytes(pem)
         paths.append(str(tmp_path / name))
-    (root / "orig_scenario.py").write_text(SCENARIO)
-    env = dict(os.environ, PYTHONPATH=str(root))
-    out = subprocess.run([sys.executable, "orig_scenario.py", str(root), *paths], cwd=root,
-                         env=env, capture_output=True, text=True, timeout=240, check=False)
-    assert out.returncode == 0, out.stderr[-3000:]
-    res = json.loads(out.stdout.splitlines()[-1])
+    res = run_scenario(root, "orig_scenario.py", SCENARIO, *paths, timeout=240)
     assert res["good"] == ["ping"] * 4 and res["cached"]
     assert res["answered"] == 0 and res["stalled"] == [""] * 20
     handshakes, resumed, failures = res["counts"]

@@ -189,7 +189,11 @@ class AdminServer:
         self.connections = 0
         # Connections refused or closed by the server since start, by reason.
         self.counts: dict[str, int] = dict.fromkeys(
-            ("over_cap", "backoff", "unauthorized", "timeout", "idle"), 0)
+            ("over_cap", "backoff", "unauthorized", "timeout", "idle", "preauth_cap"), 0)
+        # Connections not yet authenticated, per source address: at most preauth_per_source()
+        # each, so that one source cannot hold every place while the operator's connection
+        # (from elsewhere) waits (nginx's limit_conn per address; sshd's MaxStartups is global).
+        self.preauth: dict[str, int] = {}
         self.backoff = guard.Backoff()
         self._limiters: dict[str, guard.LogLimiter] = {}
         self._flush_timers: dict[str, asyncio.TimerHandle] = {}
@@ -314,12 +318,29 @@ class AdminServer:
                                                       f"open, the cap; retry later"))
             writer.close()
             return
+        if tcp and self.token is not None and \
+                self.preauth.get(source, 0) >= preauth_per_source(self.max_connections):
+            self._refuse("preauth_cap", f"connection from {who} refused: {source} already has "
+                                        f"{self.preauth[source]} admin connections not yet "
+                                        f"authenticated")
+            writer.write(protocol.error(None, "busy", f"{source} has {self.preauth[source]} admin "
+                                                      f"connections not yet authenticated, the "
+                                                      f"most one address may; retry later"))
+            writer.close()
+            return
         self.connections += 1
         try:
             rest = b""
             scope = None
             if tcp and self.token is not None:
-                first = await self._authenticate(reader, writer, who, source)
+                self.preauth[source] = self.preauth.get(source, 0) + 1
+                try:
+                    first = await self._authenticate(reader, writer, who, source)
+                finally:
+                    if (n := self.preauth[source] - 1) > 0:
+                        self.preauth[source] = n
+                    else:
+                        del self.preauth[source]
                 if first is None:
                     return
                 rest, scope = first
@@ -485,9 +506,16 @@ class AdminServer:
             return protocol.error(req.id, "internal", f"{type(exc).__name__}: {exc}")
 
 
+def preauth_per_source(max_connections: int) -> int:
+    """Connections one source address may have open before they authenticate: an eighth of
+    admin_max_connections (8 of the default 64), at least 1."""
+    return max(1, max_connections // 8)
+
+
 _PLURAL = {"over_cap": "connections refused over the cap", "backoff": "connections refused "
            "during a backoff", "unauthorized": "connections refused: failed authentication",
-           "timeout": "connections closed at a deadline", "idle": "idle connections closed"}
+           "timeout": "connections closed at a deadline", "idle": "idle connections closed",
+           "preauth_cap": "connections refused: too many not yet authenticated from one address"}
 _PEERCRED = struct.Struct("3i")          # struct ucred: pid, uid, gid
 
 

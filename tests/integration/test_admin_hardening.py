@@ -238,7 +238,8 @@ def test_by_default_a_silent_connection_is_closed_and_the_cap_is_64(tcp_lb):
     deadline (the old code kept it forever), and the 65th connection at once is refused."""
     lb, port, aport, be = tcp_lb
     t0 = time.monotonic()
-    silent = [connect(aport, "127.0.0.7") for _ in range(64)]
+    # 8 sources of 8 (one source may have 8 not yet authenticated: the next test)
+    silent = [connect(aport, f"127.0.0.{10 + i // 8}") for i in range(64)]
     extra = connect(aport, "127.0.0.8")
     assert [r["error"]["code"] for r in replies_until_closed(extra, limit=5)] == ["busy"]
     assert [r["error"]["code"] for r in replies_until_closed(silent[0], limit=20)] == ["timeout"]
@@ -249,6 +250,29 @@ def test_by_default_a_silent_connection_is_closed_and_the_cap_is_64(tcp_lb):
         s.close()
     with AdminClient(tcp=("127.0.0.1", aport), token=TOKEN) as c:
         assert c.call("ping") == "pong"
+
+
+def test_one_source_may_hold_an_eighth_of_the_places_before_authenticating(tcp_lb):
+    """With the default cap of 64, one address may have 8 connections open that have not sent
+    their token; its 9th is refused at once (the old code held it, and 64 of them locked the
+    operator out until the frame deadline), while another address still gets in."""
+    lb, port, aport, be = tcp_lb
+    silent = [connect(aport, "127.0.0.30") for _ in range(8)]
+    extra = connect(aport, "127.0.0.30")
+    replies = replies_until_closed(extra, limit=5)
+    assert [r["error"]["code"] for r in replies] == ["busy"], replies
+    assert "not yet authenticated" in replies[0]["error"]["message"]
+    with AdminClient(tcp=("127.0.0.1", aport), token=TOKEN) as c:
+        assert c.call("ping") == "pong"
+    lb.wait_line(r"admin: connection from tcp 127\.0\.0\.30:\d+ refused: 127\.0\.0\.30 already has "
+                 r"8 admin connections not yet authenticated")
+    silent.pop().close()                                       # a place of that address is free
+    time.sleep(0.2)
+    s = connect(aport, "127.0.0.30")
+    s.sendall(frame(1, "ping", TOKEN))
+    assert msgpack.unpackb(s.recv(65536), raw=False)["result"] == "pong"
+    for c in silent + [s, extra]:
+        c.close()
 
 
 def test_the_number_of_admin_connections_is_capped(procs, tmp_path):

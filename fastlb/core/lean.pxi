@@ -96,12 +96,18 @@ cdef inline void lean_saw(Session s, uint32_t events, int which) noexcept:
         s.lean_fin |= which
 
 
-cdef inline bint lean_eof_after(Session s, int src) noexcept:
-    """_pump read fewer bytes than asked from ``src``: is the FIN next? (plain TCP only: OpenSSL
-    may hold bytes of a record the kernel no longer has)."""
+cdef inline bint lean_eof_after(Session s, int src, bint short) noexcept:
+    """_pump forwarded what it read from ``src`` (``short``: fewer bytes than asked): is the
+    EOF next? Plain TCP: a short read with the peer's FIN seen (EPOLLRDHUP). Through OpenSSL:
+    the peer's close_notify was read with the data (SSL_read reads on to it when records follow
+    one another), and nothing would report it again: the socket may stay open, and quiet."""
     if src == s.cfd:
-        return (s.lean_fin & LEAN_FIN_C) != 0 and s.ssl == NULL
-    return (s.lean_fin & LEAN_FIN_B) != 0 and s.bssl == NULL       # [orig] TLS to the backend
+        if s.ssl != NULL:                                               # [tls]
+            return (SSL_get_shutdown(s.ssl) & SSL_RECEIVED_SHUTDOWN) != 0
+        return short and (s.lean_fin & LEAN_FIN_C) != 0
+    if s.bssl != NULL:                                                  # [orig]
+        return (SSL_get_shutdown(s.bssl) & SSL_RECEIVED_SHUTDOWN) != 0
+    return short and (s.lean_fin & LEAN_FIN_B) != 0
 
 
 cdef inline uint32_t lean_interest(uint32_t want) noexcept:
@@ -118,6 +124,8 @@ cdef inline bint lean_close_both(Session s) noexcept:
         return False
     if not s.b2c_shut:
         tls_shut_wr(s)                      # [tls] close_notify before the FIN
+    if not s.c2b_shut:
+        orig_shut_wr(s)                     # [orig] the TLS backend's close_notify too
     s.c2b_shut = True                       # [obs] a normal end (connlog's TERM_NORMAL)
     s.b2c_shut = True
     s._close()

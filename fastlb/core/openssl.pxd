@@ -24,6 +24,8 @@ cdef extern from "_tls.h" nogil:
     int SSL_write(SSL *ssl, const void *buf, int num)
     int SSL_get_error(const SSL *ssl, int ret)
     int SSL_shutdown(SSL *ssl)
+    int SSL_get_shutdown(const SSL *ssl)     # & SSL_RECEIVED_SHUTDOWN: the peer's close_notify read
+    enum: SSL_RECEIVED_SHUTDOWN
     void SSL_set_quiet_shutdown(SSL *ssl, int mode)
     int SSL_session_reused(const SSL *ssl)
     int SSL_has_pending(const SSL *ssl)     # [tlsbench] _tls_recv's early return

@@ -268,7 +268,7 @@ cdef class Session:
                     return -1 if self.state == S_CLOSED else 0
                 moved += r
                 if spl_after_recv(self, b, r, moved):   # [splice] drained, a streamer, budget
-                    if r < ENGINE_BUFSIZE and lean_eof_after(self, src):
+                    if lean_eof_after(self, src, r < ENGINE_BUFSIZE):
                         eof[0] = True           # [lean] the FIN is next: no recv() for it
                     return 0
             elif r == 0:

@@ -250,6 +250,7 @@ cdef int spl_pump(Session s, int src, int dst, Buf *b, int field, bint *eof) noe
     cdef ssize_t r
     cdef Py_ssize_t moved = 0
     cdef int size
+    _buf_put(s, b)                          # [mem] a buffer given while it waited: not needed
     while True:
         if not b.piped and not spl_take(eng, b):
             return SPL_NO_PIPE if moved == 0 else 0
@@ -311,6 +312,8 @@ cdef int spl_flush(Session s, Buf *b, int dst) noexcept:
     """_flush for a direction whose bytes are in its pipe (b.end of them). 1: all sent (the
     pipe is given back), 0: would block, -1: error (closed)."""
     cdef ssize_t w
+    if dst == s.bfd and s.lean_nd != LEAN_ND_SET:
+        lean_before_send(s)                 # [lean] TCP_NODELAY from the 2nd send on
     while b.end > 0:
         w = splice(b.pr, NULL, dst, NULL, b.end, SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
         if w > 0:

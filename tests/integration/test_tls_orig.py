@@ -35,6 +35,7 @@ class TlsBackend:
     def __init__(self, leaf, mode="echo", name="B", client_ca=None):
         self.mode, self.name = mode, name
         self.sni, self.done, self.failed = [], 0, []
+        self.clean = 0                          # closes where our close_notify was answered
         self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         leaf.configure_cert(self.ctx)
         if client_ca is not None:
@@ -72,6 +73,7 @@ class TlsBackend:
                     conn.sendall(data)
             try:
                 conn.unwrap()                   # close_notify, then the FIN below
+                self.clean += 1                 # ... and the proxy's close_notify came back
             except (ssl.SSLError, OSError):
                 pass
         except (ssl.SSLError, OSError) as exc:
@@ -171,6 +173,28 @@ def test_round_trip_32mib_each_way_plain_client_tls_backend(procs, tmp_path, ca,
     assert hashlib.sha256(back).hexdigest() == hashlib.sha256(blob).hexdigest()
     assert b.sni == ["echo.internal"] and b.done == 1 and not b.failed
     assert memory(tmp_path)["tls_backend_handshakes"] == 1
+
+
+def test_backend_that_ends_first_gets_close_notify_when_the_client_ends(procs, tmp_path, ca,
+                                                                           backends):
+    """The backend sends its answer and its close_notify first; the client reads to EOF, then
+    ends too: fastlb's close of the backend carries a close_notify (found by review: the lean
+    close-without-shutdown path sent a bare FIN to a TLS backend)."""
+    b = backends(ca.issue_cert("127.0.0.1"), mode="name", name="done")
+    (tmp_path / "ca.pem").write_bytes(ca.cert_pem.bytes())
+    _, (port,) = start_fastlb(procs, config(tmp_path, f'{{ address = "127.0.0.1:{b.port}" }}',
+                                            service_extra=f'backend_tls = {{ ca = "{tmp_path}/ca.pem" }}'))
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        got = b""
+        while data := s.recv(100):
+            got += data
+        assert got == b"done"                  # and EOF: the backend's end reached the client
+        s.shutdown(socket.SHUT_WR)              # now the client ends
+        time.sleep(0.3)
+    deadline = time.monotonic() + 5
+    while b.clean < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert b.clean == 1, b.failed
 
 
 def test_round_trip_termination_and_origination(procs, tmp_path, ca, backends):

@@ -91,44 +91,58 @@ static void flb_err(char *err, int errlen, const char *what) {
     ERR_clear_error();
 }
 
-/* A server context from a PEM certificate (its chain after it) and a PEM key, in memory.
- * NULL with a message in err when they do not load or do not match. */
-static SSL_CTX *flb_ctx_new(const char *cert, int certlen, const char *key, int keylen,
-                            int min_version, flb_sni *t, char *err, int errlen) {
-    SSL_CTX *ctx = NULL;
-    BIO *bio = NULL;
+/* ctx's certificate (its chain after it) and key, from PEM in memory: 0, or -1 with a message
+ * in err made of msg[i]: not a certificate, the certificate refused, the chain refused, not a
+ * key, the key refused or not matching. Used by both sides (flb_ctx_new, and flb_orig_ctx_new
+ * for the client certificate fastlb presents to backends). */
+static int flb_use_pair(SSL_CTX *ctx, const char *cert, int certlen, const char *key, int keylen,
+                        const char *const msg[5], char *err, int errlen) {
+    BIO *bio;
     X509 *x = NULL;
     EVP_PKEY *pk = NULL;
-    ERR_clear_error();
-    ctx = SSL_CTX_new(TLS_server_method());
-    if (ctx == NULL) { flb_err(err, errlen, "SSL_CTX_new"); return NULL; }
     bio = BIO_new_mem_buf(cert, certlen);
     if (bio == NULL || (x = PEM_read_bio_X509(bio, NULL, NULL, NULL)) == NULL) {
-        flb_err(err, errlen, "the certificate is not a PEM certificate"); goto fail;
+        flb_err(err, errlen, msg[0]); goto fail;
     }
-    if (SSL_CTX_use_certificate(ctx, x) != 1) { flb_err(err, errlen, "the certificate"); goto fail; }
+    if (SSL_CTX_use_certificate(ctx, x) != 1) { flb_err(err, errlen, msg[1]); goto fail; }
     X509_free(x);
     x = NULL;
     while ((x = PEM_read_bio_X509(bio, NULL, NULL, NULL)) != NULL) {   /* the chain */
-        if (SSL_CTX_add0_chain_cert(ctx, x) != 1) { flb_err(err, errlen, "the chain"); goto fail; }
+        if (SSL_CTX_add0_chain_cert(ctx, x) != 1) { flb_err(err, errlen, msg[2]); goto fail; }
         x = NULL;
     }
     ERR_clear_error();                      /* the end of the PEM stream */
     BIO_free(bio);
     bio = BIO_new_mem_buf(key, keylen);
     if (bio == NULL || (pk = PEM_read_bio_PrivateKey(bio, NULL, NULL, NULL)) == NULL) {
-        flb_err(err, errlen, "the key is not a PEM private key (or it is encrypted)"); goto fail;
+        flb_err(err, errlen, msg[3]); goto fail;
     }
-    if (SSL_CTX_use_PrivateKey(ctx, pk) != 1) {
-        flb_err(err, errlen, "the key does not match the certificate"); goto fail;
+    if (SSL_CTX_use_PrivateKey(ctx, pk) != 1 || SSL_CTX_check_private_key(ctx) != 1) {
+        flb_err(err, errlen, msg[4]); goto fail;
     }
     EVP_PKEY_free(pk);
-    pk = NULL;
-    if (SSL_CTX_check_private_key(ctx) != 1) {
-        flb_err(err, errlen, "the key does not match the certificate"); goto fail;
-    }
     BIO_free(bio);
-    bio = NULL;
+    return 0;
+fail:
+    if (x) X509_free(x);
+    if (pk) EVP_PKEY_free(pk);
+    if (bio) BIO_free(bio);
+    return -1;
+}
+
+/* A server context from a PEM certificate (its chain after it) and a PEM key, in memory.
+ * NULL with a message in err when they do not load or do not match. */
+static SSL_CTX *flb_ctx_new(const char *cert, int certlen, const char *key, int keylen,
+                            int min_version, flb_sni *t, char *err, int errlen) {
+    SSL_CTX *ctx = NULL;
+    ERR_clear_error();
+    ctx = SSL_CTX_new(TLS_server_method());
+    if (ctx == NULL) { flb_err(err, errlen, "SSL_CTX_new"); return NULL; }
+    static const char *const msg[5] = {
+        "the certificate is not a PEM certificate", "the certificate", "the chain",
+        "the key is not a PEM private key (or it is encrypted)",
+        "the key does not match the certificate"};
+    if (flb_use_pair(ctx, cert, certlen, key, keylen, msg, err, errlen) < 0) goto fail;
     if (SSL_CTX_set_min_proto_version(ctx, min_version) != 1) {
         flb_err(err, errlen, "min_version"); goto fail;
     }
@@ -150,9 +164,6 @@ static SSL_CTX *flb_ctx_new(const char *cert, int certlen, const char *key, int 
     SSL_CTX_set_alpn_select_cb(ctx, flb_alpn_cb, t);
     return ctx;
 fail:
-    if (x) X509_free(x);
-    if (pk) EVP_PKEY_free(pk);
-    if (bio) BIO_free(bio);
     SSL_CTX_free(ctx);
     return NULL;
 }

@@ -38,7 +38,6 @@ static SSL_CTX *flb_orig_ctx_new(const char *ca, int calen, int verify, const ch
     SSL_CTX *ctx;
     BIO *bio = NULL;
     X509 *x = NULL;
-    EVP_PKEY *pk = NULL;
     int n = 0;
     ERR_clear_error();
     ctx = SSL_CTX_new(TLS_client_method());
@@ -62,30 +61,10 @@ static SSL_CTX *flb_orig_ctx_new(const char *ca, int calen, int verify, const ch
     }
     SSL_CTX_set_verify(ctx, verify ? SSL_VERIFY_PEER : SSL_VERIFY_NONE, NULL);
     if (certlen > 0) {
-        bio = BIO_new_mem_buf(cert, certlen);
-        if (bio == NULL || (x = PEM_read_bio_X509(bio, NULL, NULL, NULL)) == NULL) {
-            flb_err(err, errlen, "cert: not a PEM certificate"); goto fail;
-        }
-        if (SSL_CTX_use_certificate(ctx, x) != 1) { flb_err(err, errlen, "cert"); goto fail; }
-        X509_free(x);
-        x = NULL;
-        while ((x = PEM_read_bio_X509(bio, NULL, NULL, NULL)) != NULL) {
-            if (SSL_CTX_add0_chain_cert(ctx, x) != 1) { flb_err(err, errlen, "cert: the chain"); goto fail; }
-            x = NULL;
-        }
-        ERR_clear_error();
-        BIO_free(bio);
-        bio = BIO_new_mem_buf(key, keylen);
-        if (bio == NULL || (pk = PEM_read_bio_PrivateKey(bio, NULL, NULL, NULL)) == NULL) {
-            flb_err(err, errlen, "key: not a PEM private key (or it is encrypted)"); goto fail;
-        }
-        if (SSL_CTX_use_PrivateKey(ctx, pk) != 1 || SSL_CTX_check_private_key(ctx) != 1) {
-            flb_err(err, errlen, "key: does not match the certificate"); goto fail;
-        }
-        EVP_PKEY_free(pk);
-        pk = NULL;
-        BIO_free(bio);
-        bio = NULL;
+        static const char *const msg[5] = {
+            "cert: not a PEM certificate", "cert", "cert: the chain",
+            "key: not a PEM private key (or it is encrypted)", "key: does not match the certificate"};
+        if (flb_use_pair(ctx, cert, certlen, key, keylen, msg, err, errlen) < 0) goto fail;
     }
     /* as the server side (fastlb/_tls.h, HAProxy's ssl_sock_prepare_srv_ctx): no
      * renegotiation, no compression, partial writes with moving buffers, buffers released when
@@ -102,7 +81,6 @@ static SSL_CTX *flb_orig_ctx_new(const char *ca, int calen, int verify, const ch
     return ctx;
 fail:
     if (x) X509_free(x);
-    if (pk) EVP_PKEY_free(pk);
     if (bio) BIO_free(bio);
     SSL_CTX_free(ctx);
     return NULL;

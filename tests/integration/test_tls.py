@@ -67,6 +67,23 @@ def connect(port, ctx, name="edge.test", timeout=10.0):
     return ctx.wrap_socket(raw, server_hostname=name)
 
 
+def echo_loop(port, ctx, size, stop, failures, done):
+    """Until ``stop``: a TLS connection, ``size`` bytes echoed back whole, closed; counts each
+    in ``done[0]`` and every failure (repr) in ``failures`` (the reload-under-load tests)."""
+    while not stop.is_set():
+        try:
+            with connect(port, ctx) as s:
+                s.sendall(b"z" * size)
+                got = b""
+                while len(got) < size:
+                    data = s.recv(size)
+                    assert data
+                    got += data
+            done[0] += 1
+        except Exception as exc:          # noqa: BLE001 - every failure counts
+            failures.append(repr(exc))
+
+
 def pump(s, payload, timeout=60.0):
     """Send ``payload`` and read until EOF at once (one thread, non-blocking), half-closing
     the TCP connection (a FIN without close_notify: a client that just stops) once all is
@@ -284,21 +301,9 @@ def test_certificate_reload_under_load_drops_nothing_and_refuses_a_bad_one(procs
 
     stop, failures, done = threading.Event(), [], [0]
 
-    def load():
-        while not stop.is_set():
-            try:
-                with connect(port, ctx) as s:
-                    s.sendall(b"z" * 1000)
-                    got = b""
-                    while len(got) < 1000:
-                        data = s.recv(1000)
-                        assert data
-                        got += data
-                done[0] += 1
-            except Exception as exc:          # noqa: BLE001 - every failure counts
-                failures.append(repr(exc))
     held = connect(port, ctx)
-    threads = [threading.Thread(target=load) for _ in range(4)]
+    threads = [threading.Thread(target=echo_loop, args=(port, ctx, 1000, stop, failures, done))
+               for _ in range(4)]
     for t in threads:
         t.start()
     try:

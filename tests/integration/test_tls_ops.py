@@ -20,7 +20,7 @@ import time
 import pytest
 
 from helpers import PY, start_backend
-from test_tls import client_ctx, connect, http_get, start, write_cert
+from test_tls import client_ctx, connect, echo_loop, http_get, start, write_cert
 
 trustme = pytest.importorskip("trustme")
 
@@ -417,20 +417,8 @@ def test_certificate_swapped_by_ctl_reload_under_load_fails_no_connection(procs,
         with connect(port, ctx) as s:
             return [v for _, v in s.getpeercert()["subjectAltName"]]
 
-    def load():
-        while not stop.is_set():
-            try:
-                with connect(port, ctx) as s:
-                    s.sendall(b"z" * 2000)
-                    got = b""
-                    while len(got) < 2000:
-                        data = s.recv(2000)
-                        assert data
-                        got += data
-                done[0] += 1
-            except Exception as exc:          # noqa: BLE001 - every failure counts
-                failures.append(repr(exc))
-    threads = [threading.Thread(target=load) for _ in range(4)]
+    threads = [threading.Thread(target=echo_loop, args=(port, ctx, 2000, stop, failures, done))
+               for _ in range(4)]
     for th in threads:
         th.start()
     try:

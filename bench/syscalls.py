@@ -3,6 +3,10 @@
 
     python3 bench/syscalls.py [--rounds 2] [--duration 4] [--only haproxy,fastlb,fastlb-2w]
 
+Peers: haproxy, fastlb, fastlb-2w (two workers), and with TCP_DEFER_ACCEPT on the listener
+haproxy-da (`bind ... defer-accept`) and fastlb-da (`defer_accept = true`), each -da compared
+with haproxy-da.
+
 Method: an nginx HTTP backend and wrk (`-H 'Connection: close'`: one connection per request)
 pinned to CPU 1; the proxy pinned to CPU 0 (fastlb with 2 workers gets both CPUs, as in
 bench/e2e.py). Each round and peer:
@@ -47,7 +51,7 @@ defaults
   timeout client 60s
   timeout server 60s
 frontend f
-  bind 127.0.0.1:{port}
+  bind 127.0.0.1:{port}{bind}
   default_backend b
 backend b
   server s1 127.0.0.1:{backend}
@@ -60,7 +64,7 @@ workers = {workers}
 name = "bench"
 listen = ["127.0.0.1:{port}"]
 backends = [ {{ address = "127.0.0.1:{backend}" }} ]
-"""
+{service}"""
 
 
 def cpu_seconds(pids: list[int]) -> float:
@@ -110,16 +114,18 @@ def parse_strace(path: str) -> dict[str, tuple[int, int]]:
 def start_peer(stack: Stack, name: str, backend: int) -> tuple[subprocess.Popen, int, int]:
     """(process, port, workers)."""
     port = free_port()
+    deferred = name.endswith("-da")         # TCP_DEFER_ACCEPT on the listener (both proxies)
     fmt = dict(port=port, backend=backend)
-    if name == "haproxy":
-        p = stack.start(["haproxy", "-db", "-f", stack.write("haproxy.cfg", HAPROXY.format(**fmt))],
-                        CPU_LB)
+    if name.startswith("haproxy"):
+        cfg = HAPROXY.format(bind=" defer-accept" if deferred else "", **fmt)
+        p = stack.start(["haproxy", "-db", "-f", stack.write(f"{name}.cfg", cfg)], CPU_LB)
         workers = 1
     else:
         m = re.search(r"-(\d+)w", name)
         workers = int(m.group(1)) if m else 1
         cmd = [sys.executable, "-m", "fastlb", "run", "-c",
-               stack.write(f"{name}.toml", FASTLB.format(workers=workers, **fmt))]
+               stack.write(f"{name}.toml", FASTLB.format(
+                   workers=workers, service="defer_accept = true\n" if deferred else "", **fmt))]
         p = stack.start(cmd, CPU_LB if workers == 1 else f"{CPU_LB}-{os.cpu_count() - 1}")
     wait_port(port)
     time.sleep(0.5 * workers)                   # every worker has taken its snapshot
@@ -229,23 +235,23 @@ def main() -> int:
             "wakeups_per_conn", "wakeups_light", "epoll_wait_per_conn"]
     print("\n| peer | " + " | ".join(keys) + " |")
     print("|---" * (len(keys) + 1) + "|")
-    base = results.get("haproxy")
     for peer in peers:
         cells = []
         for k in keys:
             vals = [r[k] for r in results[peer] if k in r]
             cells.append(f"{statistics.median(vals):.2f}" if vals else "-")
         print(f"| {peer} | " + " | ".join(cells) + " |")
-    if base:
-        for peer in peers:
-            if peer == "haproxy":
-                continue
-            pc = statistics.median(r["per_core"] for r in results[peer])
-            p99 = statistics.median(r["p99_ms"] for r in results[peer])
-            pc0 = statistics.median(r["per_core"] for r in base)
-            p990 = statistics.median(r["p99_ms"] for r in base)
-            print(f"{peer}: new connections per proxy core {pc / pc0:.2f}x HAProxy's, "
-                  f"p99 {p99 / p990:.2f}x")
+    for peer in peers:                  # each against HAProxy with the same listener options
+        ref = "haproxy-da" if peer.endswith("-da") else "haproxy"
+        base = results.get(ref)
+        if peer.startswith("haproxy") or not base:
+            continue
+        pc = statistics.median(r["per_core"] for r in results[peer])
+        p99 = statistics.median(r["p99_ms"] for r in results[peer])
+        pc0 = statistics.median(r["per_core"] for r in base)
+        p990 = statistics.median(r["p99_ms"] for r in base)
+        print(f"{peer}: new connections per proxy core {pc / pc0:.2f}x {ref}'s, "
+              f"p99 {p99 / p990:.2f}x")
     return 0
 
 

@@ -366,6 +366,7 @@ class DataPlane:
             ds.apply(plan)
             ds.listen(set(plan.listen) - shared)    # [sni] an unchanged plan, a changed group
         self.route(snapshot.plans, shared)                                      # [sni]
+        self.engine.refresh_listeners()     # [lean] defer_accept may have turned on a kept socket
         self.gen = snapshot.gen
         self.set_tickets(self.tickets)                                          # [tlsops]
         if log.isEnabledFor(logging.DEBUG):
@@ -430,6 +431,7 @@ class DataPlane:
                 "tls_client_no_cert": e.tls_no_cert, "tls_client_expired": e.tls_expired,
                 "tls_client_untrusted": e.tls_untrusted, "tls_authz_denied": e.tls_authz_denied,
                 "accept_wakeups": e.accept_wakeups, "accepted": e.accepted,     # [lean]
+                "speculative_hits": e.spec_hits, "speculative_misses": e.spec_misses,
                 "tls_backend_handshakes": e.orig_handshakes,                        # [orig]
                 "tls_backend_resumed": e.orig_resumed,
                 "tls_backend_failures": e.orig_failures,

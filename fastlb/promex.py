@@ -235,6 +235,12 @@ class FastLBCollector(Collector):
              "worker (one per connection: one worker woken for it).", "accept_wakeups"),
             ("process_connections_total", "Client connections accepted, over every worker.",
              "accepted"),
+            ("process_speculative_io_total", "Reads right after accept and sends right after "
+             "connect that found their socket ready (each saves an epoll round).",
+             "speculative_hits"),
+            ("process_speculative_io_misses_total", "Of those guesses, the ones that found the "
+             "socket not ready (one syscall spent; a score per listener and backend backs off).",
+             "speculative_misses"),
         ]:
             if key in mem:
                 yield CounterMetricFamily(f"fastlb_{name}", help_, value=mem[key])

@@ -158,6 +158,8 @@ cdef class Listener:
     cdef int lean_efd
     cdef uint64_t ldata
     cdef bint nodelay
+    cdef int lean_spec                   # [lean] score of the read right after accept
+    cdef bint deferred                   # [lean] TCP_DEFER_ACCEPT on: data comes with accept
     cdef public SniTable sni             # [sni] route by the ClientHello (None: lst.svc's)
 
     def __cinit__(self):
@@ -221,6 +223,10 @@ cdef class Engine:
     # listener events handled and connections accepted (wake-ups per connection)
     cdef int lean_loopfd
     cdef readonly long long accept_wakeups, accepted
+    # [lean] per slot: the score of the send made right after connect; speculative reads and
+    # sends that found their socket ready (hits) or not (misses)
+    cdef int *lean_early
+    cdef readonly long long spec_hits, spec_misses
 
     # [orig] TLS to backends (core/tls_orig.pxi): handshakes done, of which resumed; failed
     cdef readonly long long orig_handshakes, orig_resumed, orig_failures
@@ -273,7 +279,8 @@ cdef class Engine:
         self.listeners = {}
         self.pool = <char **>malloc(BUFFER_POOL * sizeof(char *))
         self.consec = <int *>calloc(counters.nslots, sizeof(int))
-        if self.pool == NULL or self.consec == NULL:
+        self.lean_early = <int *>calloc(counters.nslots, sizeof(int))     # [lean]
+        if self.pool == NULL or self.consec == NULL or self.lean_early == NULL:
             raise MemoryError()
         lim_init(self)                    # [limits]
         self.npool = 0
@@ -285,6 +292,7 @@ cdef class Engine:
 
     def __dealloc__(self):
         free(self.consec)
+        free(self.lean_early)             # [lean]
         free(self.slot_cap)               # [limits]
         self._free_pool()
         if self.epfd >= 0:
@@ -436,6 +444,7 @@ cdef class Engine:
         if shared:
             lean_listen_shared(self, lst, &ev)
         lst.nodelay = setsockopt(lst.fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(int)) == 0
+        lean_listener_opts(lst)                 # [lean] TCP_DEFER_ACCEPT: read at accept
         if epoll_ctl(lst.lepfd, EPOLL_CTL_ADD, lst.fd, &ev) < 0:
             err = errno
             lean_unlisten(self, lst)
@@ -445,6 +454,13 @@ cdef class Engine:
         lst.events = ev.events            # [limits] to re-arm it after a pause
         self.listeners[lst.fd] = lst
         return lst
+
+    def refresh_listeners(self):
+        """[lean] Read the listening sockets' options again (a reload may have changed
+        `defer_accept` on a socket kept open)."""
+        cdef Listener lst
+        for lst in self.listeners.values():
+            lean_listener_opts(lst)
 
     def unlisten(self, Listener lst):
         """Stop accepting on ``lst`` and close this process's socket object (new connects are
@@ -549,9 +565,11 @@ cdef class Engine:
             if svc.tls is not None:             # [tls] the handshake before the connect
                 tls_start(s)
                 continue
-            s._update()                         # read what the client sends while we connect
+            lean_first_read(s, lst)             # [lean] what the client sent with its connect
             if s.state != S_CLOSED:
                 s._connect()
+            if s.state != S_CLOSED:
+                s._update()                     # read what the client sends while we connect
 
     def sweep(self, bint idle=True):
         """Fail connects past their deadline (the few sessions still connecting) and, with

@@ -208,7 +208,7 @@ cdef class Session:
             else:
                 if dst == self.bfd and self.lean_nd != LEAN_ND_SET:
                     lean_before_send(self)      # [lean] TCP_NODELAY from the 2nd send on
-                w = send(dst, b.data + b.start, b.end - b.start, MSG_NOSIGNAL)
+                w = send(dst, b.data + b.start, b.end - b.start, MSG_NOSIGNAL | lean_more(self, b))
             if w > 0:
                 b.start += w
                 self.last = self.eng.now
@@ -264,8 +264,13 @@ cdef class Session:
                 self.eng.counters.add_c(self.eng.block, self.slot, field, r)
                 b.start = 0
                 b.end = r
-                if self._flush(b, dst) <= 0:
+                if r < ENGINE_BUFSIZE and lean_eof_after(self, src, True):
+                    eof[0] = True               # [lean] the FIN is next: no recv() for it, and
+                if self._flush(b, dst) <= 0:    # the data goes with our FIN (lean_more)
                     return -1 if self.state == S_CLOSED else 0
+                if eof[0]:
+                    spl_after_recv(self, b, r, moved + r)   # [splice] the streak ends
+                    return 0
                 moved += r
                 if spl_after_recv(self, b, r, moved):   # [splice] drained, a streamer, budget
                     if lean_eof_after(self, src, r < ENGINE_BUFSIZE):
@@ -409,6 +414,7 @@ cdef class Session:
             flb_dbg_add(FLB_DBG_FDS, 1)
             self.lean_nd = LEAN_ND_NONE         # [lean] TCP_NODELAY before its 2nd send
             _keepalive(fd, svc)                 # [mem]
+            lean_before_connect(self, fd, slot) # [lean] the handshake's ACK rides on the data
             self.bfd = fd
             self.bev = 0
             if connect(fd, <const sockaddr *>sap, <socklen_t>len(sa)) == 0:
@@ -418,8 +424,15 @@ cdef class Session:
                 self.state = S_CONNECTING
                 self.deadline = self.eng.now + svc.connect_timeout
                 self.eng.connecting.add(self)
-                self._update()
-                return
+                r = lean_early_send(self)       # [lean] connected already? send at once
+                if r == 0:
+                    self._update()
+                    return
+                if r > 0 or self.state == S_CLOSED:
+                    return
+                self.eng.connecting.discard(self)
+                self._failed_attempt(-r)        # refused: the next pick
+                continue
             self._failed_attempt(errno)
         if self.state != S_CLOSED:
             self._give_up()

@@ -9,7 +9,7 @@ import socket
 
 import pytest
 from generated_c import needs_c, python_calls
-from helpers import closed_port, start_backend
+from helpers import Blackhole, closed_port, start_backend
 from test_engine import Rig
 
 from fastlb import _core
@@ -159,6 +159,124 @@ def test_a_shared_listener_pauses_at_maxconn_and_resumes_in_the_loops_set(procs)
 
 @needs_c
 @pytest.mark.parametrize("name", ["lean_connect_error", "lean_before_send", "lean_saw",
-                                  "lean_eof_after", "lean_interest", "lean_close_both"])
+                                  "lean_eof_after", "lean_interest", "lean_close_both",
+                                  "lean_more", "lean_first_read", "lean_early_send",
+                                  "lean_before_connect", "lean_listener_opts"])
 def test_the_lean_per_event_functions_make_no_python_call(name):
     assert python_calls(name) == set()
+
+
+# -- the first exchange: read at accept, send right after connect (core/lean.pxi) -------------
+def _listener(rig, defer: bool):
+    """A second listener of the rig's service, with TCP_DEFER_ACCEPT as `defer_accept` sets it
+    (the socket is returned: the test may turn the option)."""
+    sock = socket.socket()
+    if defer:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    rig.engine.listen(sock, rig.svc)
+    return sock
+
+
+async def _exchange(port, data=b"hello"):
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    w.write(data)
+    got = await r.readexactly(len(data))
+    w.close()
+    return got
+
+
+def test_a_deferred_listener_passes_the_first_bytes_on_with_the_connect(procs):
+    """With TCP_DEFER_ACCEPT the client's bytes come with the accept: read at once, sent right
+    after connect (a loopback backend is connected by then): two guesses per connection, both
+    hits, and the bytes arrive whole."""
+    _, be = start_backend(procs, "echo")
+    rig = Rig({0: be})
+    sock = _listener(rig, defer=True)
+    try:
+        for i in range(10):
+            data = b"%d" % i * 1000
+            assert rig.run(_exchange(sock.getsockname()[1], data)) == data
+        assert rig.engine.spec_hits == 20
+        assert rig.engine.spec_misses == 0
+        assert rig.counters.get(0, _core.CTR_TOTAL) == 10
+        assert rig.counters.get(0, _core.CTR_BYTES_IN) == sum(len(b"%d" % i * 1000) for i in range(10))
+    finally:
+        rig.close()
+        sock.close()
+
+
+def test_without_defer_accept_nothing_is_guessed_and_a_reload_turning_it_on_is_seen(procs):
+    """A plain listener: the client may not have written yet when accepted (80% of a close load
+    had not), so no read is guessed; a reload that sets defer_accept on the kept socket is
+    picked up by refresh_listeners."""
+    _, be = start_backend(procs, "echo")
+    rig = Rig({0: be})
+    sock = _listener(rig, defer=False)
+    port = sock.getsockname()[1]
+    try:
+        for _ in range(5):
+            assert rig.run(_exchange(port)) == b"hello"
+        assert (rig.engine.spec_hits, rig.engine.spec_misses) == (0, 0)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 1)
+        rig.engine.refresh_listeners()
+        for _ in range(5):
+            assert rig.run(_exchange(port)) == b"hello"
+        assert rig.engine.spec_hits == 10
+    finally:
+        rig.close()
+        sock.close()
+
+
+def test_a_refusal_learned_from_the_early_send_is_retried_and_counted(procs):
+    """On loopback a refused connect is known when connect() returns: the send right after it
+    says ECONNREFUSED, and the next backend is tried, as a refusal from the event would be."""
+    _, be = start_backend(procs, "echo")
+    rig = Rig({0: closed_port(), 1: be})
+    sock = _listener(rig, defer=True)
+    try:
+        for _ in range(4):          # round robin: every other client meets the refusal first
+            assert rig.run(_exchange(sock.getsockname()[1])) == b"hello"
+        assert rig.counters.get(0, _core.CTR_CONNECT_FAILURES) == 2
+        assert rig.counters.get(0, _core.CTR_RETRIES) == 2
+        assert rig.counters.get(1, _core.CTR_TOTAL) == 4
+    finally:
+        rig.close()
+        sock.close()
+
+
+def test_a_backend_not_connected_at_once_is_waited_for_and_its_slot_backs_off(procs):
+    """A backend whose handshake is not done when connect() returns (a remote one; here a
+    port whose SYNs are dropped, then a live one): the early send misses (EAGAIN) and the
+    session waits for EPOLLOUT as usual; after a miss the slot skips its next guesses
+    (LEAN_SPEC_MISS) instead of paying a syscall per connection."""
+    _, be = start_backend(procs, "echo")
+    hole = Blackhole()
+    rig = Rig({0: hole.port})
+    rig.svc.connect_timeout = 0.3
+    rig.svc.retries = 0
+    sock = _listener(rig, defer=True)
+    port = sock.getsockname()[1]
+
+    async def refused_in_time():
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        w.write(b"x")
+        await asyncio.sleep(0.4)
+        rig.engine.sweep(False)         # (a worker's sweeper does this) the connect times out:
+        got = await r.read(10)          # closed without a byte
+        w.close()
+        return got
+    try:
+        assert rig.run(refused_in_time()) == b""
+        assert rig.engine.spec_misses == 1          # the send right after connect: EAGAIN
+        assert rig.engine.spec_hits == 1            # the read at accept
+        assert rig.counters.get(0, _core.CTR_CONNECT_FAILURES) == 1
+        for _ in range(3):                          # the slot backs off: no more sends guessed
+            assert rig.run(refused_in_time()) == b""
+        assert rig.engine.spec_misses == 1
+        assert rig.engine.spec_hits == 4
+    finally:
+        rig.close()
+        sock.close()
+        hole.close()

@@ -253,7 +253,7 @@ defaults
   timeout server 60s
 """
 HAPROXY_ROUTE = """frontend f{i}
-  bind 127.0.0.1:{port}
+  bind 127.0.0.1:{port}{bind}
 {frontend}
   default_backend b{i}
 backend b{i}
@@ -273,11 +273,11 @@ HAPROXY_ACL_FRONTEND = """\
 
 
 def haproxy_config(routes: list[tuple[int, int]], glob: str = "", defaults: str = "",
-                   frontend: str = "") -> str:
+                   frontend: str = "", bind: str = "") -> str:
     """HAProxy mode tcp, one thread, one frontend per (listen port, backend port)."""
     text = HAPROXY.format(maxconn=HAPROXY_MAXCONN, glob=glob, defaults=defaults)
     for i, (port, backend) in enumerate(routes):
-        text += HAPROXY_ROUTE.format(i=i, port=port, backend=backend, frontend=frontend)
+        text += HAPROXY_ROUTE.format(i=i, port=port, backend=backend, frontend=frontend, bind=bind)
     return "\n".join(line for line in text.splitlines() if line.strip()) + "\n"
 
 
@@ -334,10 +334,10 @@ def _listen(stack: Stack, p: subprocess.Popen, ports: list[int]) -> tuple[subpro
 
 
 def _start_haproxy(stack: Stack, backends: list[int], name: str, defaults: str = "",
-                   frontend: str = "") -> tuple[subprocess.Popen, list[int]]:
+                   frontend: str = "", bind: str = "") -> tuple[subprocess.Popen, list[int]]:
     ports = [free_port() for _ in backends]
     cfg = haproxy_config(list(zip(ports, backends, strict=True)), defaults=defaults,
-                         frontend=frontend)
+                         frontend=frontend, bind=bind)
     p = stack.start(["haproxy", "-db", "-f", stack.write(f"{name}.cfg", cfg)], CPU_LB)
     return _listen(stack, p, ports)
 
@@ -379,6 +379,9 @@ PEER_STARTERS: dict[str, Callable[[Stack, list[int]], tuple[subprocess.Popen, li
     "haproxy-splice-on": lambda stack, b: _start_haproxy(
         stack, b, "haproxy-splice-on", defaults="  option splice-request\n  option splice-response"),
     "haproxy-acl": _start_haproxy_acl,
+    # TCP_DEFER_ACCEPT on the listener (`bind ... defer-accept`), beside fastlb with
+    # `--fastlb-peer fastlb-da:service.defer_accept=true` (bench/README.md)
+    "haproxy-da": lambda stack, b: _start_haproxy(stack, b, "haproxy-da", bind=" defer-accept"),
     "nginx": _start_nginx,
     "asyncio-streams": _start_naive("streams_proxy.py"),
     "asyncio-protocol": _start_naive("protocol_proxy.py"),

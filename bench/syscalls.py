@@ -5,7 +5,9 @@
 
 Peers: haproxy, fastlb, fastlb-2w (two workers), and with TCP_DEFER_ACCEPT on the listener
 haproxy-da (`bind ... defer-accept`) and fastlb-da (`defer_accept = true`), each -da compared
-with haproxy-da.
+with haproxy-da; fastlb-2w-cpu0: two workers both pinned to the proxy's core, so that the CPU
+per connection of two workers is not mixed with the load generator's core (this machine has
+no spare core).
 
 Method: an nginx HTTP backend and wrk (`-H 'Connection: close'`: one connection per request)
 pinned to CPU 1; the proxy pinned to CPU 0 (fastlb with 2 workers gets both CPUs, as in
@@ -126,7 +128,8 @@ def start_peer(stack: Stack, name: str, backend: int) -> tuple[subprocess.Popen,
         cmd = [sys.executable, "-m", "fastlb", "run", "-c",
                stack.write(f"{name}.toml", FASTLB.format(
                    workers=workers, service="defer_accept = true\n" if deferred else "", **fmt))]
-        p = stack.start(cmd, CPU_LB if workers == 1 else f"{CPU_LB}-{os.cpu_count() - 1}")
+        one_cpu = workers == 1 or name.endswith("-cpu0")    # fastlb-2w-cpu0: both on the proxy's
+        p = stack.start(cmd, CPU_LB if one_cpu else f"{CPU_LB}-{os.cpu_count() - 1}")   # core
     wait_port(port)
     time.sleep(0.5 * workers)                   # every worker has taken its snapshot
     return p, port, workers

@@ -365,3 +365,38 @@ def test_admin_add_service_with_options_refusals_and_the_state_file(procs, tmp_p
     assert_silent_client_held(pb, b)
     assert "Traceback" not in p.output + p2.output
     assert os.path.exists(tmp_path / "state.msgpack")
+
+
+def test_an_sni_group_changes_its_options_together_and_a_reload_splitting_it_is_refused(
+        procs, tmp_path, backend):
+    """Services a (sni) and d (the default) share one socket; b (sni) joins through the admin.
+    A reload giving a and d defer_accept while b (not in the config) keeps none is refused,
+    naming b, the key and the address, and changes nothing; once b is removed the same reload
+    sets it on the group's socket, the same one (inode)."""
+    from fastlb.admin.client import AdminError
+    be = backend()
+    port = free_port()
+    head = f'[global]\nadmin = "unix:{tmp_path}/admin.sock"\n'
+    group = (svc("a", port, be.port, 'sni = ["a.example.com"]') + svc("d", port, be.port))
+    cfg = tmp_path / "lb.toml"
+    cfg.write_text(head + group)
+    p = run(procs, cfg)
+    inode = listen_inode(port)
+    with admin_client(tmp_path) as cl:
+        cl.call("add_service", service={"name": "b", "listen": [f"127.0.0.1:{port}"],
+                                        "sni": ["b.example.com"],
+                                        "backends": [{"address": f"127.0.0.1:{be.port}"}]})
+        cfg.write_text(head + group.replace('backends', 'defer_accept = true\nbackends'))
+        with pytest.raises(AdminError) as err:
+            cl.call("reload")
+        assert (f"reload refused, nothing changed: service 'b': defer_accept: 127.0.0.1:{port} is "
+                f"one listening socket shared with service ") in str(err.value), str(err.value)
+        assert "whose defer_accept is 1s and this one's off" in str(err.value)
+        assert "has defer_accept" not in p.output
+        assert sorted(s["name"] for s in cl.call("services")) == ["a", "b", "d"]
+        cl.call("remove_service", service="b")
+        cl.call("reload")
+    p.wait_line(rf"SNI routing: the listening socket of 127\.0\.0\.1:{port} has defer_accept 1s, "
+                rf"fastopen off now")
+    assert listen_inode(port) == inode
+    assert "Traceback" not in p.output and "a bug" not in p.output, p.output

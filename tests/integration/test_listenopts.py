@@ -250,9 +250,11 @@ def tfo_round(port, n=4):
     cookie cache only asks for a cookie): each is echoed whole."""
     for i in range(n):
         with socket.socket() as s:
-            s.settimeout(5)
             word = f"tfo-{i}".encode()
+            # blocking (loopback: refused or done at once): with a timeout the socket is
+            # non-blocking underneath, and a connect without a cookie yet gives EINPROGRESS
             s.sendto(word, socket.MSG_FASTOPEN, ("127.0.0.1", port))
+            s.settimeout(5)
             got = b""
             while len(got) < len(word):
                 data = s.recv(64)

@@ -128,9 +128,10 @@ class Listeners:
                 new[key] = held[key[1], key[2]].dup()   # its SNI group): the same socket,
                 self.opts[key] = self.opts.get(held_key[key[1], key[2]], NO_OPTS)   # [listenopts]
                 continue                        # never closed, so no connect is refused
+            want = (opts or {}).get(key, NO_OPTS)                                   # [listenopts]
             try:
-                new[key] = listen_socket(key[1], key[2], (opts or {}).get(key, NO_OPTS))
-                self.opts[key] = (opts or {}).get(key, NO_OPTS)                     # [listenopts]
+                new[key] = listen_socket(key[1], key[2], want)
+                self.opts[key] = want                                               # [listenopts]
             except OSError as exc:
                 self.discard(new)
                 why = exc.strerror or str(exc)

@@ -201,6 +201,10 @@ class Service:
     sni: tuple[str, ...] = ()
     sni_handshake: float = 10.0
     splice: str | None = None            # [splice] "auto" | "on" | "off" (None: [global] splice)
+    # [listenopts] TCP_DEFER_ACCEPT (seconds) and TCP_FASTOPEN (queue length) on its listening
+    # sockets, 0: off (_listen_opts; docs/config.md, "Listener options")
+    defer_accept: int = 0
+    fastopen: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -590,6 +594,9 @@ def from_dict(doc: dict, *, source: str = "config", text: str = "", resolve: boo
                 raise c.fail(f"service[{i}].listen[{j}]",
                              f"{a.text} is already a listener of service {listens[(a.host, a.port)]!r}")
             listens[(a.host, a.port)] = svc.name
+        clash = listen_opts_clash(services, svc)                                # [listenopts]
+        if clash is not None:
+            raise c.fail(f"service[{i}].{clash[0]}", clash[1])
         services.append(svc)
     if not services:
         raise c.fail("service", "no [[service]] defined; fastlb needs at least one")
@@ -614,6 +621,7 @@ SERVICE_KEYS |= {"tls", "authz"}; TIMEOUT_KEYS |= {"handshake"}  # noqa: E702   
 SERVICE_KEYS |= {"backend_tls"}; BACKEND_KEYS |= {"tls"}  # noqa: E702         # [orig]
 SERVICE_KEYS |= {"sni"}                                                       # [sni]
 SERVICE_KEYS |= {"splice"}                                                    # [splice]
+SERVICE_KEYS |= {"defer_accept", "fastopen"}                                  # [listenopts]
 
 
 def _dns(c: _Checker, raw: Any, path: str, base: DnsConfig, *, top: bool) -> DnsConfig:
@@ -943,7 +951,8 @@ def service_from_dict(raw: Any, path: str, c: _Checker | None = None, *,
                    tls=_tls(c, raw, path),                                      # [tls]
                    backend_tls=backend_tls,                                     # [orig]
                    **_sni(c, raw, path, listen),                                # [sni]
-                   splice=_splice(c, raw, path))                                # [splice]
+                   splice=_splice(c, raw, path),                                # [splice]
+                   **_listen_opts(c, raw, path))                                # [listenopts]
 
 
 # -- [leases] self-registration (fastlb/leases.py) ----------------------------------------------
@@ -1188,6 +1197,7 @@ def service_to_dict(svc: Service) -> dict:
             d["authz"] = {"identities": list(svc.tls.identities)}
     if svc.sni:                                                               # [sni]
         d["sni"], d["timeouts"]["handshake"] = list(svc.sni), svc.sni_handshake
+    _listen_opts_to_dict(svc, d)                                              # [listenopts]
     return d
 
 
@@ -1209,7 +1219,8 @@ def summary(cfg: Config) -> str:
                    f"policy {s.policy}" + _policy_options(s)
                    + f"; retries {s.retries}; connect {s.connect_timeout:g}s; idle {s.idle_timeout:g}s"
                    + _limits_summary(s)                                         # [limits]
-                   + _access_summary(s))                                        # [access]
+                   + _access_summary(s)                                         # [access]
+                   + _listen_opts_summary(s))                                   # [listenopts]
         refresh = s.dns_refresh or cfg.global_.dns.refresh
         for b in s.backends:
             out.append(f"    backend {b.address.text} weight {b.weight}"
@@ -1667,3 +1678,120 @@ def _splice(c: _Checker, raw: dict, path: str) -> str | None:
     if "splice" not in raw:
         return None
     return c.choice(raw["splice"], f"{path}.splice", SPLICE_MODES)
+
+
+# -- [listenopts] listener options: TCP_DEFER_ACCEPT and TCP_FASTOPEN (docs/config.md, "Listener
+# options"); pure validation here, the setsockopt in fastlb.listeners ------------------------------
+# defer_accept = true is 1 second, as HAProxy's `bind ... defer-accept` and nginx's `listen ...
+# deferred` both set it: nginx's comment says why (ngx_configure_listening_sockets): there is no way
+# to know how long a connection waited in the queue, and one may bypass it (SYN cookies), so a
+# longer wait buys nothing certain. The kernel turns seconds into SYN-ACK retransmissions (1 s:
+# one), after which a silent client's connection is accepted anyway. An hour is far past any client
+# that will still speak; beyond it the kernel's half-open request sockets would only pile up.
+DEFER_ACCEPT_TRUE = 1
+MAX_DEFER_ACCEPT = 3600
+# The TFO queue (pending Fast Open requests not yet accepted) is capped by the kernel at
+# net.core.somaxconn; nginx's fastopen=N has no upper bound of its own, HAProxy's `tfo` uses the
+# listener's backlog (fastlb's: fastlb.listeners.LISTEN_BACKLOG, 4096). 1 Mi is only a sanity bound.
+MAX_FASTOPEN = 1 << 20
+
+
+def _toml_text(value: Any) -> str:
+    """A value as written in TOML (for "got ..." in messages)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return _kind(value)
+
+
+def defer_accept_seconds(value: Any) -> int:
+    """``defer_accept``: false (0, off), true (DEFER_ACCEPT_TRUE s) or whole seconds from 1 to
+    MAX_DEFER_ACCEPT. Raises ValueError with the message (without the key path)."""
+    if isinstance(value, bool):
+        return DEFER_ACCEPT_TRUE if value else 0
+    if isinstance(value, int) and 1 <= value <= MAX_DEFER_ACCEPT:
+        return value
+    if isinstance(value, int):
+        raise ValueError(f"{value} is out of range; expected a boolean or whole seconds from 1 "
+                         f"to {MAX_DEFER_ACCEPT} (false: off)")
+    whole = " whole" if isinstance(value, float) else ""
+    raise ValueError(f"expected a boolean or{whole} seconds > 0, got {_toml_text(value)}")
+
+
+def fastopen_queue(value: Any) -> int:
+    """``fastopen``: 0 (off) or the TFO queue length, 1 to MAX_FASTOPEN (nginx's fastopen=N).
+    Raises ValueError with the message (without the key path)."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_FASTOPEN:
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        raise ValueError(f"{value} is out of range; expected 0 (off) or a queue length from 1 "
+                         f"to {MAX_FASTOPEN}")
+    raise ValueError(f"expected 0 (off) or a queue length from 1 to {MAX_FASTOPEN} (as nginx's "
+                     f"fastopen=N; 256 is usual), got {_toml_text(value)}")
+
+
+def _listen_opts(c: _Checker, raw: dict, path: str) -> dict[str, Any]:
+    """``defer_accept`` and ``fastopen`` of a [[service]] (or an add_service)."""
+    out: dict[str, Any] = {}
+    for key, parse in (("defer_accept", defer_accept_seconds), ("fastopen", fastopen_queue)):
+        if key in raw:
+            try:
+                out[key] = parse(raw[key])
+            except ValueError as exc:
+                raise c.fail(f"{path}.{key}", str(exc)) from None
+    return out
+
+
+def _listen_opts_words(svc: Service, key: str) -> str:
+    if key == "defer_accept":
+        return f"{svc.defer_accept}s" if svc.defer_accept else "off"
+    return str(svc.fastopen) if svc.fastopen else "off"
+
+
+def listen_opts_clash(services: Iterable[Service], svc: Service) -> tuple[str, str] | None:
+    """Why ``svc`` may not join the listen addresses it shares with ``services`` (SNI routing:
+    one listening socket for the group): (its key path, the message), or None. The options are
+    the socket's, so every service on it must ask for the same."""
+    services = [s for s in services if s.name != svc.name]
+    for a in svc.listen:
+        if a.port == 0:
+            continue
+        for s in services:
+            if not any((b.host, b.port) == (a.host, a.port) for b in s.listen):
+                continue
+            for key in ("defer_accept", "fastopen"):
+                if getattr(s, key) != getattr(svc, key):
+                    return (key, f"{a.text} is one listening socket shared with service "
+                                 f"{s.name!r} (SNI routing), whose {key} is "
+                                 f"{_listen_opts_words(s, key)} and this one's "
+                                 f"{_listen_opts_words(svc, key)}: the services of one address "
+                                 f"must set the same {key} (an option of the socket)")
+    return None
+
+
+def listen_opts_problem(services: Iterable[Service]) -> str | None:
+    """The first service of ``services`` that disagrees with an earlier one on a shared
+    address (listen_opts_clash), as "service NAME: KEY: message"; None when they agree."""
+    seen: list[Service] = []
+    for svc in services:
+        clash = listen_opts_clash(seen, svc)
+        if clash is not None:
+            return f"service {svc.name!r}: {clash[0]}: {clash[1]}"
+        seen.append(svc)
+    return None
+
+
+def _listen_opts_to_dict(svc: Service, d: dict[str, Any]) -> None:
+    """service_to_dict's part (only what is set)."""
+    if svc.defer_accept:
+        d["defer_accept"] = svc.defer_accept
+    if svc.fastopen:
+        d["fastopen"] = svc.fastopen
+
+
+def _listen_opts_summary(svc: Service) -> str:
+    return ((f"; defer_accept {svc.defer_accept}s" if svc.defer_accept else "")
+            + (f"; fastopen {svc.fastopen}" if svc.fastopen else ""))

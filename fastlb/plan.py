@@ -128,6 +128,11 @@ class Plan:
     # the data path builds the service's _core.OrigContext when they change.
     orig_profiles: tuple[tuple[bytes, bool, bytes, bytes], ...] = ()
     orig_slots: tuple[tuple[int, int, str], ...] = ()
+    # [listenopts] service.defer_accept (seconds) and service.fastopen (queue length), 0: off.
+    # The supervisor sets them on the listening sockets it owns (fastlb.listeners); a data path
+    # has nothing to do with them: here so that a plan shows what its service runs with.
+    defer_accept: int = 0
+    fastopen: int = 0
 
     def orig_key(self) -> tuple[Any, ...]:
         """[orig] What the service's OrigContext is built from."""
@@ -161,7 +166,8 @@ class Plan:
                           [list(x) for x in self.orig_slots]] if self.orig_slots else None),
                 "tls_tickets": self.tls_ticket_lifetime,                           # [tlsops]
                 "sni": [list(self.sni), self.sni_handshake] if self.sni else None,   # [sni]
-                "splice": self.splice}                                            # [splice]
+                "splice": self.splice,                                            # [splice]
+                "listen_opts": [self.defer_accept, self.fastopen]}                # [listenopts]
 
     @classmethod
     def from_wire(cls, w: Mapping[str, Any]) -> Plan:
@@ -185,7 +191,15 @@ class Plan:
                    **_orig_from_wire(w.get("orig")),                                 # [orig]
                    tls_ticket_lifetime=float(w.get("tls_tickets", 300.0)),          # [tlsops]
                    **_sni_from_wire(w.get("sni")),                                   # [sni]
-                   splice=str(w.get("splice", "auto")))                              # [splice]
+                   splice=str(w.get("splice", "auto")),                              # [splice]
+                   **_listen_opts_from_wire(w.get("listen_opts")))                   # [listenopts]
+
+
+def _listen_opts_from_wire(o: Sequence[Any] | None) -> dict[str, Any]:
+    """[listenopts] Plan's listener options from their wire list (absent: off)."""
+    if not o:
+        return {}
+    return {"defer_accept": int(o[0]), "fastopen": int(o[1])}
 
 
 def _orig_from_wire(o: Sequence[Any] | None) -> dict[str, Any]:

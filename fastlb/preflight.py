@@ -74,6 +74,7 @@ def problems(cfg: Config, *, mode: Mode = "check", bind: bool = True,
                           load=not ignore_state and mode == "check")
     if g.admin and g.admin.startswith("unix:"):
         _check_unix_socket(g.admin[5:], fail, live=bind)
+    _check_fastopen(cfg, warn)                                                  # [listenopts]
     if bind:
         if g.admin and g.admin.startswith("tcp:"):
             _check_bind(parse_address(g.admin[4:]), "global.admin", fail)
@@ -242,6 +243,16 @@ def _check_bind(addr: Address, key: str, fail: Report) -> None:
         fail(key, f"cannot listen on {addr.text}: {exc.strerror}; {remedy}")
     finally:
         s.close()
+
+
+def _check_fastopen(cfg: Config, warn: Report) -> None:
+    """[listenopts] A service with fastopen on a machine whose net.ipv4.tcp_fastopen does not
+    allow server TFO: a warning, not an error (fastlb serves; clients just do not save the
+    round trip). `fastlb run` logs the same at start and reload (Listeners.configure)."""
+    from fastlb.listeners import tfo_problem
+    first = next((i for i, s in enumerate(cfg.services) if s.fastopen), None)
+    if first is not None and (problem := tfo_problem()) is not None:
+        warn(f"service[{first}].fastopen", problem)
 
 
 def report(found: list[ConfigError]) -> str:

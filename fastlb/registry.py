@@ -75,6 +75,9 @@ class Registry:
                         [*nxt.values(), svc], a):                                   # [sni]
                     raise RegistryError("exists", f"{a.text} is already a listener of service "
                                                   f"{taken[(a.host, a.port)]!r}")
+            clash = config.listen_opts_clash(nxt.values(), svc)                  # [listenopts]
+            if clash is not None:
+                raise RegistryError("invalid", f"service.{clash[0]}: {clash[1]}")
             nxt[svc.name] = svc
             event["service"] = svc.name
             return nxt, event

@@ -104,7 +104,8 @@ def compute_plan(svc: Service, slot_of: Callable[[str], int], is_up: Callable[[i
                 **tls_fields(svc),                                             # [tls]
                 **orig_fields(svc, slot_of, members),                          # [orig]
                 sni=svc.sni, sni_handshake=svc.sni_handshake,                  # [sni]
-                splice=svc.splice or "auto")                                   # [splice]
+                splice=svc.splice or "auto",                                   # [splice]
+                defer_accept=svc.defer_accept, fastopen=svc.fastopen)          # [listenopts]
 
 
 def orig_fields(svc: Service, slot_of: Callable[[str], int],

@@ -45,7 +45,7 @@ from fastlb.dataplane import LocalDataPath
 from fastlb.errors import ConfigError, FastLBError, RegistryError, StateFileError
 from fastlb.handlers import audit, dispatch, stats
 from fastlb.health import HealthChecker
-from fastlb.listeners import Listeners, fmt
+from fastlb.listeners import Listeners, fmt, listen_opts                     # [listenopts]
 from fastlb.plan import SNI_GROUP, DataPath, ListenKey, Snapshot, sni_addresses
 from fastlb.registry import Registry, reconcile
 from fastlb.runtime import ServiceRuntime, budget_per_worker, compute_plan
@@ -256,7 +256,8 @@ class Supervisor:
         sockets (to adopt on commit, or discard). Raises FastLBError: nothing changed."""
         need = sum(self._need(s, self._members(s.name)) for s in nxt.values())
         self.shared.can_take(need)
-        new = self.listeners.bind(wanted_listeners(nxt))
+        wanted = wanted_listeners(nxt)
+        new = self.listeners.bind(wanted, opts=listen_opts(wanted, nxt))           # [listenopts]
         try:
             self.datapath.check(self._trial(nxt))
         except BaseException:
@@ -320,6 +321,8 @@ class Supervisor:
             self.dns.sync(snapshot)                   # follow added entries, forget removed ones
             self._etcd_sync(snapshot)                 # [etcd] a service added: its members
             self.listeners.adopt(new)
+            wanted = wanted_listeners(snapshot)                                 # [listenopts] a
+            self.listeners.configure(listen_opts(wanted, snapshot))             # change: in place
             for key, sock in sorted(new.items()):
                 if key[0] == SNI_GROUP:                                           # [sni]
                     log.info("listening on %s, routed by SNI", fmt(sock.getsockname()))
@@ -672,6 +675,9 @@ class Supervisor:
             token = self._reload_token(new_cfg)                   # [admin] before any change
             new_services = {s.name: s for s in new_cfg.services}
             nxt = reconcile(self.registry.snapshot, self.cfg_services, new_services)
+            if (problem := config.listen_opts_problem(nxt.values())) is not None:  # [listenopts]
+                raise RegistryError("invalid", f"reload refused, nothing changed: {problem} "
+                                               f"(a service added through the admin shares it)")
             reg_tokens = None                                     # [leases] before any change
             if self.admin_server is not None and self.admin_server.token is not None:
                 try:
@@ -761,10 +767,12 @@ class Supervisor:
         and the others serve. Raises FastLBError when none can."""
         keep: dict[str, Service] = {}
         new: dict[ListenKey, socket.socket] = {}
+        opts = listen_opts(wanted_listeners(self.registry.snapshot), self.registry.snapshot)
         for name, svc in self.registry.snapshot.items():
             try:
                 got = self.listeners.bind(wanted_listeners({name: svc}, self.registry.snapshot)
-                                          - new.keys(), change=False)      # [sni] a group's once
+                                          - new.keys(), change=False,     # [sni] a group's once
+                                          opts=opts)                               # [listenopts]
                 try:
                     self.datapath.check(self._trial({name: svc}))
                 except BaseException:

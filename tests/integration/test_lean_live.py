@@ -1,11 +1,13 @@
 """The lean connection path through `fastlb run` (issue 15): sessions that end without a
 shutdown() still deliver every byte (no RST from close()), a reply that comes with the backend's
-FIN, and with two workers one wake-up per connection (the accept_wakeups/accepted counters)."""
+FIN, and with two workers one wake-up per connection (the accept_wakeups/accepted counters);
+with defer_accept, the first bytes read at accept and sent right after the connect."""
 import json
+import signal
 import socket
 import time
 
-from helpers import recv_all, service, start_backend, start_fastlb
+from helpers import PY, Proc, recv_all, service, start_backend, start_fastlb
 
 SIZE = 16 << 20
 
@@ -77,3 +79,66 @@ def test_two_workers_one_wake_up_per_connection(procs):
         time.sleep(0.3)
     assert mem["accepted"] == n
     assert mem["accept_wakeups"] <= 1.25 * n, mem
+
+
+def _memory_when(mport, ok, limit=10.0):
+    """/api/stats' memory once ``ok(mem)`` holds (workers report once a second), or the last."""
+    deadline = time.monotonic() + limit
+    while True:
+        mem = _stats(mport)["memory"]
+        if ok(mem) or time.monotonic() > deadline:
+            return mem
+        time.sleep(0.3)
+
+
+def test_defer_accept_sends_the_first_bytes_with_the_connect_and_a_reload_is_followed(procs, tmp_path):
+    """With `defer_accept` the worker reads the client's first bytes at accept and sends them
+    right after the connect (two guesses per connection, both hits on loopback); a reload that
+    turns the option off on the same socket stops the reads (refresh_listeners), one that turns
+    it on again starts them. Every exchange is byte-exact throughout."""
+    _, be = start_backend(procs, "echo")
+    mport = _free_port()
+    port = _free_port()
+    head = f'[global]\nmetrics = "127.0.0.1:{mport}"\n'
+
+    def cfg(extra):
+        return head + service("web", [(be, 1)], listen=f"127.0.0.1:{port}", **extra)
+    path = tmp_path / "lb.toml"
+    path.write_text(cfg({"defer_accept": "true"}))
+    p = Proc([PY, "-m", "fastlb", "run", "-c", str(path)], procs)
+    p.wait_line(r"fastlb ready")
+
+    def exchanges(n):
+        for i in range(n):
+            with connect(port) as s:
+                data = b"%03d" % i * 300
+                s.sendall(data)
+                got = b""
+                while len(got) < len(data):
+                    chunk = s.recv(65536)
+                    assert chunk, "EOF before the echo"
+                    got += chunk
+                assert got == data
+
+    def reload(text, n):
+        path.write_text(text)
+        p.signal(signal.SIGHUP)
+        deadline = time.monotonic() + 15
+        while p.output.count("reloaded ") < n:
+            assert time.monotonic() < deadline, p.output
+            time.sleep(0.05)
+
+    exchanges(20)
+    mem = _memory_when(mport, lambda m: m.get("accepted", 0) >= 20)
+    assert mem["accepted"] == 20
+    assert mem["speculative_hits"] == 40 and mem["speculative_misses"] == 0, mem
+    reload(cfg({}), 1)
+    exchanges(20)
+    mem = _memory_when(mport, lambda m: m.get("accepted", 0) >= 40)
+    assert mem["accepted"] == 40
+    assert (mem["speculative_hits"], mem["speculative_misses"]) == (40, 0), mem
+    reload(cfg({"defer_accept": "true"}), 2)
+    exchanges(20)
+    mem = _memory_when(mport, lambda m: m.get("accepted", 0) >= 60)
+    assert mem["speculative_hits"] == 80 and mem["speculative_misses"] == 0, mem
+    assert "Traceback" not in p.output, p.output

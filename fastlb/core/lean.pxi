@@ -293,7 +293,7 @@ cdef inline bint lean_early_ok(Session s) noexcept:
     return True
 
 
-cdef inline void lean_before_connect(Session s, int fd, int slot) noexcept:
+cdef inline void lean_before_connect(Session s, int fd) noexcept:
     """Before connect(): with bytes to send right after it, TCP_DEFER_ACCEPT on the connecting
     socket, so the handshake's last ACK waits for them (see the header). Also for a slot whose
     early sends miss (a remote backend): its kernel still wakes us for EPOLLOUT when the SYN-ACK

@@ -414,7 +414,7 @@ cdef class Session:
             flb_dbg_add(FLB_DBG_FDS, 1)
             self.lean_nd = LEAN_ND_NONE         # [lean] TCP_NODELAY before its 2nd send
             _keepalive(fd, svc)                 # [mem]
-            lean_before_connect(self, fd, slot) # [lean] the handshake's ACK rides on the data
+            lean_before_connect(self, fd)       # [lean] the handshake's ACK rides on the data
             self.bfd = fd
             self.bev = 0
             if connect(fd, <const sockaddr *>sap, <socklen_t>len(sa)) == 0:

@@ -28,10 +28,15 @@ cdef int _timers_expired(Session s, double now) noexcept:
         s.eng.timeouts_duration += 1
         s.term = TERM_MAX_DURATION            # [obs]
         return 1
-    if ((s.c_eof and svc.client_fin > 0 and now - s.last >= svc.client_fin)
-            or (s.b_eof and svc.server_fin > 0 and now - s.last >= svc.server_fin)):
+    # A side's FIN time counts once its direction is drained: [lean] _pump may know the EOF
+    # while the last bytes still wait for a slow reader, and those are not to be cut off.
+    cdef bint cfin = (s.c_eof and s.c2b.end == 0 and svc.client_fin > 0
+                      and now - s.last >= svc.client_fin)
+    cdef bint sfin = (s.b_eof and s.b2c.end == 0 and svc.server_fin > 0
+                      and now - s.last >= svc.server_fin)
+    if cfin or sfin:
         s.eng.timeouts_fin += 1
-        s.term = TERM_FIN_CLIENT if s.c_eof else TERM_FIN_SERVER   # [obs]
+        s.term = TERM_FIN_CLIENT if cfin else TERM_FIN_SERVER   # [obs]
         return 1
     if (svc.first_byte > 0 and not s.b_seen and not s.b_eof and s.first_sent > 0
             and now - s.first_sent >= svc.first_byte):   # (an EOF is an answer, not silence)

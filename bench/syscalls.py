@@ -24,6 +24,8 @@ bench/e2e.py). Each round and peer:
      A process woken for a connection accepts until EAGAIN (one EAGAIN per wake-up), and a
      process woken for nothing makes one EAGAIN and no accept: 1.0 is one wake-up per
      connection, 2.0 both of two workers woken for each.
+segs_per_conn: TCP segments sent on the machine during the rate run (/proc/net/snmp OutSegs,
+all sides) per connection: keep the machine otherwise idle for it to mean anything.
 Medians over the rounds. Needs: apt-get install haproxy nginx wrk strace.
 """
 from __future__ import annotations
@@ -79,6 +81,13 @@ def cpu_seconds(pids: list[int]) -> float:
         except OSError:
             pass
     return total
+
+
+def out_segments() -> int:
+    """TCP segments this machine sent so far (/proc/net/snmp OutSegs; loopback counts once)."""
+    with open("/proc/net/snmp") as f:
+        rows = [line.split() for line in f if line.startswith("Tcp:")]
+    return int(rows[1][rows[0].index("OutSegs")])
 
 
 def _ms(value: str, unit: str) -> float:
@@ -140,13 +149,15 @@ def measure(stack: Stack, peer: str, backend: int, args: argparse.Namespace) -> 
     try:
         run_wrk(port, 1, args.connections)      # warm-up
         pids = tree_pids(p.pid)                      # (taskset execs the proxy: same pid)
-        cpu0, t0 = cpu_seconds(pids), time.monotonic()
+        cpu0, t0, seg0 = cpu_seconds(pids), time.monotonic(), out_segments()
         res = run_wrk(port, args.duration, args.connections)
         wall = time.monotonic() - t0
         cpu = cpu_seconds(tree_pids(p.pid)) - cpu0
         out = {"rate": res["rate"], "p99_ms": res["p99_ms"], "errors": res["errors"],
                "cpu_us_per_conn": 1e6 * cpu / max(res["requests"], 1),
-               "per_core": res["rate"] / max(cpu / wall, 1e-9)}
+               "per_core": res["rate"] / max(cpu / wall, 1e-9),
+               # every TCP segment of the machine (client, proxy, backend sides) per connection
+               "segs_per_conn": (out_segments() - seg0) / max(res["requests"], 1)}
         if args.strace:
             # the data path's processes: with workers, the workers (the supervisor accepts nothing)
             procs = tree_pids(p.pid)
@@ -234,7 +245,7 @@ def main() -> int:
                                             if v >= 0.05), flush=True)
     finally:
         stack.close()
-    keys = ["rate", "per_core", "p99_ms", "cpu_us_per_conn", "syscalls_per_conn",
+    keys = ["rate", "per_core", "p99_ms", "cpu_us_per_conn", "segs_per_conn", "syscalls_per_conn",
             "wakeups_per_conn", "wakeups_light", "epoll_wait_per_conn"]
     print("\n| peer | " + " | ".join(keys) + " |")
     print("|---" * (len(keys) + 1) + "|")

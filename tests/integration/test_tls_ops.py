@@ -26,7 +26,7 @@ trustme = pytest.importorskip("trustme")
 
 
 def config(tmp_path, backend_port, tls, *, workers=1, extra="", timeouts=""):
-    """One TLS service "edge", an admin socket and the metrics port ({mport}: test_tls.start)."""
+    """One TLS service "edge", an admin socket and the metrics port ({mport}: tlshelpers.start)."""
     return (f'[global]\nworkers = {workers}\nadmin = "unix:{tmp_path}/admin.sock"\n'
             f'metrics = "127.0.0.1:{{mport}}"\n[[service]]\nname = "edge"\n'
             f'listen = ["127.0.0.1:0"]\ntls = {tls}\n{extra}\n'

@@ -82,7 +82,7 @@ def ask(port, payload=b"", timeout=10.0):
 
 
 def plain_pump(port, payload, timeout=60.0):
-    """test_tls.pump's plain twin: send and read at once, half-close when all is sent."""
+    """tlshelpers.pump's plain twin: send and read at once, half-close when all is sent."""
     s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
     got, err = [], []
 

@@ -10,7 +10,7 @@ import pytest
 
 from fastlb import _core
 from fastlb import reference_access as ref
-from helpers import start_backend, start_fastlb
+from helpers import made_and_closed, start_backend, start_fastlb
 
 MARK = b"hello through fastlb\n"
 
@@ -126,15 +126,7 @@ class Recorder:
 
 @pytest.fixture
 def recorder():
-    made = []
-
-    def make(*a, **kw):
-        r = Recorder(*a, **kw)
-        made.append(r)
-        return r
-    yield make
-    for r in made:
-        r.close()
+    yield from made_and_closed(Recorder)
 
 
 def shared_memory(proc, workers=1):

@@ -14,7 +14,7 @@ import urllib.request
 
 import pytest
 
-from helpers import free_port, start_backend, start_fastlb
+from helpers import free_port, made_and_closed, start_backend, start_fastlb
 from tlshelpers import TlsBackend, client_ctx, client_hello, connect
 
 pytest.importorskip("trustme")
@@ -22,17 +22,11 @@ pytest.importorskip("trustme")
 
 @pytest.fixture
 def backends(ca):
-    made = []
-
     def make(name, *names):
         """A TLS backend that says ``name`` after the handshake, then echoes; its certificate
         issued by ``ca`` for ``names``."""
-        b = TlsBackend(ca.issue_cert(*names), mode="hello", name=name)
-        made.append(b)
-        return b
-    yield make
-    for b in made:
-        b.close()
+        return TlsBackend(ca.issue_cert(*names), mode="hello", name=name)
+    yield from made_and_closed(make)
 
 
 def svc(name, port, backend_port, sni=None, extra=""):

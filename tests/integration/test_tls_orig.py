@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from helpers import admin_client, free_port, start_fastlb
+from helpers import admin_client, free_port, made_and_closed, start_fastlb
 from tlshelpers import (TlsBackend, client_ctx, connect, http_get, pump, read_to_eof, stall_server,
                         uri_cert, write_cert)
 
@@ -28,15 +28,7 @@ MIB = 1 << 20
 
 @pytest.fixture
 def backends():
-    made = []
-
-    def make(*args, **kw):
-        b = TlsBackend(*args, **kw)
-        made.append(b)
-        return b
-    yield make
-    for b in made:
-        b.close()
+    yield from made_and_closed(TlsBackend)
 
 
 def config(tmp_path, backends, *, service_extra="", global_extra=""):

@@ -227,10 +227,7 @@ class FastLBCollector(Collector):
             ("tls_backend_handshake_failures_total", "TLS handshakes with backends that failed "
              "(refused verification, protocol errors), each a failed connect.",
              "tls_backend_failures"),
-        ]:
-            if key in mem:
-                yield CounterMetricFamily(f"fastlb_{name}", help_, value=mem[key])
-        for name, help_, key in [                              # [lean] core/lean.pxi
+            # [lean] core/lean.pxi
             ("process_accept_wakeups_total", "Wake-ups of a worker for a listening socket, over every "
              "worker (one per connection: one worker woken for it).", "accept_wakeups"),
             ("process_connections_total", "Client connections accepted, over every worker.",

@@ -34,6 +34,12 @@ def procs():
 
 
 @pytest.fixture
+def ca():
+    """A trustme CA for a test's certificates (the TLS tests; skipped where trustme is missing)."""
+    return pytest.importorskip("trustme").CA()
+
+
+@pytest.fixture
 def small_tmpfs(tmp_path):
     """A 256 KiB tmpfs: a real filesystem to fill (root only; skipped where mounting is not
     allowed). Unmounted lazily at teardown, even if a process still has a file open there."""

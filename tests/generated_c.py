@@ -42,3 +42,15 @@ def python_calls(name: str, *, refcounts: bool = True) -> set[str]:
     code = re.sub(r"/\*.*?\*/", "", src[m.end():i], flags=re.S)
     calls = set(re.findall(r"\b((?:_?Py|__Pyx_)\w*)\s*\(", code))
     return calls - REFCOUNT if refcounts else calls
+
+
+def no_python_call_test(names: list[str], *, refcounts: bool = True):
+    """The test, one case a name, that each cdef function of ``names`` makes no Python C-API
+    call (``refcounts``: as python_calls). A part's test module binds it to a test name:
+    ``test_no_python_call = no_python_call_test(PER_EVENT)``."""
+    @needs_c
+    @pytest.mark.parametrize("name", names)
+    def test(name: str) -> None:
+        calls = python_calls(name, refcounts=refcounts)
+        assert not calls, f"{name} calls the Python C-API: {sorted(calls)}"
+    return test

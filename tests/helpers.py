@@ -192,3 +192,16 @@ def fill(directory) -> None:
     finally:
         os.close(fd)
 
+
+
+def made_and_closed(factory):
+    """A fixture's body (``yield from``): the test gets a function that calls ``factory`` and
+    keeps what it made; each is closed when the test ends."""
+    made = []
+
+    def make(*args, **kw):
+        made.append(factory(*args, **kw))
+        return made[-1]
+    yield make
+    for thing in made:
+        thing.close()

@@ -289,6 +289,14 @@ class AdminServer:
         elif lim.suppressed == 1:                # the first one held back: report at window end
             self._flush_timers[reason] = loop.call_at(lim.window_end, self._flush, reason)
 
+    def _turn_away(self, writer: asyncio.StreamWriter, reason: str, text: str, code: str,
+                   reply: str) -> None:
+        """Refuse a new connection before its first frame: counted and logged as ``reason``
+        (``text``), answered with one error frame (``code``, ``reply``), closed."""
+        self._refuse(reason, text)
+        writer.write(protocol.error(None, code, reply))
+        writer.close()
+
     def _flush(self, reason: str) -> None:
         self._flush_timers.pop(reason, None)
         lim = self._limiters[reason]
@@ -305,28 +313,26 @@ class AdminServer:
             who = _with_cert(writer, who)
         loop = asyncio.get_running_loop()
         if tcp and (left := math.ceil(self.backoff.blocked(source, loop.time()))):
-            self._refuse("backoff", f"connection from {who} refused: too many failed "
-                                    f"authentications from {source}, {left} s of backoff left")
-            writer.write(protocol.error(None, "backoff", f"too many failed authentications from "
-                                                         f"{source}; retry in {left} s"))
-            writer.close()
+            self._turn_away(writer, "backoff", f"connection from {who} refused: too many failed "
+                                               f"authentications from {source}, {left} s of "
+                                               f"backoff left",
+                            "backoff", f"too many failed authentications from {source}; retry "
+                                       f"in {left} s")
             return
         if self.connections >= self.max_connections:
-            self._refuse("over_cap", f"connection from {who} refused: {self.connections} admin "
-                                     f"connections open, the cap ([global] admin_max_connections)")
-            writer.write(protocol.error(None, "busy", f"{self.connections} admin connections are "
-                                                      f"open, the cap; retry later"))
-            writer.close()
+            self._turn_away(writer, "over_cap", f"connection from {who} refused: "
+                                                f"{self.connections} admin connections open, the "
+                                                f"cap ([global] admin_max_connections)",
+                            "busy", f"{self.connections} admin connections are open, the cap; "
+                                    f"retry later")
             return
         if tcp and self.token is not None and \
                 self.preauth.get(source, 0) >= preauth_per_source(self.max_connections):
-            self._refuse("preauth_cap", f"connection from {who} refused: {source} already has "
-                                        f"{self.preauth[source]} admin connections not yet "
-                                        f"authenticated")
-            writer.write(protocol.error(None, "busy", f"{source} has {self.preauth[source]} admin "
-                                                      f"connections not yet authenticated, the "
-                                                      f"most one address may; retry later"))
-            writer.close()
+            self._turn_away(writer, "preauth_cap", f"connection from {who} refused: {source} "
+                                                   f"already has {self.preauth[source]} admin "
+                                                   f"connections not yet authenticated",
+                            "busy", f"{source} has {self.preauth[source]} admin connections not "
+                                    f"yet authenticated, the most one address may; retry later")
             return
         self.connections += 1
         try:

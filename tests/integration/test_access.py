@@ -10,7 +10,7 @@ import pytest
 
 from fastlb import _core
 from fastlb import reference_access as ref
-from helpers import start_backend, start_fastlb
+from helpers import made_and_closed, start_backend, start_fastlb
 
 MARK = b"hello through fastlb\n"
 
@@ -126,15 +126,7 @@ class Recorder:
 
 @pytest.fixture
 def recorder():
-    made = []
-
-    def make(*a, **kw):
-        r = Recorder(*a, **kw)
-        made.append(r)
-        return r
-    yield make
-    for r in made:
-        r.close()
+    yield from made_and_closed(Recorder)
 
 
 def shared_memory(proc, workers=1):
@@ -428,14 +420,19 @@ def pp_config(be_port, extra="", acl=""):
                + extra)
 
 
-@pytest.mark.parametrize("version", ["v1", "v2"])
-def test_proxy_accept_from_trusted_source_header_consumed_payload_kept(procs, recorder, version):
+def pp_trusted_client(procs, recorder, version, pp):
+    """A recorder behind service edge, which accepts PROXY headers from 127.0.0.5 (``pp``: more
+    proxy_protocol keys); (the recorder, ``version``'s header builder, a client from 127.0.0.5)."""
     rec = recorder()
     cfg = svc("edge", [("127.0.0.1", rec.port)],
-              extra='proxy_protocol = { accept_from = ["127.0.0.5/32"], timeout = "1s", send = "v2" }')
+              extra=f'proxy_protocol = {{ accept_from = ["127.0.0.5/32"], {pp} }}')
     _, (port,) = start_fastlb(procs, cfg)
-    build = ref.build_v1 if version == "v1" else ref.build_v2
-    s = client(port, "127.0.0.5")
+    return rec, (ref.build_v1 if version == "v1" else ref.build_v2), client(port, "127.0.0.5")
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_proxy_accept_from_trusted_source_header_consumed_payload_kept(procs, recorder, version):
+    rec, build, s = pp_trusted_client(procs, recorder, version, 'timeout = "1s", send = "v2"')
     s.sendall(build(("192.0.2.7", 4321), ("198.51.100.1", 443)) + b"GET / after the header")
     s.shutdown(socket.SHUT_WR)
     s.recv(10)
@@ -447,13 +444,8 @@ def test_proxy_accept_from_trusted_source_header_consumed_payload_kept(procs, re
 
 @pytest.mark.parametrize("version", ["v1", "v2"])
 def test_proxy_accept_a_header_in_pieces_then_payload(procs, recorder, version):
-    rec = recorder()
-    cfg = svc("edge", [("127.0.0.1", rec.port)],
-              extra='proxy_protocol = { accept_from = ["127.0.0.5/32"], timeout = "2s" }')
-    _, (port,) = start_fastlb(procs, cfg)
-    build = ref.build_v1 if version == "v1" else ref.build_v2
+    rec, build, s = pp_trusted_client(procs, recorder, version, 'timeout = "2s"')
     header = build(("2001:db8::7", 4321), ("2001:db8::1", 443))
-    s = client(port, "127.0.0.5")
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     for piece in (header[:7], header[7:20], header[20:] + b"after"):
         s.sendall(piece)

@@ -8,78 +8,25 @@ import json
 import os
 import socket
 import ssl
-import struct
 import threading
 import time
 import urllib.request
 
 import pytest
 
-from helpers import start_backend, start_fastlb
+from helpers import free_port, made_and_closed, start_backend, start_fastlb
+from tlshelpers import TlsBackend, client_ctx, client_hello, connect
 
-trustme = pytest.importorskip("trustme")
-
-
-@pytest.fixture
-def ca():
-    return trustme.CA()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class TlsBackend:
-    """A TLS echo server on loopback (threads): after the handshake it sends its name, then
-    echoes. Its certificate is issued by ``ca`` for ``names``."""
-
-    def __init__(self, ca, name, *names):
-        self.name = name
-        self.ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ca.issue_cert(*names).configure_cert(self.ctx)
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.handshakes = 0
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self):
-        while True:
-            try:
-                c, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._one, args=(c,), daemon=True).start()
-
-    def _one(self, c):
-        c.settimeout(30)
-        try:
-            with self.ctx.wrap_socket(c, server_side=True) as s:
-                self.handshakes += 1
-                s.sendall(self.name.encode() + b"\n")
-                while data := s.recv(65536):
-                    s.sendall(data)
-        except (OSError, ssl.SSLError):
-            pass
-        finally:
-            c.close()
-
-    def close(self):
-        self.sock.close()
+pytest.importorskip("trustme")
 
 
 @pytest.fixture
 def backends(ca):
-    made = []
-
     def make(name, *names):
-        b = TlsBackend(ca, name, *names)
-        made.append(b)
-        return b
-    yield make
-    for b in made:
-        b.close()
+        """A TLS backend that says ``name`` after the handshake, then echoes; its certificate
+        issued by ``ca`` for ``names``."""
+        return TlsBackend(ca.issue_cert(*names), mode="hello", name=name)
+    yield from made_and_closed(make)
 
 
 def svc(name, port, backend_port, sni=None, extra=""):
@@ -109,12 +56,6 @@ def counts(tmp_path):
     return {k: v for k, v in m.items() if k.startswith("sni_")}
 
 
-def client_ctx(ca):
-    ctx = ssl.create_default_context()
-    ca.configure_trust(ctx)
-    return ctx
-
-
 def hello_of(port, ctx, name, timeout=10.0):
     """Connect with SNI ``name`` (None: no SNI, no hostname check), verify the certificate
     against the CA (and ``name``); return (the backend's announced name, the certificate's
@@ -141,33 +82,20 @@ def routed(port, ctx, name):
     return got, sans
 
 
-def raw_hello(name, pad=0):
-    """A ClientHello made by Python's ssl (SNI ``name``), its first flight's bytes; ``pad``:
-    that many more bytes in a padding extension (RFC 7685), the lengths fixed up."""
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    obj = ctx.wrap_bio(ssl.MemoryBIO(), out := ssl.MemoryBIO(), server_hostname=name)
-    with pytest.raises(ssl.SSLWantReadError):
-        obj.do_handshake()
-    data = out.read()
-    if not pad:
-        return data
-    body = data[9:]                              # after the record and handshake headers
-    ext = struct.pack("!HH", 21, pad) + bytes(pad)
-    # the extensions block is the tail: its length is the 2 bytes before it; find it by walking
-    pos = 34
-    pos += 1 + body[pos]
-    pos += 2 + int.from_bytes(body[pos:pos + 2], "big")
-    pos += 1 + body[pos]
-    elen = int.from_bytes(body[pos:pos + 2], "big")
-    body = body[:pos] + struct.pack("!H", elen + len(ext)) + body[pos + 2:] + ext
-    hs = b"\x01" + len(body).to_bytes(3, "big") + body
-    out_records = b""
-    for i in range(0, len(hs), 16384):           # records of at most 2^14
-        chunk = hs[i:i + 16384]
-        out_records += b"\x16\x03\x01" + struct.pack("!H", len(chunk)) + chunk
-    return out_records
+def greeting(port, ca, name, timeout=5.0):
+    """The first bytes a client with SNI ``name`` gets (its backend's name line), its
+    certificate verified against ``ca`` but not its name (it may be the default's)."""
+    with connect(port, client_ctx(ca, check_hostname=False), name, timeout) as s:
+        return s.recv(100)
+
+
+def routed_counts(tmp_path, n):
+    """The SNI counts once ``n`` connections were routed (the workers report each second)."""
+    deadline = time.monotonic() + 5
+    while counts(tmp_path)["sni_routed"] < n:
+        assert time.monotonic() < deadline, counts(tmp_path)
+        time.sleep(0.1)
+    return counts(tmp_path)
 
 
 def closed_without_reply(sock, timeout=5.0):
@@ -200,18 +128,10 @@ def test_routes_by_exact_name_wildcard_and_default_each_backend_completes_the_ha
     s.close()
     assert (got, sans) == ("D", ["default.test"])
     for name in ("y.x.b.example.com", "b.example.com", "c.example.com"):
-        raw = socket.create_connection(("127.0.0.1", port), timeout=10)
-        nocheck = client_ctx(ca)
-        nocheck.check_hostname = False
-        with nocheck.wrap_socket(raw, server_hostname=name) as s:
-            assert s.recv(100) == b"D\n", name
-    deadline = time.monotonic() + 5
-    while counts(tmp_path)["sni_routed"] < 3:
-        assert time.monotonic() < deadline, counts(tmp_path)
-        time.sleep(0.1)
-    assert counts(tmp_path) == {"sni_routed": 3, "sni_defaulted": 4, "sni_no_route": 0,
+        assert greeting(port, ca, name, 10) == b"D\n", name
+    assert routed_counts(tmp_path, 3) == {"sni_routed": 3, "sni_defaulted": 4, "sni_no_route": 0,
                                 "sni_bad_hello": 0, "sni_oversize": 0, "sni_timeouts": 0}
-    assert (a.handshakes, b.handshakes, d.handshakes) == (2, 1, 4)
+    assert (a.done, b.done, d.done) == (2, 1, 4)
     totals = {s["name"]: s["limits"].get("total") for s in api(tmp_path)["services"]}
     assert totals == {"a": 2, "b": 1, "d": 4}, totals
 
@@ -227,8 +147,8 @@ def test_without_a_default_no_sni_garbage_oversized_and_stalled_hellos_are_close
     p = start(procs, tmp_path, [svc("a", port, bport, ["a.example.com"],
                                     extra='timeouts = { handshake = "400ms" }\n'
                                           'log = { connections = true }\n')])
-    for data in (raw_hello(None), raw_hello("nope.example.com"),
-                 b"GET / HTTP/1.1\r\nHost: a.example.com\r\n\r\n", raw_hello("a.example.com", 20000)):
+    for data in (client_hello(None), client_hello("nope.example.com"),
+                 b"GET / HTTP/1.1\r\nHost: a.example.com\r\n\r\n", client_hello("a.example.com", 20000)):
         with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
             t0 = time.monotonic()
             try:
@@ -237,7 +157,7 @@ def test_without_a_default_no_sni_garbage_oversized_and_stalled_hellos_are_close
                 pass
             assert closed_without_reply(s), data[:40]
             assert time.monotonic() - t0 < 0.35            # at once, not at the timeout
-    hello = raw_hello("a.example.com")
+    hello = client_hello("a.example.com")
     with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
         s.sendall(hello[:len(hello) // 2])
         t0 = time.monotonic()
@@ -246,11 +166,7 @@ def test_without_a_default_no_sni_garbage_oversized_and_stalled_hellos_are_close
     with socket.create_connection(("127.0.0.1", port), timeout=5) as s:    # still routes
         s.sendall(hello)
         assert s.recv(100).startswith(b"BACKEND")
-    deadline = time.monotonic() + 5
-    while counts(tmp_path)["sni_routed"] < 1:
-        assert time.monotonic() < deadline, counts(tmp_path)
-        time.sleep(0.1)
-    assert counts(tmp_path) == {"sni_routed": 1, "sni_defaulted": 0, "sni_no_route": 2,
+    assert routed_counts(tmp_path, 1) == {"sni_routed": 1, "sni_defaulted": 0, "sni_no_route": 2,
                                 "sni_bad_hello": 1, "sni_oversize": 1, "sni_timeouts": 1}
     mport = int((tmp_path / "mport").read_text())
     body = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=10).read().decode()
@@ -318,7 +234,7 @@ def test_the_routed_session_is_its_services_own_acl(procs, tmp_path, ca, backend
         with pytest.raises((ssl.SSLError, ConnectionResetError, OSError)):
             ctx.wrap_socket(raw, server_hostname="a.example.com")
     assert routed(port, ctx, "b.example.com")[0] == "B"
-    assert a.handshakes == 0
+    assert a.done == 0
     rows = {s["name"]: s["limits"] for s in api(tmp_path)["services"]}
     assert rows["a"].get("denied_acl") == 1 and not rows["b"].get("denied_acl"), rows
 
@@ -363,12 +279,8 @@ def test_a_reload_adding_a_third_sni_service_keeps_an_open_connection(procs, tmp
     p.signal(1)
     deadline = time.monotonic() + 10
     while True:
-        nocheck = client_ctx(ca)
-        nocheck.check_hostname = False
-        with nocheck.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=5),
-                                 server_hostname="b.example.com") as s:
-            if s.recv(100) == b"A\n":
-                break
+        if greeting(port, ca, "b.example.com") == b"A\n":
+            break
         assert time.monotonic() < deadline, p.output
         time.sleep(0.1)
     held.sendall(b"three")
@@ -416,13 +328,9 @@ def test_a_plain_service_gaining_sni_neighbours_keeps_its_socket_and_connections
             p.signal(1)                                             # SIGHUP
             deadline = time.monotonic() + 15
             while True:
-                nocheck = client_ctx(ca)
-                nocheck.check_hostname = False
                 try:
-                    with nocheck.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=5),
-                                             server_hostname=name) as s:
-                        if s.recv(100).decode().strip() == want:
-                            break
+                    if greeting(port, ca, name).decode().strip() == want:
+                        break
                 except (ssl.SSLError, OSError):
                     pass
                 assert time.monotonic() < deadline, p.output
@@ -470,11 +378,7 @@ def test_admin_adds_and_removes_sni_services_on_a_live_port_with_the_state_file(
         assert held.recv(len(word)) == word
 
     def reaches(name):
-        nocheck = client_ctx(ca)
-        nocheck.check_hostname = False
-        with nocheck.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=5),
-                                 server_hostname=name) as s:
-            return s.recv(100).decode().strip()
+        return greeting(port, ca, name).decode().strip()
     with client(tmp_path) as cl:
         cl.call("add_service", service={"name": "b", "listen": [f"127.0.0.1:{port}"],
                                         "sni": ["b.example.com"],

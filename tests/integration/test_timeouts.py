@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from helpers import start_fastlb
+from helpers import made_and_closed, start_fastlb
 
 
 class Scripted:
@@ -92,14 +92,7 @@ class Scripted:
 
 @pytest.fixture
 def scripted():
-    made = []
-
-    def make(**kw):
-        made.append(Scripted(**kw))
-        return made[-1]
-    yield make
-    for s in made:
-        s.close()
+    yield from made_and_closed(Scripted)
 
 
 def config(backends, timeouts, extra=""):

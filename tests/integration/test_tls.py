@@ -6,38 +6,21 @@ Certificates are made by trustme in each test (nothing committed that expires)."
 import hashlib
 import json
 import os
-import selectors
 import signal
 import socket
 import ssl
 import threading
 import time
-import urllib.request
 
 import pytest
 
-from helpers import start_backend, start_fastlb
+from helpers import start_backend
+from tlshelpers import (client_ctx, connect, echo_loop, http_get, pump, refused_at_once, start,
+                        uri_cert, write_cert)
 
 trustme = pytest.importorskip("trustme")
 
 MIB = 1 << 20
-
-
-@pytest.fixture
-def ca():
-    return trustme.CA()
-
-
-def write_cert(directory, name, cert):
-    """cert (a trustme LeafCert) as name.crt (leaf then chain) and name.key; the paths."""
-    crt, key = os.path.join(directory, f"{name}.crt"), os.path.join(directory, f"{name}.key")
-    with open(crt + ".tmp", "wb") as f:
-        f.write(b"".join(p.bytes() for p in cert.cert_chain_pems))
-    with open(key + ".tmp", "wb") as f:
-        f.write(cert.private_key_pem.bytes())
-    os.replace(crt + ".tmp", crt)               # whole files: a reload never reads half of one
-    os.replace(key + ".tmp", key)
-    return crt, key
 
 
 def tls_service(backend_port, tls, extra="", timeouts=""):
@@ -47,89 +30,20 @@ def tls_service(backend_port, tls, extra="", timeouts=""):
             + f'backends = [ {{ address = "127.0.0.1:{backend_port}" }} ]\n')
 
 
-def start(procs, tmp_path, text):
-    """fastlb on ``text``, with its metrics port (/api/stats, /metrics) noted in tmp_path."""
-    mport = free_port()
-    (tmp_path / "mport").write_text(str(mport))
-    return start_fastlb(procs, text.replace("{mport}", str(mport)))
-
-
-def client_ctx(ca, **kw):
-    ctx = ssl.create_default_context()
-    ca.configure_trust(ctx)
-    for k, v in kw.items():
-        setattr(ctx, k, v)
-    return ctx
-
-
-def connect(port, ctx, name="edge.test", timeout=10.0):
-    raw = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-    return ctx.wrap_socket(raw, server_hostname=name)
-
-
-def echo_loop(port, ctx, size, stop, failures, done):
-    """Until ``stop``: a TLS connection, ``size`` bytes echoed back whole, closed; counts each
-    in ``done[0]`` and every failure (repr) in ``failures`` (the reload-under-load tests)."""
-    while not stop.is_set():
-        try:
-            with connect(port, ctx) as s:
-                s.sendall(b"z" * size)
-                got = b""
-                while len(got) < size:
-                    data = s.recv(size)
-                    assert data
-                    got += data
-            done[0] += 1
-        except Exception as exc:          # noqa: BLE001 - every failure counts
-            failures.append(repr(exc))
-
-
-def pump(s, payload, timeout=60.0):
-    """Send ``payload`` and read until EOF at once (one thread, non-blocking), half-closing
-    the TCP connection (a FIN without close_notify: a client that just stops) once all is
-    sent. Returns what was read."""
-    s.setblocking(False)
-    sel = selectors.DefaultSelector()
-    sel.register(s, selectors.EVENT_READ | selectors.EVENT_WRITE)
-    view, sent, got, shut = memoryview(payload), 0, [], False
-    deadline = time.monotonic() + timeout
-    while True:
-        assert time.monotonic() < deadline, f"stalled: sent {sent}, got {sum(map(len, got))}"
-        sel.select(0.5)
-        if sent < len(payload):
-            try:
-                sent += s.send(view[sent:sent + 65536])
-            except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError):
-                pass
-        elif not shut:
-            socket.socket.shutdown(s, socket.SHUT_WR)      # the TCP level, under the TLS
-            shut = True
-            sel.modify(s, selectors.EVENT_READ)
-        try:
-            while True:
-                data = s.recv(262144)
-                if not data:
-                    sel.close()
-                    return b"".join(got)
-                got.append(data)
-        except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
-            pass
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def http_get(tmp_path, path):
-    mport = int((tmp_path / "mport").read_text())
-    return urllib.request.urlopen(f"http://127.0.0.1:{mport}{path}", timeout=10).read().decode()
-
-
 def stats(tmp_path):
     """The TLS counts of /api/stats (summed over the data paths, with the [mem] ones)."""
     return json.loads(http_get(tmp_path, "/api/stats"))["memory"]
+
+
+def reload_until_new_test(p, tmp_path, ca, sans):
+    """The certificate files replaced by one for edge.test and new.test, then SIGHUP; returns
+    once ``sans()`` (a new client's certificate names) has new.test (15 s at most)."""
+    write_cert(tmp_path, "edge", ca.issue_cert("edge.test", "new.test"))
+    p.signal(signal.SIGHUP)
+    deadline = time.monotonic() + 15
+    while "new.test" not in sans():
+        assert time.monotonic() < deadline, p.output
+        time.sleep(0.1)
 
 
 def test_round_trip_32mib_each_way_with_half_close(procs, tmp_path, ca):
@@ -164,12 +78,7 @@ def test_workers_get_the_certificates_over_their_channel_and_a_reload(procs, tmp
             assert s.recv(1) == b"w"
             return [v for _, v in s.getpeercert()["subjectAltName"]]
     assert all("old.test" in sans() for _ in range(10))
-    write_cert(tmp_path, "edge", ca.issue_cert("edge.test", "new.test"))
-    p.signal(signal.SIGHUP)
-    deadline = time.monotonic() + 15
-    while "new.test" not in sans():
-        assert time.monotonic() < deadline, p.output
-        time.sleep(0.1)
+    reload_until_new_test(p, tmp_path, ca, sans)
     time.sleep(1.0)
     assert all("new.test" in sans() for _ in range(20))
     deadline = time.monotonic() + 5                 # workers report their counts each second
@@ -269,14 +178,7 @@ def test_handshake_timeout_and_garbage_are_closed_counted_and_never_reach_a_back
         got = b""
     assert got == b"" and 0.3 < time.monotonic() - t0 < 3.0
     silent.close()
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as g:
-        g.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        out = b""
-        try:
-            while data := g.recv(100):
-                out += data
-        except ConnectionResetError:
-            pass
+    out = refused_at_once(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", shut=False, timeout=5)
     assert b"BACKEND" not in out and out[:1] in (b"", b"\x15")       # nothing, or a TLS alert
     m = stats(tmp_path)
     assert (m["tls_handshake_timeouts"], m["tls_handshake_failures"], m["tls_handshakes"]) == (1, 1, 0)
@@ -308,12 +210,7 @@ def test_certificate_reload_under_load_drops_nothing_and_refuses_a_bad_one(procs
         t.start()
     try:
         time.sleep(0.5)
-        write_cert(tmp_path, "edge", ca.issue_cert("edge.test", "new.test"))
-        p.signal(signal.SIGHUP)
-        deadline = time.monotonic() + 15
-        while "new.test" not in sans():
-            assert time.monotonic() < deadline, p.output
-            time.sleep(0.1)
+        reload_until_new_test(p, tmp_path, ca, sans)
         time.sleep(0.5)
         held.sendall(b"still here")
         assert held.recv(100) == b"still here"
@@ -334,35 +231,6 @@ def test_certificate_reload_under_load_drops_nothing_and_refuses_a_bad_one(procs
 
 
 # -- stage 2: mutual TLS and authorization by identity -------------------------------------------
-def uri_cert(ca, uri, tmp_path, name):
-    """A client certificate with a URI SAN (a SPIFFE id; trustme makes DNS/IP ones only),
-    signed by trustme's ``ca``; (cert path, key path)."""
-    import datetime
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "workload")]))
-            .issuer_name(ca._certificate.subject).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(hours=1))
-            .not_valid_after(now + datetime.timedelta(hours=1))
-            .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]),
-                           critical=False)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-            .sign(ca._private_key, hashes.SHA256()))
-    crt, key_path = tmp_path / f"{name}.crt", tmp_path / f"{name}.key"
-    crt.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return str(crt), str(key_path)
-
-
 def mtls_attempt(port, ca, leaf=None, files=None):
     """True when a client (with ``leaf``, a trustme cert, or ``files``) gets its bytes echoed;
     False when it is refused (in TLS 1.3 the client's handshake ends before the server has
@@ -549,14 +417,8 @@ def test_hostile_client_hellos_split_byte_by_byte_or_oversized(procs, tmp_path, 
         except ssl.SSLWantReadError:
             pass
     sock.close()
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as big:
-        big.sendall(b"\x16\x03\x01\xff\xff" + b"\x01" * 1000)
-        t0 = time.monotonic()
-        try:
-            while big.recv(100):
-                pass
-        except ConnectionResetError:
-            pass
-        assert time.monotonic() - t0 < 2.0          # refused at once, not at the timeout
+    t0 = time.monotonic()
+    refused_at_once(port, b"\x16\x03\x01\xff\xff" + b"\x01" * 1000, shut=False, timeout=5)
+    assert time.monotonic() - t0 < 2.0              # refused at once, not at the timeout
     m = stats(tmp_path)
     assert (m["tls_handshakes"], m["tls_handshake_failures"]) == (1, 1), m

@@ -12,7 +12,6 @@ import re
 import shutil
 import socket
 import ssl
-import struct
 import subprocess
 import threading
 import time
@@ -20,23 +19,30 @@ import time
 import pytest
 
 from helpers import PY, start_backend
-from test_tls import client_ctx, connect, echo_loop, http_get, start, write_cert
+from tlshelpers import (client_ctx, client_hello, connect, echo_loop, http_get, refused_at_once, start,
+                        write_cert)
 
 trustme = pytest.importorskip("trustme")
 
 
-@pytest.fixture
-def ca():
-    return trustme.CA()
-
-
 def config(tmp_path, backend_port, tls, *, workers=1, extra="", timeouts=""):
-    """One TLS service "edge", an admin socket and the metrics port ({mport}: test_tls.start)."""
+    """One TLS service "edge", an admin socket and the metrics port ({mport}: tlshelpers.start)."""
     return (f'[global]\nworkers = {workers}\nadmin = "unix:{tmp_path}/admin.sock"\n'
             f'metrics = "127.0.0.1:{{mport}}"\n[[service]]\nname = "edge"\n'
             f'listen = ["127.0.0.1:0"]\ntls = {tls}\n{extra}\n'
             + (f"timeouts = {{ {timeouts} }}\n" if timeouts else "")
             + f'backends = [ {{ address = "127.0.0.1:{backend_port}" }} ]\n')
+
+
+def start_edge(procs, tmp_path, ca, *, backend="echo", names=(), tls="", **kw):
+    """A backend (devservers ``backend``, named BACKEND) behind fastlb terminating TLS with a
+    certificate of ``ca`` for edge.test and ``names``; ``tls``: more keys of tls, ``kw``: of
+    config. The client port."""
+    _, bport = start_backend(procs, backend, name="BACKEND")
+    crt, key = write_cert(tmp_path, "edge", ca.issue_cert("edge.test", *names))
+    _, (port,) = start(procs, tmp_path, config(tmp_path, bport, f'{{ cert = "{crt}", key = "{key}"{tls} }}',
+                                               **kw))
+    return port
 
 
 def ctl(tmp_path, *args):
@@ -107,13 +113,7 @@ def test_every_failure_reason_resumptions_and_versions_in_ctl_stats_and_metrics(
         "ok.internal", not_before=past - datetime.timedelta(days=1), not_after=past)))  # expired
     assert refused(port, with_cert(foreign.issue_cert("ok.internal")))            # untrusted
     assert refused(port, with_cert(clients.issue_cert("no.internal")))            # identity_refused
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as g:             # protocol
-        g.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        try:
-            while g.recv(100):
-                pass
-        except ConnectionResetError:
-            pass
+    refused_at_once(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", shut=False, timeout=5)  # protocol
     stranger = ssl.create_default_context()                                         # other: the
     trustme.CA().configure_trust(stranger)                                          # client's alert
     good.configure_cert(stranger)
@@ -158,7 +158,7 @@ def test_tls_counts_per_service_in_ctl_stats_and_metrics(procs, tmp_path, ca):
         echo_once(edge, ctx)
     echo_once(api, client_ctx(ca, maximum_version=ssl.TLSVersion.TLSv1_2))
     for _ in range(2):
-        refused_at_once(api, b"GET / HTTP/1.1\r\n\r\n")
+        refused_at_once(api, b"GET / HTTP/1.1\r\n\r\n", reset=True)
 
     def per_service():
         return tls_stats(tmp_path).get("services", {})
@@ -184,10 +184,7 @@ def test_a_ticket_resumes_on_every_worker_and_rotation_retires_it_after_two_turn
     workers served some (each worker had its own keys before: half failed). After one
     rotation the ticket still resumes (the previous key decrypts); after two it does not (a
     full handshake), while a ticket of the new current key resumes."""
-    _, bport = start_backend(procs, "echo")
-    crt, key = write_cert(tmp_path, "edge", ca.issue_cert("edge.test"))
-    _, (port,) = start(procs, tmp_path, config(tmp_path, bport, f'{{ cert = "{crt}", key = "{key}" }}',
-                                               workers=2))
+    port = start_edge(procs, tmp_path, ca, workers=2)
     ctx = client_ctx(ca)
     _, ticket = echo_once(port, ctx)
 
@@ -211,10 +208,7 @@ def test_a_ticket_resumes_on_every_worker_and_rotation_retires_it_after_two_turn
 def test_ticket_keys_survive_a_reload_and_a_worker_restart_and_rotate_on_time(procs, tmp_path, ca):
     """A reload that reads a new certificate (new contexts) and a restart of every worker keep
     the keys: the ticket taken before still resumes (no rotation meanwhile)."""
-    _, bport = start_backend(procs, "echo")
-    crt, key = write_cert(tmp_path, "edge", ca.issue_cert("edge.test"))
-    _, (port,) = start(procs, tmp_path, config(tmp_path, bport, f'{{ cert = "{crt}", key = "{key}" }}',
-                                               workers=2))
+    port = start_edge(procs, tmp_path, ca, workers=2)
     ctx = client_ctx(ca)
     _, ticket = echo_once(port, ctx)
     write_cert(tmp_path, "edge", ca.issue_cert("edge.test", "new.test"))
@@ -230,10 +224,7 @@ def test_ticket_keys_survive_a_reload_and_a_worker_restart_and_rotate_on_time(pr
 def test_ticket_lifetime_rotates_the_keys_on_its_timer(procs, tmp_path, ca):
     """tls.ticket_lifetime = "1s": the ring turns about once a second (ctl stats counts the
     turns), and a ticket from two turns ago is refused."""
-    _, bport = start_backend(procs, "echo")
-    crt, key = write_cert(tmp_path, "edge", ca.issue_cert("edge.test"))
-    _, (port,) = start(procs, tmp_path, config(
-        tmp_path, bport, f'{{ cert = "{crt}", key = "{key}", ticket_lifetime = "1s" }}'))
+    port = start_edge(procs, tmp_path, ca, tls=', ticket_lifetime = "1s"')
     ctx = client_ctx(ca)
     _, ticket = echo_once(port, ctx)
     assert wait_for(lambda: tls_stats(tmp_path)["tickets"]["edge"]["rotations"] >= 3, 10.0)
@@ -297,30 +288,10 @@ OVERSIZED = (b"\x16\x03\x01\x40\x00" + b"\x01" + (200000).to_bytes(3, "big") + b
              + bytes(16384 - 6))
 
 
-def refused_at_once(port, payload):
-    """Send ``payload``, read until fastlb closes; the bytes it sent (an alert, or nothing)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # no TIME_WAIT
-        try:
-            s.sendall(payload)
-            s.shutdown(socket.SHUT_WR)          # then EOF: half a ClientHello goes no further
-        except OSError:                         # already refused (reset, not connected)
-            return b""
-        got = b""
-        try:
-            while data := s.recv(4096):
-                got += data
-        except ConnectionResetError:
-            pass
-        return got
-
-
 def test_a_clienthello_over_openssls_bound_is_refused_on_its_header_and_counted(procs, tmp_path, ca):
-    _, bport = start_backend(procs, "announce", name="BACKEND")
-    crt, key = write_cert(tmp_path, "edge", ca.issue_cert("edge.test"))
-    _, (port,) = start(procs, tmp_path, config(tmp_path, bport, f'{{ cert = "{crt}", key = "{key}" }}'))
+    port = start_edge(procs, tmp_path, ca, backend="announce")
     t0 = time.monotonic()
-    got = refused_at_once(port, OVERSIZED)
+    got = refused_at_once(port, OVERSIZED, reset=True)
     assert time.monotonic() - t0 < 2.0 and got[:1] in (b"", b"\x15") and b"BACKEND" not in got
     t = tls_stats(tmp_path)
     assert (t["protocol_errors"], t["handshakes"]) == (1, 0), t
@@ -332,10 +303,8 @@ def test_renegotiation_is_refused_and_the_balancer_goes_on(procs, tmp_path, ca):
     serving new clients with the session's fd closed."""
     if shutil.which("openssl") is None:
         pytest.skip("needs the openssl command")
-    _, bport = start_backend(procs, "echo")
-    crt, key = write_cert(tmp_path, "edge", ca.issue_cert("edge.test"))
+    port = start_edge(procs, tmp_path, ca)
     ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
-    _, (port,) = start(procs, tmp_path, config(tmp_path, bport, f'{{ cert = "{crt}", key = "{key}" }}'))
     (pid,) = worker_pids(tmp_path)
     fds0 = fds_and_rss(pid)[0]
     client = subprocess.Popen(["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-tls1_2",
@@ -367,19 +336,12 @@ def test_10000_failed_handshakes_leave_no_fd_or_memory_behind(procs, tmp_path, c
     garbage, a ClientHello over the bound, half a ClientHello then EOF, and EOF at once. After
     a warm-up of 1,000, each worker's fd count is back where it was and its RSS grew by less
     than 4 MiB (a leaked SSL object per failure would be over 30 MiB); all are counted."""
-    _, bport = start_backend(procs, "echo")
-    crt, key = write_cert(tmp_path, "edge", ca.issue_cert("edge.test"))
-    _, (port,) = start(procs, tmp_path, config(tmp_path, bport, f'{{ cert = "{crt}", key = "{key}" }}',
-                                               workers=2))
-    inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
-    obj = client_ctx(ca).wrap_bio(inc, out, server_hostname="edge.test")
-    with pytest.raises(ssl.SSLWantReadError):
-        obj.do_handshake()
-    hello = out.read()
+    port = start_edge(procs, tmp_path, ca, workers=2)
+    hello = client_hello("edge.test")
     kinds = [b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", OVERSIZED, hello[:len(hello) // 2], b""]
 
     def fail(i):
-        refused_at_once(port, kinds[i % len(kinds)])
+        refused_at_once(port, kinds[i % len(kinds)], reset=True)
 
     def run(n):
         with concurrent.futures.ThreadPoolExecutor(16) as pool:
@@ -406,10 +368,7 @@ def test_certificate_swapped_by_ctl_reload_under_load_fails_no_connection(procs,
     """Two workers; 4 clients connect and echo in a loop while the certificate files are
     replaced and `ctl reload` runs, four times: every connection completes, and after each
     reload new connections get the new certificate."""
-    _, bport = start_backend(procs, "echo")
-    crt, key = write_cert(tmp_path, "edge", ca.issue_cert("edge.test", "gen0.test"))
-    _, (port,) = start(procs, tmp_path, config(tmp_path, bport, f'{{ cert = "{crt}", key = "{key}" }}',
-                                               workers=2))
+    port = start_edge(procs, tmp_path, ca, names=["gen0.test"], workers=2)
     ctx = client_ctx(ca, check_hostname=False)
     stop, failures, done = threading.Event(), [], [0]
 

@@ -12,95 +12,23 @@ import json
 import os
 import signal
 import socket
-import ssl
 import threading
 import time
 
 import pytest
 
-from helpers import admin_client, start_fastlb
-from test_tls import client_ctx, connect, free_port, http_get, pump, uri_cert, write_cert
+from helpers import admin_client, free_port, made_and_closed, start_fastlb
+from tlshelpers import (TlsBackend, client_ctx, connect, http_get, pump, read_to_eof, stall_server,
+                        uri_cert, write_cert)
 
 trustme = pytest.importorskip("trustme")
 
 MIB = 1 << 20
 
 
-class TlsBackend:
-    """A TLS server on a loopback thread (one thread per connection). ``mode``: "echo" (every
-    byte back until EOF, then close_notify and close), "identity" (the client certificate's
-    SANs as JSON, then close), "name" (``name`` then close). Records the SNI names it saw, the
-    handshakes it completed and those that failed."""
-
-    def __init__(self, leaf, mode="echo", name="B", client_ca=None):
-        self.mode, self.name = mode, name
-        self.sni, self.done, self.failed = [], 0, []
-        self.clean = 0                          # closes where our close_notify was answered
-        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        leaf.configure_cert(self.ctx)
-        if client_ca is not None:
-            self.ctx.verify_mode = ssl.CERT_REQUIRED
-            client_ca.configure_trust(self.ctx)
-        self.ctx.sni_callback = lambda _sock, name, _ctx: (self.sni.append(name) if name else None)
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while True:
-            try:
-                raw, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(raw,), daemon=True).start()
-
-    def _serve(self, raw):
-        raw.settimeout(60)
-        try:
-            conn = self.ctx.wrap_socket(raw, server_side=True)
-        except (ssl.SSLError, OSError) as exc:
-            self.failed.append(str(exc))
-            raw.close()
-            return
-        self.done += 1
-        try:
-            if self.mode == "identity":
-                conn.sendall(json.dumps(conn.getpeercert().get("subjectAltName", [])).encode())
-            elif self.mode == "name":
-                conn.sendall(self.name.encode())
-            else:
-                while data := conn.recv(262144):
-                    conn.sendall(data)
-            try:
-                conn.unwrap()                   # close_notify, then the FIN below
-                self.clean += 1                 # ... and the proxy's close_notify came back
-            except (ssl.SSLError, OSError):
-                pass
-        except (ssl.SSLError, OSError) as exc:
-            self.failed.append(str(exc))
-        finally:
-            conn.close()
-
-    def close(self):
-        self.sock.close()
-
-
 @pytest.fixture
 def backends():
-    made = []
-
-    def make(*args, **kw):
-        b = TlsBackend(*args, **kw)
-        made.append(b)
-        return b
-    yield make
-    for b in made:
-        b.close()
-
-
-@pytest.fixture
-def ca():
-    return trustme.CA()
+    yield from made_and_closed(TlsBackend)
 
 
 def config(tmp_path, backends, *, service_extra="", global_extra=""):
@@ -110,6 +38,21 @@ def config(tmp_path, backends, *, service_extra="", global_extra=""):
     return (f'[global]\nadmin = "unix:{tmp_path}/admin.sock"\nmetrics = "127.0.0.1:{mport}"\n'
             f'{global_extra}\n[[service]]\nname = "web"\nlisten = ["127.0.0.1:0"]\n'
             f'{service_extra}\nbackends = [ {backends} ]\n')
+
+
+def ca_file(tmp_path, ca):
+    """``ca``'s certificate as tmp_path/ca.pem; its path."""
+    crt = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(crt))
+    return crt
+
+
+def good_and_bad(backends, ca):
+    """Two "name" backends, GOOD with a certificate of ``ca`` and BAD with one of a foreign CA;
+    (good, bad, the two as the service's backends: bad first)."""
+    good = backends(ca.issue_cert("127.0.0.1"), mode="name", name="GOOD")
+    bad = backends(trustme.CA().issue_cert("127.0.0.1"), mode="name", name="BAD")
+    return good, bad, f'{{ address = "127.0.0.1:{bad.port}" }}, {{ address = "127.0.0.1:{good.port}" }}'
 
 
 def memory(tmp_path):
@@ -127,17 +70,11 @@ def ask(port, payload=b"", timeout=10.0):
         if payload:
             s.sendall(payload)
         s.shutdown(socket.SHUT_WR)
-        out = []
-        try:
-            while data := s.recv(65536):
-                out.append(data)
-        except ConnectionResetError:
-            pass
-        return b"".join(out)
+        return read_to_eof(s)
 
 
 def plain_pump(port, payload, timeout=60.0):
-    """test_tls.pump's plain twin: send and read at once, half-close when all is sent."""
+    """tlshelpers.pump's plain twin: send and read at once, half-close when all is sent."""
     s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
     got, err = [], []
 
@@ -163,8 +100,7 @@ def test_round_trip_32mib_each_way_plain_client_tls_backend(procs, tmp_path, ca,
     reaches the client after its last byte. One handshake with the backend, verified against
     `ca` and the name in `sni` (sent as SNI)."""
     b = backends(ca.issue_cert("echo.internal"))
-    crt = tmp_path / "ca.pem"
-    ca.cert_pem.write_to_path(str(crt))
+    crt = ca_file(tmp_path, ca)
     _, (port,) = start_fastlb(procs, config(
         tmp_path, f'{{ address = "127.0.0.1:{b.port}", tls = {{ ca = "{crt}", sni = "echo.internal" }} }}'))
     blob = os.urandom(32 * MIB)
@@ -181,9 +117,9 @@ def test_backend_that_ends_first_gets_close_notify_when_the_client_ends(procs, t
     ends too: fastlb's close of the backend carries a close_notify (found by review: the lean
     close-without-shutdown path sent a bare FIN to a TLS backend)."""
     b = backends(ca.issue_cert("127.0.0.1"), mode="name", name="done")
-    (tmp_path / "ca.pem").write_bytes(ca.cert_pem.bytes())
+    crt = ca_file(tmp_path, ca)
     _, (port,) = start_fastlb(procs, config(tmp_path, f'{{ address = "127.0.0.1:{b.port}" }}',
-                                            service_extra=f'backend_tls = {{ ca = "{tmp_path}/ca.pem" }}'))
+                                            service_extra=f'backend_tls = {{ ca = "{crt}" }}'))
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
         got = b""
         while data := s.recv(100):
@@ -201,8 +137,7 @@ def test_round_trip_termination_and_origination(procs, tmp_path, ca, backends):
     """TLS on both sides (service.tls and service.backend_tls): 32 MiB each way, SHA-256
     checked, half-close through both TLS layers."""
     b = backends(ca.issue_cert("echo.internal"))
-    crt = tmp_path / "ca.pem"
-    ca.cert_pem.write_to_path(str(crt))
+    crt = ca_file(tmp_path, ca)
     ecrt, ekey = write_cert(tmp_path, "edge", ca.issue_cert("edge.test"))
     _, (port,) = start_fastlb(procs, config(
         tmp_path, f'{{ address = "127.0.0.1:{b.port}" }}',
@@ -222,12 +157,10 @@ def test_foreign_ca_refused_counted_and_retried_on_a_good_backend(procs, tmp_pat
     client reaches the good one (the refused handshake is a failed connect, retried); the bad
     one's refusals are counted as connect failures and as backend TLS failures; its handshakes
     never complete."""
-    good = backends(ca.issue_cert("127.0.0.1"), mode="name", name="GOOD")
-    bad = backends(trustme.CA().issue_cert("127.0.0.1"), mode="name", name="BAD")
-    crt = tmp_path / "ca.pem"
-    ca.cert_pem.write_to_path(str(crt))
+    good, bad, both = good_and_bad(backends, ca)
+    crt = ca_file(tmp_path, ca)
     p, (port,) = start_fastlb(procs, config(
-        tmp_path, f'{{ address = "127.0.0.1:{bad.port}" }}, {{ address = "127.0.0.1:{good.port}" }}',
+        tmp_path, both,
         service_extra=f'backend_tls = {{ ca = "{crt}" }}\nretries = 2'))
     answers = [ask(port) for _ in range(6)]
     assert answers == [b"GOOD"] * 6
@@ -246,8 +179,7 @@ def test_hostname_verified_unless_sni_names_the_certificate(procs, tmp_path, ca,
     does not match: refused (the client gets nothing, no retry left). With sni = "api.internal"
     the same backend is accepted, and it sees that SNI."""
     b = backends(ca.issue_cert("api.internal"), mode="name", name="API")
-    crt = tmp_path / "ca.pem"
-    ca.cert_pem.write_to_path(str(crt))
+    crt = ca_file(tmp_path, ca)
     p, (port,) = start_fastlb(procs, config(
         tmp_path, f'{{ address = "127.0.0.1:{b.port}" }}',
         service_extra=f'backend_tls = {{ ca = "{crt}" }}\nretries = 0\n'
@@ -272,8 +204,7 @@ def test_mtls_backend_sees_fastlb_identity_and_refuses_without_a_certificate(pro
     refused by that backend (the client gets no identity)."""
     client_ca = trustme.CA()
     b = backends(ca.issue_cert("127.0.0.1"), mode="identity", client_ca=client_ca)
-    crt = tmp_path / "ca.pem"
-    ca.cert_pem.write_to_path(str(crt))
+    crt = ca_file(tmp_path, ca)
     mcrt, mkey = uri_cert(client_ca, "spiffe://corp/ns/edge/sa/fastlb", tmp_path, "fastlb")
     p, (port,) = start_fastlb(procs, config(
         tmp_path, f'{{ address = "127.0.0.1:{b.port}" }}',
@@ -294,8 +225,7 @@ def test_mtls_backend_sees_fastlb_identity_and_refuses_without_a_certificate(pro
 def test_sessions_resume_per_backend(procs, tmp_path, ca, backends):
     """The backend's session is kept per slot: later connections resume it (counted)."""
     b = backends(ca.issue_cert("127.0.0.1"))
-    crt = tmp_path / "ca.pem"
-    ca.cert_pem.write_to_path(str(crt))
+    crt = ca_file(tmp_path, ca)
     _, (port,) = start_fastlb(procs, config(
         tmp_path, f'{{ address = "127.0.0.1:{b.port}", tls = {{ ca = "{crt}" }} }}'))
     for _ in range(4):
@@ -311,8 +241,7 @@ def test_backend_added_at_run_time_gets_the_service_default_and_false_opts_out(
     from helpers import start_backend
     tlsb = backends(ca.issue_cert("127.0.0.1"), mode="name", name="ADDED")
     _, plain = start_backend(procs, "announce", name="PLAIN")
-    crt = tmp_path / "ca.pem"
-    ca.cert_pem.write_to_path(str(crt))
+    crt = ca_file(tmp_path, ca)
     _, (port,) = start_fastlb(procs, config(
         tmp_path, f'{{ address = "127.0.0.1:{plain}", tls = false }}',
         service_extra=f'backend_tls = {{ ca = "{crt}" }}'))
@@ -327,12 +256,10 @@ def test_health_check_marks_a_tls_failing_backend_down(procs, tmp_path, ca, back
     """Checks use the backend TLS settings: the backend whose certificate fails verification
     (a foreign CA) is marked down with the TLS reason; the good one stays up and takes every
     connection without a failed connect."""
-    good = backends(ca.issue_cert("127.0.0.1"), mode="name", name="GOOD")
-    bad = backends(trustme.CA().issue_cert("127.0.0.1"), mode="name", name="BAD")
-    crt = tmp_path / "ca.pem"
-    ca.cert_pem.write_to_path(str(crt))
+    good, bad, both = good_and_bad(backends, ca)
+    crt = ca_file(tmp_path, ca)
     p, (port,) = start_fastlb(procs, config(
-        tmp_path, f'{{ address = "127.0.0.1:{bad.port}" }}, {{ address = "127.0.0.1:{good.port}" }}',
+        tmp_path, both,
         service_extra=f'backend_tls = {{ ca = "{crt}" }}\n'
                       f'health = {{ interval = "300ms", timeout = "300ms", fall = 1, rise = 1 }}'))
     p.wait_line(rf"127\.0\.0\.1:{bad.port} DOWN: .*TLS: unable to get local issuer", timeout=20)
@@ -357,8 +284,7 @@ def test_bad_configuration_is_refused_naming_the_key(tmp_path, ca):
     """Each bad origination setting is refused with its key path and what is expected."""
     from fastlb import config as cfg
     from fastlb.errors import ConfigError
-    good = tmp_path / "ca.pem"
-    ca.cert_pem.write_to_path(str(good))
+    good = ca_file(tmp_path, ca)
     (tmp_path / "junk.pem").write_bytes(b"not a certificate\n")
     crt, key = write_cert(tmp_path, "c", ca.issue_cert("c.test"))
     _, other_key = write_cert(tmp_path, "o", ca.issue_cert("o.test"))
@@ -392,8 +318,7 @@ def test_reload_with_a_bad_ca_keeps_the_running_configuration(procs, tmp_path, c
     """SIGHUP with the CA file now garbage: refused (the key named in the log), the old
     contexts stay and clients still get through."""
     b = backends(ca.issue_cert("127.0.0.1"), mode="name", name="OK")
-    crt = tmp_path / "ca.pem"
-    ca.cert_pem.write_to_path(str(crt))
+    crt = ca_file(tmp_path, ca)
     p, (port,) = start_fastlb(procs, config(
         tmp_path, f'{{ address = "127.0.0.1:{b.port}" }}', service_extra=f'backend_tls = {{ ca = "{crt}" }}'))
     assert ask(port) == b"OK"
@@ -407,8 +332,7 @@ def test_workers_build_their_own_contexts_from_the_plan(procs, tmp_path, ca, bac
     """workers = 2: the PEM rides the plan to each worker, which builds its own context and
     session cache; every connection is verified and carried."""
     b = backends(ca.issue_cert("127.0.0.1"))
-    crt = tmp_path / "ca.pem"
-    ca.cert_pem.write_to_path(str(crt))
+    crt = ca_file(tmp_path, ca)
     _, (port,) = start_fastlb(procs, config(
         tmp_path, f'{{ address = "127.0.0.1:{b.port}" }}', global_extra="workers = 2",
         service_extra=f'backend_tls = {{ ca = "{crt}" }}'))
@@ -422,11 +346,8 @@ def test_a_stalled_backend_handshake_times_out_under_the_connect_timeout(procs, 
     """A backend that accepts TCP and never answers the ClientHello: the attempt fails at
     timeouts.connect (a connect timeout, counted) and the client is carried by the next one."""
     good = backends(ca.issue_cert("127.0.0.1"), mode="name", name="GOOD")
-    stall = socket.create_server(("127.0.0.1", 0))
-    held = []
-    threading.Thread(target=lambda: held.extend(iter(stall.accept, None)), daemon=True).start()
-    crt = tmp_path / "ca.pem"
-    ca.cert_pem.write_to_path(str(crt))
+    stall, held = stall_server()
+    crt = ca_file(tmp_path, ca)
     try:
         p, (port,) = start_fastlb(procs, config(
             tmp_path, f'{{ address = "127.0.0.1:{stall.getsockname()[1]}" }}, '

@@ -21,22 +21,12 @@ SCENARIO = textwrap.dedent('''
         return s
 
     def drain(s):
-        out = b""
-        try:
-            while data := s.recv(65536):
-                out += data
-        except ConnectionResetError:
-            pass
-        s.close()
-        return out
+        with s:
+            return read_to_eof(s)
 
     async def main():
         loop = asyncio.get_running_loop()
-        n = 8
-        counters = _core.Counters(bytearray(_core.Counters.size_for(n)), n)
-        health = _core.HealthBitmap(bytearray(_core.HealthBitmap.size_for(n)), n)
-        health.mark_up(0)
-        engine = _core.Engine(loop, counters, 0)
+        counters, health, engine = new_engine(loop, 8)
         table = _core.SourceTable(bytearray(_core.SourceTable.size_for(64)), 64)
         svc = _core.ServiceState("edge")
         svc.row = 1
@@ -48,13 +38,7 @@ SCENARIO = textwrap.dedent('''
         lsock = socket.socket(); lsock.bind(("127.0.0.1", 0)); lsock.listen(128)
         port = lsock.getsockname()[1]
         engine.listen(lsock, svc)
-
-        async def sweeping():
-            while True:
-                await asyncio.sleep(0.03)
-                engine.sweep(False)
-        sweeper = loop.create_task(sweeping())
-        run = lambda f, *a: loop.run_in_executor(None, f, *a)
+        sweeper = sweeping(engine)
         hdr = _core.proxy_build_v1(("192.0.2.7", 1000), ("127.0.0.1", port))
         bad = _core.proxy_build_v1(("192.0.2.66", 1000), ("127.0.0.1", port))
         out = {"before": _core.debug_counts()}
@@ -71,18 +55,12 @@ SCENARIO = textwrap.dedent('''
         await asyncio.sleep(0.05)
         out["open"] = _core.debug_counts()
         out["conns_open"] = table.total_conns()
-        sweeper.cancel()
-        engine.close()                 # a debug build raises AssertionError if anything leaked
-        for s in waiting:
-            s.close()
+        close_engine(engine, sweeper, waiting)
         del engine
-        gc.collect()
-        out["after"] = _core.debug_counts()
+        counts_after(out)
         out["conns_after"] = table.total_conns()
         out["got"] = {k: v.decode("latin-1") for k, v in got.items()}
         return out
-
-    print(json.dumps(uvloop.run(main())))
 ''')
 
 

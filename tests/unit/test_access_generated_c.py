@@ -1,9 +1,8 @@
 """STYLE point 5 for the access pieces: the functions the engine will call per connection
 (PROXY parse/build, ACL lookup, source table) make no Python C-API call. Checked in the
 generated fastlb/_core.c (comments, which echo the Cython source, stripped)."""
-import pytest
 
-from generated_c import needs_c, python_calls
+from generated_c import no_python_call_test
 
 PER_CONNECTION = [
     "pp_parse", "_pp_parse_v1", "_v1_byte_ok", "_pp_parse_v2", "_v1_port", "_v1_addr", "pp_tlv_find",
@@ -16,8 +15,4 @@ PER_CONNECTION = [
 ]
 
 
-@needs_c
-@pytest.mark.parametrize("name", PER_CONNECTION)
-def test_no_python_call(name):
-    calls = python_calls(name, refcounts=False)
-    assert not calls, f"{name} calls the Python C-API: {sorted(calls)}"
+test_no_python_call = no_python_call_test(PER_CONNECTION, refcounts=False)

@@ -11,7 +11,7 @@ import struct
 import time
 
 import pytest
-from generated_c import needs_c, python_calls
+from generated_c import no_python_call_test
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -347,11 +347,7 @@ PER_CONNECTION = ["cl_accept", "cl_attempt", "cl_failed", "cl_established", "cl_
                   "7ConnLog_commit"]
 
 
-@needs_c
-@pytest.mark.parametrize("name", PER_CONNECTION)
-def test_per_connection_hooks_make_no_python_call(name):
-    calls = python_calls(name)
-    assert not calls, f"{name} calls the Python C-API: {sorted(calls)}"
+test_per_connection_hooks_make_no_python_call = no_python_call_test(PER_CONNECTION)
 
 
 def test_syslog_unix_sink_frames_each_line_and_waits_for_the_daemon(tmp_path):

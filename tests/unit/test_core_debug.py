@@ -19,13 +19,18 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 # What every debug-build scenario (this file's, test_access_debug's, test_tls_debug's,
-# test_tls_orig_debug's) starts with: its imports, the check that it runs the debug build, an
-# echo backend, a closed port, and the process's RSS and open fds.
+# test_tls_orig_debug's) starts with: its imports (tlshelpers' clients and servers too), the
+# check that it runs the debug build, an echo backend, a closed port, the process's RSS and open
+# fds, and the pieces of a scenario's main(): an engine, its sweeps, a client in a thread, the
+# close and the counts after it. The scenario defines main(); EPILOGUE runs it.
 PRELUDE = textwrap.dedent('''
     import asyncio, gc, json, os, resource, socket, ssl, struct, sys, threading
     import uvloop
     from fastlb import _core
+    from tlshelpers import read_to_eof, refused_at_once, stall_server
 
     assert _core.__file__.startswith(sys.argv[1]), _core.__file__   # the debug build, not the tree's
 
@@ -55,14 +60,50 @@ PRELUDE = textwrap.dedent('''
 
     def nfds():
         return len(os.listdir("/proc/self/fd"))
+
+    def new_engine(loop, n, up=(0,)):
+        """An engine over n backend slots: (counters, health bitmap with ``up`` marked up, engine)."""
+        counters = _core.Counters(bytearray(_core.Counters.size_for(n)), n)
+        health = _core.HealthBitmap(bytearray(_core.HealthBitmap.size_for(n)), n)
+        for slot in up:
+            health.mark_up(slot)
+        return counters, health, _core.Engine(loop, counters, 0)
+
+    def sweeping(engine, every=0.03):
+        """A task running the engine's sweep (its timeouts) every ``every`` s, as the data plane."""
+        async def sweep():
+            while True:
+                await asyncio.sleep(every)
+                engine.sweep(False)
+        return asyncio.get_running_loop().create_task(sweep())
+
+    def run(f, *args):
+        """f(*args) in a thread (a blocking client), awaitable."""
+        return asyncio.get_running_loop().run_in_executor(None, f, *args)
+
+    def close_engine(engine, sweeper, clients=()):
+        """The sweeps stopped, the engine closed (a debug build raises AssertionError if anything
+        leaked), then the clients still open."""
+        sweeper.cancel()
+        engine.close()
+        for c in clients:
+            c.close()
+
+    def counts_after(out):
+        """``out`` with the debug counts once the engine is collected (the caller dropped it)."""
+        gc.collect()
+        out["after"] = _core.debug_counts()
+        return out
 ''')
+EPILOGUE = "\nprint(json.dumps(uvloop.run(main())))\n"
 
 
 def run_scenario(root, name: str, body: str, *args: str, timeout: float = 60) -> dict:
-    """PRELUDE + body as ``name`` in the debug build's directory, run against that build with
-    ``root`` and ``args`` as its argv; its last stdout line, parsed as JSON."""
-    (root / name).write_text(PRELUDE + body)
-    env = dict(os.environ, PYTHONPATH=str(root))
+    """PRELUDE + body (defining main()) + EPILOGUE as ``name`` in the debug build's directory, run
+    against that build (then tests/, for tlshelpers) with ``root`` and ``args`` as its argv; what
+    main() returned (its last stdout line, parsed as JSON)."""
+    (root / name).write_text(PRELUDE + body + EPILOGUE)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), TESTS]))
     out = subprocess.run([sys.executable, name, str(root), *args], cwd=root, env=env,
                          capture_output=True, text=True, timeout=timeout, check=False)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -75,11 +116,7 @@ SCENARIO = textwrap.dedent('''
         errors = []
         loop.set_exception_handler(lambda l, ctx: errors.append(ctx["message"]))
         n = 8
-        counters = _core.Counters(bytearray(_core.Counters.size_for(n)), n)
-        health = _core.HealthBitmap(bytearray(_core.HealthBitmap.size_for(n)), n)
-        for s in range(n):
-            health.mark_up(s)
-        engine = _core.Engine(loop, counters, 0)
+        counters, health, engine = new_engine(loop, n, range(n))
         ports = {}
         for name, backends, retries in (("echo", {0: echo_server()}, 2),
                                         ("refused", {1: closed_port()}, 0),
@@ -183,13 +220,10 @@ SCENARIO = textwrap.dedent('''
             assert await r.read() == b""
             w.close()
         del engine
-        gc.collect()
-        out["after"] = _core.debug_counts()
+        counts_after(out)
         out["errors"] = errors
         out["totals"] = counters.slot_stats(0)
         return out
-
-    print(json.dumps(uvloop.run(main())))
 ''')
 
 

@@ -5,7 +5,6 @@ plain garbage must get the same answer from both); whole, byte by byte, with tra
 address; the per-event functions free of Python C-API calls in the generated C."""
 import os
 import socket
-import ssl
 import struct
 
 import pytest
@@ -14,7 +13,8 @@ from hypothesis import strategies as st
 
 from fastlb import _core
 from fastlb.config import ConfigError, loads
-from generated_c import needs_c, python_calls
+from generated_c import no_python_call_test
+from tlshelpers import client_hello
 
 SNI_MAX = 16384
 
@@ -132,27 +132,17 @@ def records(hs, sizes=(16384,)):
     return out
 
 
-def python_hello(name):
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    obj = ctx.wrap_bio(ssl.MemoryBIO(), out := ssl.MemoryBIO(), server_hostname=name)
-    with pytest.raises(ssl.SSLWantReadError):
-        obj.do_handshake()
-    return out.read()
-
-
 parse = _core.sni_parse_bytes
 
 
 # -- examples ----------------------------------------------------------------------------------
 def test_a_real_hello_whole_byte_by_byte_and_with_trailing_data():
-    data = python_hello("Api.Example.COM")
+    data = client_hello("Api.Example.COM")
     assert parse(data) == ("found", "api.example.com")
     for i in range(len(data)):                          # every prefix: wait for more
         assert parse(data[:i]) == ("more", None), i
     assert parse(data + b"\x17\x03\x03garbage") == ("found", "api.example.com")
-    assert parse(python_hello(None)) == ("none", None)
+    assert parse(client_hello(None)) == ("none", None)
 
 
 def test_refusals_and_bounds():
@@ -286,11 +276,7 @@ PER_EVENT = ["sni_on_client", "sni_parse", "_sni_hdr_ok", "_sni_find", "8SniTabl
              "sni_expired"]
 
 
-@needs_c
-@pytest.mark.parametrize("name", PER_EVENT)
-def test_no_python_call(name):
-    calls = python_calls(name)
-    assert not calls, f"{name} calls the Python C-API: {sorted(calls)}"
+test_no_python_call = no_python_call_test(PER_EVENT)
 
 
 def test_admin_add_service_follows_the_same_rules():

@@ -8,29 +8,19 @@ import textwrap
 import pytest
 
 from test_core_debug import debug_build, run_scenario  # noqa: F401  (the module-scoped build fixture)
+from tlshelpers import write_pems
 
-trustme = pytest.importorskip("trustme")
+pytest.importorskip("trustme")
 
 SCENARIO = textwrap.dedent('''
     cert, key, cafile = (open(p, "rb").read() for p in sys.argv[2:5])
 
+    GARBAGE = [b"GET / HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n",
+               bytes.fromhex("16030100a1010000"),           # a ClientHello's start, then gone
+               None]                                        # gone before a byte
+
     def garbage(port, i):
-        s = socket.create_connection(("127.0.0.1", port), timeout=5)
-        try:
-            kind = i % 3
-            if kind == 0:
-                s.sendall(b"GET / HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n")
-            elif kind == 1:
-                s.sendall(bytes.fromhex("16030100a1010000"))   # a ClientHello's start, then gone
-                s.shutdown(socket.SHUT_WR)
-            else:
-                return                                          # gone before a byte
-            while s.recv(4096):
-                pass
-        except OSError:
-            pass
-        finally:
-            s.close()
+        refused_at_once(port, GARBAGE[i % 3], shut=i % 3 == 1, timeout=5)
 
     def good(port):
         ctx = ssl.create_default_context(cadata=cafile.decode())
@@ -41,11 +31,7 @@ SCENARIO = textwrap.dedent('''
 
     async def main():
         loop = asyncio.get_running_loop()
-        n = 4
-        counters = _core.Counters(bytearray(_core.Counters.size_for(n)), n)
-        health = _core.HealthBitmap(bytearray(_core.HealthBitmap.size_for(n)), n)
-        health.mark_up(0)
-        engine = _core.Engine(loop, counters, 0)
+        counters, health, engine = new_engine(loop, 4)
         svc = _core.ServiceState("edge")
         svc.set_backends(_core.make_policy("round_robin", [0], [1], health),
                          {0: ("127.0.0.1", echo_server())})
@@ -53,13 +39,7 @@ SCENARIO = textwrap.dedent('''
         lsock = socket.socket(); lsock.bind(("127.0.0.1", 0)); lsock.listen(512)
         port = lsock.getsockname()[1]
         engine.listen(lsock, svc)
-
-        async def sweeping():
-            while True:
-                await asyncio.sleep(0.03)
-                engine.sweep(False)
-        sweeper = loop.create_task(sweeping())
-        run = lambda f, *a: loop.run_in_executor(None, f, *a)
+        sweeper = sweeping(engine)
 
         def burst(k):
             for i in range(k):
@@ -82,28 +62,17 @@ SCENARIO = textwrap.dedent('''
         stuck = [await run(socket.create_connection, ("127.0.0.1", port)) for _ in range(3)]
         await asyncio.sleep(0.05)
         out["open"] = _core.debug_counts()
-        sweeper.cancel()
-        engine.close()                 # a debug build raises AssertionError if anything leaked
-        for s in stuck:
-            s.close()
+        close_engine(engine, sweeper, stuck)
         del engine, svc
-        gc.collect()
-        out["after"] = _core.debug_counts()
-        return out
-
-    print(json.dumps(uvloop.run(main())))
+        return counts_after(out)
 ''')
 
 
-def test_failed_handshakes_leave_nothing_behind(debug_build, tmp_path):  # noqa: F811
+def test_failed_handshakes_leave_nothing_behind(debug_build, tmp_path, ca):  # noqa: F811
     root, _ = debug_build
-    ca = trustme.CA()
     leaf = ca.issue_cert("edge.test")
-    paths = []
-    for name, pem in (("c.pem", b"".join(p.bytes() for p in leaf.cert_chain_pems)),
-                      ("k.pem", leaf.private_key_pem.bytes()), ("ca.pem", ca.cert_pem.bytes())):
-        (tmp_path / name).write_bytes(pem)
-        paths.append(str(tmp_path / name))
+    paths = write_pems(tmp_path, (("c.pem", b"".join(p.bytes() for p in leaf.cert_chain_pems)),
+                                  ("k.pem", leaf.private_key_pem.bytes()), ("ca.pem", ca.cert_pem.bytes())))
     res = run_scenario(root, "tls_scenario.py", SCENARIO, *paths, timeout=240)
     assert res["good"] == ["ping", "ping"]
     handshakes, failures, timeouts = res["counts"]

@@ -3,17 +3,12 @@ docs/ARCHITECTURE.md), checked in the generated fastlb/_core.c like the session'
 (test_engine.py checks Session.on_client/_pump/_flush/_update/_shut_if_done, whose TLS hooks
 call these). The once-per-connection transitions (tls_start, _tls_established, tls_expired,
 tls_close) may touch Python (the engine's sets), as the access phase's do."""
-import pytest
 
-from generated_c import needs_c, python_calls
+from generated_c import no_python_call_test
 
 PER_EVENT = ["tls_on_handshake", "_tls_recv", "_tls_send", "tls_interest", "tls_fill_cap",
              "tls_shut_wr",
              "tls_pp_tlvs"]      # per connection: the PROXY v2 TLVs (stage 3)
 
 
-@needs_c
-@pytest.mark.parametrize("name", PER_EVENT)
-def test_no_python_call(name):
-    calls = python_calls(name)
-    assert not calls, f"{name} calls the Python C-API: {sorted(calls)}"
+test_no_python_call = no_python_call_test(PER_EVENT)

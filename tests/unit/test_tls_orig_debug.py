@@ -8,6 +8,7 @@ import textwrap
 import pytest
 
 from test_core_debug import debug_build, run_scenario  # noqa: F401  (the module-scoped build fixture)
+from tlshelpers import write_pems
 
 trustme = pytest.importorskip("trustme")
 
@@ -36,12 +37,6 @@ SCENARIO = textwrap.dedent('''
         threading.Thread(target=accept, daemon=True).start()
         return srv.getsockname()[1]
 
-    def stall_server():
-        srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen(512)
-        held = []
-        threading.Thread(target=lambda: held.extend(iter(srv.accept, None)), daemon=True).start()
-        return srv.getsockname()[1], held
-
     def ask(port):
         s = socket.create_connection(("127.0.0.1", port), timeout=5)
         try:
@@ -58,14 +53,9 @@ SCENARIO = textwrap.dedent('''
 
     async def main():
         loop = asyncio.get_running_loop()
-        n = 4
-        counters = _core.Counters(bytearray(_core.Counters.size_for(n)), n)
-        health = _core.HealthBitmap(bytearray(_core.HealthBitmap.size_for(n)), n)
-        for i in range(3):
-            health.mark_up(i)
-        engine = _core.Engine(loop, counters, 0)
-        stall_port, held = stall_server()
-        ports = {0: tls_server(bad_c, bad_k), 1: tls_server(good_c, good_k), 2: stall_port}
+        counters, health, engine = new_engine(loop, 4, range(3))
+        stall, held = stall_server()
+        ports = {0: tls_server(bad_c, bad_k), 1: tls_server(good_c, good_k), 2: stall.getsockname()[1]}
         prof = (cafile, True, b"", b"")
         listen = {}
         for name, slot in (("bad", 0), ("good", 1), ("stall", 2)):
@@ -78,13 +68,7 @@ SCENARIO = textwrap.dedent('''
             lsock = socket.socket(); lsock.bind(("127.0.0.1", 0)); lsock.listen(512)
             engine.listen(lsock, svc)
             listen[name] = (lsock.getsockname()[1], svc)
-
-        async def sweeping():
-            while True:
-                await asyncio.sleep(0.03)
-                engine.sweep(False)
-        sweeper = loop.create_task(sweeping())
-        run = lambda f, *a: loop.run_in_executor(None, f, *a)
+        sweeper = sweeping(engine)
 
         def burst(k):
             return [ask(listen["bad"][0]) for _ in range(k)]
@@ -103,29 +87,19 @@ SCENARIO = textwrap.dedent('''
         out["good"].append((await run(ask, listen["good"][0])).decode())
         out["counts"] = [engine.orig_handshakes, engine.orig_resumed, engine.orig_failures]
         out["open"] = _core.debug_counts()
-        sweeper.cancel()
-        engine.close()                 # a debug build raises AssertionError if anything leaked
-        for c in held:
-            c[0].close()
+        close_engine(engine, sweeper, [c for c, _ in held])
         del engine, listen
-        gc.collect()
-        out["after"] = _core.debug_counts()
-        return out
-
-    print(json.dumps(uvloop.run(main())))
+        return counts_after(out)
 ''')
 
 
-def test_failed_backend_handshakes_leave_nothing_behind(debug_build, tmp_path):  # noqa: F811
+def test_failed_backend_handshakes_leave_nothing_behind(debug_build, tmp_path, ca):  # noqa: F811
     root, _ = debug_build
-    ca = trustme.CA()
     good, bad = ca.issue_cert("127.0.0.1"), trustme.CA().issue_cert("127.0.0.1")
-    paths = []
-    for name, pem in (("g.pem", good.cert_chain_pems[0].bytes()), ("gk.pem", good.private_key_pem.bytes()),
-                      ("b.pem", bad.cert_chain_pems[0].bytes()), ("bk.pem", bad.private_key_pem.bytes()),
-                      ("ca.pem", ca.cert_pem.bytes())):
-        (tmp_path / name).write_bytes(pem)
-        paths.append(str(tmp_path / name))
+    paths = write_pems(tmp_path, (("g.pem", good.cert_chain_pems[0].bytes()),
+                                  ("gk.pem", good.private_key_pem.bytes()),
+                                  ("b.pem", bad.cert_chain_pems[0].bytes()),
+                                  ("bk.pem", bad.private_key_pem.bytes()), ("ca.pem", ca.cert_pem.bytes())))
     res = run_scenario(root, "orig_scenario.py", SCENARIO, *paths, timeout=240)
     assert res["good"] == ["ping"] * 4 and res["cached"]
     assert res["answered"] == 0 and res["stalled"] == [""] * 20

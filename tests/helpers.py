@@ -133,6 +133,40 @@ def metrics_text(port: int) -> str:
     return data.partition(b"\r\n\r\n")[2].decode()
 
 
+class ThreadedServer:
+    """A loopback listening socket whose connections are each served by ``self.serve(conn)``
+    in a thread of their own (subclasses define it, and set their own attributes before calling
+    this __init__); ``conns``: every connection accepted; ``close()`` stops accepting and closes
+    them all."""
+
+    def __init__(self, backlog: int = 128) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0), backlog=backlog)
+        self.port = self.sock.getsockname()[1]
+        self.conns: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:                   # closed: the server stops
+                return
+            self.conns.append(c)
+            threading.Thread(target=self.serve, args=(c,), daemon=True).start()
+
+    def serve(self, c: socket.socket) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        try:                                  # wakes the accept() blocked in the thread (a
+            self.sock.shutdown(socket.SHUT_RDWR)    # close() alone leaves it listening)
+        except OSError:
+            pass
+        self.sock.close()
+        for c in self.conns:
+            c.close()
+
+
 class Blackhole:
     """A loopback port whose SYNs are dropped (a full accept queue): connects time out."""
 

@@ -16,33 +16,19 @@ import time
 
 import pytest
 
-from helpers import PY, Proc, admin_client, free_port
+from helpers import PY, Proc, ThreadedServer, admin_client, free_port
 
 TFO_SYSCTL = "/proc/sys/net/ipv4/tcp_fastopen"
 
 
-class CountingBackend:
+class CountingBackend(ThreadedServer):
     """An echo server on loopback (threads) that counts the connections it accepted."""
 
-    def __init__(self):
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.accepted = 0
-        self.conns = []
-        threading.Thread(target=self._serve, daemon=True).start()
+    @property
+    def accepted(self):
+        return len(self.conns)
 
-    def _serve(self):
-        while True:
-            try:
-                c, _ = self.sock.accept()
-            except OSError:
-                return
-            self.accepted += 1
-            self.conns.append(c)
-            threading.Thread(target=self._echo, args=(c,), daemon=True).start()
-
-    @staticmethod
-    def _echo(c):
+    def serve(self, c):
         c.settimeout(60)
         try:
             while data := c.recv(65536):
@@ -57,11 +43,6 @@ class CountingBackend:
         while self.accepted < n:
             assert time.monotonic() < deadline, f"the backend saw {self.accepted} connections, not {n}"
             time.sleep(0.02)
-
-    def close(self):
-        self.sock.close()
-        for c in self.conns:
-            c.close()
 
 
 @pytest.fixture

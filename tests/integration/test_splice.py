@@ -17,7 +17,7 @@ import pytest
 
 from fastlb import _core, config
 from fastlb.errors import ConfigError
-from helpers import start_fastlb
+from helpers import ThreadedServer, start_fastlb
 
 MIB = 1 << 20
 
@@ -38,33 +38,22 @@ def blob(seed, size):
     return bytes(out[:size])
 
 
-class Sink:
+class Sink(ThreadedServer):
     """A backend of one connection at a time: it hashes what it reads until EOF and, at the
     same time, sends ``size`` bytes (then shuts its side). ``hold``: send, but keep the
     connection open after (no EOF) until release()."""
 
     def __init__(self, size, payload=None, hold=False):
-        self.lsock = socket.socket()
-        self.lsock.bind(("127.0.0.1", 0))
-        self.lsock.listen(64)
-        self.port = self.lsock.getsockname()[1]
         self.payload = payload if payload is not None else blob(2, size)
         self.hold = hold
         self.digests = []               # SHA-256 of what each connection sent us, at its EOF
         self.eofs = threading.Event()
         self.release = threading.Event()
-        self.conns = []
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__(backlog=64)
 
-    def _accept(self):
-        while True:
-            try:
-                c, _ = self.lsock.accept()
-            except OSError:
-                return
-            self.conns.append(c)
-            threading.Thread(target=self._reader, args=(c,), daemon=True).start()
-            threading.Thread(target=self._writer, args=(c,), daemon=True).start()
+    def serve(self, c):
+        threading.Thread(target=self._writer, args=(c,), daemon=True).start()
+        self._reader(c)
 
     def _reader(self, c):
         h = hashlib.sha256()
@@ -87,9 +76,7 @@ class Sink:
 
     def close(self):
         self.release.set()
-        self.lsock.close()
-        for c in self.conns:
-            c.close()
+        super().close()
 
 
 def start(procs, backend_port, svc_extra="", glob=""):
@@ -151,7 +138,10 @@ def test_32mib_each_way_spliced_exact_with_both_half_closes(procs, mode):
             time.sleep(0.1)             # the session's last counts land when it closes
         assert backend_bytes(mport) == (size, size)
         mem = api_stats(mport)["memory"]
-        assert mem["spliced_bytes"] >= 2 * size - 4 * MIB, mem     # splice really ran
+        # splice really ran: "on" for nearly all; "auto" for most (it starts after two full reads
+        # and stops after three small wake-ups, which a loaded machine makes more of: CI saw 85%)
+        least = 2 * size - 4 * MIB if mode == "on" else size
+        assert mem["spliced_bytes"] >= least, mem
         assert mem["pipes_in_use"] == 0
         with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=10) as r:
             text = r.read().decode()

@@ -10,10 +10,10 @@ import time
 
 import pytest
 
-from helpers import made_and_closed, start_fastlb
+from helpers import ThreadedServer, made_and_closed, start_fastlb
 
 
-class Scripted:
+class Scripted(ThreadedServer):
     """A backend (threads, blocking sockets) that does what the client's first line asks:
       echo      echo until the client's EOF, then stay open, silent, until fastlb closes
       bye       send "bye", shut its write side, then read until fastlb closes (recorded)
@@ -22,24 +22,10 @@ class Scripted:
     Records the modes whose connection fastlb closed (EOF or error) in ``closed``."""
 
     def __init__(self, silent=False):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(128)
-        self.port = self.sock.getsockname()[1]
         self.silent = silent                  # accept, read, never send a byte
         self.closed = []
-        self.conns = []
         self.lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while True:
-            try:
-                c, _ = self.sock.accept()
-            except OSError:
-                return
-            self.conns.append(c)
-            threading.Thread(target=self._serve, args=(c,), daemon=True).start()
+        super().__init__()
 
     def _readline(self, c):
         line = b""
@@ -50,7 +36,7 @@ class Scripted:
             line += b
         return line.decode().strip()
 
-    def _serve(self, c):
+    def serve(self, c):
         try:
             if self.silent:
                 while c.recv(65536):
@@ -82,11 +68,6 @@ class Scripted:
             with self.lock:
                 self.closed.append(mode if not self.silent else "silent")
         finally:
-            c.close()
-
-    def close(self):
-        self.sock.close()
-        for c in self.conns:
             c.close()
 
 

@@ -134,10 +134,11 @@ def metrics_text(port: int) -> str:
 
 
 class ThreadedServer:
-    """A loopback listening socket whose connections are each served by ``self.serve(conn)``
-    in a thread of their own (subclasses define it, and set their own attributes before calling
-    this __init__); ``conns``: every connection accepted; ``close()`` stops accepting and closes
-    them all."""
+    """A loopback listening socket whose connections are each served by ``self.serve(conn,
+    *extra)`` in a thread of their own, ``extra`` being what ``self.accepted_one(conn)`` returns
+    (in the accept thread: counts); subclasses define serve, and set their own attributes before
+    calling this __init__. ``conns``: every connection accepted; ``close()`` stops accepting
+    and closes them all."""
 
     def __init__(self, backlog: int = 128) -> None:
         self.sock = socket.create_server(("127.0.0.1", 0), backlog=backlog)
@@ -152,9 +153,13 @@ class ThreadedServer:
             except OSError:                   # closed: the server stops
                 return
             self.conns.append(c)
-            threading.Thread(target=self.serve, args=(c,), daemon=True).start()
+            extra = self.accepted_one(c)
+            threading.Thread(target=self.serve, args=(c, *extra), daemon=True).start()
 
-    def serve(self, c: socket.socket) -> None:
+    def accepted_one(self, c: socket.socket) -> tuple:
+        return ()
+
+    def serve(self, c: socket.socket, *extra: object) -> None:
         raise NotImplementedError
 
     def close(self) -> None:

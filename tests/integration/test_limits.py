@@ -17,7 +17,7 @@ import time
 import pytest
 
 from fastlb import spawn
-from helpers import PY, Proc, admin_client, start_fastlb
+from helpers import PY, Proc, ThreadedServer, admin_client, start_fastlb
 
 HZ = os.sysconf("SC_CLK_TCK")
 # A fault check, not a speed test: a paused listener costs about 1% of a core here; the old
@@ -26,37 +26,24 @@ HZ = os.sysconf("SC_CLK_TCK")
 IDLE_CPU = 0.15
 
 
-class CountingBackend:
+class CountingBackend(ThreadedServer):
     """Accepts, sends "NAME <n>\\n" (n: its accept order), then echoes until EOF; counts the
     connections it holds now and the most it held at once."""
 
     def __init__(self, name: str = "b") -> None:
         self.name = name
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(1024)
-        self.port = self.sock.getsockname()[1]
         self.lock = threading.Lock()
         self.cur = self.max = self.accepted = 0
-        self.conns: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__(backlog=1024)
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                c, _ = self.sock.accept()
-            except OSError:
-                return
-            with self.lock:
-                self.accepted += 1
-                self.cur += 1
-                self.max = max(self.max, self.cur)
-                n = self.accepted
-                self.conns.append(c)
-            threading.Thread(target=self._serve, args=(c, n), daemon=True).start()
+    def accepted_one(self, c: socket.socket) -> tuple:
+        with self.lock:
+            self.accepted += 1
+            self.cur += 1
+            self.max = max(self.max, self.cur)
+            return (self.accepted,)
 
-    def _serve(self, c: socket.socket, n: int) -> None:
+    def serve(self, c: socket.socket, n: int) -> None:
         try:
             c.sendall(f"{self.name} {n}\n".encode())
             while data := c.recv(65536):

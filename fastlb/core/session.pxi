@@ -264,18 +264,13 @@ cdef class Session:
                 self.eng.counters.add_c(self.eng.block, self.slot, field, r)
                 b.start = 0
                 b.end = r
-                if r < ENGINE_BUFSIZE and lean_eof_after(self, src, True):
-                    eof[0] = True               # [lean] the FIN is next: no recv() for it, and
+                if lean_eof_after(self, src, r < ENGINE_BUFSIZE):
+                    eof[0] = True               # [lean] the EOF is next: no read for it, and
                 if self._flush(b, dst) <= 0:    # the data goes with our FIN (lean_more)
                     return -1 if self.state == S_CLOSED else 0
-                if eof[0]:
-                    spl_after_recv(self, b, r, moved + r)   # [splice] the streak ends
-                    return 0
                 moved += r
-                if spl_after_recv(self, b, r, moved):   # [splice] drained, a streamer, budget
-                    if lean_eof_after(self, src, r < ENGINE_BUFSIZE):
-                        eof[0] = True           # [lean] the FIN is next: no recv() for it
-                    return 0
+                if spl_after_recv(self, b, r, moved) or eof[0]:    # [splice] drained, a
+                    return 0                    # streamer, the budget; or the EOF
             elif r == 0:
                 eof[0] = True
                 _buf_put(self, b)               # [mem]
